@@ -1,0 +1,256 @@
+"""The pairs file format (DESIGN.md §2): HDF5 parts of paired image embeddings and SDXL conditionings.
+
+One part file holds
+  /images/{key, embed, prompt_id, checkpoint, category, campaign, seed}  (+ optional /images/tokens)
+  /prompts/{text, cond, pooled, te_fingerprint}     one row per unique (prompt, text-encoder fingerprint)
+  attrs: format_version, vision_model, vision_dim, text_dims (CLIP-L width, bigG width), pooled_dim
+`prompt_id` indexes the part's own /prompts. A pairs folder is any number of parts (`*.h5`);
+`Pairs` presents them as one dataset with prompts deduplicated across parts by (text, fingerprint).
+Parts are written to a temporary name and renamed, so a part that exists is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 1
+PART_GLOB = "*.h5"
+_STR = h5py.string_dtype(encoding="utf-8")
+IMAGE_COLUMNS = ("key", "embed", "prompt_id", "checkpoint", "category", "campaign", "seed")
+PROMPT_COLUMNS = ("text", "cond", "pooled", "te_fingerprint")
+
+
+class PairsFormatError(ValueError):
+    """A pairs file or folder that cannot be read as this format (names the file and what is wrong)."""
+
+
+@dataclass
+class PairsPart:
+    """The arrays of one part, in memory, ready to write."""
+
+    images: dict[str, np.ndarray]  # IMAGE_COLUMNS (+ "tokens")
+    prompts: dict[str, np.ndarray]  # PROMPT_COLUMNS
+    attrs: dict = field(default_factory=dict)  # vision_model, vision_dim, text_dims, pooled_dim, extra
+
+
+def write_part(path: str | os.PathLike, part: PairsPart, dtype: str = "float16") -> Path:
+    """Write one part atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    missing = [c for c in IMAGE_COLUMNS if c not in part.images] + [c for c in PROMPT_COLUMNS if c not in part.prompts]
+    if missing:
+        raise PairsFormatError(f"{path}: part is missing columns {missing}")
+    n, p = len(part.images["key"]), len(part.prompts["text"])
+    for k, v in part.images.items():
+        if len(v) != n:
+            raise PairsFormatError(f"{path}: /images/{k} has {len(v)} rows, expected {n}")
+    for k, v in part.prompts.items():
+        if len(v) != p:
+            raise PairsFormatError(f"{path}: /prompts/{k} has {len(v)} rows, expected {p}")
+    pid = np.asarray(part.images["prompt_id"], dtype=np.int64)
+    if n and (pid.min() < 0 or pid.max() >= p):
+        raise PairsFormatError(f"{path}: prompt_id out of range [0, {p})")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with h5py.File(tmp, "w") as f:
+            img, pr = f.create_group("images"), f.create_group("prompts")
+            for k in ("key", "checkpoint", "category", "campaign"):
+                img.create_dataset(k, data=np.asarray(part.images[k], dtype=object), dtype=_STR)
+            img.create_dataset("prompt_id", data=pid)
+            img.create_dataset("seed", data=np.asarray(part.images["seed"], dtype=np.int64))
+            embed = np.asarray(part.images["embed"], dtype=dtype)
+            img.create_dataset("embed", data=embed, chunks=(max(1, min(n, 1024)), embed.shape[1]) if n else None)
+            if "tokens" in part.images:
+                tok = np.asarray(part.images["tokens"], dtype=dtype)
+                img.create_dataset("tokens", data=tok, chunks=(1, *tok.shape[1:]) if n else None)
+            for k in ("text", "te_fingerprint"):
+                pr.create_dataset(k, data=np.asarray(part.prompts[k], dtype=object), dtype=_STR)
+            cond = np.asarray(part.prompts["cond"], dtype=dtype)
+            pooled = np.asarray(part.prompts["pooled"], dtype=dtype)
+            # one prompt per chunk: random reads of a single conditioning touch one chunk
+            pr.create_dataset("cond", data=cond, chunks=(1, *cond.shape[1:]) if p else None)
+            pr.create_dataset("pooled", data=pooled, chunks=(1, pooled.shape[1]) if p else None)
+            attrs = {"format_version": FORMAT_VERSION, **part.attrs}
+            for k, v in attrs.items():
+                f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+            f.flush()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_attrs(path: str | os.PathLike) -> dict:
+    """Attributes of one part, with format and required datasets checked."""
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise PairsFormatError(f"{path}: not a readable HDF5 pairs file ({e})") from e
+    with f:
+        attrs = {k: _decode_attr(v) for k, v in f.attrs.items()}
+        version = attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise PairsFormatError(
+                f"{path}: pairs format_version {version!r}, this code reads {FORMAT_VERSION}"
+            )
+        missing = [f"/images/{c}" for c in IMAGE_COLUMNS if f"images/{c}" not in f]
+        missing += [f"/prompts/{c}" for c in PROMPT_COLUMNS if f"prompts/{c}" not in f]
+        if missing:
+            raise PairsFormatError(f"{path}: missing datasets {missing}")
+        attrs["has_tokens"] = "images/tokens" in f
+    return attrs
+
+
+def _decode_attr(v):
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str) and v[:1] in "[{":
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def list_parts(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    if not folder.is_dir():
+        raise PairsFormatError(f"{folder}: no such pairs folder or file")
+    return sorted(p for p in folder.glob(PART_GLOB) if not p.name.startswith("."))
+
+
+def _strings(ds) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else str(s) for s in ds[()]]
+
+
+class Pairs:
+    """All parts of a pairs folder as one dataset.
+
+    Image columns are loaded into memory (they are small: N x D); conditionings stay on
+    disk and are read per prompt with `cond(ids)` / `pooled(ids)`.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.parts = list_parts(folder)
+        if not self.parts:
+            raise PairsFormatError(f"{folder}: no pairs parts ({PART_GLOB})")
+        self.attrs = None
+        cols: dict[str, list] = {c: [] for c in IMAGE_COLUMNS if c != "prompt_id"}
+        prompt_id: list[np.ndarray] = []
+        self.prompt_text: list[str] = []
+        self.te_fingerprint: list[str] = []
+        self._prompt_loc: list[tuple[int, int]] = []  # global prompt id -> (part index, row)
+        index: dict[tuple[str, str], int] = {}
+        for pi, path in enumerate(self.parts):
+            attrs = read_attrs(path)
+            if self.attrs is None:
+                self.attrs = attrs
+            else:
+                for k in ("vision_model", "vision_dim", "text_dims", "pooled_dim"):
+                    if attrs.get(k) != self.attrs.get(k):
+                        raise PairsFormatError(
+                            f"{path}: {k}={attrs.get(k)!r} differs from {self.parts[0].name} ({self.attrs.get(k)!r})"
+                        )
+            with h5py.File(path, "r") as f:
+                texts, fps = _strings(f["prompts/text"]), _strings(f["prompts/te_fingerprint"])
+                remap = np.empty(len(texts), dtype=np.int64)
+                for row, tk in enumerate(zip(texts, fps)):
+                    if tk not in index:
+                        index[tk] = len(self.prompt_text)
+                        self.prompt_text.append(tk[0])
+                        self.te_fingerprint.append(tk[1])
+                        self._prompt_loc.append((pi, row))
+                    remap[row] = index[tk]
+                local = f["images/prompt_id"][()]
+                prompt_id.append(remap[local] if len(local) else local.astype(np.int64))
+                for c in ("key", "checkpoint", "category", "campaign"):
+                    cols[c].extend(_strings(f[f"images/{c}"]))
+                cols["embed"].append(f["images/embed"][()])
+                cols["seed"].append(f["images/seed"][()])
+        self.key = cols["key"]
+        self.checkpoint, self.category, self.campaign = cols["checkpoint"], cols["category"], cols["campaign"]
+        self.embed = np.concatenate(cols["embed"]) if cols["embed"] else np.zeros((0, 0), np.float16)
+        self.seed = np.concatenate(cols["seed"])
+        self.prompt_id = np.concatenate(prompt_id)
+        self._handles: dict[int, h5py.File] = {}
+
+    # --- sizes and identity -------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.key)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompt_text)
+
+    @property
+    def vision_model(self) -> str:
+        return self.attrs["vision_model"]
+
+    @property
+    def vision_dim(self) -> int:
+        return int(self.attrs["vision_dim"])
+
+    @property
+    def text_dims(self) -> tuple[int, int]:
+        return tuple(int(x) for x in self.attrs["text_dims"])
+
+    @property
+    def has_tokens(self) -> bool:
+        return all(read_attrs(p)["has_tokens"] for p in self.parts)
+
+    # --- lazy reads ----------------------------------------------------------------------
+    def _file(self, pi: int) -> h5py.File:
+        if pi not in self._handles:
+            self._handles[pi] = h5py.File(self.parts[pi], "r")
+        return self._handles[pi]
+
+    def _read_prompts(self, name: str, ids) -> np.ndarray:
+        ids = np.atleast_1d(np.asarray(ids, dtype=np.int64))
+        rows = [self._file(self._prompt_loc[i][0])[f"prompts/{name}"][self._prompt_loc[i][1]] for i in ids]
+        return np.stack(rows) if rows else np.zeros((0,), np.float16)
+
+    def cond(self, prompt_ids) -> np.ndarray:
+        """Conditionings `[len(ids), 77, sum(text_dims)]` of global prompt ids."""
+        return self._read_prompts("cond", prompt_ids)
+
+    def pooled(self, prompt_ids) -> np.ndarray:
+        """Pooled projections `[len(ids), pooled_dim]` of global prompt ids."""
+        return self._read_prompts("pooled", prompt_ids)
+
+    def tokens(self, image_ids) -> np.ndarray:
+        """Penultimate vision tokens `[len(ids), T, W]` of image rows (global order)."""
+        sizes = np.cumsum([0] + [self._file(i)["images/key"].shape[0] for i in range(len(self.parts))])
+        out = []
+        for g in np.atleast_1d(np.asarray(image_ids, dtype=np.int64)):
+            pi = int(np.searchsorted(sizes, g, side="right") - 1)
+            out.append(self._file(pi)["images/tokens"][g - sizes[pi]])
+        return np.stack(out)
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):  # picklable for DataLoader workers: reopen files lazily
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
