@@ -1,0 +1,251 @@
+"""WebDataset shards in img2dataset's conventions (DESIGN.md §2).
+
+A shard is `{campaign}-{node}-{worker}-{seq:06d}.tar` in `out/shards/`, holding per sample
+`key.<png|jpg|webp>`, `key.txt` (the prompt) and `key.json` (metadata), members of one sample
+contiguous. The tar is written to a hidden temporary name, fsynced and renamed; then
+`{stem}_stats.json` is written (also temporary + rename): the stats file is the completion marker.
+One shard holds one work unit, so a unit is done iff a stats file lists its id; a tar without
+its stats file is an interrupted write, ignored and removed on the next run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+FORMAT_VERSION = 1
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+STATS_SUFFIX = "_stats.json"
+_TMP_PREFIX = ".tmp-"
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_NAME_RE = re.compile(r"[^A-Za-z0-9_]+")
+
+
+class ShardWriteError(OSError):
+    """A shard could not be written (disk full, permission); nothing of it was kept."""
+
+
+@dataclass
+class Sample:
+    """One generated sample, ready to write."""
+
+    key: str
+    image: bytes
+    ext: str  # png | jpg | webp
+    prompt: str
+    meta: dict
+
+
+@dataclass
+class ShardIndex:
+    """What a shards folder already holds for one campaign."""
+
+    done_units: set[str] = field(default_factory=set)
+    complete: list[Path] = field(default_factory=list)  # tars with a stats file
+    incomplete: list[Path] = field(default_factory=list)  # tars without stats, temp files
+    next_seq: int = 0
+    keys: int = 0  # samples in complete shards
+
+
+def safe_name(text: str) -> str:
+    """A name fit for a shard file name part: letters, digits, underscore."""
+    return _NAME_RE.sub("_", str(text)).strip("_") or "x"
+
+
+def check_key(key: str) -> str:
+    if not _KEY_RE.match(key or ""):
+        raise ValueError(f"sample key {key!r} must be letters, digits, '_' or '-' (no dots, no slashes)")
+    return key
+
+
+def shard_name(campaign: str, node: str, worker: str, seq: int) -> str:
+    # '-' separates the fields, so the fields themselves use '_' only
+    return f"{safe_name(campaign)}-{safe_name(node)}-{safe_name(worker)}-{seq:06d}"
+
+
+def stats_path(tar_path: Path) -> Path:
+    return tar_path.with_name(tar_path.name[: -len(".tar")] + STATS_SUFFIX)
+
+
+def encode_image(image: np.ndarray, ext: str = "png", quality: int = 95) -> bytes:
+    """uint8 HxWx3 (or float in [0, 1]) -> encoded bytes."""
+    from PIL import Image
+
+    if ext not in IMAGE_FORMATS:
+        raise ValueError(f"image format {ext!r} is not one of {sorted(IMAGE_FORMATS)}")
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    buf = io.BytesIO()
+    kw = {} if ext == "png" else {"quality": int(quality)}
+    Image.fromarray(arr).save(buf, format=IMAGE_FORMATS[ext], **kw)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(mtime)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_tar(path: Path, samples: Iterable[Sample]) -> int:
+    """Write `samples` to `path` through a temporary file; on any error nothing is left behind."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
+    n = 0
+    now = time.time()
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for s in samples:
+                    check_key(s.key)
+                    _add(tar, f"{s.key}.{s.ext}", s.image, now)
+                    _add(tar, f"{s.key}.txt", s.prompt.encode("utf-8"), now)
+                    _add(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode("utf-8"), now)
+                    n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return n
+
+
+def write_shard(path: Path, samples: list[Sample], stats: dict) -> Path:
+    """Write the tar, then its stats file (the completion marker). Returns the stats path.
+
+    Raises ShardWriteError (after removing whatever was written) when the disk is full or the
+    folder unwritable; the unit then counts as not done.
+    """
+    path = Path(path)
+    try:
+        write_tar(path, samples)
+        _fsync_dir(path.parent)
+        stats = dict(stats, format_version=FORMAT_VERSION, shard=path.name)
+        sp = stats_path(path)
+        _write_json_atomic(sp, stats)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise ShardWriteError(e.errno, f"could not write shard {path}: {e.strerror or e}") from e
+    return sp
+
+
+def scan(shards_dir: Path, campaign: str | None = None) -> ShardIndex:
+    """Index a shards folder: finished unit ids, interrupted writes, next free sequence number."""
+    shards_dir = Path(shards_dir)
+    index = ShardIndex()
+    if not shards_dir.is_dir():
+        return index
+    prefix = f"{safe_name(campaign)}-" if campaign is not None else ""
+    seqs = [-1]
+    for p in sorted(shards_dir.iterdir()):
+        name = p.name
+        if name.startswith(_TMP_PREFIX):
+            if name[len(_TMP_PREFIX):].startswith(prefix):
+                index.incomplete.append(p)
+            continue
+        if not name.startswith(prefix) or not name.endswith(".tar"):
+            continue
+        try:
+            seqs.append(int(name[: -len(".tar")].rsplit("-", 1)[1]))
+        except (IndexError, ValueError):
+            pass
+        sp = stats_path(p)
+        stats = _read_stats(sp)
+        if stats is None:
+            index.incomplete.append(p)
+            continue
+        index.complete.append(p)
+        index.done_units.update(stats.get("unit_ids", []))
+        index.keys += int(stats.get("successes", 0))
+    index.next_seq = max(seqs) + 1
+    return index
+
+
+def _read_stats(path: Path) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def clean_incomplete(index: ShardIndex) -> list[Path]:
+    """Remove interrupted writes (tars without stats, temporary files). Returns what was removed."""
+    removed = []
+    for p in index.incomplete:
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    index.incomplete = []
+    return removed
+
+
+def read_shard(path: str | os.PathLike) -> Iterator[dict]:
+    """Iterate the samples of a shard as {"__key__": key, ext: bytes, ...} without touching the disk.
+
+    Member names are parsed, never used as paths: members that are not regular files or whose
+    names hold a directory part are skipped.
+    """
+    current: dict | None = None
+    with tarfile.open(path, mode="r:") as tar:
+        for m in tar:
+            if not m.isfile() or "/" in m.name or "\\" in m.name or m.name.startswith("."):
+                continue
+            key, dot, ext = m.name.partition(".")
+            if not dot or not _KEY_RE.match(key):
+                continue
+            f = tar.extractfile(m)
+            data = f.read() if f is not None else b""
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            current[ext] = data
+    if current is not None:
+        yield current
+
+
+def complete_shards(shards_dir: str | os.PathLike, campaign: str | None = None) -> list[Path]:
+    """The finished shards of a folder (those with a stats file), in name order."""
+    return scan(Path(shards_dir), campaign).complete
