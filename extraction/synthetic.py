@@ -75,7 +75,8 @@ def write_synthetic_pairs(
     """Write a clustered synthetic pairs folder; returns the folder.
 
     Prompt i belongs to cluster `i % n_clusters` and its category is
-    `categories[cluster % len(categories)]`; image j shows prompt `j % n_prompts`
+    `categories[cluster % len(categories)]`, its centre lies at relative distance `spread` from the
+    cluster centre; image j shows prompt `j % n_prompts`
     (so every prompt has images once n_images >= n_prompts), with a random checkpoint
     and campaign. `noise` is the norm of an image's offset from its prompt centre
     relative to the unit centre. Images are split into `parts` part files
@@ -96,7 +97,7 @@ def write_synthetic_pairs(
         for i, c in enumerate(prompt_cluster)
     ]
     z = np.stack([_prompt_latent(t, seed) for t in texts])
-    prompt_centre = _normalize(centres[prompt_cluster] + spread * (z @ b))
+    prompt_centre = _normalize(centres[prompt_cluster] + spread * _normalize(z @ b))
     a, p = _cond_weights(tuple(text_dims), pooled_dim, seed)
 
     image_prompt = np.arange(n_images) % n_prompts
