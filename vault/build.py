@@ -1,0 +1,257 @@
+"""Build a vault from pairs folders, or add new pairs parts to an existing vault without a rebuild.
+
+Every add writes a new generation of index/metadata/prompt files next to the old ones and
+commits by replacing manifest.json; the previous generation is removed afterwards, so a
+crash leaves the last committed vault intact.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from extraction.pairs import Pairs, PairsFormatError, list_parts
+from vault import index as vindex
+from vault.manifest import MANIFEST, MODES, Manifest, VaultError
+from vault.store import Metadata, read_prompts, write_cond_file, write_prompts
+
+log = logging.getLogger(__name__)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "_"
+
+
+def _code(table: list[str], values: list[str]) -> np.ndarray:
+    """Codes of `values` in `table`, appending unseen names to the table."""
+    pos = {v: i for i, v in enumerate(table)}
+    out = np.empty(len(values), dtype=np.int32)
+    for j, v in enumerate(values):
+        if v not in pos:
+            pos[v] = len(table)
+            table.append(v)
+        out[j] = pos[v]
+    return out
+
+
+def build_vault(pairs, out, index: str | None = None, mode: str = "stored", memory_budget="4G",
+                categories: bool = True, tune_recall: float = 0.97, shards=None, rebuild: bool = False,
+                seed: int = 0) -> Manifest:
+    """Build `out` from the parts of `pairs` (a folder, a part file, or a list of them).
+
+    If `out` already is a vault (and not `rebuild`), only parts it does not list yet are
+    added (see `add_pairs`). `index` is a faiss index_factory string; None chooses by size
+    and `memory_budget` as autofaiss does. `mode`: "stored" keeps fp16 conditionings,
+    "prompts" keeps only prompt texts for re-encoding at query time.
+    """
+    out = Path(out)
+    if mode not in MODES:
+        raise VaultError(f"mode={mode!r}: expected one of {MODES}")
+    if (out / MANIFEST).exists() and not rebuild:
+        return add_pairs(out, pairs, shards=shards)
+    parts = _collect_parts(pairs)
+    tmp = out.with_name(f".{out.name}.build-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        first = Pairs(parts[0])
+        manifest = Manifest(
+            vision_model=str(first.vision_model), vision_dim=first.vision_dim, text_dims=list(first.text_dims),
+            pooled_dim=int(first.attrs["pooled_dim"]), mode=mode, index_spec=index or "",
+            memory_budget=vindex.parse_bytes(memory_budget),
+        )
+        manifest.shard_folders = [str(s) for s in _as_list(shards)]
+        first.close()
+        _add(tmp, manifest, None, parts, index_override=index, categories=categories,
+             tune_recall=tune_recall, seed=seed)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def add_pairs(vault_dir, pairs, shards=None, tune_recall: float = 0.97, seed: int = 0) -> Manifest:
+    """Add the parts of `pairs` that the vault does not hold yet (incremental, no rebuild)."""
+    vault_dir = Path(vault_dir)
+    manifest = Manifest.read(vault_dir)
+    new = [p for p in _collect_parts(pairs) if str(p.resolve()) not in set(manifest.sources)]
+    for s in _as_list(shards):
+        if str(s) not in manifest.shard_folders:
+            manifest.shard_folders.append(str(s))
+    if not new:
+        log.info("%s: no new pairs parts to add", vault_dir)
+        return manifest
+    meta = Metadata.read(vault_dir / manifest.files["metadata"])
+    _add(vault_dir, manifest, meta, new, index_override=None, categories=bool(manifest.categories),
+         tune_recall=tune_recall, seed=seed)
+    return manifest
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _collect_parts(pairs) -> list[Path]:
+    parts: list[Path] = []
+    for p in _as_list(pairs):
+        try:
+            parts.extend(list_parts(p))
+        except PairsFormatError as e:
+            raise VaultError(str(e)) from e
+    if not parts:
+        raise VaultError(f"pairs={pairs}: no pairs parts (*.h5) found; an empty vault cannot be built")
+    return [p.resolve() for p in parts]
+
+
+def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Path], index_override,
+         categories, tune_recall: float, seed: int) -> None:
+    gen = manifest.generation + 1 if meta is not None else 1
+    prompt_pos = {}
+    text, fps = [], []
+    if meta is not None:
+        text, fps = read_prompts(folder / manifest.files["prompts"])
+        prompt_pos = {tf: i for i, tf in enumerate(zip(text, fps))}
+    cond_rows: list[tuple[int, int]] = []
+    pairs_list, embeds = [], []
+    cols = {"key": [], "prompt_id": [], "checkpoint": [], "category": [], "campaign": []}
+    cat_table = list(manifest.category_table)
+    for part in parts:
+        try:
+            pairs = Pairs(part)
+        except PairsFormatError as e:
+            raise VaultError(str(e)) from e
+        if pairs.vision_model != manifest.vision_model or pairs.vision_dim != manifest.vision_dim:
+            raise VaultError(
+                f"{part}: embeddings of {pairs.vision_model} (dim {pairs.vision_dim}) cannot join a vault of "
+                f"{manifest.vision_model} (dim {manifest.vision_dim})"
+            )
+        if list(pairs.text_dims) != list(manifest.text_dims) or int(pairs.attrs["pooled_dim"]) != manifest.pooled_dim:
+            raise VaultError(f"{part}: text dims {pairs.text_dims} differ from the vault's {manifest.text_dims}")
+        pi = len(pairs_list)
+        pairs_list.append(pairs)
+        remap = np.empty(pairs.num_prompts, dtype=np.int64)
+        for j, tf in enumerate(zip(pairs.prompt_text, pairs.te_fingerprint)):
+            if tf not in prompt_pos:
+                prompt_pos[tf] = len(text)
+                text.append(tf[0])
+                fps.append(tf[1])
+                cond_rows.append((pi, j))
+            remap[j] = prompt_pos[tf]
+        embeds.append(vindex.normalize(pairs.embed))
+        cols["key"].extend(pairs.key)
+        cols["prompt_id"].append(remap[pairs.prompt_id])
+        cols["checkpoint"].append(_code(manifest.checkpoints, pairs.checkpoint))
+        cols["category"].append(_code(cat_table, pairs.category))
+        cols["campaign"].append(_code(manifest.campaigns, pairs.campaign))
+    x = np.concatenate(embeds)
+    if len(x) == 0:
+        raise VaultError(f"{parts[0]}: pairs hold no images; an empty vault cannot be built")
+    new = Metadata(
+        key=np.array(cols["key"], dtype=object), prompt_id=np.concatenate(cols["prompt_id"]),
+        checkpoint=np.concatenate(cols["checkpoint"]), category=np.concatenate(cols["category"]),
+        campaign=np.concatenate(cols["campaign"]),
+        centroid_sum=np.zeros((len(cat_table), x.shape[1])),
+    )
+    np.add.at(new.centroid_sum, new.category, x.astype(np.float64))
+    if meta is not None:
+        old_sum = np.zeros_like(new.centroid_sum)
+        old_sum[: len(meta.centroid_sum)] = meta.centroid_sum
+        new.centroid_sum += old_sum
+        new = Metadata(
+            key=np.concatenate([meta.key, new.key]), prompt_id=np.concatenate([meta.prompt_id, new.prompt_id]),
+            checkpoint=np.concatenate([meta.checkpoint, new.checkpoint]),
+            category=np.concatenate([meta.category, new.category]),
+            campaign=np.concatenate([meta.campaign, new.campaign]), centroid_sum=new.centroid_sum,
+        )
+    offset = manifest.count
+    written: list[str] = []
+
+    # global index
+    idx_dir = folder / "index"
+    gname = f"index/global.g{gen}.faiss"
+    if meta is None:
+        spec = index_override or vindex.choose_index_spec(len(x), x.shape[1], manifest.memory_budget)
+        log.info("building global index %s over %d x %d", spec, *x.shape)
+        g = vindex.build_index(x, spec, seed=seed)
+        manifest.index_spec = spec
+        manifest.search_params, recall = vindex.tune_search(g, x, spec, target=tune_recall, seed=seed)
+        manifest.tuned_recall = recall
+    else:
+        g = vindex.read_index(folder / manifest.files["global"])
+        vindex.add_vectors(g, x)
+    vindex.write_index(g, folder / gname)
+    written.append(gname)
+    del g
+
+    # category indices
+    cat_info = dict(manifest.categories)
+    if categories:
+        for code, name in enumerate(cat_table):
+            rows = np.flatnonzero(new.category[offset:] == code)
+            if not len(rows):
+                continue
+            fname = f"index/cat-{code:03d}-{_safe(name)}.g{gen}.faiss"
+            info = cat_info.get(name)
+            if info is None:
+                auto = vindex.choose_index_spec(
+                    len(rows), x.shape[1], max(1, manifest.memory_budget * len(rows) // max(1, len(x))))
+                spec = index_override or auto
+                try:
+                    ci = vindex.build_index(x[rows], spec, seed=seed)
+                except (VaultError, RuntimeError) as e:  # e.g. too few vectors to train the override
+                    log.warning("category %s: index %s failed (%s); using %s", name, spec, e, auto)
+                    spec = auto
+                    ci = vindex.build_index(x[rows], spec, seed=seed)
+                params, _ = vindex.tune_search(ci, x[rows], spec, target=tune_recall, seed=seed)
+                info = {"count": 0, "index_spec": spec, "search_params": params}
+            else:
+                ci = vindex.read_index(folder / info["file"])
+                vindex.add_vectors(ci, x[rows])
+            info = {**info, "count": int(info["count"] + len(rows)), "file": fname}
+            vindex.write_index(ci, folder / fname)
+            written.append(fname)
+            cat_info[name] = info
+    # categories with no new rows keep their files
+    manifest.categories = {name: cat_info[name] for name in cat_table if name in cat_info}
+    manifest.category_table = cat_table
+
+    # conditioning store (stored mode): only the prompts new in this add
+    if manifest.mode == "stored" and cond_rows:
+        cname = f"cond-{len(manifest.cond_files):05d}.h5"
+        seq = pairs_list[cond_rows[0][0]].cond([cond_rows[0][1]]).shape[1]
+        write_cond_file(folder / cname, pairs_list, cond_rows, seq, sum(manifest.text_dims), manifest.pooled_dim)
+        manifest.cond_files.append(cname)
+    for p in pairs_list:
+        p.close()
+
+    mname, pname = f"metadata.g{gen}.h5", f"prompts.g{gen}.h5"
+    new.write(folder / mname)
+    write_prompts(folder / pname, text, fps)
+    old_files = dict(manifest.files)
+    manifest.files = {"global": gname, "metadata": mname, "prompts": pname}
+    manifest.generation = gen
+    manifest.count = len(new)
+    manifest.num_prompts = len(text)
+    manifest.te_fingerprints = sorted(set(fps))
+    manifest.sources = [*manifest.sources, *(str(p) for p in parts)]
+    manifest.write(folder)  # the commit point
+    keep = set(manifest.files.values()) | {i["file"] for i in manifest.categories.values()}
+    for f in [*old_files.values(), *(i.get("file") for i in cat_info.values())]:
+        if f and f not in keep:
+            (folder / f).unlink(missing_ok=True)
+    for f in (folder / "index").glob("*.faiss"):
+        if f"index/{f.name}" not in keep:
+            f.unlink(missing_ok=True)
