@@ -46,7 +46,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")           # campaign and job names: go 
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9_\-]+$")      # one level of a wildcard path
 _REF_RE = re.compile(r"__([A-Za-z0-9*](?:[A-Za-z0-9\-/*]|_(?!_))*)__")
 _REF_START_RE = re.compile(r"__[A-Za-z0-9*]")
-_WEIGHT_PREFIX_RE = re.compile(r"^\s*([^\s|{}:_][^|{}:]*?)\s*::")
+_WEIGHT_PREFIX_RE = re.compile(r"\s*([^\s|{}:_][^|{}:]*?)\s*::")
 _WS_RE = re.compile(r"\s+")
 
 TOP_KEYS = ("campaign", "description", "wildcards", "wildcards_dir", "jobs", "negative_prompt",
