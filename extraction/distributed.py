@@ -1,0 +1,182 @@
+"""Extraction on Ray: image actors over every node's GPUs (or CPUs), one text actor.
+
+Each image actor loads the vision tower once and turns whole shards into `ShardImages` with the
+same reader and batching as the single-process path; the driver keeps the prompt store, so the text
+actor is asked only for (prompt, fingerprint) pairs never encoded before, and writes the parts.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+from extraction.image import ImageEncoder, ShardImages, collect_shards, load_tower
+from extraction.reader import Shard, iter_shard_batches
+
+log = logging.getLogger(__name__)
+
+
+def _get(cfg, key, default=None):
+    from extraction.extract import _get as get
+
+    return get(cfg, key, default)
+
+
+class ShardEncoderWorker:
+    """Body of the image actor: one vision tower, whole shards in, ShardImages out."""
+
+    def __init__(self, vision_name: str, weights, device: str, tokens: bool, batch_size: int, dtype: str,
+                 autocast: bool = True):
+        from extraction.extract import resolve_device
+
+        device = resolve_device(device)
+        self.tower = load_tower(vision_name, weights, device)
+        self.encoder = ImageEncoder(self.tower, device, tokens=tokens, autocast=autocast)
+        self.batch_size, self.dtype = int(batch_size), dtype
+
+    def encode(self, index: int, src) -> ShardImages:
+        """`src` is a path this node can read, or the tar's bytes shipped by the driver."""
+        items = iter_shard_batches(index, src, self.tower.preprocess, self.batch_size)
+        return next(collect_shards(items, self.encoder, self.dtype))
+
+
+class TextWorker:
+    """Body of the text actor: the TextConditioner, called only with new prompts."""
+
+    def __init__(self, cfg_text: dict, checkpoint_dirs: list, device: str):
+        from extraction.extract import make_conditioner, resolve_device
+
+        self.cond = make_conditioner({"text": cfg_text, "checkpoints": {"dirs": checkpoint_dirs}}, resolve_device(device))
+
+    def fingerprint(self, sample_fp: str, checkpoint: str) -> str:
+        return self.cond.fingerprint(sample_fp, checkpoint)
+
+    def encode(self, fp, prompts, hint):
+        return self.cond.encode(fp, prompts, hint)
+
+    def stats(self):
+        return self.cond.stats()
+
+
+class RemoteText:
+    """TextConditioner's interface over the text actor (fingerprints cached on the driver)."""
+
+    def __init__(self, actor):
+        self.actor = actor
+        self._fp: dict[tuple[str, str], str] = {}
+
+    def fingerprint(self, sample_fp: str, checkpoint: str = "") -> str:
+        import ray
+
+        key = (sample_fp, checkpoint)
+        if key not in self._fp:
+            self._fp[key] = ray.get(self.actor.fingerprint.remote(sample_fp, checkpoint))
+        return self._fp[key]
+
+    def encode(self, fp, prompts, hint=""):
+        import ray
+
+        return ray.get(self.actor.encode.remote(fp, list(prompts), hint))
+
+    def stats(self) -> dict:
+        import ray
+
+        return ray.get(self.actor.stats.remote())
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
+
+
+def _plain(cfg) -> dict:
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg or {})
+    except ImportError:
+        return dict(cfg or {})
+
+
+def connect_cluster(cfg):
+    """Connect to Ray as `cluster` says (factory.cluster), or reuse this process's connection."""
+    import ray
+
+    if ray.is_initialized():
+        return None
+    from factory.cluster import connect
+
+    c = _get(cfg, "cluster")
+    ccfg = {"mode": c} if isinstance(c, str) else _plain(c)
+    return connect(ccfg)
+
+
+def actor_resources(cfg) -> dict:
+    import ray
+
+    ray_cfg = _get(cfg, "ray", {})
+    gpus_total = ray.cluster_resources().get("GPU", 0)
+    gpa = _get(ray_cfg, "gpus_per_actor", "auto")
+    if gpa == "auto":
+        gpa = 1 if gpus_total else 0
+    return {"num_cpus": float(_get(ray_cfg, "cpus_per_actor", 1)), "num_gpus": float(gpa)}
+
+
+def make_text_actor(cfg):
+    import ray
+
+    ray_cfg = _get(cfg, "ray", {})
+    gpus = ray.cluster_resources().get("GPU", 0)
+    text_gpus = float(_get(ray_cfg, "text_gpus", 0.25 if gpus else 0))
+    actor = ray.remote(TextWorker).options(num_cpus=0.5, num_gpus=text_gpus, max_restarts=1).remote(
+        _plain(_get(cfg, "text", {})), list(_get(_get(cfg, "checkpoints", {}), "dirs", []) or []),
+        str(_get(cfg, "device", "auto")),
+    )
+    return RemoteText(actor)
+
+
+def ray_image_results(shards: list[Shard], cfg) -> Iterator[ShardImages]:
+    """ShardImages of `shards` from a pool of image actors, in completion order."""
+    import ray
+
+    ray_cfg = _get(cfg, "ray", {})
+    res = actor_resources(cfg)
+    n = _get(ray_cfg, "actors")
+    if n in (None, "auto"):
+        total = ray.cluster_resources()
+        n = int(total.get("GPU", 0) // res["num_gpus"]) if res["num_gpus"] else 2
+    n = max(1, min(int(n), len(shards) or 1))
+    vision = _get(cfg, "vision", {})
+    worker_cls = ray.remote(ShardEncoderWorker).options(**res, max_restarts=1, max_task_retries=1,
+                                                          scheduling_strategy="SPREAD")
+    actors = [
+        worker_cls.remote(str(_get(vision, "name", "tiny")), _get(vision, "weights"), str(_get(cfg, "device", "auto")),
+                          bool(_get(cfg, "tokens", False)), int(_get(cfg, "batch_size", 64)),
+                          str(_get(cfg, "dtype", "float16")), bool(_get(cfg, "autocast", True)))
+        for _ in range(n)
+    ]
+    send_bytes = bool(_get(ray_cfg, "send_bytes", False))
+    per_actor = max(1, int(_get(ray_cfg, "inflight_per_actor", 2)))
+
+    def src(s: Shard):
+        return Path(s.path).read_bytes() if send_bytes else str(Path(s.path).resolve())
+
+    queue = list(enumerate(shards))
+    inflight: dict = {}
+    load = {i: 0 for i in range(n)}
+    try:
+        while queue or inflight:
+            while queue and min(load.values()) < per_actor:
+                a = min(load, key=load.get)
+                idx, shard = queue.pop(0)
+                inflight[actors[a].encode.remote(idx, src(shard))] = a
+                load[a] += 1
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in done:
+                load[inflight.pop(ref)] -= 1
+                yield ray.get(ref)
+    finally:
+        for ref in inflight:
+            ray.cancel(ref)
+        for a in actors:
+            ray.kill(a)

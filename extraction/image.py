@@ -1,0 +1,84 @@
+"""The image side: an open_clip vision tower (through luna.models.vision), batched, autocast on GPU."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class VisionModelError(ValueError):
+    """The vision model cannot be built or its weights do not fit its architecture."""
+
+
+def load_tower(name: str, weights: str | None, device: str):
+    """`luna.models.vision.load_vision` with user errors (unknown name, wrong weights) as VisionModelError."""
+    from luna.models.vision import load_vision
+
+    try:
+        return load_vision(name=name, weights=weights, device=device)
+    except (RuntimeError, KeyError, ValueError, OSError) as e:
+        if isinstance(e, VisionModelError):
+            raise
+        what = f"vision={name}" + (f" vision.weights={weights}" if weights else "")
+        raise VisionModelError(f"{what}: cannot load the vision model: {e}") from e
+
+
+class ImageEncoder:
+    """Projected image embeddings `[B, D]` (and on request penultimate tokens `[B, T, W]`) of pixel batches."""
+
+    def __init__(self, tower, device: str = "cpu", tokens: bool = False, autocast: bool = True):
+        self.tower, self.device, self.tokens = tower, torch.device(device), bool(tokens)
+        self.autocast = bool(autocast) and self.device.type == "cuda"
+        self.images = 0
+
+    @property
+    def model_id(self) -> str:
+        return self.tower.model_id
+
+    @property
+    def dim(self) -> int:
+        return int(self.tower.dim)
+
+    def __call__(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        pixels = pixels.to(self.device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast):
+            if self.tokens and hasattr(self.tower, "encode_with_tokens"):
+                embed, tokens = self.tower.encode_with_tokens(pixels)
+            else:
+                embed = self.tower.encode(pixels)
+                tokens = self.tower.encode_tokens(pixels) if self.tokens else None
+        self.images += len(pixels)
+        embed = embed.float().cpu().numpy()
+        return embed, (tokens.float().cpu().numpy() if tokens is not None else None)
+
+
+class ShardImages:
+    """Everything the image side produced for one shard (or why it produced nothing)."""
+
+    def __init__(self, index: int, metas=(), embed=None, tokens=None, bad_samples=(), error=None, count=0):
+        self.index, self.metas = index, list(metas)
+        self.embed, self.tokens = embed, tokens
+        self.bad_samples, self.error, self.count = list(bad_samples), error, count
+
+
+def collect_shards(items, encoder: ImageEncoder, dtype: str = "float16"):
+    """Run `encoder` over a stream of reader `Batch`/`ShardEnd` items; yield one ShardImages per shard
+    end. Batches of a shard that turns out corrupt are dropped with it (the shard is reported)."""
+    from extraction.reader import Batch
+
+    acc: dict[int, dict] = {}
+    for item in items:
+        if isinstance(item, Batch):
+            embed, tokens = encoder(item.pixels)
+            a = acc.setdefault(item.shard, {"metas": [], "embed": [], "tokens": []})
+            a["metas"] += item.meta
+            a["embed"].append(embed.astype(dtype))
+            if tokens is not None:
+                a["tokens"].append(tokens.astype(dtype))
+            continue
+        a = acc.pop(item.shard, {"metas": [], "embed": [], "tokens": []})
+        if item.error is not None:
+            yield ShardImages(item.shard, bad_samples=item.bad_samples, error=item.error, count=item.count)
+            continue
+        embed = np.concatenate(a["embed"]) if a["embed"] else np.zeros((0, encoder.dim), dtype)
+        tokens = np.concatenate(a["tokens"]) if a["tokens"] else None
+        yield ShardImages(item.shard, a["metas"], embed, tokens, item.bad_samples, None, item.count)

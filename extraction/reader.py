@@ -1,0 +1,323 @@
+"""Reading the factory's WebDataset shards: discovery, completeness, safe tar streaming, worker decoding.
+
+A shard is `{campaign}-{node}-{worker}-{seq:06d}.tar`; its `{stem}_stats.json`, written after the
+tar was closed, marks it complete. Tar members are read into memory only: a member name is split
+into (key, extension) like webdataset does and never used as a file path.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+log = logging.getLogger(__name__)
+
+SHARD_FORMAT_VERSIONS = (1,)  # shard (sample json) format versions this reader understands
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+_TAR_END = b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+class ShardError(ValueError):
+    """Bad shard input a user can fix (no shards, wrong format version); names the path at fault."""
+
+
+class CorruptShard(Exception):
+    """A shard whose tar cannot be read to its end (truncated, bad header, short member)."""
+
+
+@dataclass
+class Shard:
+    path: Path
+    stats: dict | None  # the parsed `_stats.json`, None when missing (incomplete shard)
+
+    @property
+    def stem(self) -> str:
+        return self.path.name[: -len(".tar")] if self.path.name.endswith(".tar") else self.path.stem
+
+    @property
+    def expected_count(self) -> int | None:
+        if not self.stats:
+            return None
+        for k in ("successes", "count", "samples", "written"):
+            if isinstance(self.stats.get(k), int):
+                return self.stats[k]
+        return None
+
+
+# --- discovery ----------------------------------------------------------------------------
+def stats_path(tar: Path) -> Path:
+    stem = tar.name[: -len(".tar")] if tar.name.endswith(".tar") else tar.stem
+    return tar.with_name(f"{stem}_stats.json")
+
+
+def expand_patterns(spec) -> list[Path]:
+    """Shard tars named by folders, globs and brace patterns (`a-{000000..000009}.tar`), sorted, unique."""
+    from braceexpand import braceexpand
+
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec or [])
+    found: list[Path] = []
+    for item in items:
+        item = os.path.expanduser(str(item))
+        if os.path.isdir(item):
+            found += [p for p in Path(item).glob("*.tar") if not p.name.startswith(".")]
+            continue
+        for pattern in braceexpand(item):
+            if glob.has_magic(pattern):
+                found += [Path(p) for p in glob.glob(pattern) if p.endswith(".tar") and not Path(p).name.startswith(".")]
+            elif os.path.isfile(pattern):
+                found.append(Path(pattern))
+            else:
+                raise ShardError(f"{pattern}: no such shard file or folder")
+    return sorted(set(found), key=lambda p: (p.name, str(p)))
+
+
+def find_shards(spec, force: bool = False) -> tuple[list[Shard], list[Path]]:
+    """(complete shards, incomplete shards skipped). With `force`, incomplete shards are kept."""
+    paths = expand_patterns(spec)
+    if not paths:
+        raise ShardError(f"{spec}: no shard tars (*.tar) found")
+    shards, skipped = [], []
+    for p in paths:
+        sp = stats_path(p)
+        stats = None
+        if sp.is_file():
+            try:
+                stats = json.loads(sp.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ShardError(f"{sp}: unreadable stats marker ({e})") from e
+        if stats is None and not force:
+            skipped.append(p)
+            continue
+        shards.append(Shard(p, stats))
+    if skipped:
+        log.warning(
+            "%d shard(s) have no _stats.json marker (still being written, or interrupted) and are skipped; "
+            "pass force=true to read them anyway: %s", len(skipped), ", ".join(p.name for p in skipped[:5]),
+        )
+    return shards, skipped
+
+
+# --- tar streaming -------------------------------------------------------------------------
+def split_member(name: str) -> tuple[str, str]:
+    """(key, extension) the webdataset way: the extension starts at the first dot of the basename."""
+    d, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def iter_tar_samples(src: str | os.PathLike | bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for each sample of one tar, in order. Raises CorruptShard when the tar
+    does not reach its end-of-archive marker or a member is short. Non-file members are ignored."""
+    fh = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else open(src, "rb")
+    try:
+        try:
+            tf = tarfile.open(fileobj=fh, mode="r:")
+        except tarfile.TarError as e:
+            raise CorruptShard(f"not a tar archive ({e})") from e
+        key, files = None, {}
+        try:
+            while True:
+                m = tf.next()
+                if m is None:
+                    break
+                if not m.isfile():
+                    continue
+                data = tf.extractfile(m).read()
+                if len(data) != m.size:
+                    raise CorruptShard(f"member {m.name!r} is truncated ({len(data)} of {m.size} bytes)")
+                k, ext = split_member(m.name)
+                if k != key:
+                    if key is not None:
+                        yield key, files
+                    key, files = k, {}
+                files[ext] = data
+        except tarfile.TarError as e:
+            raise CorruptShard(f"unreadable tar ({e})") from e
+        # tarfile stops silently on a missing or short header: require the end-of-archive blocks
+        fh.seek(tf.offset)
+        if fh.read(len(_TAR_END)) != _TAR_END:
+            raise CorruptShard(f"truncated: no end-of-archive marker at byte {tf.offset}")
+        if key is not None:
+            yield key, files
+    finally:
+        fh.close()
+
+
+# --- samples --------------------------------------------------------------------------------
+@dataclass
+class SampleMeta:
+    """The fields of a sample's json that extraction keeps."""
+
+    key: str
+    prompt: str
+    te_fingerprint: str
+    checkpoint: str
+    checkpoint_fingerprint: str
+    category: str
+    campaign: str
+    seed: int
+    format_version: int | None
+
+
+def _get(meta: dict, *names, default=None):
+    for n in names:
+        cur = meta
+        for part in n.split("."):
+            if not isinstance(cur, dict) or part not in cur:
+                break
+            cur = cur[part]
+        else:
+            return cur
+    return default
+
+
+def parse_meta(key: str, files: dict[str, bytes]) -> SampleMeta:
+    """Sample metadata from `key.json` (prompt falls back to `key.txt`). Raises ValueError when unusable."""
+    if "json" not in files:
+        raise ValueError("no .json member")
+    meta = json.loads(files["json"].decode("utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError(".json is not an object")
+    prompt = _get(meta, "prompt")
+    if prompt is None and "txt" in files:
+        prompt = files["txt"].decode("utf-8")
+    if prompt is None:
+        raise ValueError("no prompt in .json or .txt")
+    ckpt = _get(meta, "checkpoint", "checkpoint.name", default="")
+    if isinstance(ckpt, dict):
+        ckpt = ckpt.get("name", "")
+    category = _get(meta, "category", "category_path", default="")
+    if isinstance(category, (list, tuple)):
+        category = "/".join(map(str, category))
+    return SampleMeta(
+        key=key,
+        prompt=str(prompt),
+        te_fingerprint=str(_get(meta, "te_fingerprint", "checkpoint.te_fingerprint", "text_encoder_fingerprint", default="")),
+        checkpoint=str(ckpt),
+        checkpoint_fingerprint=str(_get(meta, "checkpoint_fingerprint", "fingerprint", "checkpoint.fingerprint", default="")),
+        category=str(category),
+        campaign=str(_get(meta, "campaign", default="")),
+        seed=int(_get(meta, "seed", default=-1)),
+        format_version=_get(meta, "format_version"),
+    )
+
+
+def decode_image(files: dict[str, bytes]):
+    from PIL import Image
+
+    ext = next((e for e in IMAGE_EXTS if e in files), None)
+    if ext is None:
+        raise ValueError(f"no image member (one of {', '.join(IMAGE_EXTS)})")
+    img = Image.open(io.BytesIO(files[ext]))
+    img.load()
+    return img.convert("RGB")
+
+
+def check_format_version(shard: Shard) -> int | None:
+    """The shard's format version (stats marker or first sample); ShardError when unsupported."""
+    version = (shard.stats or {}).get("format_version")
+    if version is None:
+        try:
+            for key, files in iter_tar_samples(shard.path):
+                version = parse_meta(key, files).format_version
+                break
+        except (CorruptShard, ValueError):
+            return None  # reported when the shard is read
+    if version is not None and version not in SHARD_FORMAT_VERSIONS:
+        raise ShardError(
+            f"{shard.path}: shard format_version {version!r}, this extraction reads {list(SHARD_FORMAT_VERSIONS)}"
+        )
+    return version
+
+
+# --- batches for the model -------------------------------------------------------------------
+@dataclass
+class Batch:
+    """Preprocessed images of one shard (a batch never spans two shards)."""
+
+    shard: int
+    pixels: "object"  # torch tensor [B, 3, H, W]
+    meta: list[SampleMeta]
+
+
+@dataclass
+class ShardEnd:
+    shard: int
+    count: int
+    bad_samples: list[dict] = field(default_factory=list)
+    error: str | None = None  # set when the shard is corrupt: its batches must be discarded
+
+
+def iter_shard_batches(
+    index: int, src, preprocess: Callable, batch_size: int
+) -> Iterator[Batch | ShardEnd]:
+    """Batches of one shard then its ShardEnd. Bad samples are skipped and listed; a corrupt tar ends
+    with ShardEnd.error set."""
+    pix, metas, bad, count = [], [], [], 0
+    try:
+        for key, files in iter_tar_samples(src):
+            try:
+                meta = parse_meta(key, files)
+                pixels = preprocess(decode_image(files))
+            except Exception as e:  # a bad sample is reported, the shard goes on
+                bad.append({"key": key, "reason": f"{type(e).__name__}: {e}"})
+                continue
+            pix.append(pixels)
+            metas.append(meta)
+            count += 1
+            if len(pix) == batch_size:
+                yield Batch(index, torch.stack(pix), metas)
+                pix, metas = [], []
+    except (CorruptShard, OSError) as e:
+        yield ShardEnd(index, count, bad, error=str(e))
+        return
+    if pix:
+        yield Batch(index, torch.stack(pix), metas)
+    yield ShardEnd(index, count, bad)
+
+
+class ShardStream(IterableDataset):
+    """An IterableDataset over shards: worker w decodes shards w, w+W, ... so decoding overlaps
+    the model in the main process. Items are `Batch` and `ShardEnd`."""
+
+    def __init__(self, sources: list, preprocess: Callable, batch_size: int):
+        self.sources, self.preprocess, self.batch_size = list(sources), preprocess, batch_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for i in range(wid, len(self.sources), nw):
+            yield from iter_shard_batches(i, self.sources[i], self.preprocess, self.batch_size)
+
+
+def stream_batches(sources: list, preprocess: Callable, batch_size: int, workers: int):
+    """Batches and shard ends of `sources` (paths or tar bytes), decoded by `workers` processes."""
+    workers = max(0, min(int(workers), len(sources)))
+    loader = DataLoader(
+        ShardStream(sources, preprocess, batch_size),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    return iter(loader)
+
+
+def to_numpy_meta(metas: list[SampleMeta]) -> dict[str, np.ndarray]:
+    return {
+        "key": np.array([m.key for m in metas], dtype=object),
+        "checkpoint": np.array([m.checkpoint for m in metas], dtype=object),
+        "category": np.array([m.category for m in metas], dtype=object),
+        "campaign": np.array([m.campaign for m in metas], dtype=object),
+        "seed": np.array([m.seed for m in metas], dtype=np.int64),
+    }

@@ -1,0 +1,255 @@
+"""The text side: SDXL conditionings, one encoder call per unique (prompt, text-encoder fingerprint).
+
+`PromptStore` knows every (prompt, fingerprint) already encoded for an output folder (in memory
+for the part being built, on disk as (part, row) once written), so a prompt is never encoded twice,
+across parts or across a resumed run. `TextConditioner` finds and loads the encoders of a
+fingerprint (each distinct set once) and counts its encoder calls.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PromptKey = tuple[str, str]  # (prompt text, text-encoder fingerprint)
+
+
+class TextEncoderNotFound(ValueError):
+    """No checkpoint in `checkpoints.dirs` has the text-encoder fingerprint a sample names."""
+
+
+# --- the store ---------------------------------------------------------------------------------
+class PromptStore:
+    """(prompt, fingerprint) -> (cond, pooled), encoded at most once per output folder."""
+
+    def __init__(self):
+        self._mem: dict[PromptKey, tuple[np.ndarray, np.ndarray]] = {}
+        self._disk: dict[PromptKey, tuple[Path, int]] = {}
+        self._handles: dict[Path, h5py.File] = {}
+
+    @classmethod
+    def from_parts(cls, parts: list[Path]) -> "PromptStore":
+        store = cls()
+        for path in parts:
+            with h5py.File(path, "r") as f:
+                texts = [t.decode() if isinstance(t, bytes) else str(t) for t in f["prompts/text"][()]]
+                fps = [t.decode() if isinstance(t, bytes) else str(t) for t in f["prompts/te_fingerprint"][()]]
+            for row, key in enumerate(zip(texts, fps)):
+                store._disk.setdefault(key, (Path(path), row))
+        return store
+
+    def __len__(self) -> int:
+        return len(self._mem.keys() | self._disk.keys())
+
+    def __contains__(self, key: PromptKey) -> bool:
+        return key in self._mem or key in self._disk
+
+    def missing(self, keys) -> list[PromptKey]:
+        seen, out = set(), []
+        for k in keys:
+            if k not in self and k not in seen:
+                seen.add(k)
+                out.append(k)
+        return out
+
+    def add(self, keys: list[PromptKey], cond: np.ndarray, pooled: np.ndarray) -> None:
+        for i, k in enumerate(keys):
+            self._mem[k] = (cond[i], pooled[i])
+
+    def get(self, keys: list[PromptKey]) -> tuple[np.ndarray, np.ndarray]:
+        conds, pooled = [], []
+        for k in keys:
+            if k in self._mem:
+                c, p = self._mem[k]
+            else:
+                path, row = self._disk[k]
+                f = self._file(path)
+                c, p = f["prompts/cond"][row], f["prompts/pooled"][row]
+            conds.append(c)
+            pooled.append(p)
+        return np.stack(conds), np.stack(pooled)
+
+    def written(self, path: Path, keys: list[PromptKey]) -> None:
+        """`keys` are rows 0.. of the part at `path`: drop them from memory, read them from there."""
+        for row, k in enumerate(keys):
+            if k in self._mem:
+                del self._mem[k]
+                self._disk[k] = (Path(path), row)
+
+    def _file(self, path: Path) -> h5py.File:
+        if path not in self._handles:
+            self._handles[path] = h5py.File(path, "r")
+        return self._handles[path]
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+
+# --- finding a checkpoint's text encoders -------------------------------------------------------
+def list_checkpoints(dirs) -> list[Path]:
+    """Single-file `.safetensors` and diffusers folders (with `model_index.json`) under `dirs`."""
+    found: list[Path] = []
+    for d in [dirs] if isinstance(dirs, (str, os.PathLike)) else list(dirs or []):
+        d = Path(os.path.expanduser(str(d)))
+        if not d.is_dir():
+            raise TextEncoderNotFound(f"checkpoints.dirs: {d} is not a folder")
+        for root, subdirs, files in os.walk(d):
+            if "model_index.json" in files:
+                found.append(Path(root))
+                subdirs[:] = []  # a diffusers folder's own safetensors are not checkpoints
+                continue
+            found += [Path(root) / f for f in files if f.endswith(".safetensors")]
+    return sorted(found)
+
+
+def checkpoint_name(path: Path) -> str:
+    return path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+
+
+class CheckpointLocator:
+    """Text-encoder fingerprint -> a checkpoint that has it. Checkpoints whose name matches the
+    sample's are fingerprinted first, so usually one file is hashed per fingerprint."""
+
+    def __init__(self, dirs, fingerprint_fn=None):
+        self.dirs = dirs
+        self._fingerprint = fingerprint_fn
+        self._paths: list[Path] | None = None
+        self._fp_of: dict[Path, str] = {}
+
+    def _fp(self, path: Path) -> str:
+        if path not in self._fp_of:
+            if self._fingerprint is None:
+                from luna.models.fingerprint import te_fingerprint
+
+                self._fingerprint = te_fingerprint
+            self._fp_of[path] = self._fingerprint(path)
+        return self._fp_of[path]
+
+    def paths(self) -> list[Path]:
+        if self._paths is None:
+            self._paths = list_checkpoints(self.dirs)
+        return self._paths
+
+    def find(self, fingerprint: str, name_hint: str = "") -> Path:
+        paths = self.paths()
+        ordered = [p for p in paths if checkpoint_name(p) == name_hint] + [p for p in paths if checkpoint_name(p) != name_hint]
+        for p in ordered:
+            try:
+                if self._fp(p) == fingerprint:
+                    return p
+            except Exception as e:  # noqa: BLE001 - an unreadable file is not the one we want
+                log.warning("cannot fingerprint %s: %s", p, e)
+        raise TextEncoderNotFound(
+            f"no checkpoint under checkpoints.dirs={list(self.dirs) if not isinstance(self.dirs, str) else [self.dirs]} "
+            f"has text-encoder fingerprint {fingerprint!r} (samples name checkpoint {name_hint!r}); "
+            "add its folder to checkpoints.dirs, or use text=reference text.checkpoint=PATH"
+        )
+
+    def fingerprint_of_name(self, name: str) -> str:
+        for p in self.paths():
+            if checkpoint_name(p) == name:
+                return self._fp(p)
+        raise TextEncoderNotFound(f"samples name checkpoint {name!r} without a te_fingerprint, and no checkpoint "
+                                  f"of that name is under checkpoints.dirs")
+
+
+# --- the conditioner ------------------------------------------------------------------------------
+class TextConditioner:
+    """SDXL conditionings of prompts, exactly as diffusers' `encode_prompt` builds them.
+
+    mode="per_checkpoint": the encoders of the fingerprint each sample names, found under
+    `checkpoint_dirs`; mode="reference": the encoders of `reference` for every sample.
+    `prompts_encoded` counts prompts sent through the encoders; `loads` counts encoder-set loads.
+    """
+
+    def __init__(self, mode: str = "per_checkpoint", checkpoint_dirs=(), reference: str | None = None,
+                 device: str = "cpu", dtype: str = "float32", batch_size: int = 64, keep_loaded: int = 4,
+                 fingerprint_fn=None):
+        if mode not in ("per_checkpoint", "reference"):
+            raise ValueError(f"text.mode must be per_checkpoint or reference, not {mode!r}")
+        if mode == "reference" and not reference:
+            raise ValueError("text=reference needs text.checkpoint=PATH (the checkpoint whose text encoders to use)")
+        if mode == "reference" and not Path(reference).exists():
+            raise TextEncoderNotFound(f"text.checkpoint={reference}: no such checkpoint")
+        self.mode, self.reference = mode, reference
+        self.device, self.dtype, self.batch_size, self.keep_loaded = device, dtype, int(batch_size), int(keep_loaded)
+        self.locator = CheckpointLocator(checkpoint_dirs, fingerprint_fn)
+        self._loaded: OrderedDict[str, object] = OrderedDict()
+        self._reference_fp: str | None = None
+        self.prompts_encoded = 0
+        self.forward_batches = 0
+        self.loads: dict[str, int] = {}
+        self.dims: tuple[tuple[int, int], int] | None = None  # ((clip-l width, bigG width), pooled dim)
+
+    def fingerprint(self, sample_fp: str, checkpoint: str = "") -> str:
+        """The fingerprint whose encoders encode a sample (the key its prompt is stored under)."""
+        if self.mode == "reference":
+            if self._reference_fp is None:
+                self._reference_fp = self.locator._fp(Path(self.reference))
+            return self._reference_fp
+        return sample_fp or self.locator.fingerprint_of_name(checkpoint)
+
+    def _encoders(self, fp: str, name_hint: str):
+        if fp in self._loaded:
+            self._loaded.move_to_end(fp)
+            return self._loaded[fp]
+        import torch
+
+        from luna.models.sdxl import load_text_encoders
+
+        path = Path(self.reference) if self.mode == "reference" else self.locator.find(fp, name_hint)
+        while len(self._loaded) >= max(1, self.keep_loaded):
+            self._loaded.popitem(last=False)
+        log.info("loading text encoders %s from %s", fp, path)
+        enc = load_text_encoders(path, device=self.device, dtype=getattr(torch, self.dtype))
+        self.loads[fp] = self.loads.get(fp, 0) + 1
+        self._loaded[fp] = enc
+        return enc
+
+    def encode(self, fp: str, prompts: list[str], name_hint: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """(cond [N,77,C], pooled [N,P]) float32 of `prompts` with the encoders of `fp`."""
+        import torch
+
+        from luna.models.sdxl import encode_prompt
+
+        enc = self._encoders(fp, name_hint)
+        conds, pooled = [], []
+        with torch.inference_mode():
+            for i in range(0, len(prompts), self.batch_size):
+                chunk = list(prompts[i : i + self.batch_size])
+                out = encode_prompt(enc, chunk)
+                c, p = out[0], out[1]
+                conds.append(c.float().cpu().numpy())
+                pooled.append(p.float().cpu().numpy())
+                self.prompts_encoded += len(chunk)
+                self.forward_batches += 1
+        cond, pool = np.concatenate(conds), np.concatenate(pooled)
+        if self.dims is None:
+            self.dims = (text_widths(enc, cond.shape[-1]), pool.shape[-1])
+        return cond, pool
+
+    def stats(self) -> dict:
+        return {"prompts_encoded": self.prompts_encoded, "forward_batches": self.forward_batches,
+                "encoder_loads": dict(self.loads), "dims": self.dims}
+
+
+def text_widths(enc, total: int) -> tuple[int, int]:
+    """(CLIP-L width, bigG width) of an encoder set; the two halves of the 2048-wide conditioning."""
+    for a, b in (("text_encoder", "text_encoder_2"), ("clip_l", "clip_g")):
+        ea, eb = getattr(enc, a, None), getattr(enc, b, None)
+        if ea is not None and eb is not None:
+            wa = getattr(getattr(ea, "config", None), "hidden_size", None)
+            wb = getattr(getattr(eb, "config", None), "hidden_size", None)
+            if wa and wb and wa + wb == total:
+                return int(wa), int(wb)
+    if total == 2048:
+        return 768, 1280
+    raise ValueError(f"cannot tell the CLIP-L / bigG widths of a {total}-wide conditioning")
