@@ -39,7 +39,7 @@ MAX_YAML_DEPTH = 64          # nesting of YAML mappings/sequences
 MAX_BRACE_DEPTH = 32         # nesting of {…} inside one string
 MAX_REFERENCE_DEPTH = 64     # __a__ -> __b__ -> … chain length
 MAX_EXPANSIONS = 10_000      # wildcard references expanded while rendering one prompt
-MAX_WILDCARD_ENTRIES = 1_000_000
+MAX_WILDCARD_ENTRIES = 200_000   # entries plus groups, after YAML aliases are expanded
 COMBINATIONS_CAP = 10**30    # combinations() saturates here (it is arithmetic, never enumerated)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")           # campaign and job names: go into shard names/keys
@@ -569,10 +569,20 @@ def available_campaigns() -> list[str]:
     return sorted(p.stem for p in CAMPAIGN_DIR.glob("*.yaml"))
 
 
-def load_campaign(path_or_name: str | Path | Mapping) -> Campaign:
-    """Load and fully validate a campaign from a YAML path, a name in conf/campaign/, or a mapping."""
+def load_campaign(path_or_name: str | Path | Mapping, source: str | Path | None = None) -> Campaign:
+    """Load and fully validate a campaign from a YAML path, a name in conf/campaign/, or a mapping.
+
+    A mapping (e.g. Hydra's `cfg.campaign`) has no line numbers; `source` names where it came from
+    and is the folder base for `wildcards_dir`. Prefer passing the path or name."""
     if isinstance(path_or_name, Mapping):
-        return campaign_from_dict(path_or_name, source=None)
+        data = path_or_name
+        if not isinstance(data, dict):  # omegaconf DictConfig and friends
+            try:
+                from omegaconf import OmegaConf
+                data = OmegaConf.to_container(data, resolve=True)
+            except (ImportError, ValueError):
+                data = dict(data)
+        return campaign_from_dict(data, source=Path(source) if source else None)
     p = Path(path_or_name).expanduser()
     if not p.is_file():
         named = CAMPAIGN_DIR / f"{path_or_name}.yaml"
@@ -618,6 +628,15 @@ def _as_str_list(value, file, line, path) -> tuple:
     return tuple(str(v) for v in value)
 
 
+def _known_schedulers() -> set | None:
+    """The scheduler names the workers accept (factory.worker owns the list)."""
+    try:
+        from factory.worker import SCHEDULERS
+    except Exception:  # pragma: no cover - the worker module is optional for pure planning
+        return None
+    return set(SCHEDULERS)
+
+
 def _parse_sampler(raw, base: Sampler, file, line, where) -> Sampler:
     if raw is None:
         return base
@@ -647,6 +666,10 @@ def _parse_sampler(raw, base: Sampler, file, line, where) -> Sampler:
         elif k == "scheduler":
             if not isinstance(v, str) or not v.strip():
                 raise CampaignError(f"expected a scheduler name, got {v!r}", file, kl, kp)
+            known = _known_schedulers()
+            if known and str(v).strip() not in known:
+                raise CampaignError(f"unknown scheduler {v!r}{_did_you_mean(v, sorted(known))}; one of "
+                                    f"{', '.join(sorted(known))}", file, kl, kp)
             kw[k] = str(v).strip()
     if "resolution" in raw and ("width" in raw or "height" in raw):
         raise CampaignError("give either resolution or width/height, not both", file, line, where)
@@ -694,6 +717,10 @@ def _flatten_wildcards(tree, file, out: dict, prefix: str, count: list) -> None:
                                     file, kline, f"{pre}{key}")
             path = f"{pre}{key}"
             if isinstance(value, Mapping):
+                count[0] += 1
+                if count[0] > MAX_WILDCARD_ENTRIES:
+                    raise CampaignError(f"more than {MAX_WILDCARD_ENTRIES} wildcard entries and groups",
+                                        file, kline, path)
                 if not value:
                     raise CampaignError("empty wildcard group", file, kline, path)
                 stack.append((value, path + "/"))
