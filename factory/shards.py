@@ -177,16 +177,20 @@ def scan(shards_dir: Path, campaign: str | None = None) -> ShardIndex:
     seqs = [-1]
     for p in sorted(shards_dir.iterdir()):
         name = p.name
-        if name.startswith(_TMP_PREFIX):
-            if name[len(_TMP_PREFIX):].startswith(prefix):
-                index.incomplete.append(p)
+        tmp = name.startswith(_TMP_PREFIX)
+        base = name[len(_TMP_PREFIX):] if tmp else name
+        if not base.startswith(prefix):
             continue
-        if not name.startswith(prefix) or not name.endswith(".tar"):
+        if base.endswith(".tar"):
+            try:
+                seqs.append(int(base[: -len(".tar")].rsplit("-", 1)[1]))
+            except (IndexError, ValueError):
+                pass
+        if tmp:
+            index.incomplete.append(p)
             continue
-        try:
-            seqs.append(int(name[: -len(".tar")].rsplit("-", 1)[1]))
-        except (IndexError, ValueError):
-            pass
+        if not name.endswith(".tar"):
+            continue
         sp = stats_path(p)
         stats = _read_stats(sp)
         if stats is None:

@@ -1,0 +1,65 @@
+"""`luna factory`: a Hydra app over conf/factory.yaml that runs (or with dry_run=true plans) a campaign.
+
+Errors the user can fix (campaign, checkpoints, output folder, overrides) print one line and exit 2;
+Ctrl-C kills the actors, keeps every finished shard and exits 130.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _task(cfg, outcome: dict) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from factory.run import run
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    # `campaign=NAME` selects conf/campaign/NAME.yaml as a config group; the campaign module
+    # reads that file itself (with line numbers for its errors), so only the name is passed on
+    plain.pop("campaign", None)
+    plain["campaign_name"] = HydraConfig.get().runtime.choices.get("campaign")
+    try:
+        outcome["report"] = run(plain)
+    except ValueError as e:  # campaign, inventory, planner, output folder: the user's to fix
+        outcome["error"] = str(e)
+
+
+def _out_override(argv: list[str]) -> str | None:
+    outs = [a.split("=", 1)[1] for a in argv if a.startswith(("out=", "+out=", "++out="))]
+    return outs[-1] if outs else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from factory.run import FactoryError, check_writable
+    from luna.cli import run_hydra
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = _out_override(argv)
+    if out and not any(a in ("--help", "-h", "--cfg", "-c") for a in argv):
+        try:  # before Hydra, which creates its own folder inside `out`
+            check_writable(Path(out).expanduser())
+        except FactoryError as e:
+            print(f"luna factory: error: {e}", file=sys.stderr)
+            return EXIT_USER_ERROR
+    outcome: dict = {}
+    try:
+        run_hydra(lambda cfg: _task(cfg, outcome), "factory", argv, prog="luna factory")
+    except KeyboardInterrupt:
+        print("\nluna factory: interrupted; finished shards are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit as e:  # Hydra printed what was wrong with the overrides or the config
+        return EXIT_USER_ERROR if e.code not in (0, None) else 0
+    if "error" in outcome:
+        print(f"luna factory: error: {outcome['error']}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The factory driver: campaign -> inventory -> plan -> actors -> shards. It only wires the pieces.
+
+Everything a user can get wrong is checked before any model loads: the campaign (factory.campaign),
+the output folder (a probe file), the checkpoint folders and files (factory.inventory), the
+checkpoint selection (factory.planner). Shards are written here, in the driver, from the results
+the actors send back, so one folder holds the whole dataset even on a LAN cluster without shared
+storage, and a unit counts as done only once its shard and stats file are on disk.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import itertools
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from factory import inventory as inv_mod
+from factory import shards
+from factory.campaign import load_campaign
+from factory.cluster import connect
+from factory.planner import plan as make_plan
+from factory.worker import SDXLGenerator, Scheduler, actor_specs, ray_actor_factory
+
+log = logging.getLogger(__name__)
+
+
+class FactoryError(ValueError):
+    """A setting the user gave cannot work (output folder, missing campaign, ...)."""
+
+
+@dataclass
+class RunReport:
+    campaign: str = ""
+    planned_units: int = 0
+    planned_images: int = 0
+    skipped_units: int = 0  # already done by an earlier run
+    units_done: int = 0
+    images: int = 0
+    rejected: int = 0
+    rejected_reasons: dict = field(default_factory=dict)
+    loads: int = 0
+    actors: int = 0
+    checkpoints: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+    cleaned: list = field(default_factory=list)
+    shards: list = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def _to_plain(cfg: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(cfg, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return cfg
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and write + remove a probe file there, or raise FactoryError naming it."""
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"luna")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise FactoryError(f"output folder {folder} is not writable: {e.strerror or e}") from None
+
+
+def campaign_source(cfg: Mapping) -> str:
+    name, path = cfg.get("campaign_name"), cfg.get("campaign_file")
+    if name and path:
+        raise FactoryError("give campaign=NAME or campaign_file=PATH, not both")
+    if not (name or path):
+        raise FactoryError("no campaign: give campaign_file=PATH or campaign=NAME (a file in conf/campaign/)")
+    return str(path or name)
+
+
+def _task(unit, ckpt: inv_mod.CheckpointInfo, cfg: Mapping) -> dict:
+    return {
+        "unit_id": unit.id,
+        "checkpoint": {"name": ckpt.name, "paths": dict(ckpt.paths)},
+        "samples": [{"key": s.key, "prompt": s.prompt, "negative": s.negative, "seed": int(s.seed)}
+                    for s in unit.samples],
+        "sampler": unit.sampler.to_dict(),
+        "image": dict(cfg.get("image") or {}),
+        "quality": dict(cfg.get("quality") or {}),
+    }
+
+
+def sample_meta(unit, s, result: dict, kept: dict, now: str) -> dict:
+    """The `key.json` of one sample (DESIGN.md §2)."""
+    sp = unit.sampler
+    return {
+        "key": s.key, "prompt": s.prompt, "negative": s.negative,
+        "campaign": unit.campaign, "job": unit.job, "category": unit.category,
+        "template": s.template, "choices": s.choices, "index": s.index,
+        "checkpoint": unit.checkpoint, "checkpoint_fingerprint": unit.fingerprint,
+        "te_fingerprint": unit.te_fingerprint, "family": unit.family,
+        "seed": int(kept["seed"]), "planned_seed": int(s.seed),
+        "steps": sp.steps, "cfg": sp.cfg, "scheduler": sp.scheduler, "width": sp.width, "height": sp.height,
+        "node": result["node"], "worker": result["worker"], "time": now,
+        "quality": kept["quality"], "unit_id": unit.id, "format_version": shards.FORMAT_VERSION,
+    }
+
+
+class ShardSink:
+    """Writes one shard per finished unit (driver side) and keeps the running totals."""
+
+    def __init__(self, shards_dir: Path, campaign: str, units: dict, next_seq: int, report: RunReport):
+        self.dir, self.campaign, self.units, self.report = shards_dir, campaign, units, report
+        self.seq = itertools.count(next_seq)
+
+    def __call__(self, task: dict, result: dict) -> None:
+        unit = self.units[task["unit_id"]]
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        by_key = {s.key: s for s in unit.samples}
+        samples = [shards.Sample(key=k["key"], image=k["image"], ext=k["ext"], prompt=by_key[k["key"]].prompt,
+                                 meta=sample_meta(unit, by_key[k["key"]], result, k, now))
+                   for k in result["samples"]]
+        name = shards.shard_name(self.campaign, result["node"], result["worker"], next(self.seq))
+        stats = {
+            "count": len(unit.samples), "successes": len(samples), "failed": len(result["rejected"]),
+            "rejected": result["rejected"], "unit_ids": [unit.id], "keys": [s.key for s in samples],
+            "campaign": self.campaign, "job": unit.job, "checkpoint": unit.checkpoint,
+            "node": result["node"], "worker": result["worker"], "end_time": now,
+            "timings": dict(result["timings"]),
+        }
+        path = self.dir / f"{name}.tar"
+        shards.write_shard(path, samples, stats)
+        self.report.shards.append(path)
+        for r in result["rejected"]:
+            for reason in {x for attempt in r["reasons"] for x in attempt}:
+                self.report.rejected_reasons[reason] = self.report.rejected_reasons.get(reason, 0) + 1
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="generating", dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
+
+
+def run(cfg: Any, *, make_generator: Callable[[], Any] | None = None, echo: Callable[[str], None] = print,
+        scheduler_hook: Callable[[Scheduler], None] | None = None) -> RunReport:
+    """Run (or with dry_run only plan) a campaign. `make_generator` replaces the SDXL generator (tests)."""
+    cfg = _to_plain(cfg)
+    t_start = time.time()
+    report = RunReport(dry_run=bool(cfg.get("dry_run", False)))
+    campaign = load_campaign(campaign_source(cfg))
+    report.campaign = campaign.name
+    out = Path(str(cfg.get("out") or "luna_out")).expanduser()
+    shards_dir = out / "shards"
+    if not report.dry_run:
+        check_writable(shards_dir)
+    cluster = connect(cfg.get("cluster"))
+    try:
+        inv = inv_mod.scan(cluster, cfg.get("checkpoints") or {})
+        echo(inv.format())
+        workers = dict(cfg.get("workers") or {})
+        n_actors = len(actor_specs(cluster.nodes, sorted(inv.scanned), workers))
+        the_plan = make_plan(campaign, inv.checkpoints, workers=n_actors)
+        report.planned_units, report.planned_images = len(the_plan.units), len(the_plan)
+        report.checkpoints = len(the_plan.checkpoints)
+        if report.dry_run:
+            echo(the_plan.format_summary())
+            return report
+        index = shards.scan(shards_dir, campaign.name)
+        report.cleaned = [str(p) for p in shards.clean_incomplete(index)]
+        if report.cleaned:
+            echo(f"removed {len(report.cleaned)} interrupted shard write(s) from an earlier run")
+        pending = the_plan.remaining(index.done_units)
+        report.skipped_units = len(the_plan.units) - len(pending)
+        if report.skipped_units:
+            echo(f"resuming: {report.skipped_units} of {len(the_plan.units)} units already done")
+        if not pending:
+            echo(f"nothing to do: all {len(the_plan.units)} units of {campaign.name} are in {shards_dir}")
+            return report
+        ckpts = inv.by_name()
+        nodes_needed = sorted({n for u in pending for n in ckpts[u.checkpoint].nodes})
+        specs = actor_specs(cluster.nodes, nodes_needed, workers)
+        report.actors = len(specs)
+        if make_generator is None:
+            import functools
+
+            make_generator = functools.partial(SDXLGenerator, device=str(workers.get("device", "auto")),
+                                               dtype=str(workers.get("dtype", "auto")),
+                                               threads=int(workers.get("cpus_per_actor", 1) or 1))
+        scheduler = Scheduler(specs, ray_actor_factory(cluster, make_generator),
+                              max_retries=int(workers.get("max_retries", 3)),
+                              inflight=int(workers.get("inflight_per_actor", 2)))
+        if scheduler_hook is not None:
+            scheduler_hook(scheduler)
+        sink = ShardSink(shards_dir, campaign.name, {u.id: u for u in pending}, index.next_seq, report)
+        total = sum(len(u.samples) for u in pending)
+        echo(f"generating {total} images in {len(pending)} units with {len(specs)} actor(s) on "
+             f"{', '.join(nodes_needed)}")
+        bar = _progress(total, bool(cfg.get("progress", True)))
+        try:
+            stats = scheduler.run([_task(u, ckpts[u.checkpoint], cfg) for u in pending], sink, bar)
+        except shards.ShardWriteError as e:
+            full = " (disk full)" if e.errno == errno.ENOSPC else ""
+            raise FactoryError(f"{e.strerror}{full}; the shards written so far are kept, rerun to resume") from None
+        finally:
+            if bar is not None:
+                bar.close()
+            report.loads = scheduler.stats.loads
+            report.retries = scheduler.stats.retries
+            report.units_done = scheduler.stats.units_done
+            report.images = scheduler.stats.images
+            report.rejected = scheduler.stats.rejected
+            report.seconds = time.time() - t_start
+        report.actors = stats.actors_started
+        echo(f"done: {report.images} images in {report.units_done} shards, {report.rejected} rejected"
+             + (f" {report.rejected_reasons}" if report.rejected else "")
+             + f", {report.loads} pipeline loads, {report.retries} retries, {report.seconds:.1f}s")
+        if report.rejected:
+            echo(f"note: {report.rejected} sample(s) failed the quality gate on every attempt; "
+                 "they are listed in their shards' _stats.json (see docs/factory.md)")
+        return report
+    finally:
+        cluster.close()
