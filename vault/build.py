@@ -39,7 +39,7 @@ def _code(table: list[str], values: list[str]) -> np.ndarray:
 
 
 def build_vault(pairs, out, index: str | None = None, mode: str = "stored", memory_budget="4G",
-                categories: bool = True, tune_recall: float = 0.97, shards=None, rebuild: bool = False,
+                categories: bool = True, tune_recall: float = 0.99, shards=None, rebuild: bool = False,
                 seed: int = 0) -> Manifest:
     """Build `out` from the parts of `pairs` (a folder, a part file, or a list of them).
 
@@ -81,7 +81,7 @@ def build_vault(pairs, out, index: str | None = None, mode: str = "stored", memo
     return manifest
 
 
-def add_pairs(vault_dir, pairs, shards=None, tune_recall: float = 0.97, seed: int = 0) -> Manifest:
+def add_pairs(vault_dir, pairs, shards=None, tune_recall: float = 0.99, seed: int = 0) -> Manifest:
     """Add the parts of `pairs` that the vault does not hold yet (incremental, no rebuild)."""
     vault_dir = Path(vault_dir)
     manifest = Manifest.read(vault_dir)

@@ -113,11 +113,11 @@ def _tunable(spec: str) -> list[str]:
         nlist = int(re.search(r"IVF(\d+)", spec).group(1))
         return [f"nprobe={p}" for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p <= nlist]
     if spec.startswith("HNSW") or ",HNSW" in spec:
-        return [f"efSearch={e}" for e in (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)]
+        return [f"efSearch={e}" for e in (32, 48, 64, 96, 128, 192, 256, 384, 512)]
     return []
 
 
-def tune_search(index: faiss.Index, vectors: np.ndarray, spec: str, k: int = 10, target: float = 0.97,
+def tune_search(index: faiss.Index, vectors: np.ndarray, spec: str, k: int = 10, target: float = 0.99,
                 n_queries: int = 200, seed: int = 0) -> tuple[str, float]:
     """Smallest nprobe / efSearch reaching recall@k >= target on held-in sample queries.
 
@@ -201,13 +201,33 @@ def _search_params(index: faiss.Index, selector) -> object | None:
     return p
 
 
+EXHAUSTIVE_LIMIT = 200_000  # most vectors reconstructed for an exact fallback search
+
+
 def search(index: faiss.Index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None):
     """Top-k (scores, ids) with -1 padding; `allowed` is a bool mask over index ids.
 
     With a mask, CPU indices search through an IDSelectorBitmap; indices without selector
     support (GPU, PQ) over-fetch and filter, doubling the fetch until k matches or the whole index.
+    Queries an approximate index leaves short of k (a k near the index size, a very selective
+    filter) are answered exactly over the reconstructed candidates when there are few enough.
     """
     q = normalize(queries)
+    scores, ids = _search(index, q, k, allowed)
+    available = index.ntotal if allowed is None else int(allowed.sum())
+    short = np.flatnonzero((ids >= 0).sum(1) < min(k, available))
+    if len(short) and available <= EXHAUSTIVE_LIMIT:
+        cand = np.arange(index.ntotal) if allowed is None else np.flatnonzero(allowed)
+        try:
+            base = index.reconstruct_batch(cand) if len(cand) < index.ntotal else index.reconstruct_n(0, index.ntotal)
+        except RuntimeError:  # index without reconstruction (no direct map): keep the approximate answer
+            return scores, ids
+        s, i = exact_search(base, q[short], min(k, len(cand)))
+        scores[short, : s.shape[1]], ids[short, : s.shape[1]] = s, cand[i]
+    return scores, ids
+
+
+def _search(index: faiss.Index, q: np.ndarray, k: int, allowed: np.ndarray | None):
     if allowed is None:
         return index.search(q, k)
     n_allowed = int(allowed.sum())
