@@ -89,7 +89,22 @@ class _List(list):
 
 
 class _Loader(yaml.SafeLoader):
-    """yaml.safe_load semantics; mappings, sequences and strings remember their line."""
+    """yaml.safe_load semantics; mappings, sequences and strings remember their line.
+
+    Pure Python on purpose (libyaml's composer recurses in C); nesting depth is bounded while
+    composing, so a 10,000-deep document fails after MAX_YAML_DEPTH levels, not in a stack overflow."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise CampaignError(f"YAML nested deeper than {MAX_YAML_DEPTH} levels", self.name,
+                                    self.peek_event().start_mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_str(loader, node):
@@ -140,20 +155,10 @@ def _key_line(mapping, key, default=None):
 
 
 def read_yaml(text: str, source: str) -> Any:
-    """yaml.safe_load with line numbers; depth-bounded before composing (no recursion blow-up)."""
+    """yaml.safe_load with line numbers and bounded size and depth (no recursion blow-up)."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise CampaignError(f"file larger than {MAX_FILE_BYTES} bytes", source)
-    depth = 0
     try:
-        # The event parser is a state machine (no recursion), so it can bound depth safely first.
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-                depth += 1
-                if depth > MAX_YAML_DEPTH:
-                    raise CampaignError(f"YAML nested deeper than {MAX_YAML_DEPTH} levels",
-                                        source, event.start_mark.line + 1)
-            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-                depth -= 1
         loader = _Loader(text)
         loader.name = source
         try:
@@ -805,8 +810,10 @@ def campaign_from_dict(data, source: Path | None = None) -> Campaign:
         base = source.parent if source else Path.cwd()
         for d in dirs:
             _read_wildcard_dir((base / d).resolve(), file, kl("wildcards_dir"), raw_wc, count)
+    groups = {q.rsplit("/", 1)[0] for q in raw_wc if "/" in q}
+    groups = {"/".join(g.split("/")[:k]) for g in groups for k in range(1, g.count("/") + 2)}
     for p in raw_wc:  # a leaf may not also be a group (eyes.txt beside eyes/color.txt)
-        if any(q.startswith(p + "/") for q in raw_wc):
+        if p in groups:
             raise CampaignError("is both a list and a group of lists", raw_wc[p][1],
                                 raw_wc[p][0][0][1], p)
     wildcards = {p: tuple(parse_template(t, str(f), ln, p) for t, ln in entries)

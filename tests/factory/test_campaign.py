@@ -406,7 +406,8 @@ def test_ten_thousand_deep_nesting_fails_fast(tmp_path, shape):
     if shape == "flow":
         text = "campaign: t\njobs: " + "[" * 10000 + "]" * 10000 + "\n"
     elif shape == "block":
-        text = "campaign: t\nwildcards:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(10000)) + "jobs: {}\n"
+        # block nesting needs indentation: 10,000 levels would be 50 MB (refused by size), so 2,000
+        text = "campaign: t\nwildcards:\n" + "".join(" " * (i + 1) + f"k{i}:\n" for i in range(2000)) + "jobs: {}\n"
     else:
         text = "campaign: t\njobs:\n  j: {quota: 1, templates: ['" + "{a|" * 10000 + "b" + "}" * 10000 + "']}\n"
     with pytest.raises(CampaignError, match="nested deeper") as e:
@@ -414,8 +415,15 @@ def test_ten_thousand_deep_nesting_fails_fast(tmp_path, shape):
     assert e.value.line is not None
 
 
+def test_oversized_file_is_refused_before_parsing(tmp_path):
+    p = tmp_path / "big.yaml"
+    p.write_text("campaign: t\n# " + "x" * (17 * 1024 * 1024) + "\n")
+    with pytest.raises(CampaignError, match="larger than"):
+        load_campaign(p)
+
+
 def test_long_reference_chain_is_an_error_not_a_recursion_crash(tmp_path):
-    lists = "".join(f"w{i}: ['__w{i + 1}__']\n" for i in range(5000)) + "w5000: [end]\n"
+    lists = "".join(f"w{i}: ['__w{i + 1}__']\n" for i in range(2000)) + "w2000: [end]\n"
     with pytest.raises(CampaignError, match="nested deeper"):
         campaign_with(tmp_path, wildcards=lists, template="__w0__")
 
