@@ -1,0 +1,166 @@
+"""`luna train pairs=DIR out=DIR experiment=NAME [hydra overrides]`: train and export a projector.
+
+The Hydra app over conf/train.yaml (groups data, model, trainer, logger, callbacks, experiment,
+hparams_search). A run writes into `out`; job N of a `-m` sweep writes into `out/multirun/N`:
+checkpoints/ (last.ckpt + best), wandb/ (offline run files unless WANDB_MODE=online),
+wandb_run_id, projector.safetensors + projector.json. `ckpt_path=last` resumes the run in
+that folder: same step count, same W&B run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+log = logging.getLogger("luna.train")
+RUN_ID_FILE = "wandb_run_id"
+
+
+def _plain(node):
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def run_dir(cfg) -> Path:
+    """`out` for a single run, Hydra's per-job folder (out/multirun/N) inside a sweep."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return Path(hc.runtime.output_dir)
+    except ValueError:  # composed without the Hydra app (tests, notebooks)
+        pass
+    return Path(cfg.out)
+
+
+def resolve_ckpt(ckpt_path, workdir: Path) -> str | None:
+    if ckpt_path in (None, "", "null"):
+        return None
+    if str(ckpt_path) == "last":
+        last = workdir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(f"ckpt_path=last: no {last} (nothing to resume in {workdir})")
+        return str(last)
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint")
+    return str(ckpt_path)
+
+
+def wandb_offline(setting) -> bool:
+    """Offline unless asked: `logger.wandb.offline` when set, else WANDB_MODE (default offline)."""
+    if setting is not None:
+        return bool(setting)
+    return os.environ.get("WANDB_MODE", "offline").lower() in {"offline", "dryrun", "disabled"}
+
+
+def make_loggers(cfg, workdir: Path, resuming: bool) -> list:
+    from hydra.utils import instantiate
+
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if not node or "_target_" not in node:
+            continue
+        extra = {}
+        if node._target_.endswith("WandbLogger"):
+            extra = _wandb_kwargs(node, workdir, resuming)
+        loggers.append(instantiate(node, **extra))
+    return loggers
+
+
+def _wandb_kwargs(node, workdir: Path, resuming: bool) -> dict:
+    """Offline resolution and a run id kept in the run folder, so a resumed run continues its W&B run."""
+    import wandb
+
+    id_file = workdir / RUN_ID_FILE
+    if resuming and id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        workdir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
+    (workdir / "wandb").mkdir(parents=True, exist_ok=True)
+    return {"offline": wandb_offline(node.get("offline")), "id": run_id, "resume": "allow"}
+
+
+def train(cfg) -> float | None:
+    """Fit, then export; returns `cfg.optimized_metric` (the objective of Optuna sweeps)."""
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from projector.export import save_projector
+    from projector.models import count_parameters
+    from projector.module import ProjectorModule
+
+    workdir = run_dir(cfg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(workdir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    module = ProjectorModule(
+        net=_plain(cfg.model), dims=datamodule.dims, pooled_head=_plain(cfg.get("pooled_head")),
+        optim=_plain(cfg.optim), loss=_plain(cfg.loss),
+    )
+    module.projector.set_stats(datamodule.stats)
+    log.info("projector %s: %d parameters", cfg.model._target_, count_parameters(module.projector))
+
+    ckpt = resolve_ckpt(cfg.get("ckpt_path"), workdir)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    loggers = make_loggers(cfg, workdir, resuming=ckpt is not None)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(workdir))
+    for lg in loggers:
+        lg.log_hyperparams({"parameters": count_parameters(module.projector), "dims": datamodule.dims})
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+
+    found = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float)) and k.startswith("val")}
+    if cfg.get("export", True) and trainer.is_global_zero:
+        save_projector(module.projector, workdir, meta={
+            "te_fingerprints": datamodule.te_fingerprints,
+            "metrics": found,
+            "trained": {"pairs": str(cfg.pairs), "global_step": int(trainer.global_step), "epochs": int(trainer.current_epoch)},
+        })
+        log.info("exported %s", workdir / "projector.json")
+    for lg in loggers:
+        if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
+            lg.experiment.finish()
+    return found.get(cfg.optimized_metric)
+
+
+def _task(cfg):
+    return train(cfg)
+
+
+def _make_out_dir(argv: list[str]) -> None:
+    """The Optuna sweeper opens sqlite:///${out}/optuna.db before any job creates `out`."""
+    for arg in argv:
+        m = re.fullmatch(r"\+*out=(.+)", arg)
+        if m:
+            Path(m.group(1)).mkdir(parents=True, exist_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from luna.cli import run_hydra
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _make_out_dir(argv)
+    try:
+        run_hydra(_task, "train", argv, prog="luna train")
+    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
+        print(f"luna train: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""LightningDataModule over a pairs folder (extraction/pairs.py): splits, statistics, loaders.
+
+- Splits: validation prompts are held out **by prompt text** (every image of a held-out prompt,
+  under every text-encoder fingerprint); a second validation set holds out whole checkpoints
+  (their images of training prompts). Training sees neither.
+- Conditionings are deduplicated per prompt; they are loaded into RAM when they fit in
+  `max_ram_gb`, otherwise read per batch from the HDF5 chunks (one prompt per chunk).
+- Statistics per channel over the training prompts: conditioning mean/std over tokens 1..76
+  (CLIP-L and bigG channels each standardised on their own), the BOS state, pooled and input
+  mean/std.
+- Padding positions are computed from each prompt's length with the CLIP BPE tokenizer that
+  open_clip ships (the same ids as both SDXL tokenizers), truncated at 77.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from extraction.pairs import Pairs
+from projector import metrics
+
+log = logging.getLogger(__name__)
+SEQ_LEN = 77
+
+
+class PairsDataError(ValueError):
+    """Pairs that cannot train a projector (too few prompts, no tokens when asked for, ...)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def content_lengths(texts: list[str], seq_len: int = SEQ_LEN) -> np.ndarray:
+    """Positions that are not padding, per prompt: BOS + BPE tokens + EOS, capped at `seq_len`."""
+    tok = _tokenizer()
+    return np.array([min(len(tok.encode(t)) + 2, seq_len) for t in texts], dtype=np.int64)
+
+
+def split_images(
+    texts: list[str], checkpoints: list[str], val_prompts: float, val_checkpoints: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Image indices of the splits {"train", "val" (held-out prompts), "val_ckpt" (held-out checkpoints)}.
+
+    `texts[i]` / `checkpoints[i]` belong to image i. Deterministic in `seed`. An image whose prompt
+    and checkpoint are both held out is in no split (it would blur what each split measures).
+    """
+    rng = np.random.default_rng(seed)
+    uniq_texts = sorted(set(texts))
+    n_val = int(round(val_prompts * len(uniq_texts)))
+    if val_prompts > 0 and len(uniq_texts) >= 2:
+        n_val = min(max(n_val, 1), len(uniq_texts) - 1)
+    held_texts = set(rng.permutation(uniq_texts)[:n_val].tolist()) if n_val else set()
+    uniq_ckpts = sorted(set(checkpoints))
+    n_ck = val_checkpoints if len(uniq_ckpts) > val_checkpoints else 0
+    held_ckpts = set(rng.permutation(uniq_ckpts)[:n_ck].tolist()) if n_ck else set()
+    t = np.array([x in held_texts for x in texts], dtype=bool)
+    c = np.array([x in held_ckpts for x in checkpoints], dtype=bool)
+    return {
+        "train": np.flatnonzero(~t & ~c),
+        "val": rng.permutation(np.flatnonzero(t & ~c)),  # a fixed shuffle: rolled baselines compare different prompts
+        "val_ckpt": rng.permutation(np.flatnonzero(c & ~t)),
+    }
+
+
+def _std(x: np.ndarray, axis) -> np.ndarray:
+    s = x.std(axis=axis)
+    return np.maximum(s, 1e-3 * float(s.mean()) + 1e-8)  # a constant channel must not divide by zero
+
+
+class _Source:
+    """Everything a batch is read from: image columns in RAM, conditionings in RAM or on disk."""
+
+    def __init__(self, pairs: Pairs, prompt_ids: np.ndarray, n_content: np.ndarray, use_tokens: bool, in_memory: bool):
+        self.pairs, self.use_tokens = pairs, use_tokens
+        self.n_content = n_content  # per global prompt id
+        self.in_memory = in_memory
+        self.cond_rows = np.full(pairs.num_prompts, -1, dtype=np.int64)
+        if in_memory:
+            ids = np.unique(prompt_ids)
+            self.cond_rows[ids] = np.arange(len(ids))
+            self._cond = np.concatenate([pairs.cond(c) for c in np.array_split(ids, max(1, len(ids) // 512))])
+            self._pooled = np.concatenate([pairs.pooled(c) for c in np.array_split(ids, max(1, len(ids) // 512))])
+
+    def cond(self, prompt_ids: np.ndarray) -> np.ndarray:
+        if self.in_memory:
+            return self._cond[self.cond_rows[prompt_ids]]
+        uniq, inv = np.unique(prompt_ids, return_inverse=True)
+        return self.pairs.cond(uniq)[inv]
+
+    def pooled(self, prompt_ids: np.ndarray) -> np.ndarray:
+        if self.in_memory:
+            return self._pooled[self.cond_rows[prompt_ids]]
+        uniq, inv = np.unique(prompt_ids, return_inverse=True)
+        return self.pairs.pooled(uniq)[inv]
+
+    def inputs(self, images: np.ndarray) -> np.ndarray:
+        if self.use_tokens:
+            order = np.argsort(images)
+            out = self.pairs.tokens(images[order])
+            return out[np.argsort(order)]
+        return self.pairs.embed[images]
+
+    def batch(self, images: np.ndarray) -> dict[str, torch.Tensor]:
+        pid = self.pairs.prompt_id[images]
+        return {
+            "x": torch.from_numpy(np.ascontiguousarray(self.inputs(images))),
+            "cond": torch.from_numpy(np.ascontiguousarray(self.cond(pid))),
+            "pooled": torch.from_numpy(np.ascontiguousarray(self.pooled(pid))),
+            "n_content": torch.from_numpy(self.n_content[pid]),
+            "prompt": torch.from_numpy(pid),
+        }
+
+
+class PairsDataset(Dataset):
+    """Image rows of one split; a whole batch is read at once (`__getitems__`)."""
+
+    def __init__(self, source: _Source, images: np.ndarray):
+        self.source, self.images = source, np.asarray(images, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, indices) -> dict[str, torch.Tensor]:
+        return self.source.batch(self.images[np.asarray(indices, dtype=np.int64)])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+def _whole_batch(batch):  # __getitems__ already returns the collated batch
+    return batch
+
+
+class PairsDataModule(L.LightningDataModule):
+    """Splits, statistics and loaders over a pairs folder; `dims` and `stats` after `setup()`."""
+
+    def __init__(
+        self,
+        pairs: str,
+        batch_size: int = 256,
+        val_batch_size: int | None = None,
+        val_prompts: float = 0.1,
+        val_checkpoints: int = 1,
+        input: str = "embed",
+        te_fingerprint: str | None = None,
+        in_memory: str | bool = "auto",
+        max_ram_gb: float = 8.0,
+        num_workers: int = 0,
+        stats_prompts: int = 4096,
+        knn_k: int = 8,
+        knn_max_queries: int = 2048,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if input not in {"embed", "tokens"}:
+            raise PairsDataError(f"data.input must be 'embed' or 'tokens', not {input!r}")
+        self.path = Path(pairs)
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.val_prompts, self.val_checkpoints = val_prompts, val_checkpoints
+        self.input, self.te_fingerprint = input, te_fingerprint
+        self.in_memory, self.max_ram_gb = in_memory, max_ram_gb
+        self.num_workers, self.stats_prompts, self.seed = num_workers, stats_prompts, seed
+        self.knn_k, self.knn_max_queries = knn_k, knn_max_queries
+        self.pairs: Pairs | None = None
+
+    # --- setup ---------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.pairs is not None:
+            return
+        pairs = Pairs(self.path)
+        if self.input == "tokens" and not pairs.has_tokens:
+            raise PairsDataError(f"{self.path}: data.input=tokens but the pairs have no /images/tokens")
+        keep = np.arange(len(pairs))
+        if self.te_fingerprint is not None:
+            fps = np.array(pairs.te_fingerprint)
+            keep = keep[fps[pairs.prompt_id] == self.te_fingerprint]
+            if not len(keep):
+                raise PairsDataError(f"{self.path}: no images with te_fingerprint {self.te_fingerprint!r}; have {sorted(set(fps))}")
+        texts = [pairs.prompt_text[p] for p in pairs.prompt_id[keep]]
+        ckpts = [pairs.checkpoint[i] for i in keep]
+        splits = {k: keep[v] for k, v in split_images(texts, ckpts, self.val_prompts, self.val_checkpoints, self.seed).items()}
+        if not len(splits["train"]) or not len(splits["val"]):
+            raise PairsDataError(
+                f"{self.path}: {len(keep)} images of {len(set(texts))} prompts give {len(splits['train'])} training"
+                f" and {len(splits['val'])} validation images; more prompts are needed (or change data.val_prompts)"
+            )
+        self.splits = splits
+        n_content = content_lengths(pairs.prompt_text)
+        used = pairs.prompt_id[keep]
+        c = sum(pairs.text_dims)
+        need_gb = len(np.unique(used)) * (SEQ_LEN * c + int(pairs.attrs["pooled_dim"])) * 2 / 1e9
+        in_memory = need_gb <= self.max_ram_gb if self.in_memory == "auto" else bool(self.in_memory)
+        log.info("pairs %s: %d images, %d prompts, conditionings %.2f GB %s", self.path, len(keep),
+                 len(np.unique(used)), need_gb, "in RAM" if in_memory else "read per batch")
+        self.source = _Source(pairs, used, n_content, self.input == "tokens", in_memory)
+        self.pairs = pairs
+        self.stats = self._compute_stats()
+        self.knn = {name: self._knn_cos(rows) for name, rows in splits.items() if name != "train" and len(rows)}
+
+    @property
+    def dims(self) -> dict:
+        p = self.pairs
+        num_tokens = in_dim = None
+        if self.input == "tokens":
+            _, num_tokens, in_dim = p.tokens([0]).shape
+        return {
+            "input": self.input,
+            "in_dim": int(in_dim or p.vision_dim),
+            "vision_dim": p.vision_dim,
+            "vision_model": p.vision_model,
+            "num_tokens": int(num_tokens) if num_tokens else None,
+            "text_dims": list(p.text_dims),
+            "cond_dim": int(sum(p.text_dims)),
+            "pooled_dim": int(p.attrs["pooled_dim"]),
+            "seq_len": SEQ_LEN,
+        }
+
+    @property
+    def te_fingerprints(self) -> list[str]:
+        return sorted({self.pairs.te_fingerprint[p] for p in self.pairs.prompt_id[self.splits["train"]]})
+
+    def _compute_stats(self) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        train = self.splits["train"]
+        prompts = np.unique(self.pairs.prompt_id[train])
+        prompts = np.sort(rng.permutation(prompts)[: self.stats_prompts])
+        cond = self.source.cond(prompts).astype(np.float32)
+        pooled = self.source.pooled(prompts).astype(np.float32)
+        sample = np.sort(rng.permutation(train)[: max(self.stats_prompts, 1)])
+        x = self.source.inputs(sample).astype(np.float32)
+        x_axes = (0, 1) if x.ndim == 3 else 0
+        body = cond[:, 1:].reshape(-1, cond.shape[-1])
+        return {
+            "input_mean": x.mean(axis=x_axes), "input_std": _std(x, x_axes),
+            "cond_mean": body.mean(0), "cond_std": _std(body, 0), "bos": cond[:, 0].mean(0),
+            "pooled_mean": pooled.mean(0), "pooled_std": _std(pooled, 0),
+        }
+
+    def _knn_cos(self, val_rows: np.ndarray) -> float:
+        """The vault's answer on this split: score-weighted mean of the k nearest training images'
+        conditionings (cosine of L2-normalised embeddings), scored like `val/cos_content`."""
+        train = self.splits["train"]
+        q_rows = val_rows[: self.knn_max_queries]
+        emb = torch.nn.functional.normalize(torch.from_numpy(self.pairs.embed[train].astype(np.float32)), dim=1)
+        q = torch.nn.functional.normalize(torch.from_numpy(self.pairs.embed[q_rows].astype(np.float32)), dim=1)
+        k = min(self.knn_k, len(train))
+        total, count = 0.0, 0
+        for start in range(0, len(q_rows), 256):
+            rows = q_rows[start : start + 256]
+            scores, idx = (q[start : start + 256] @ emb.T).topk(k, dim=1)
+            w = scores.clamp_min(0) + 1e-6
+            w = w / w.sum(1, keepdim=True)
+            nbr = self.pairs.prompt_id[train[idx.numpy()]]  # [q, k]
+            cond = torch.from_numpy(self.source.cond(nbr.reshape(-1)).astype(np.float32)).view(*nbr.shape, SEQ_LEN, -1)
+            blend = (w[:, :, None, None] * cond).sum(1)
+            pid = self.pairs.prompt_id[rows]
+            target = torch.from_numpy(self.source.cond(pid).astype(np.float32))
+            content, _ = metrics.content_pad_cosine(blend, target, torch.from_numpy(self.source.n_content[pid]))
+            total += float(content.sum())
+            count += len(rows)
+        return total / max(count, 1)
+
+    # --- loaders -------------------------------------------------------------------------
+    def _loader(self, rows: np.ndarray, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            PairsDataset(self.source, rows), batch_size=batch_size, shuffle=shuffle, collate_fn=_whole_batch,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["train"], self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        """[held-out prompts] or [held-out prompts, held-out checkpoints]."""
+        return [self._loader(self.splits[n], self.val_batch_size, shuffle=False) for n in self.val_names]
+
+    @property
+    def val_names(self) -> list[str]:
+        """Metric prefixes of the validation loaders, in order."""
+        return [n for n in ("val", "val_ckpt") if len(self.splits[n])]
+
+    def teardown(self, stage: str | None = None) -> None:
+        if self.pairs is not None:
+            self.pairs.close()
