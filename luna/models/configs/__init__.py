@@ -1,0 +1,7 @@
+"""Model configs kept in the repo so that loading never needs a hub (see docs/models.md)."""
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent
+SDXL_BASE = CONFIG_DIR / "sdxl-base"
+SDXL_TINY = CONFIG_DIR / "sdxl-tiny"
+OPEN_CLIP_DIR = CONFIG_DIR / "open_clip"

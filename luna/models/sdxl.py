@@ -1,0 +1,356 @@
+"""SDXL pipelines and text encoders from single-file checkpoints or diffusers folders, offline.
+
+Single files (the community format, original ldm/sgm key layout) are read by diffusers' own
+original->diffusers converters (`from_single_file` with a `config=` folder kept in this repo), so
+real checkpoints and tiny ones take the same path. The architecture is read from the
+safetensors header (tensor names and shapes) before any weight is loaded.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from luna.models.configs import SDXL_BASE, SDXL_TINY
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+
+_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_UNET_LABEL = "model.diffusion_model.label_emb.0.0.weight"
+_CLIP_L_POS = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
+_BIGG_POS = "conditioner.embedders.1.model.positional_embedding"
+_VAE_IN = "first_stage_model.encoder.conv_in.weight"
+
+
+class NotSDXLError(ValueError):
+    """The file or folder cannot be used as an SDXL checkpoint; the message names it and says why."""
+
+
+class PickleCheckpointError(ValueError):
+    """A pickle checkpoint (.ckpt/.pt/.bin) was given without allow_pickle=True."""
+
+
+class NonFiniteError(ValueError):
+    """The VAE produced NaN or inf (SDXL's VAE overflows in fp16)."""
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """What a checkpoint is, read from tensor names and shapes only."""
+
+    path: Path
+    format: str  # "single_file" | "diffusers" | "pickle" | "unknown"
+    family: str  # "sdxl" | "sd15" | "unknown"
+    size: str | None  # "full" | "tiny" | "custom" (diffusers folders only) | None
+    reason: str
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl" and self.size is not None
+
+    @property
+    def config_dir(self) -> Path | None:
+        """The repo's diffusers config folder for this size (single files need one)."""
+        return {"full": SDXL_BASE, "tiny": SDXL_TINY}.get(self.size or "")
+
+
+def read_safetensors_header(path) -> dict[str, dict]:
+    """{tensor name: {"dtype", "shape", "data_offsets"}} from a .safetensors header, without reading weights."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 * 1024**2 or n > path.stat().st_size - 8:
+            raise ValueError(f"{path}: header length {n} is not plausible for a safetensors file")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def classify_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str | None, str]:
+    """(family, size, reason) of an original-layout state dict given as {name: shape}."""
+    if _UNET_IN not in shapes:
+        if any(k.startswith("conditioner.") or k.startswith("cond_stage_model.") for k in shapes):
+            return "unknown", None, "text encoders only, no UNet (model.diffusion_model.*)"
+        if any(k.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for k in shapes):
+            return "unknown", None, "a diffusers-layout component file, not a whole single-file checkpoint"
+        return "unknown", None, f"no Stable Diffusion UNet (no {_UNET_IN})"
+    if any(k.startswith("cond_stage_model.transformer.") for k in shapes):
+        return "sd15", None, "SD 1.x checkpoint (one CLIP-L text encoder, cross-attention 768), not SDXL"
+    if any(k.startswith("cond_stage_model.model.") for k in shapes):
+        return "unknown", None, "SD 2.x checkpoint (OpenCLIP-H text encoder), not SDXL"
+    if "conditioner.embedders.0.model.text_projection" in shapes:
+        return "unknown", None, "SDXL refiner (bigG text encoder only), not an SDXL base model"
+    if _UNET_LABEL not in shapes:
+        return "unknown", None, "UNet without SDXL's added (text_time) conditioning"
+    missing = [what for key, what in ((_CLIP_L_POS, "CLIP-L text encoder"), (_BIGG_POS, "OpenCLIP-bigG text encoder"), (_VAE_IN, "VAE")) if key not in shapes]
+    if missing:
+        return "sdxl", None, f"SDXL UNet but no {', '.join(missing)} in the file (incomplete checkpoint)"
+    width, cross = shapes[_UNET_IN][0], shapes[_CLIP_L_POS][-1] + shapes[_BIGG_POS][-1]
+    for size, cfg_dir in (("full", SDXL_BASE), ("tiny", SDXL_TINY)):
+        cfg = json.loads((cfg_dir / "unet" / "config.json").read_text())
+        if width == cfg["block_out_channels"][0] and cross == cfg["cross_attention_dim"]:
+            return "sdxl", size, f"SDXL base layout ({size} size: UNet width {width}, cross-attention {cross})"
+    return "sdxl", None, f"SDXL layout of an unsupported size (UNet width {width}, cross-attention {cross})"
+
+
+def _detect_folder(path: Path) -> ArchInfo:
+    index = path / "model_index.json"
+    if not index.is_file():
+        return ArchInfo(path, "unknown", "unknown", None, "a folder without model_index.json (not a diffusers pipeline)")
+    cls = json.loads(index.read_text()).get("_class_name", "")
+    unet_cfg = path / "unet" / "config.json"
+    if cls not in SDXL_PIPELINES:
+        family = "sd15" if cls == "StableDiffusionPipeline" else "unknown"
+        return ArchInfo(path, "diffusers", family, None, f"diffusers pipeline {cls!r}, not StableDiffusionXLPipeline")
+    if not unet_cfg.is_file() or not (path / "text_encoder_2").is_dir() or not (path / "text_encoder").is_dir():
+        return ArchInfo(path, "diffusers", "unknown", None, "SDXL pipeline folder without unet/text_encoder/text_encoder_2")
+    cfg = json.loads(unet_cfg.read_text())
+    size = "custom"
+    for name, cfg_dir in (("full", SDXL_BASE), ("tiny", SDXL_TINY)):
+        ref = json.loads((cfg_dir / "unet" / "config.json").read_text())
+        if all(cfg.get(k) == ref[k] for k in ("block_out_channels", "cross_attention_dim", "transformer_layers_per_block")):
+            size = name
+    return ArchInfo(path, "diffusers", "sdxl", size, f"diffusers SDXL pipeline ({size} size)")
+
+
+def detect_architecture(path) -> ArchInfo:
+    """Family, size and reason for a single file or a diffusers folder, from names and shapes only."""
+    path = Path(path)
+    if path.is_dir():
+        return _detect_folder(path)
+    if not path.is_file():
+        return ArchInfo(path, "unknown", "unknown", None, "no such file or folder")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return ArchInfo(path, "pickle", "unknown", None, "pickle checkpoint: its tensors cannot be listed without unpickling")
+    try:
+        header = read_safetensors_header(path)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return ArchInfo(path, "unknown", "unknown", None, f"not a readable safetensors file ({exc})")
+    family, size, reason = classify_shapes({k: tuple(v["shape"]) for k, v in header.items()})
+    return ArchInfo(path, "single_file", family, size, reason)
+
+
+def _pickle_arch(path: Path) -> ArchInfo:
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    family, size, reason = classify_shapes({k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)})
+    return ArchInfo(path, "pickle", family, size, reason)
+
+
+def checked_architecture(path, allow_pickle: bool = False) -> ArchInfo:
+    """detect_architecture, raising NotSDXLError / PickleCheckpointError when it cannot be loaded as SDXL."""
+    info = detect_architecture(path)
+    if info.format == "pickle":
+        if not allow_pickle:
+            raise PickleCheckpointError(
+                f"{info.path}: pickle checkpoints can run code when loaded; convert it to .safetensors "
+                "or pass allow_pickle=True (it is then read with torch.load(weights_only=True))"
+            )
+        info = _pickle_arch(info.path)
+    if not info.is_sdxl:
+        raise NotSDXLError(f"{info.path}: not a loadable SDXL checkpoint: {info.reason}")
+    return info
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence diffusers/transformers progress bars and info logs while loading."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    saved = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(saved[0])
+        tlog.set_verbosity(saved[1])
+        dlog.enable_progress_bar()
+        tlog.enable_progress_bar()
+
+
+def _folder_tokenizers(folder: Path) -> dict:
+    """Our offline tokenizers for any tokenizer subfolder that lacks its own files."""
+    from luna.models.tokenizers import make_tokenizer
+
+    out = {}
+    for sub in ("tokenizer", "tokenizer_2"):
+        d = folder / sub
+        if not any((d / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+            out[sub] = make_tokenizer(sub)
+    return out
+
+
+def load_sdxl(path, device="cpu", dtype=torch.float32, allow_pickle: bool = False):
+    """A StableDiffusionXLPipeline from a single file (original layout) or a diffusers folder, offline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from luna.models.tokenizers import sdxl_tokenizers
+
+    info = checked_architecture(path, allow_pickle=allow_pickle)
+    with _quiet():
+        if info.format == "diffusers":
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                info.path, local_files_only=True, dtype=dtype, **_folder_tokenizers(info.path)
+            )
+        else:
+            tok, tok2 = sdxl_tokenizers()
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                str(info.path), config=str(info.config_dir), local_files_only=True, dtype=dtype,
+                tokenizer=tok, tokenizer_2=tok2,
+            )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+# ---------------------------------------------------------------- text encoders
+
+
+@dataclass
+class TextEncoders:
+    """SDXL's two tokenizers and text encoders, nothing else (cheap to load)."""
+
+    tokenizer: object
+    tokenizer_2: object
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.text_encoder_2.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.text_encoder_2.parameters()).dtype
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> "TextEncoders":
+        return cls(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2)
+
+
+def _conditioner_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        while "state_dict" in state:
+            state = state["state_dict"]
+        return {k: v for k, v in state.items() if k.startswith("conditioner.")}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith("conditioner.")}
+
+
+def load_text_encoders(path, device="cpu", dtype=torch.float32, allow_pickle: bool = False) -> TextEncoders:
+    """Tokenizers and text encoders only, from a single file (conditioner.* tensors) or a diffusers folder."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    info = checked_architecture(path, allow_pickle=allow_pickle)
+    with _quiet():
+        if info.format == "diffusers":
+            from transformers import AutoTokenizer
+
+            own = _folder_tokenizers(info.path)
+            tok = own.get("tokenizer") or AutoTokenizer.from_pretrained(info.path / "tokenizer", local_files_only=True)
+            tok2 = own.get("tokenizer_2") or AutoTokenizer.from_pretrained(info.path / "tokenizer_2", local_files_only=True)
+            te1 = CLIPTextModel.from_pretrained(info.path / "text_encoder", local_files_only=True, dtype=dtype)
+            te2 = CLIPTextModelWithProjection.from_pretrained(info.path / "text_encoder_2", local_files_only=True, dtype=dtype)
+        else:
+            from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
+            from luna.models.tokenizers import sdxl_tokenizers
+
+            tok, tok2 = sdxl_tokenizers()
+            state = _conditioner_tensors(info.path, allow_pickle)
+            common = dict(config=str(info.config_dir), local_files_only=True, torch_dtype=dtype)
+            te1 = create_diffusers_clip_model_from_ldm(CLIPTextModel, state, subfolder="text_encoder", **common)
+            te2 = create_diffusers_clip_model_from_ldm(CLIPTextModelWithProjection, state, subfolder="text_encoder_2", **common)
+    return TextEncoders(tok, tok2, te1.to(device).eval(), te2.to(device).eval())
+
+
+@torch.no_grad()
+def _encode(enc: TextEncoders, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden, pooled = [], None
+    for tokenizer, encoder in ((enc.tokenizer, enc.text_encoder), (enc.tokenizer_2, enc.text_encoder_2)):
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+        if out[0].ndim == 2:  # text_encoder_2's projected pooled output
+            pooled = out[0]
+        hidden.append(out.hidden_states[-2])
+    cond = torch.cat(hidden, dim=-1).to(enc.dtype)
+    return cond, pooled
+
+
+def encode_prompt(enc: TextEncoders, prompts, negative=None):
+    """(cond [B,77,C1+C2], pooled [B,P], neg_cond, neg_pooled) exactly as diffusers' SDXL encode_prompt.
+
+    `negative=None` gives all-zero negatives (SDXL's force_zeros_for_empty_prompt, what the pipeline
+    does when no negative prompt is given); a string or list of strings is encoded like the prompts.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    cond, pooled = _encode(enc, prompts)
+    if negative is None:
+        return cond, pooled, torch.zeros_like(cond), torch.zeros_like(pooled)
+    negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+    if len(negative) != len(prompts):
+        raise ValueError(f"encode_prompt: {len(negative)} negative prompts for {len(prompts)} prompts")
+    neg_cond, neg_pooled = _encode(enc, negative)
+    return cond, pooled, neg_cond, neg_pooled
+
+
+def add_time_ids(original_size=(1024, 1024), crop=(0, 0), target_size=None, batch: int = 1, dtype=torch.float32):
+    """SDXL's micro-conditioning `time_ids` [B, 6]: original size, crop top-left, target size (h, w)."""
+    target_size = target_size or original_size
+    ids = torch.tensor([list(original_size) + list(crop) + list(target_size)], dtype=dtype)
+    return ids.repeat(batch, 1)
+
+
+# ---------------------------------------------------------------- VAE, guarded against fp16 overflow
+
+
+@contextlib.contextmanager
+def _vae_fp32(vae):
+    dtype = vae.dtype
+    if dtype == torch.float16:
+        vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        if dtype == torch.float16:
+            vae.to(dtype)
+
+
+def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(t).all():
+        raise NonFiniteError(f"VAE {what} produced NaN/inf values (fp16 overflow?)")
+    return t
+
+
+@torch.no_grad()
+def vae_encode(vae, pixels: torch.Tensor, generator=None, sample: bool = False) -> torch.Tensor:
+    """Pixels in [-1, 1] [B,3,H,W] -> scaled latents [B,4,H/8,W/8] (posterior mode unless sample=True), in fp32."""
+    with _vae_fp32(vae):
+        dist = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist
+        latents = dist.sample(generator) if sample else dist.mode()
+    return _check_finite(latents * vae.config.scaling_factor, "encode")
+
+
+@torch.no_grad()
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> pixels in [-1, 1] (fp32), decoding in fp32 so fp16 weights never overflow."""
+    with _vae_fp32(vae):
+        pixels = vae.decode(latents.to(vae.device, torch.float32) / vae.config.scaling_factor).sample
+    return _check_finite(pixels, "decode")

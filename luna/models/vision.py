@@ -1,0 +1,150 @@
+"""open_clip vision towers from local weight files (never a download), plus the tiny preset's tower."""
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from luna.models.configs import OPEN_CLIP_DIR
+
+TINY_NAME = "luna-tiny-vit"
+ALIASES = {"tiny": TINY_NAME}
+_registered = False
+
+
+class VisionWeightsError(ValueError):
+    """A weights file that cannot be loaded into the requested open_clip architecture."""
+
+
+def _register_configs() -> None:
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(OPEN_CLIP_DIR)
+        _registered = True
+
+
+def create_open_clip(name: str, seed: int | None = None):
+    """An open_clip model of architecture `name` with random weights (seeded: deterministic), in eval mode."""
+    import open_clip
+
+    _register_configs()
+    name = ALIASES.get(name, name)
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {name!r} (known: tiny, {', '.join(open_clip.list_models()[:8])}, ...)")
+    root = logging.getLogger()
+    saved = root.level
+    root.setLevel(max(saved, logging.ERROR))  # open_clip warns "No pretrained weights loaded": we load them ourselves
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(name.encode()) if seed is None else seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=None, pretrained_image=False, pretrained_text=False
+            )
+    finally:
+        root.setLevel(saved)
+    model.luna_preprocess = preprocess
+    return model.eval()
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or .bin/.pt/.pth via torch.load(weights_only=True)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    while isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if any(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _check_matches(state: dict[str, torch.Tensor], model, path: Path, name: str) -> dict[str, torch.Tensor]:
+    expected = model.state_dict()
+    expected = dict(sorted(expected.items(), key=lambda kv: not kv[0].startswith("visual.")))  # vision first
+    if state and all(k.startswith("visual.") for k in state):  # a vision-only file
+        expected = {k: v for k, v in expected.items() if k.startswith("visual.")}
+    for key, ref in expected.items():
+        if key not in state:
+            raise VisionWeightsError(f"{path}: does not match open_clip {name}: tensor {key!r} is missing")
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise VisionWeightsError(
+                f"{path}: does not match open_clip {name}: tensor {key!r} has shape {tuple(state[key].shape)}, "
+                f"expected {tuple(ref.shape)}"
+            )
+    extra = [k for k in state if k not in expected and k.startswith("visual.")]
+    if extra:
+        raise VisionWeightsError(f"{path}: does not match open_clip {name}: unexpected tensor {extra[0]!r}")
+    return {k: state[k] for k in expected}
+
+
+@dataclass
+class VisionTower:
+    """An open_clip image encoder: projected embeddings and the penultimate token sequence."""
+
+    model_id: str  # "open_clip:<architecture>"
+    dim: int  # projected embedding size
+    preprocess: Callable  # the model's own open_clip eval transform, PIL image -> [3,H,W]
+    model: torch.nn.Module  # the whole open_clip model (its text tower is unused)
+
+    @property
+    def visual(self):
+        return self.model.visual
+
+    @property
+    def image_size(self) -> int:
+        size = self.visual.image_size
+        return size[0] if isinstance(size, (tuple, list)) else size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] preprocessed pixels -> [B,D] projected embeddings (open_clip encode_image, not normalised)."""
+        return self.model.encode_image(pixels.to(self.device, next(self.model.parameters()).dtype))
+
+    @torch.no_grad()
+    def encode_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] -> [B,T,W] output of the penultimate transformer block (class token first), as IP-Adapter uses."""
+        visual = self.visual
+        depth = len(visual.transformer.resblocks)
+        out = visual.forward_intermediates(
+            pixels.to(self.device, next(self.model.parameters()).dtype),
+            indices=[depth - 2],
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=True,
+        )
+        return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+
+
+def load_vision(name: str = "tiny", weights=None, device="cpu", dtype=torch.float32) -> VisionTower:
+    """An open_clip vision tower `name` ("tiny", "ViT-H-14", "ViT-L-14-336", "ViT-bigG-14", ...) with local `weights`.
+
+    weights=None is allowed only for "tiny" (deterministic tiny weights); real architectures need a
+    local file (safetensors, or .bin/.pt read with weights_only=True).
+    """
+    arch = ALIASES.get(name, name)
+    if weights is None and arch != TINY_NAME:
+        raise ValueError(f"vision model {name!r} needs a local weights file (weights=PATH); nothing is downloaded")
+    model = create_open_clip(arch)
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"vision weights file {path} does not exist")
+        state = _check_matches(read_state_dict(path), model, path, arch)
+        model.load_state_dict(state, strict=False)
+    model = model.to(device=device, dtype=dtype).eval()
+    dim = int(getattr(model.visual, "output_dim", 0) or model.visual.proj.shape[1])
+    return VisionTower(model_id=f"open_clip:{arch}", dim=dim, preprocess=model.luna_preprocess, model=model)
