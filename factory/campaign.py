@@ -967,3 +967,33 @@ def _check_references(camp: Campaign, roots: list) -> None:
         if max_cost(t.parts, cost) > MAX_EXPANSIONS:
             raise CampaignError(f"one prompt can expand more than {MAX_EXPANSIONS} wildcard references",
                                 t.file, t.line, where)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m factory.campaign FILE_OR_NAME [-n N]`: validate a campaign and print sample prompts."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m factory.campaign", description=main.__doc__)
+    ap.add_argument("campaign", help="a campaign YAML path or a name in conf/campaign/")
+    ap.add_argument("-n", type=int, default=5, help="sample prompts to print per job")
+    args = ap.parse_args(argv)
+    try:
+        c = load_campaign(args.campaign)
+    except CampaignError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"campaign {c.name} ({c.source}): {c.total_quota} images, {len(c.wildcards)} wildcard lists")
+    for name, job in c.jobs.items():
+        comb = c.combinations(name)
+        comb_txt = f"{comb:,}" if comb < 10**15 else f"~1e{len(str(comb)) - 1}"
+        s = c.sampler_for(name)
+        print(f"\n{c.category(name)}: quota {job.quota}, {comb_txt} combinations, "
+              f"{s.width}x{s.height}, {s.steps} steps, cfg {s.cfg}, {s.scheduler}")
+        for sample in c.samples(name, 0, min(args.n, job.quota)):
+            print(f"  [{sample.index}] {sample.prompt}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
