@@ -12,6 +12,7 @@ Template syntax (the dynamicprompts subset we use):
   __eyes/*__            a random entry of every list under `eyes` (fnmatch glob on paths)
   {a|b|c}               one option, uniformly
   {3::grey|violet}      weighted options (weights are relative; default 1)
+  {2$$a|b|c}            two distinct options joined by ", " ({1-3$$…} a range, {2$$ and $$…} a joiner)
   "2::red"              a weighted wildcard entry or template (a leading `N::`)
   \\{ \\} \\| \\\\          literal characters
 Options may nest braces and references: `{red|{dark|light} __colors/blue__}`.
@@ -48,6 +49,8 @@ _REF_RE = re.compile(r"__([A-Za-z0-9*](?:[A-Za-z0-9\-/*]|_(?!_))*)__")
 _REF_START_RE = re.compile(r"__[A-Za-z0-9*]")
 _WEIGHT_PREFIX_RE = re.compile(r"\s*([^\s|{}:_][^|{}:]*?)\s*::")
 _WS_RE = re.compile(r"\s+")
+_PICK_RE = re.compile(r"\s*(\d*)\s*(-?)\s*(\d*)\s*\$\$")
+_JOINER_RE = re.compile(r"([^|{}$]*)\$\$")
 
 TOP_KEYS = ("campaign", "description", "wildcards", "wildcards_dir", "jobs", "negative_prompt",
             "sampler", "checkpoints", "seed")
@@ -188,9 +191,12 @@ class Ref:
 
 @dataclass(frozen=True)
 class Variant:
-    """`{w1::a|b|…}`: one option drawn by weight; `text` is the brace as written (the choice key)."""
+    """`{w1::a|b|…}`: one option drawn by weight; `text` is the brace as written (the choice key).
+    `{lo-hi$$joiner$$a|b|c}`: between lo and hi distinct options, joined by `joiner`."""
     options: tuple  # ((weight, parts), ...)
     text: str
+    pick: tuple | None = None  # (lo, hi) for `$$`; None = exactly one
+    joiner: str = ", "
 
 
 @dataclass(frozen=True)
@@ -269,6 +275,19 @@ def _parse_variant(text: str, start: int, depth: int) -> tuple[Variant, int]:
     if depth > MAX_BRACE_DEPTH:
         raise _SyntaxProblem(f"braces nested deeper than {MAX_BRACE_DEPTH} levels")
     pos = start + 1
+    pick, joiner = None, ", "
+    m = _PICK_RE.match(text, pos)
+    if m:
+        lo_txt, dash, hi_txt = m.groups()
+        if not (lo_txt or hi_txt):
+            raise _SyntaxProblem(f"bad '$$' count at column {pos + 1} (expected N$$, N-M$$, -M$$ or N-$$)")
+        lo = int(lo_txt) if lo_txt else 1
+        hi = (int(hi_txt) if hi_txt else None) if dash else lo
+        pick = (lo, hi)
+        pos = m.end()
+        j = _JOINER_RE.match(text, pos)
+        if j:
+            joiner, pos = j.group(1), j.end()
     options = []
     while True:
         weight = 1.0
@@ -289,7 +308,14 @@ def _parse_variant(text: str, start: int, depth: int) -> tuple[Variant, int]:
         pos += 1  # the '|'
     if not any(w > 0 for w, _ in options):
         raise _SyntaxProblem(f"all weights are zero in {text[start:pos]!r}")
-    return Variant(tuple(options), text[start:pos]), pos
+    if pick is not None:
+        usable = sum(1 for w, _ in options if w > 0)
+        lo, hi = pick
+        hi = usable if hi is None else min(hi, usable)
+        if lo > hi or lo > usable:
+            raise _SyntaxProblem(f"{text[start:pos]!r} asks for {lo} of {usable} options")
+        pick = (lo, hi)
+    return Variant(tuple(options), text[start:pos], pick, joiner), pos
 
 
 def parse_template(text: str, file: str | None = None, line: int | None = None,
@@ -515,10 +541,22 @@ class Campaign:
                 text = self._render(e.parts, rng, choices, budget)
                 _record(choices, p.path, _clean(text))
                 out.append(text)
-            else:
+            elif p.pick is None:
                 k = rng.pick([w for w, _ in p.options])
                 text = self._render(p.options[k][1], rng, choices, budget)
                 _record(choices, p.text, _clean(text))
+                out.append(text)
+            else:
+                lo, hi = p.pick
+                n = lo + rng.pick([1.0] * (hi - lo + 1))
+                weights = [w for w, _ in p.options]
+                picked = []
+                for _ in range(n):  # without replacement
+                    k = rng.pick(weights)
+                    weights[k] = 0.0
+                    picked.append(_clean(self._render(p.options[k][1], rng, choices, budget)))
+                text = p.joiner.join(picked)
+                _record(choices, p.text, text)
                 out.append(text)
         return "".join(out)
 
@@ -546,12 +584,29 @@ class Campaign:
                     memo[p.path] = min(COMBINATIONS_CAP,
                                        sum(self._combos(t.parts, memo) for t in self._entries(p.path)))
                 c = memo[p.path]
-            elif isinstance(p, Variant):
+            elif isinstance(p, Variant) and p.pick is None:
                 c = min(COMBINATIONS_CAP, sum(self._combos(o, memo) for w, o in p.options if w > 0))
+            elif isinstance(p, Variant):
+                c = _ordered_picks([self._combos(o, memo) for w, o in p.options if w > 0], *p.pick)
             else:
                 continue
             n = min(COMBINATIONS_CAP, n * c)
         return n
+
+
+def _ordered_picks(counts: list, lo: int, hi: int) -> int:
+    """Distinct outputs of picking k in lo..hi distinct options in order: sum_k k! * e_k(counts)
+    (e_k: elementary symmetric polynomial), saturating at COMBINATIONS_CAP."""
+    e = [1] + [0] * hi
+    for c in counts:
+        for j in range(hi, 0, -1):
+            e[j] = min(COMBINATIONS_CAP, e[j] + e[j - 1] * c)
+    total, fact = 0, 1
+    for k in range(0, hi + 1):
+        fact = fact * k if k else 1
+        if k >= lo:
+            total = min(COMBINATIONS_CAP, total + min(COMBINATIONS_CAP, fact * e[k]))
+    return total
 
 
 def _record(choices: dict, key: str, value: str) -> None:
@@ -914,8 +969,10 @@ def _check_references(camp: Campaign, roots: list) -> None:
         for p in parts:
             if isinstance(p, Ref):
                 n += 1 + max(cost[q] for q in camp.resolve(p.path))
-            elif isinstance(p, Variant):
+            elif isinstance(p, Variant) and p.pick is None:
                 n += max(max_cost(o, cost) for w, o in p.options)
+            elif isinstance(p, Variant):
+                n += sum(max_cost(o, cost) for w, o in p.options)
         return n
 
     cost: dict[str, int] = {}

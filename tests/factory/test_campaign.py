@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,29 @@ def test_nesting_references_inside_choices_and_globs(tmp_path):
     assert prompts <= allowed and len(prompts) > 10
     # arithmetic count: a {2} x cool(1 + 2*2) = 10, plus glob over warm(2) + cool(5) = 7
     assert c.combinations("j") == 17
+
+
+def test_pick_several_distinct_options(tmp_path):
+    c = campaign_with(tmp_path, wildcards="c: [red, blue, '{light|dark} green']\n",
+                      template="{2$$__c__|gold|silver} / {1-3$$ and $$x|y|z} / {-2$$p|q}", quota=300)
+    sizes = Counter()
+    for smp in c.samples("j"):
+        two, many, upto = smp.prompt.split(" / ")
+        parts = two.split(", ")
+        assert len(parts) == 2 and len(set(parts)) == 2
+        assert set(parts) <= {"red", "blue", "light green", "dark green", "gold", "silver"}
+        picked = many.split(" and ")
+        assert 1 <= len(picked) <= 3 and len(set(picked)) == len(picked) and set(picked) <= {"x", "y", "z"}
+        sizes[len(picked)] += 1
+        assert 1 <= len(upto.split(", ")) <= 2
+    assert set(sizes) == {1, 2, 3}
+    # ordered picks: 2! * e2(4, 1, 1) = 18; sum over k of k! * e_k(1, 1, 1) = 3 + 6 + 6 = 15; 2 + 2 = 4
+    assert c.combinations("j") == 18 * 15 * 4
+
+
+def test_pick_more_than_available_is_an_error(tmp_path):
+    with pytest.raises(CampaignError, match="asks for 3 of 2 options"):
+        campaign_with(tmp_path, template="{3$$a|b}")
 
 
 def test_escapes_and_literal_underscores(tmp_path):
