@@ -41,7 +41,9 @@ MAX_BRACE_DEPTH = 32         # nesting of {…} inside one string
 MAX_REFERENCE_DEPTH = 64     # __a__ -> __b__ -> … chain length
 MAX_EXPANSIONS = 10_000      # wildcard references expanded while rendering one prompt
 MAX_WILDCARD_ENTRIES = 200_000   # entries plus groups, after YAML aliases are expanded
-COMBINATIONS_CAP = 10**30    # combinations() saturates here (it is arithmetic, never enumerated)
+COMBINATIONS_CAP = 10**30
+MAX_QUOTA = 100_000_000      # images per job (plans are built in memory)
+MAX_SEED = 2**63 - 1    # combinations() saturates here (it is arithmetic, never enumerated)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")           # campaign and job names: go into shard names/keys
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9_\-]+$")      # one level of a wildcard path
@@ -757,12 +759,18 @@ def _parse_seed(raw, file, line) -> SeedPolicy:
     if isinstance(raw, Mapping):
         _check_keys(raw, SEED_KEYS, file, "seed")
         base = _as_int(raw.get("base", 0), file, _key_line(raw, "base", line), "seed/base", minimum=0)
+        if base > MAX_SEED:
+            raise CampaignError(f"seed must be below 2**63, got {base}", file, _key_line(raw, "base", line),
+                                "seed/base")
         mode = raw.get("mode", "per_sample")
         if mode not in SEED_MODES:
             raise CampaignError(f"unknown seed mode {mode!r}; one of {', '.join(SEED_MODES)}",
                                 file, _key_line(raw, "mode", line), "seed/mode")
         return SeedPolicy(base=base, mode=str(mode))
-    return SeedPolicy(base=_as_int(raw, file, line, "seed", minimum=0))
+    base = _as_int(raw, file, line, "seed", minimum=0)
+    if base > MAX_SEED:
+        raise CampaignError(f"seed must be below 2**63, got {base}", file, line, "seed")
+    return SeedPolicy(base=base)
 
 
 def _flatten_wildcards(tree, file, out: dict, prefix: str, count: list) -> None:
@@ -839,6 +847,8 @@ def _read_wildcard_dir(folder: Path, file, line, out: dict, count: list) -> None
 def campaign_from_dict(data, source: Path | None = None) -> Campaign:
     """Validate a parsed campaign mapping (from `read_yaml`, or any plain mapping) into a Campaign."""
     file = str(source) if source else None
+    if data is None:
+        raise CampaignError("the campaign file is empty", file, 1)
     if not isinstance(data, Mapping):
         raise CampaignError(f"a campaign file must be a mapping at the top level, got {type(data).__name__}",
                             file, _line(data, 1))
@@ -847,8 +857,9 @@ def campaign_from_dict(data, source: Path | None = None) -> Campaign:
 
     name = data.get("campaign", Path(file).stem if file else None)
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise CampaignError(f"campaign name must match [A-Za-z0-9_]+, got {name!r}", file, kl("campaign"),
-                            "campaign")
+        hint = "" if "campaign" in data else " (taken from the file name: add 'campaign: NAME')"
+        raise CampaignError(f"campaign name must match [A-Za-z0-9_]+, got {name!r}{hint}", file,
+                            kl("campaign"), "campaign")
     name = str(name)
 
     # wildcards: the YAML tree plus optional folders of .txt files
@@ -898,6 +909,9 @@ def campaign_from_dict(data, source: Path | None = None) -> Campaign:
         if "quota" not in jraw:
             raise CampaignError("missing quota (number of images)", file, jline, where)
         quota = _as_int(jraw["quota"], file, _key_line(jraw, "quota", jline), f"{where}/quota", minimum=0)
+        if quota > MAX_QUOTA:
+            raise CampaignError(f"quota {quota} is above {MAX_QUOTA:,} images per job; split it into jobs",
+                                file, _key_line(jraw, "quota", jline), f"{where}/quota")
         if "templates" not in jraw:
             raise CampaignError("missing templates", file, jline, where)
         traw = jraw["templates"]

@@ -380,6 +380,13 @@ ERRORS = {
     "bad_seed": ("campaign: t\njobs:\n  j: {quota: 1, templates: [x]}\nseed: {base: 1, mode: chaos}\n",
                  4, "seed/mode", "unknown seed mode"),
     "not_a_mapping": ("- just\n- a list\n", 1, None, "mapping at the top level"),
+    "empty_file": ("", 1, None, "empty"),
+    "huge_quota": ("campaign: t\njobs:\n  j:\n    quota: 1000000000\n    templates: [x]\n",
+                   4, "jobs/j/quota", "split it into jobs"),
+    "huge_seed": ("campaign: t\njobs:\n  j: {quota: 1, templates: [x]}\nseed: 99999999999999999999\n",
+                  4, "seed", "below 2**63"),
+    "python_tag": ("campaign: t\njobs: !!python/object:os.system {}\n", 2, None, "malformed YAML"),
+    "two_documents": ("campaign: t\n---\ncampaign: u\n", 2, None, "malformed YAML"),
     "empty_template": ("campaign: t\njobs:\n  j: {quota: 1, templates: ['  ']}\n", 3, "jobs/j/templates", "empty"),
 }
 
