@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import bisect
 import hashlib
+import itertools
 import math
+import operator
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -407,11 +410,6 @@ class Job:
     line: int | None = None
 
 
-@dataclass(frozen=True)
-class WildcardEntry:
-    template: Template
-
-
 @dataclass
 class Sample:
     index: int
@@ -450,6 +448,13 @@ class _Draws:
             if u < acc:
                 return i
         return last
+
+    def pick_cumulative(self, cum: list) -> int:
+        """`pick` over precomputed cumulative weights (long wildcard lists): O(log n)."""
+        i = bisect.bisect_right(cum, self.random() * cum[-1])
+        while i >= len(cum) or (i > 0 and cum[i] == cum[i - 1]):  # float edge: back to a real entry
+            i -= 1
+        return i
 
 
 def _sample_key(campaign: str, job: str, index: int, seed: int) -> bytes:
@@ -510,8 +515,9 @@ class Campaign:
         """Sample `index` of `job`: a pure function of (campaign name, job, index, base seed) and
         the campaign's contents."""
         j = self.job(job)
-        if not isinstance(index, int) or index < 0:
-            raise ValueError(f"sample index must be an int >= 0, got {index!r}")
+        index = operator.index(index)
+        if index < 0:
+            raise ValueError(f"sample index must be >= 0, got {index}")
         rng = _Draws(_sample_key(self.name, job, index, self.seed.base))
         t = j.templates[rng.pick([t.weight for t in j.templates])] if len(j.templates) > 1 else j.templates[0]
         choices: dict = {}
@@ -538,8 +544,8 @@ class Campaign:
                 budget[0] += 1
                 if budget[0] > MAX_EXPANSIONS:  # validated at load; kept as a guard
                     raise CampaignError(f"more than {MAX_EXPANSIONS} wildcard expansions", self.source)
-                entries = self._entries(p.path)
-                e = entries[rng.pick([t.weight for t in entries])]
+                entries, cum = self._entries(p.path)
+                e = entries[rng.pick_cumulative(cum)]
                 text = self._render(e.parts, rng, choices, budget)
                 _record(choices, p.path, _clean(text))
                 out.append(text)
@@ -563,9 +569,11 @@ class Campaign:
         return "".join(out)
 
     def _entries(self, path: str) -> tuple:
-        cache = self.__dict__.setdefault("_glob_cache", {})
+        """(entries, cumulative weights) of a reference; a glob pools every matching list."""
+        cache = self.__dict__.setdefault("_entries_cache", {})
         if path not in cache:
-            cache[path] = tuple(t for p in self.resolve(path) for t in self.wildcards[p])
+            entries = tuple(t for p in self.resolve(path) for t in self.wildcards[p])
+            cache[path] = (entries, list(itertools.accumulate(t.weight for t in entries)))
         return cache[path]
 
     # ---- arithmetic
@@ -584,7 +592,8 @@ class Campaign:
             if isinstance(p, Ref):
                 if p.path not in memo:
                     memo[p.path] = min(COMBINATIONS_CAP,
-                                       sum(self._combos(t.parts, memo) for t in self._entries(p.path)))
+                                       sum(self._combos(t.parts, memo) for t in self._entries(p.path)[0]
+                                           if t.weight > 0))
                 c = memo[p.path]
             elif isinstance(p, Variant) and p.pick is None:
                 c = min(COMBINATIONS_CAP, sum(self._combos(o, memo) for w, o in p.options if w > 0))

@@ -185,6 +185,19 @@ def test_entry_and_template_weights(tmp_path):
 def test_zero_weight_is_never_drawn(tmp_path):
     c = campaign_with(tmp_path, template="{0::never|yes}", quota=300)
     assert {s.prompt for s in c.samples("j")} == {"yes"}
+    c = campaign_with(tmp_path, wildcards="w: ['0::never', a, '0::nope', b, '0::no']\n", template="__w__", quota=300)
+    assert {s.prompt for s in c.samples("j")} == {"a", "b"} and c.combinations("j") == 2
+
+
+def test_long_lists_draw_every_entry(tmp_path):
+    import numpy as np
+
+    (tmp_path / "wc").mkdir()
+    (tmp_path / "wc" / "big.txt").write_text("".join(f"item{i}\n" for i in range(2000)))
+    c = campaign_with(tmp_path, template="__big__", quota=0, extra="wildcards_dir: wc\n")
+    drawn = Counter(c.sample("j", i).prompt for i in range(8000))
+    assert set(drawn) <= {f"item{i}" for i in range(2000)} and len(drawn) > 1900
+    assert c.sample("j", np.int64(3)) == c.sample("j", 3)
 
 
 def test_nesting_references_inside_choices_and_globs(tmp_path):
