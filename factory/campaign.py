@@ -782,6 +782,20 @@ def _parse_seed(raw, file, line) -> SeedPolicy:
     return SeedPolicy(base=base)
 
 
+def _expanded_size(node, memo: dict) -> int:
+    """Entries + groups once YAML aliases are expanded, counted per distinct object (an alias bomb
+    is refused without being walked); depth is already bounded by the loader."""
+    key = id(node)
+    if key not in memo:
+        if isinstance(node, Mapping):
+            memo[key] = 1 + sum(_expanded_size(v, memo) for v in node.values())
+        elif isinstance(node, list):
+            memo[key] = max(1, len(node))
+        else:
+            memo[key] = 1
+    return memo[key]
+
+
 def _flatten_wildcards(tree, file, out: dict, prefix: str, count: list) -> None:
     """Nested mappings -> {"eyes/color": [(text, line), ...]} (iterative: depth is already bounded)."""
     stack = [(tree, prefix)]
@@ -878,6 +892,9 @@ def campaign_from_dict(data, source: Path | None = None) -> Campaign:
     if not isinstance(tree, Mapping):
         raise CampaignError("wildcards must be a mapping of names to lists (or nested mappings)",
                             file, kl("wildcards"), "wildcards")
+    if _expanded_size(tree, {}) > MAX_WILDCARD_ENTRIES:
+        raise CampaignError(f"more than {MAX_WILDCARD_ENTRIES} wildcard entries and groups (YAML aliases "
+                            f"expanded)", file, kl("wildcards"), "wildcards")
     _flatten_wildcards(tree, file, raw_wc, "", count)
     dirs = ()
     if "wildcards_dir" in data:
