@@ -64,7 +64,7 @@ def build_vault(pairs, out, index: str | None = None, mode: str = "stored", memo
             pooled_dim=int(first.attrs["pooled_dim"]), mode=mode, index_spec=index or "",
             memory_budget=vindex.parse_bytes(memory_budget),
         )
-        manifest.shard_folders = [str(s) for s in _as_list(shards)]
+        manifest.shard_folders = [str(s) for s in _as_list(shards) or _shards_of(first)]
         first.close()
         _add(tmp, manifest, None, parts, index_override=index, categories=categories,
              tune_recall=tune_recall, seed=seed)
@@ -96,6 +96,15 @@ def add_pairs(vault_dir, pairs, shards=None, tune_recall: float = 0.99, seed: in
     _add(vault_dir, manifest, meta, new, index_override=None, categories=bool(manifest.categories),
          tune_recall=tune_recall, seed=seed)
     return manifest
+
+
+def _shards_of(pairs: Pairs) -> list[str]:
+    """Shard folders a pairs part records (extraction writes where its images came from)."""
+    for key in ("shards", "shards_dir", "shard_folders", "source_shards"):
+        value = pairs.attrs.get(key)
+        if value:
+            return [str(v) for v in _as_list(value)]
+    return []
 
 
 def _as_list(x) -> list:

@@ -97,12 +97,13 @@ class Vault:
 
     def info(self) -> dict:
         return {"vision_model": self.manifest.vision_model, "vision_dim": self.manifest.vision_dim,
-                "mode": self.mode, "count": len(self), "categories": self.categories}
+                "mode": self.mode, "count": len(self), "categories": self.categories,
+                "shard_folders": list(self.manifest.shard_folders)}
 
     # --- search -------------------------------------------------------------------------
     def _check(self, embeds, model: str | None) -> np.ndarray:
         m = self.manifest
-        if model is not None and model != m.vision_model:
+        if model is not None and not same_model(model, m.vision_model):
             raise VaultError(f"embeddings of vision model {model!r} cannot query a vault of {m.vision_model!r}")
         if isinstance(embeds, torch.Tensor):
             embeds = embeds.detach().float().cpu().numpy()
@@ -228,18 +229,27 @@ class Vault:
         if self._vision is None:
             from luna.models.vision import load_vision
 
-            self._vision = load_vision(self.manifest.vision_model, self._vision_weights, self._device)
+            name = self.manifest.vision_model.removeprefix("open_clip:")
+            self._vision = load_vision(name, self._vision_weights, self._device)
         return self._vision
 
     def embed_images(self, images) -> np.ndarray:
         """Embeddings of PIL images by the vault's own vision tower (the model recorded in the manifest)."""
         tower = self.vision
-        if getattr(tower, "model_id", self.manifest.vision_model) != self.manifest.vision_model:
+        if not same_model(getattr(tower, "model_id", self.manifest.vision_model), self.manifest.vision_model):
             raise VaultError(f"vision tower {tower.model_id!r} is not the vault's {self.manifest.vision_model!r}")
         return embed_with(tower, images)
 
     def query_images(self, images, k: int = 10, **kw) -> QueryResult:
         return self.query(self.embed_images(images), k, **kw)
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two vision model ids name the same tower ("open_clip:X" and "X"; "tiny" is the tiny tower)."""
+    def norm(x: str) -> str:
+        x = str(x).removeprefix("open_clip:")
+        return "luna-tiny-vit" if x == "tiny" else x
+    return norm(a) == norm(b)
 
 
 def embed_with(tower, images) -> np.ndarray:
