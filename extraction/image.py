@@ -41,14 +41,27 @@ class ImageEncoder:
     def __call__(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         pixels = pixels.to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast):
-            if self.tokens and hasattr(self.tower, "encode_with_tokens"):
-                embed, tokens = self.tower.encode_with_tokens(pixels)
+            if self.tokens and hasattr(getattr(self.tower, "visual", None), "forward_intermediates"):
+                embed, tokens = embed_and_tokens(self.tower, pixels)
             else:
                 embed = self.tower.encode(pixels)
                 tokens = self.tower.encode_tokens(pixels) if self.tokens else None
         self.images += len(pixels)
         embed = embed.float().cpu().numpy()
         return embed, (tokens.float().cpu().numpy() if tokens is not None else None)
+
+
+def embed_and_tokens(tower, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projected embedding and the penultimate tokens (class token first) from one forward pass,
+    equal to `tower.encode` and `tower.encode_tokens` run separately."""
+    visual = tower.visual
+    depth = len(visual.transformer.resblocks)
+    out = visual.forward_intermediates(
+        pixels.to(tower.device, next(tower.model.parameters()).dtype), indices=[depth - 2],
+        intermediates_only=False, output_fmt="NLC", output_extra_tokens=True,
+    )
+    tokens = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+    return out["image_features"], tokens
 
 
 class ShardImages:
