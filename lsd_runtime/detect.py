@@ -73,6 +73,17 @@ def _check_box(box, where: str) -> tuple[float, float, float, float]:
     return vals
 
 
+def suppress_overlaps(dets: Sequence[Detection], max_iou: float = 0.5) -> list[Detection]:
+    """Greedy non-maximum suppression per label: keep the best-scored of boxes overlapping > max_iou."""
+    from lsd_runtime.geometry import iou
+
+    kept: list[Detection] = []
+    for d in sorted(dets, key=lambda d: -d.score):
+        if all(k.label != d.label or iou(k.box, d.box) <= max_iou for k in kept):
+            kept.append(d)
+    return kept
+
+
 def _wanted(label: str, prompts: Sequence[str]) -> bool:
     return not prompts or label.strip().lower() in {p.strip().lower() for p in prompts}
 
@@ -284,7 +295,7 @@ class ZeroShotDetector:
     HINT = "save e.g. google/owlv2-base-patch16-ensemble or IDEA-Research/grounding-dino-tiny with save_pretrained"
 
     def __init__(self, weights: str | Path | None = None, *, threshold: float = 0.2, text_threshold: float = 0.25,
-                 device: str | None = None):
+                 nms_iou: float = 0.5, device: str | None = None):
         path = _local_folder(weights, "ZeroShotDetector", self.HINT)
         import torch
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
@@ -298,6 +309,7 @@ class ZeroShotDetector:
         self.model.to(self.device).eval()
         self.kind = "grounding" if "grounding" in self.model.config.model_type else "owl"
         self.threshold, self.text_threshold = float(threshold), float(text_threshold)
+        self.nms_iou = float(nms_iou)
         self._torch = torch
 
     def detect(self, image: Image.Image, prompts: list[str]) -> list[Detection]:
@@ -327,7 +339,7 @@ class ZeroShotDetector:
             x0, y0, x1, y1 = (min(max(v, 0.0), 1.0) for v in (box[0] / w, box[1] / h, box[2] / w, box[3] / h))
             if x1 > x0 and y1 > y0:
                 out.append(Detection(box=(x0, y0, x1, y1), label=label, score=float(score)))
-        return sorted(out, key=lambda d: -d.score)
+        return suppress_overlaps(out, self.nms_iou)  # OWL scores every patch: many near-duplicates
 
 
 class Sam3Detector:

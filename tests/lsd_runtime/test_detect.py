@@ -147,3 +147,16 @@ def test_make_detector():
         make_detector("cascade", colour="red")
     with pytest.raises(DetectorUnavailable, match="detect.weights"):
         make_detector("owlv2")
+
+
+def test_suppress_overlaps_keeps_the_best_box_per_label():
+    from lsd_runtime.detect import suppress_overlaps
+
+    dets = [
+        Detection((0.10, 0.10, 0.30, 0.30), label="face", score=0.6),
+        Detection((0.11, 0.10, 0.31, 0.30), label="face", score=0.9),  # same face, better score
+        Detection((0.11, 0.10, 0.31, 0.30), label="eyes", score=0.5),  # another label survives
+        Detection((0.60, 0.60, 0.80, 0.80), label="face", score=0.3),  # another face survives
+    ]
+    kept = suppress_overlaps(dets, 0.5)
+    assert [(d.label, d.score) for d in kept] == [("face", 0.9), ("eyes", 0.5), ("face", 0.3)]
