@@ -71,6 +71,7 @@ def write_synthetic_pairs(
     spread: float = 0.6,
     noise: float = 0.3,
     te_fingerprint: str | None = None,
+    prompt_order: str = "cycle",
 ) -> Path:
     """Write a clustered synthetic pairs folder; returns the folder.
 
@@ -78,7 +79,8 @@ def write_synthetic_pairs(
     `categories[cluster % len(categories)]`, its centre lies at relative distance `spread` from the
     cluster centre; image j shows prompt `j % n_prompts`
     (so every prompt has images once n_images >= n_prompts), with a random checkpoint
-    and campaign. `noise` is the norm of an image's offset from its prompt centre
+    and campaign; `prompt_order="blocks"` gives image j prompt `j * n_prompts // n_images`
+    instead, so each part holds only its own prompts (large benchmarks). `noise` is the norm of an image's offset from its prompt centre
     relative to the unit centre. Images are split into `parts` part files
     (`part-00000.h5`, ...), each with the prompts its images use.
     """
@@ -100,7 +102,12 @@ def write_synthetic_pairs(
     prompt_centre = _normalize(centres[prompt_cluster] + spread * _normalize(z @ b))
     a, p = _cond_weights(tuple(text_dims), pooled_dim, seed)
 
-    image_prompt = np.arange(n_images) % n_prompts
+    if prompt_order == "cycle":
+        image_prompt = np.arange(n_images) % n_prompts
+    elif prompt_order == "blocks":
+        image_prompt = np.arange(n_images, dtype=np.int64) * n_prompts // n_images
+    else:
+        raise ValueError(f"prompt_order={prompt_order!r}: expected cycle or blocks")
     image_ckpt = rng.integers(0, len(checkpoints), n_images)
     image_camp = rng.integers(0, len(campaigns), n_images)
     bounds = np.linspace(0, n_images, parts + 1).astype(int)
@@ -112,7 +119,9 @@ def write_synthetic_pairs(
         offset = part_rng.standard_normal((hi - lo, dim), dtype=np.float32) * (noise / np.sqrt(dim))
         embed = _normalize(prompt_centre[gp] + offset)
         zu = z[used]
-        cond = np.tanh(zu @ a).reshape(len(used), SEQ_LEN, sum(text_dims))
+        cond = np.empty((len(used), SEQ_LEN, sum(text_dims)), np.float16)
+        for lo_p in range(0, len(used), 256):  # chunked: real SDXL widths are 600 KB a prompt in fp32
+            cond[lo_p : lo_p + 256] = np.tanh(zu[lo_p : lo_p + 256] @ a).reshape(-1, SEQ_LEN, sum(text_dims))
         images = {
             "key": np.array([f"{seed:03d}{j:09d}" for j in range(lo, hi)], dtype=object),
             "embed": embed,
