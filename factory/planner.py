@@ -23,9 +23,12 @@ from factory.campaign import Campaign, CampaignError, Sampler
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
 
-# Rough default when the caller has no measurement: SDXL at 1024² runs ~10 it/s on an
-# RTX 4090-class GPU; time scales with steps and pixels. Printed as an assumption.
+# Rough defaults when the caller has no measurement (printed as an assumption): SDXL at 1024²
+# runs ~10 it/s on an RTX 4090-class GPU and time scales with steps and pixels, plus a fixed
+# VAE/encode cost per image; loading one SDXL checkpoint takes ~10 s.
 _SECONDS_PER_STEP_MEGAPIXEL = 0.1
+_SECONDS_PER_IMAGE_FIXED = 0.02
+_SECONDS_PER_LOAD = 10.0
 
 
 def sample_key(campaign: str, job: str, index: int) -> str:
@@ -152,7 +155,8 @@ class Plan:
         total = 0.0
         for u in self.units:
             s = u.sampler
-            total += len(u.samples) * s.steps * (s.width * s.height / 1024**2) * _SECONDS_PER_STEP_MEGAPIXEL
+            per = s.steps * (s.width * s.height / 1024**2) * _SECONDS_PER_STEP_MEGAPIXEL + _SECONDS_PER_IMAGE_FIXED
+            total += len(u.samples) * per
         return (total / len(self) if len(self) else 0.0), False
 
     def summary(self, n_examples: int = 5) -> dict:
@@ -187,7 +191,7 @@ class Plan:
             "seconds_per_image": spi,
             "seconds_per_image_measured": measured,
             "workers": workers,
-            "estimated_seconds": spi * len(self) / workers,
+            "estimated_seconds": (spi * len(self) + _SECONDS_PER_LOAD * _switches(self.units)) / workers,
             "notes": list(self.notes),
         }
 
@@ -208,7 +212,8 @@ class Plan:
         lines += [f"  - {p}" for p in s["sample_prompts"]]
         how = "measured" if s["seconds_per_image_measured"] else "rough default for a 4090-class GPU"
         lines.append(f"estimated time: {_fmt_duration(s['estimated_seconds'])} "
-                     f"({s['seconds_per_image']:.3g} s/image, {how}; {s['workers']} worker(s))")
+                     f"({s['seconds_per_image']:.3g} s/image, {how}; {s['checkpoint_loads']} loads of "
+                     f"~{_SECONDS_PER_LOAD:.0f} s; {s['workers']} worker(s))")
         lines += [f"note: {n}" for n in s["notes"]]
         return "\n".join(lines)
 
@@ -226,6 +231,8 @@ def _switches(units) -> int:
 
 
 def _fmt_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)

@@ -244,10 +244,11 @@ def test_summary_estimate_and_text(tmp_path):
     c = load_campaign(campaign_file(tmp_path, MULTI))
     p = plan(c, ckpts(3), seconds_per_image=2.0, workers=2)
     s = p.summary()
-    assert s["estimated_seconds"] == pytest.approx(39 * 2.0 / 2)
+    # images x seconds per image, plus one ~10 s load per checkpoint, over the workers
+    assert s["estimated_seconds"] == pytest.approx((39 * 2.0 + 3 * 10.0) / 2)
     assert s["seconds_per_image_measured"] and s["units"] == len(p.units)
     assert p.remaining([u.id for u in p.units[:4]]) == p.units[4:]
     text = p.format_summary()
-    for fragment in ("39 images", "multi/a", "multi/b", "model_00", "unique prompts", "estimated time", "0m39s"):
+    for fragment in ("39 images", "multi/a", "multi/b", "model_00", "unique prompts", "estimated time", "54.0s"):
         assert fragment in text, text
     assert plan(c, ckpts(3)).summary()["estimated_seconds"] > 0  # default rough estimate
