@@ -264,3 +264,15 @@ def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Pa
     for f in (folder / "index").glob("*.faiss"):
         if f"index/{f.name}" not in keep:
             f.unlink(missing_ok=True)
+
+
+def drop_conditionings(vault_dir) -> Manifest:
+    """Turn a stored vault into a prompts-only one in place (same indices, no conditioning store)."""
+    vault_dir = Path(vault_dir)
+    manifest = Manifest.read(vault_dir)
+    old = list(manifest.cond_files)
+    manifest.mode, manifest.cond_files = "prompts", []
+    manifest.write(vault_dir)  # commit first: a crash leaves a valid vault either way
+    for name in old:
+        (vault_dir / name).unlink(missing_ok=True)
+    return manifest

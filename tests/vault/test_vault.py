@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import faiss
 import numpy as np
 import pytest
+import torch
 
 from extraction.pairs import Pairs
 from extraction.synthetic import synthetic_encode, write_synthetic_pairs
 from vault.blend import blend_concat, blend_linear, neighbour_weights
-from vault.build import add_pairs, build_vault
+from vault.build import add_pairs, build_vault, drop_conditionings
 from vault.index import choose_index_spec, exact_search, recall_at
 from vault.manifest import FORMAT_VERSION, VaultError
 from vault.query import Vault
@@ -157,6 +159,12 @@ def test_prompts_mode_matches_stored_mode(pairs_dir, vault_dir, tmp_path, pairs)
     np.testing.assert_allclose(a.cond.numpy(), b.cond.numpy(), atol=2e-3)
     size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
     assert size(tmp_path / "p") < size(vault_dir)
+    # a stored vault shrunk in place answers like the one built prompts-only
+    shutil.copytree(vault_dir, tmp_path / "shrunk")
+    assert drop_conditionings(tmp_path / "shrunk").mode == "prompts"
+    assert not list((tmp_path / "shrunk").glob("cond-*"))
+    c = Vault.open(tmp_path / "shrunk").query(q, k=3, encode=synthetic_encode)
+    assert c.neighbours == a.neighbours and torch.equal(c.cond, a.cond)
 
 
 def test_bad_input_is_a_clear_error(vault_dir, pairs, tmp_path):
