@@ -21,6 +21,8 @@ H pass and a W pass, so a box may even be shrunk along one axis and grown along 
   sub-cells, and every target cell is the disjoint bin of n/g consecutive sub-cells
   (sum / sqrt(n/g)). Each target cell is then the white-noise integral over exactly its
   own area: unit variance, independent neighbours, and the source integrals preserved.
+  Only the sums of the pieces between source and target boundaries are drawn (their exact
+  joint law), so the cost is O(n + m) per row, not O(n * m / g).
   The disjoint-bin downscale does not invert it exactly (target cells straddle source
   cells); only integer factors round-trip exactly.
 
@@ -53,8 +55,11 @@ class ScaffoldFileError(ValueError):
 def _bin_sum(x: torch.Tensor, dim: int, m: int) -> torch.Tensor:
     """Disjoint bins along `dim`: source i -> bin floor(i*m/n); returns sum / sqrt(count)."""
     n = x.shape[dim]
-    idx = torch.div(torch.arange(n) * m, n, rounding_mode="floor")
     xt = x.movedim(dim, -1)
+    if n % m == 0:  # equal bins (integer factor): a reshape, no scatter
+        s = n // m
+        return (xt.reshape(*xt.shape[:-1], m, s).sum(dim=-1) / math.sqrt(s)).movedim(-1, dim)
+    idx = torch.div(torch.arange(n) * m, n, rounding_mode="floor")
     out = torch.zeros(*xt.shape[:-1], m, dtype=x.dtype)
     out.index_add_(xt.dim() - 1, idx, xt)
     count = torch.bincount(idx, minlength=m).to(x.dtype)
@@ -69,6 +74,30 @@ def _upsample_integral(x: torch.Tensor, dim: int, k: int, generator: torch.Gener
     return fine.reshape(*xt.shape[:-1], xt.shape[-1] * k).movedim(-1, dim)
 
 
+def _upsample_pieces(x: torch.Tensor, dim: int, m: int, generator: torch.Generator) -> torch.Tensor:
+    """Non-integer upscale n -> m: the integral construction without materialising sub-cells.
+
+    On the common refinement (K = m/g sub-cells per source cell, B = n/g per target cell),
+    cut the axis at every source and target boundary. A piece of c sub-cells inside source
+    cell x has sum S = c*x/sqrt(K) + W - (c/K)*sum_source(W) with W ~ N(0, c): exactly the
+    law of the sum of those c conditioned sub-cells. A target is the sum of its pieces / sqrt(B).
+    """
+    n = x.shape[dim]
+    g = math.gcd(n, m)
+    k_src, b_tgt = m // g, n // g
+    cuts = sorted(set(range(0, n * k_src + 1, k_src)) | set(range(0, n * k_src + 1, b_tgt)))
+    lo, hi = torch.tensor(cuts[:-1]), torch.tensor(cuts[1:])
+    count = (hi - lo).to(x.dtype)
+    src = torch.div(lo, k_src, rounding_mode="floor")
+    tgt = torch.div(lo, b_tgt, rounding_mode="floor")
+    xt = x.movedim(dim, -1)
+    w = torch.randn(*xt.shape[:-1], len(count), generator=generator, dtype=x.dtype) * count.sqrt()
+    w_src = torch.zeros_like(xt).index_add_(xt.dim() - 1, src, w)
+    pieces = count * xt[..., src] / math.sqrt(k_src) + w - (count / k_src) * w_src[..., src]
+    out = torch.zeros(*xt.shape[:-1], m, dtype=x.dtype).index_add_(xt.dim() - 1, tgt, pieces)
+    return (out / math.sqrt(b_tgt)).movedim(-1, dim)
+
+
 def _resample_axis(x: torch.Tensor, dim: int, m: int, generator: torch.Generator | None) -> torch.Tensor:
     n = x.shape[dim]
     if m == n:
@@ -79,9 +108,7 @@ def _resample_axis(x: torch.Tensor, dim: int, m: int, generator: torch.Generator
         raise ValueError("upscaling noise needs a seeded torch.Generator (fresh sub-cell noise)")
     if m % n == 0:
         return _upsample_integral(x, dim, m // n, generator)
-    g = math.gcd(n, m)
-    fine = _upsample_integral(x, dim, m // g, generator)  # n * m/g sub-cells
-    return _bin_sum(fine, dim, m)  # m bins of exactly n/g sub-cells each
+    return _upsample_pieces(x, dim, m, generator)
 
 
 def resample_noise(
@@ -146,7 +173,8 @@ class NoiseScaffold:
         the slice is returned 1:1. Same box and size -> same noise, every time.
         """
         x0, y0, x1, y1 = (int(v) for v in box_px)
-        width, height = self.pixel_size
+        # the latent grid covers the canvas padded to a multiple of 8 (as the runtime pads it)
+        height, width = (v * LATENT_SCALE for v in self.latent_size)
         if x1 <= x0 or y1 <= y0:
             raise ValueError(f"noise box {box_px} is empty")
         if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
@@ -207,8 +235,6 @@ class NoiseScaffold:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 noise = f.get_tensor("noise")
-        except ScaffoldFileError:
-            raise
         except Exception as exc:  # safetensors raises several types for a damaged header
             raise ScaffoldFileError(f"{path}: not a readable safetensors scaffold ({exc})") from exc
         version = meta.get("format_version")
