@@ -38,7 +38,8 @@ from luna import CONF_DIR
 CAMPAIGN_DIR = CONF_DIR / "campaign"
 
 # Bounds that keep hostile input cheap: every one is far above what a real campaign needs.
-MAX_FILE_BYTES = 16 * 1024 * 1024
+MAX_FILE_BYTES = 4 * 1024 * 1024        # the campaign YAML
+MAX_WILDCARD_FILE_BYTES = 16 * 1024 * 1024  # one .txt file of a wildcards folder
 MAX_YAML_DEPTH = 64          # nesting of YAML mappings/sequences
 MAX_BRACE_DEPTH = 32         # nesting of {…} inside one string
 MAX_REFERENCE_DEPTH = 64     # __a__ -> __b__ -> … chain length
@@ -50,12 +51,14 @@ MAX_SEED = 2**63 - 1    # combinations() saturates here (it is arithmetic, never
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")           # campaign and job names: go into shard names/keys
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9_\-]+$")      # one level of a wildcard path
-_REF_RE = re.compile(r"__([A-Za-z0-9*](?:[A-Za-z0-9\-/*]|_(?!_))*)__")
+# Possessive quantifiers (*+) never backtrack: long runs of spaces cannot make a match quadratic.
+_REF_RE = re.compile(r"__([A-Za-z0-9*](?:[A-Za-z0-9\-/*]|_(?!_))*+)__")
 _REF_START_RE = re.compile(r"__[A-Za-z0-9*]")
-_WEIGHT_PREFIX_RE = re.compile(r"\s*([^\s|{}:_][^|{}:]*?)\s*::")
+_WEIGHT_PREFIX_RE = re.compile(r"([^|{}:]*+)::")
 _WS_RE = re.compile(r"\s+")
-_PICK_RE = re.compile(r"\s*(\d*)\s*(-?)\s*(\d*)\s*\$\$")
-_JOINER_RE = re.compile(r"([^|{}$]*)\$\$")
+_PICK_RE = re.compile(r"\s*+(\d*+)\s*+(-?)\s*+(\d*+)\s*+\$\$")
+_JOINER_RE = re.compile(r"([^|{}$]*+)\$\$")
+_LITERAL_RE = re.compile(r"[^\\{}|_]++")
 
 TOP_KEYS = ("campaign", "description", "wildcards", "wildcards_dir", "jobs", "negative_prompt",
             "sampler", "checkpoints", "seed")
@@ -219,6 +222,7 @@ class _SyntaxProblem(Exception):
 
 
 def _parse_weight(raw: str) -> float:
+    raw = raw.strip()
     try:
         w = float(raw)
     except ValueError:
@@ -240,6 +244,11 @@ def _parse_seq(text: str, pos: int, depth: int, in_brace: bool) -> tuple[list, i
 
     n = len(text)
     while pos < n:
+        lit = _LITERAL_RE.match(text, pos)
+        if lit:  # a run of plain text in one step
+            buf.append(lit.group())
+            pos = lit.end()
+            continue
         c = text[pos]
         if c == "\\" and pos + 1 < n and text[pos + 1] in "{}|\\_":
             buf.append(text[pos + 1])
@@ -848,6 +857,8 @@ def _read_wildcard_dir(folder: Path, file, line, out: dict, count: list) -> None
                 raise CampaignError(f"bad wildcard file name {seg!r} (letters, digits, '_' and '-' only)",
                                     txt, None, rel)
         try:
+            if txt.stat().st_size > MAX_WILDCARD_FILE_BYTES:
+                raise CampaignError(f"wildcard file larger than {MAX_WILDCARD_FILE_BYTES} bytes", txt, None, rel)
             lines = txt.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise CampaignError(f"cannot read wildcard file: {e}", txt, None, rel) from None

@@ -461,9 +461,19 @@ def test_ten_thousand_deep_nesting_fails_fast(tmp_path, shape):
 
 def test_oversized_file_is_refused_before_parsing(tmp_path):
     p = tmp_path / "big.yaml"
-    p.write_text("campaign: t\n# " + "x" * (17 * 1024 * 1024) + "\n")
+    p.write_text("campaign: t\n# " + "x" * (5 * 1024 * 1024) + "\n")
     with pytest.raises(CampaignError, match="larger than"):
         load_campaign(p)
+
+
+@pytest.mark.parametrize("text", ["a" + " " * 100_000 + "b", "{" + " " * 100_000 + "a}", "{2" + " " * 100_000 + "$$a|b}",
+                                  "__" + "a_" * 50_000, "x:" * 50_000 + ":y"])
+def test_pathological_strings_parse_in_linear_time(text):
+    """Regexes that backtrack would take minutes on these; bounded here by pytest's timeout only."""
+    try:
+        parse_template(text, "f.yaml", 1, "x")
+    except CampaignError:
+        pass
 
 
 def test_long_reference_chain_is_an_error_not_a_recursion_crash(tmp_path):
