@@ -45,9 +45,9 @@ MAX_BRACE_DEPTH = 32         # nesting of {…} inside one string
 MAX_REFERENCE_DEPTH = 64     # __a__ -> __b__ -> … chain length
 MAX_EXPANSIONS = 10_000      # wildcard references expanded while rendering one prompt
 MAX_WILDCARD_ENTRIES = 200_000   # entries plus groups, after YAML aliases are expanded
-COMBINATIONS_CAP = 10**30
+COMBINATIONS_CAP = 10**30    # combinations() saturates here (it is arithmetic, never enumerated)
 MAX_QUOTA = 100_000_000      # images per job (plans are built in memory)
-MAX_SEED = 2**63 - 1    # combinations() saturates here (it is arithmetic, never enumerated)
+MAX_SEED = 2**63 - 1         # torch.Generator.manual_seed takes 64-bit seeds
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")           # campaign and job names: go into shard names/keys
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9_\-]+$")      # one level of a wildcard path
