@@ -59,6 +59,7 @@ def mask_from_detection(
     crop_box_px: Sequence[int],
     canvas_wh: tuple[int, int],
     *,
+    detection=None,
     box: Sequence[float] | None = None,
     mask: np.ndarray | None = None,
     feather_px: float = 32.0,
@@ -71,10 +72,14 @@ def mask_from_detection(
     mask at any resolution (it wins over `box` when both are given). The shape is grown by
     `grow_px`, then ramps from 1 to 0 over `feather_px` outside it, and is finally multiplied
     by the crop's own feather so the crop border is always 0 (no edge can show).
-    `out_hw` defaults to the crop's pixel size.
+    `detection` (anything with `.box` and `.mask`, e.g. `lsd_runtime.detect.Detection`)
+    supplies both. `out_hw` defaults to the crop's pixel size.
     """
     from scipy.ndimage import distance_transform_edt
 
+    if detection is not None:
+        box = detection.box if box is None else box
+        mask = getattr(detection, "mask", None) if mask is None else mask
     x0, y0, x1, y1 = (int(v) for v in crop_box_px)
     h, w = out_hw if out_hw is not None else (y1 - y0, x1 - x0)
     scale = w / max(1, x1 - x0)  # crop pixels -> output pixels

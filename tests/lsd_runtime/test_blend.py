@@ -99,3 +99,15 @@ def test_resize_lanczos_keeps_kind_and_dtype():
     assert g.min() < 0 and g.max() > 1
     pil = resize_lanczos(Image.new("RGB", (30, 40)), (10, 12))
     assert isinstance(pil, Image.Image) and pil.size == (10, 12)
+
+
+def test_mask_from_a_detection_object():
+    from lsd_runtime.detect import Detection
+
+    seg = np.zeros((64, 64), np.float32)
+    seg[:, :32] = 1.0  # left half of the canvas
+    det = Detection(box=(0.0, 0.0, 0.5, 1.0), mask=seg, label="x")
+    m = mask_from_detection((0, 0, 128, 128), (128, 128), detection=det, feather_px=4)
+    assert m[64, 30] == 1.0 and m[64, 100] == 0.0
+    only_box = mask_from_detection((0, 0, 128, 128), (128, 128), box=det.box, feather_px=4)
+    assert only_box[64, 30] == 1.0 and only_box[64, 100] == 0.0

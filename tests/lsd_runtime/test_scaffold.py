@@ -172,6 +172,11 @@ def test_slice_upscaled_then_downscaled_gives_the_scaffold_back():
     torch.testing.assert_close(resample_noise(up, (16, 16)), s.slice(box), rtol=0, atol=1e-5)
 
 
+def test_slice_reaches_the_padded_edge_of_an_odd_canvas():
+    s = NoiseScaffold(3, (100, 60))  # the runtime pads this canvas to 104 x 64
+    assert torch.equal(s.slice((96, 56, 104, 64)), s.noise[:, 7:8, 12:13])
+
+
 def test_slice_outside_canvas_is_an_error():
     s = NoiseScaffold(0, (256, 256))
     with pytest.raises(ValueError, match="outside"):
