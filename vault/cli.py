@@ -66,7 +66,8 @@ def _query(c: dict) -> str:
         raise ValueError(f"image={path}: not a readable image ({e})") from e
     is_dir = Path(str(c["vault"])).is_dir()
     vault = open_vault(c["vault"], **({"vision_weights": c["vision_weights"], "device": c["device"]} if is_dir else {}))
-    found = vault.search(vault.embed_images([image]), k=c["k"], category=c["category"], filters=c["filters"] or None,
+    filters = {key: v for key, v in (c["filters"] or {}).items() if v is not None}
+    found = vault.search(vault.embed_images([image]), k=c["k"], category=c["category"], filters=filters or None,
                          weighting=c["weighting"], temperature=c["temperature"])
     neighbours = found.neighbours[0]
     if c["sheet"] != "":

@@ -81,7 +81,8 @@ def test_query_json_prints_one_object_and_writes_a_contact_sheet(image_vault, ca
 
 def test_query_text_table_and_sheet_without_shard_image(image_vault, capsys):
     root = image_vault
-    assert main(["query", f"vault={root / 'vault'}", f"image={root / 'q3.png'}", "k=2", "category=faces"]) == 0
+    assert main(["query", f"vault={root / 'vault'}", f"image={root / 'q3.png'}", "k=2", "category=faces",
+                 "filters.checkpoint=ckpt_a"]) == 0
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
     assert lines[0].split()[:3] == ["#", "score", "key"] and lines[1].split()[2] == "img3"
