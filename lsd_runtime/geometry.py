@@ -2,7 +2,9 @@
 
 Boxes are `(x0, y0, x1, y1)` with x1/y1 exclusive. A box is normalised (fractions of the
 canvas) or in pixels; `square_crop` tells them apart by `normalized=` or, left to itself,
-by whether every coordinate lies in [0, 1] and one of them is fractional.
+by whether every coordinate lies in [0, 1] and one of them is a float (so the whole-canvas
+box (0.0, 0.0, 1.0, 1.0) is normalised, while (0, 0, 1, 1) is one pixel). Callers that
+know which they hold should say so.
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ class BoxOutsideCanvas(ValueError):
 
 
 def is_normalized(box: Sequence[float]) -> bool:
-    """True when every coordinate lies in [0, 1] and at least one is not a whole number."""
+    """True when every coordinate lies in [0, 1] and at least one is a float or fractional."""
     vals = [float(v) for v in box]
-    return all(0.0 <= v <= 1.0 for v in vals) and any(v != int(v) for v in vals)
+    if not all(0.0 <= v <= 1.0 for v in vals):
+        return False
+    return any(isinstance(v, (float, np.floating)) for v in box) or any(v != int(v) for v in vals)
 
 
 def to_pixels(box: Sequence[float], canvas_wh: tuple[int, int], *, normalized: bool | None = None) -> tuple[float, float, float, float]:

@@ -52,7 +52,12 @@ def _starts(extent: int, tile: int, overlap: int, multiple: int) -> list[int]:
 
 
 def tile_grid(canvas_wh: tuple[int, int], tile: int = 1024, overlap: int | None = None, *, multiple: int = 8) -> list[Tile]:
-    """Overlapping tiles covering the canvas, row-major; `overlap` is the minimum overlap."""
+    """Overlapping tiles covering the canvas, row-major; `overlap` is the minimum overlap.
+
+    Tile starts are multiples of `multiple` and the last tile ends on the canvas edge, so on a
+    canvas padded to a multiple of 8 (geometry.pad_to_multiple) every tile sits on the latent
+    grid. A side shorter than `tile` gets one tile of that side's length.
+    """
     cw, ch = int(canvas_wh[0]), int(canvas_wh[1])
     if cw <= 0 or ch <= 0:
         raise ValueError(f"canvas size must be positive, got {canvas_wh}")

@@ -80,6 +80,10 @@ def test_box_outside_the_canvas_is_a_clear_error():
 
 def test_normalised_and_pixel_boxes_agree():
     assert square_crop((0.25, 0.25, 0.5, 0.5), (1024, 1024)) == square_crop((256, 256, 512, 512), (1024, 1024))
+    # floats in [0, 1] are normalised, even whole ones; ints are pixels
+    assert square_crop((0.0, 0.0, 1.0, 1.0), (512, 256), pad=0) == (128, 0, 384, 256)
+    assert square_crop((0, 0, 1, 1), (512, 256), pad=0, min_size=8) == (0, 0, 8, 8)
+    assert square_crop(np.array([0.0, 0.0, 0.5, 0.5]), (512, 512), pad=0) == (0, 0, 256, 256)
 
 
 def test_pad_to_multiple_replicates_edges_and_unpads_exactly():
