@@ -350,11 +350,11 @@ class Sam3Detector:
 
     def __init__(self, weights: str | Path | None = None, *, threshold: float = 0.4, mask_threshold: float = 0.5,
                  device: str | None = None):
+        path = _local_folder(weights, "Sam3Detector", self.HINT)  # before the (slow) import
         try:
             from transformers import Sam3Model, Sam3Processor
         except ImportError as exc:
             raise DetectorUnavailable(f"Sam3Detector: this transformers has no Sam3Model; pip install 'transformers>=5' ({exc})") from exc
-        path = _local_folder(weights, "Sam3Detector", self.HINT)
         import torch
 
         self.device = _device(device)
