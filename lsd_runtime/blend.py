@@ -71,7 +71,8 @@ def mask_from_detection(
     `box` is the detection box normalised to the canvas; `mask` a whole-canvas soft or binary
     mask at any resolution (it wins over `box` when both are given). The shape is grown by
     `grow_px`, then ramps from 1 to 0 over `feather_px` outside it, and is finally multiplied
-    by the crop's own feather so the crop border is always 0 (no edge can show).
+    by the crop's own feather so the crop border is always 0 (no edge can show), except on
+    crop sides that lie on the canvas border.
     `detection` (anything with `.box` and `.mask`, e.g. `lsd_runtime.detect.Detection`)
     supplies both. `out_hw` defaults to the crop's pixel size.
     """
@@ -101,7 +102,9 @@ def mask_from_detection(
         dist = distance_transform_edt(~inside).astype(np.float32) - grow_px * scale
         ramp = max(feather_px * scale, 1e-6)
         soft = np.clip(1.0 - dist / ramp, 0.0, 1.0)
-    return soft * feather_mask(h, w, feather_px * scale)
+    cw, ch = canvas_wh
+    edges = (x0 > 0, y0 > 0, x1 < cw, y1 < ch)  # a crop side on the canvas border has nothing to seam with
+    return soft * feather_mask(h, w, feather_px * scale, edges=edges)
 
 
 def blend(canvas: np.ndarray, patch: np.ndarray, mask: np.ndarray, box: Sequence[int]) -> np.ndarray:

@@ -72,11 +72,15 @@ def test_blend_rejects_mismatched_shapes():
 
 
 def test_mask_from_detection_box_and_segmentation():
-    crop = (0, 0, 128, 128)
-    m = mask_from_detection(crop, (256, 256), box=(0.125, 0.125, 0.375, 0.375), feather_px=8)
+    crop = (64, 64, 192, 192)
+    m = mask_from_detection(crop, (256, 256), box=(0.375, 0.375, 0.625, 0.625), feather_px=8)
     assert m.shape == (128, 128)
-    assert m[64, 64] == 1.0 and m[0, 64] == 0.0 and m[127, 127] == 0.0
+    assert m[64, 64] == 1.0 and m[0, 64] == 0.0 and m[127, 127] == 0.0 and m[64, 0] == 0.0
     assert m[32, 64] == 1.0 and 0 < m[28, 64] < 1, "ramps outside the box edge"
+    # a crop side on the canvas border is not feathered: a face touching the edge is refined to it
+    corner = mask_from_detection((0, 0, 128, 128), (256, 256), box=(0.0, 0.0, 0.25, 0.25), feather_px=8)
+    assert corner[0, 0] == 1.0 and corner[127, 127] == 0.0 and corner[0, 127] == 0.0
+    crop = (0, 0, 128, 128)
     # a segmentation mask at half resolution, a disc centred in the crop
     yy, xx = np.mgrid[0:128, 0:128]
     seg = ((yy - 32) ** 2 + (xx - 32) ** 2 < 15 ** 2).astype(np.float32)
