@@ -13,9 +13,10 @@ H pass and a W pass, so a box may even be shrunk along one axis and grown along 
   stay independent with unit variance (an area filter would overlap windows and correlate
   neighbours).
 - upscale, integer factor k: conditional integral upsampling. Per axis a source cell x
-  becomes k cells X_i = x / sqrt(k) + (Z_i - mean(Z)) with Z iid N(0, 1); two axes give
-  the 2-D rule X = x / k + (Z - mean_block(Z)). Unit variance, no covariance between
-  sub-cells, and the integer downscale maps X back to x exactly.
+  becomes k cells X_i = x / sqrt(k) + (Z_i - mean(Z)) with Z iid N(0, 1); the two axis
+  passes together have the law of the 2-D rule X = x / k + (Z - mean_block(Z)) (a k x k
+  block conditioned on its mean). Unit variance, no covariance between sub-cells, and the
+  integer downscale maps X back to x exactly.
 - upscale, other factors (n -> m, m > n): the exact integral construction on the common
   refinement. With g = gcd(n, m), every source cell is conditionally upsampled into m/g
   sub-cells, and every target cell is the disjoint bin of n/g consecutive sub-cells
@@ -117,17 +118,18 @@ def resample_noise(
     """Resample unit-variance white noise `x[..., h0, w0]` to `[..., h, w]`, keeping it white.
 
     `size` is (h, w). Downscaling is deterministic; upscaling draws fresh sub-cell noise from
-    `generator` (required then). Works in float32 or float64 (float16 input is upcast).
+    `generator` (a CPU generator, required then). Works in float32 or float64 (other dtypes
+    are upcast to float32); computed on the CPU and returned on `x`'s device.
     """
     h, w = int(size[0]), int(size[1])
     if h <= 0 or w <= 0:
         raise ValueError(f"noise target size must be positive, got {size}")
     if x.dim() < 2 or x.shape[-2] <= 0 or x.shape[-1] <= 0:
         raise ValueError(f"noise must be [..., h, w] with positive sides, got {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
+    device = x.device
+    x = x.cpu() if x.dtype in (torch.float32, torch.float64) else x.cpu().float()
     x = _resample_axis(x, x.dim() - 2, h, generator)
-    return _resample_axis(x, x.dim() - 1, w, generator).contiguous()
+    return _resample_axis(x, x.dim() - 1, w, generator).contiguous().to(device)
 
 
 def derived_generator(*parts: object) -> torch.Generator:
