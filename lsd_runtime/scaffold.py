@@ -129,7 +129,8 @@ def resample_noise(
     device = x.device
     x = x.cpu() if x.dtype in (torch.float32, torch.float64) else x.cpu().float()
     x = _resample_axis(x, x.dim() - 2, h, generator)
-    return _resample_axis(x, x.dim() - 1, w, generator).contiguous().to(device)
+    out = _resample_axis(x, x.dim() - 1, w, generator)
+    return (out.clone() if out is x else out.contiguous()).to(device)  # never alias the input
 
 
 def derived_generator(*parts: object) -> torch.Generator:

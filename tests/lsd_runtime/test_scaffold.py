@@ -135,6 +135,13 @@ def test_noninteger_upscale_preserves_source_integrals():
     assert math.isclose(float(x[:, :3, :3].sum()) / 3, float(z.sum()) / 8, rel_tol=1e-5, abs_tol=1e-5)
 
 
+def test_same_size_returns_a_copy_and_half_precision_is_upcast():
+    x = _noise((4, 8, 8))
+    y = resample_noise(x, (8, 8))
+    assert torch.equal(x, y) and y.data_ptr() != x.data_ptr()
+    assert resample_noise(x.half(), (4, 4)).dtype == torch.float32
+
+
 def test_upscale_without_generator_is_an_error():
     with pytest.raises(ValueError, match="Generator"):
         resample_noise(_noise((4, 8, 8)), (16, 16))
