@@ -1,0 +1,349 @@
+"""The Luna Semantic Detailer end to end: `refine(image, prompt, ...) -> RefineResult(image, record)`.
+
+    [from_draft: 1K draft from the downscaled scaffold -> 1.5K smoothing -> upscale to the canvas]
+    pad to the 8 px grid -> detect -> detail (batched crops) -> global refine (chessboard tiles)
+    -> unpad [-> final downscale]
+
+Every stage takes its initial noise from one NoiseScaffold over the (padded) canvas. Models are
+passed in as `Components` (a pipeline's UNet, VAE, text encoders, plus a vision tower when a
+vault or projector conditions the crops); nothing here loads weights by itself except
+`load_components` (a checkpoint path or the tiny preset).
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lsd_runtime.blend import resize_lanczos
+from lsd_runtime.detailer import DetailSettings, crop_json, detail
+from lsd_runtime.geometry import pad_to_multiple, unpad
+from lsd_runtime.refiner import RefineTileSettings, refine_tiles
+from lsd_runtime.sampler import DenoiseItem, Sampler, SamplerSettings, sampler_denoiser, time_ids
+from lsd_runtime.scaffold import NoiseScaffold
+
+FORMAT_VERSION = 1
+
+
+class ImageReadError(ValueError):
+    """An input image that cannot be read (names the file)."""
+
+
+@dataclass
+class Components:
+    """The models the runtime needs, passed in (never globals)."""
+
+    pipe: object  # a StableDiffusionXLPipeline: unet, vae, tokenizers, text encoders, scheduler
+    sampler: Sampler
+    encoders: object  # luna.models.sdxl.TextEncoders
+    vision: object | None = None  # luna.models.vision.VisionTower (vault / projector / IP-Adapter)
+    name: str = ""
+
+    @classmethod
+    def from_pipeline(cls, pipe, vision=None, name: str = "", **sampler_kw) -> "Components":
+        from luna.models.sdxl import TextEncoders
+
+        return cls(pipe, Sampler.from_pipeline(pipe, **sampler_kw), TextEncoders.from_pipeline(pipe), vision, name)
+
+
+def pick_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """cuda with bf16 (fp16 where bf16 is missing) when there is a GPU; cpu with fp32 otherwise."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        if str(device).startswith("cuda"):
+            return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return device, torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"dtype={dtype!r}: choose auto, float32, float16 or bfloat16")
+    return device, table[dtype]
+
+
+@functools.lru_cache(maxsize=2)
+def tiny_components(vision: bool = True) -> Components:
+    """The tiny preset (deterministic weights, CPU, fp32), built once per process."""
+    from luna.models.tiny import tiny_pipeline
+    from luna.models.vision import load_vision
+
+    pipe = tiny_pipeline(0, "base")
+    return Components.from_pipeline(pipe, load_vision("tiny") if vision else None, name="tiny-base-0")
+
+
+def load_components(checkpoint=None, preset: str | None = None, device: str = "auto", dtype: str = "auto",
+                    vision_name: str | None = None, vision_weights=None) -> Components:
+    """A checkpoint (single file or diffusers folder; SDXL only: NotSDXLError otherwise) or preset=tiny."""
+    if preset == "tiny":
+        comps = tiny_components(vision=False)
+        if vision_name or vision_weights:
+            from luna.models.vision import load_vision
+
+            comps = Components(comps.pipe, comps.sampler, comps.encoders,
+                               load_vision(vision_name or "tiny", vision_weights), comps.name)
+        else:
+            comps = tiny_components(vision=True)
+        return comps
+    if preset not in (None, "", "none"):
+        raise ValueError(f"preset={preset!r}: the only preset is 'tiny'")
+    if checkpoint is None:
+        raise ValueError("give checkpoint=PATH (an SDXL .safetensors or diffusers folder) or preset=tiny")
+    from luna.models.sdxl import load_sdxl
+
+    dev, dt = pick_device_dtype(device, dtype)
+    pipe = load_sdxl(checkpoint, device=dev, dtype=dt)
+    vision = None
+    if vision_name:
+        from luna.models.vision import load_vision
+
+        vision = load_vision(vision_name, vision_weights, device=dev)
+    return Components.from_pipeline(pipe, vision, name=str(checkpoint))
+
+
+# ---------------------------------------------------------------------- settings
+
+
+@dataclass
+class DraftSettings:
+    canvas: int = 4096  # longer side of the canvas the draft is upscaled to
+    draft: int = 1024  # longer side of the draft
+    smooth: int = 1536  # longer side of the smoothing pass
+    draft_strength: float = 0.6  # img2img strength of the draft (1.0 when there is no input image)
+    smooth_strength: float = 0.3
+    steps: int = 20
+
+
+@dataclass
+class RefineSettings:
+    seed: int = 0
+    detect_prompts: list = field(default_factory=lambda: ["face"])
+    detail_sampler: SamplerSettings = field(default_factory=lambda: SamplerSettings(steps=20, strength=0.35, cfg=5.0))
+    refine_sampler: SamplerSettings = field(default_factory=lambda: SamplerSettings(steps=20, strength=0.2, cfg=5.0))
+    detail: DetailSettings = field(default_factory=DetailSettings)
+    tiles: RefineTileSettings = field(default_factory=RefineTileSettings)
+    global_refine: bool = True
+    refine_conditioning: str = "text"  # text | same (the crops' source, per tile)
+    from_draft: bool = False
+    draft: DraftSettings = field(default_factory=DraftSettings)
+    final_size: int | None = None  # longer side of the written image; None = the canvas
+
+    @classmethod
+    def tiny(cls, **kw) -> "RefineSettings":
+        """Settings at the tiny preset's scale: working size 128, tiles 256, 3 steps."""
+        s = cls(detail_sampler=SamplerSettings(steps=3, strength=0.5, cfg=3.0),
+                refine_sampler=SamplerSettings(steps=3, strength=0.3, cfg=3.0),
+                detail=DetailSettings(working_size=128, min_crop=32, feather=8.0, batch_size=4),
+                tiles=RefineTileSettings(tile=256, batch_size=4),
+                draft=DraftSettings(canvas=512, draft=128, smooth=192, steps=3))
+        for k, v in kw.items():
+            setattr(s, k, v)
+        return s
+
+
+@dataclass
+class RefineResult:
+    image: Image.Image
+    record: dict
+    masks: dict = field(default_factory=dict)  # name -> HxW float32 canvas-frame mask
+    overlays: dict = field(default_factory=dict)  # name -> PIL image
+    scaffold: NoiseScaffold | None = None
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def read_image(path) -> Image.Image:
+    """An RGB PIL image from a file, or ImageReadError naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"{path}: no such image file") from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"{path}: not a readable image ({exc})") from exc
+
+
+def as_rgb(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        arr = image if image.dtype == np.uint8 else np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        return Image.fromarray(arr[..., :3]).convert("RGB")
+    return read_image(image)
+
+
+def _fit(size_wh, long_side: int) -> tuple[int, int]:
+    w, h = size_wh
+    s = long_side / max(w, h)
+    return max(8, int(round(w * s / 8)) * 8), max(8, int(round(h * s / 8)) * 8)
+
+
+def _whole_image_pass(components: Components, image: Image.Image, noise: torch.Tensor, row, negative,
+                      settings: SamplerSettings, seed: int) -> Image.Image:
+    """One img2img pass over a whole image (the draft and the smoothing pass)."""
+    w, h = image.size
+    item = DenoiseItem(image=np.asarray(image, dtype=np.float32), noise=noise, row=row, seed=seed,
+                       time_ids=time_ids((h, w))[0])
+    out = sampler_denoiser(components.sampler, settings, negative)([item])[0]
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
+def draft_canvas(components: Components, image: Image.Image | None, text, scaffold: NoiseScaffold,
+                 settings: RefineSettings) -> tuple[Image.Image, dict]:
+    """1K draft from the downscaled scaffold -> 1.5K smoothing -> Lanczos upscale to the canvas."""
+    d = settings.draft
+    cw, ch = scaffold.pixel_size
+    row = text.rows([None])[0]
+    timings = {}
+    t = time.perf_counter()
+    dw, dh = _fit((cw, ch), d.draft)
+    strength = d.draft_strength
+    if image is None:
+        start, strength = Image.new("RGB", (dw, dh), (127, 127, 127)), 1.0
+    else:
+        start = resize_lanczos(image, (dw, dh))
+    ss = SamplerSettings(steps=d.steps, strength=strength, cfg=settings.detail_sampler.cfg,
+                         sampler=settings.detail_sampler.sampler)
+    draft = _whole_image_pass(components, start, scaffold.latent_for_size(dw, dh), row, text.negative_row, ss,
+                              settings.seed)
+    timings["draft"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sw, sh = _fit((cw, ch), d.smooth)
+    ss = SamplerSettings(steps=d.steps, strength=d.smooth_strength, cfg=settings.detail_sampler.cfg,
+                         sampler=settings.detail_sampler.sampler)
+    smooth = _whole_image_pass(components, resize_lanczos(draft, (sw, sh)), scaffold.latent_for_size(sw, sh), row,
+                               text.negative_row, ss, settings.seed + 1)
+    timings["smooth"] = time.perf_counter() - t
+    return resize_lanczos(smooth, (cw, ch)), {"draft_size": [dw, dh], "smooth_size": [sw, sh], "timings": timings}
+
+
+def _padded_detections(detections, orig_wh, padded_wh):
+    """Boxes (and masks) of the unpadded image re-expressed on the padded canvas."""
+    from lsd_runtime.detect import Detection
+
+    (w, h), (pw, ph) = orig_wh, padded_wh
+    if (w, h) == (pw, ph):
+        return list(detections)
+    sx, sy = w / pw, h / ph
+    out = []
+    for d in detections:
+        mask = None
+        if d.mask is not None:
+            m = np.asarray(Image.fromarray(np.asarray(d.mask, np.float32)).resize((w, h), Image.BILINEAR))
+            mask = np.zeros((ph, pw), np.float32)
+            mask[:h, :w] = m
+        x0, y0, x1, y1 = d.box
+        out.append(Detection(box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy), mask=mask, label=d.label, score=d.score,
+                             extra=dict(d.extra)))
+    return out
+
+
+# ---------------------------------------------------------------------- the API
+
+
+def refine(image, prompt: str, *, components: Components, detector=None, detections=None, conditioning=None,
+           settings: RefineSettings | None = None, negative: str | None = None, scaffold: NoiseScaffold | None = None,
+           denoise: Callable | None = None, tile_denoise: Callable | None = None) -> RefineResult:
+    """Refine `image` (PIL, array or path; None with settings.from_draft) and return the image and its record.
+
+    detector: anything with `detect(PIL, prompts)`; detections: a ready list (wins over detector);
+    conditioning: a source with `rows(crops)` (conditioning.TextSource/VaultSource/ProjectorSource);
+    the text source is built from `prompt` when None. `denoise`/`tile_denoise` replace the sampler
+    (tests inject an identity denoiser).
+    """
+    from lsd_runtime.conditioning import TextSource
+
+    settings = settings or RefineSettings()
+    t_all = time.perf_counter()
+    timings: dict = {}
+    force = components.sampler.force_zeros_for_empty_prompt
+    text = getattr(conditioning, "text", None) or TextSource(components.encoders, prompt, negative,
+                                                             force_zeros_for_empty_prompt=force)
+    source = conditioning or text
+    record: dict = {"format_version": FORMAT_VERSION, "prompt": prompt, "negative": negative, "seed": settings.seed,
+                    "checkpoint": components.name, "settings": _settings_json(settings)}
+
+    draft_info = None
+    if settings.from_draft:
+        src = None if image is None else as_rgb(image)
+        cw, ch = _fit(src.size if src is not None else (1, 1), settings.draft.canvas)
+        scaffold = scaffold or NoiseScaffold(settings.seed, (cw, ch))
+        if tuple(scaffold.pixel_size) != (cw, ch):
+            raise ValueError(f"scaffold covers {scaffold.pixel_size}, the draft canvas is {(cw, ch)}")
+        rgb, draft_info = draft_canvas(components, src, text, scaffold, settings)
+        timings.update(draft_info.pop("timings"))
+        record["draft"] = draft_info
+    else:
+        if image is None:
+            raise ValueError("refine needs an image (or from_draft=true)")
+        rgb = as_rgb(image)
+    orig_wh = rgb.size
+    canvas_img, _ = pad_to_multiple(rgb, 8)
+    canvas = np.asarray(canvas_img).copy()
+    before = canvas_img
+    ph, pw = canvas.shape[:2]
+    scaffold = scaffold or NoiseScaffold(settings.seed, (pw, ph))
+    if tuple(scaffold.pixel_size) != (pw, ph):
+        raise ValueError(f"scaffold covers {scaffold.pixel_size[0]}x{scaffold.pixel_size[1]} px, "
+                         f"the padded canvas is {pw}x{ph}")
+    record.update({"image_size": list(orig_wh), "canvas_size": [pw, ph], "padded": [pw - orig_wh[0], ph - orig_wh[1]],
+                   "scaffold": {"seed": scaffold.seed, "pixel_size": list(scaffold.pixel_size),
+                                "latent": list(scaffold.noise.shape)}})
+
+    t = time.perf_counter()
+    if detections is None:
+        detections = detector.detect(rgb, list(settings.detect_prompts)) if detector is not None else []
+    detections = _padded_detections(detections, orig_wh, (pw, ph))
+    timings["detect"] = time.perf_counter() - t
+    record["detections"] = [d.to_json() for d in detections]
+
+    injected = denoise
+    denoise = denoise or sampler_denoiser(components.sampler, settings.detail_sampler, text.negative_row)
+    t = time.perf_counter()
+    canvas, crops, skipped = detail(canvas, detections, scaffold, source, denoise, settings.detail, settings.seed)
+    timings["detail"] = time.perf_counter() - t
+    record["crops"] = [crop_json(c) for c in crops]
+    record["skipped"] = skipped
+    record["conditioning"] = {"source": getattr(source, "name", "text"),
+                              "vision_model": getattr(getattr(source, "embedder", None), "model_id", None)}
+
+    masks = {}
+    for c in crops:
+        full = np.zeros((ph, pw), np.float32)
+        x0, y0, x1, y1 = c.box
+        full[y0:y1, x0:x1] = c.mask
+        masks[f"crop_{c.index:03d}"] = full[:orig_wh[1], :orig_wh[0]]
+
+    tiles = []
+    if settings.global_refine:
+        t = time.perf_counter()
+        tile_source = source if settings.refine_conditioning == "same" else text
+        tile_denoise = tile_denoise or injected or sampler_denoiser(components.sampler, settings.refine_sampler,
+                                                                    text.negative_row)
+        canvas, tiles = refine_tiles(canvas, scaffold, tile_source, tile_denoise, settings.tiles, settings.seed)
+        timings["global_refine"] = time.perf_counter() - t
+    record["tiles"] = tiles
+
+    out = unpad(Image.fromarray(canvas), orig_wh)
+    if settings.final_size and max(out.size) != int(settings.final_size):
+        out = resize_lanczos(out, _fit(out.size, int(settings.final_size)))
+    record["output_size"] = list(out.size)
+    timings["total"] = time.perf_counter() - t_all
+    record["timings"] = {k: round(v, 4) for k, v in timings.items()}
+    from lsd_runtime.record import detection_overlay, tile_overlay
+
+    overlays = {"detections": detection_overlay(unpad(before, orig_wh), record),
+                "tiles": tile_overlay(unpad(before, orig_wh), record)}
+    return RefineResult(out, record, masks, overlays, scaffold)
+
+
+def _settings_json(s: RefineSettings) -> dict:
+    return asdict(s)
