@@ -128,7 +128,7 @@ def tile_weights(tiles: list[Tile], canvas_wh: tuple[int, int], feather: float |
     if feather is None:
         feather = _min_overlap(tiles)
     raw = []
-    total = np.zeros((ch, cw), dtype=np.float64)
+    total = np.zeros((ch, cw), dtype=np.float32)  # 64 MB at 4096², not 128
     for t in tiles:
         x0, y0, x1, y1 = t.box
         if x0 < 0 or y0 < 0 or x1 > cw or y1 > ch:
