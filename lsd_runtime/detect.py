@@ -240,8 +240,10 @@ class CascadeFaceDetector:
         self.min_hits, self.merge_overlap = int(min_hits), float(merge_overlap)
 
     def detect(self, image: Image.Image, prompts: list[str] | None = None) -> list[Detection]:
-        if prompts and not any(p.strip().lower() in FACE_WORDS for p in prompts):
+        asked = [p for p in (prompts or []) if p.strip().lower() in FACE_WORDS]
+        if prompts and not asked:
             return []
+        label = asked[0] if asked else self.label  # answer in the caller's word ("head", "face")
         rgb = image.convert("RGB")
         w, h = rgb.size
         scale = min(1.0, self.max_side / max(w, h))
@@ -264,7 +266,7 @@ class CascadeFaceDetector:
                 continue
             box = np.median(np.array([hits[i] for i in group], dtype=np.float64), axis=0)
             norm = (box[0] / sw, box[1] / sh, box[2] / sw, box[3] / sh)
-            out.append(Detection(box=tuple(float(np.clip(v, 0.0, 1.0)) for v in norm), label=self.label,
+            out.append(Detection(box=tuple(float(np.clip(v, 0.0, 1.0)) for v in norm), label=label,
                                  score=len(group) / (len(group) + 3.0), extra={"hits": len(group)}))
         return sorted(out, key=lambda d: -d.score)
 

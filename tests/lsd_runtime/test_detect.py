@@ -62,6 +62,7 @@ def test_cascade_on_a_big_canvas_is_downscaled_and_still_finds_it(astronaut):
 def test_cascade_finds_nothing_on_a_flat_image_or_for_other_prompts(astronaut, cascade):
     assert cascade.detect(Image.new("RGB", (256, 256), (128, 128, 128)), ["face"]) == []
     assert cascade.detect(astronaut, ["hand"]) == []
+    assert {d.label for d in cascade.detect(astronaut, ["hand", "head"])} == {"head"}, "answers in the prompt's word"
 
 
 def test_file_detector_reads_boxes_pixels_and_masks(tmp_path):
