@@ -65,6 +65,7 @@ class Vault:
         self._fp_table = sorted(fp_codes)
         self._fp_of_prompt = np.array([fp_codes[f] for f in self.prompt_fingerprint], dtype=np.int32)
         self._vision, self._vision_weights, self._device = vision, vision_weights, device
+        self._masks: dict[str, np.ndarray] = {}
 
     @classmethod
     def open(cls, folder, use_gpu: bool = True, vision=None, vision_weights: str | None = None,
@@ -122,6 +123,16 @@ class Vault:
     def _filter_mask(self, filters: dict | None) -> np.ndarray | None:
         if not filters:
             return None
+        cache_key = repr(sorted((k, v if isinstance(v, str) else tuple(v)) for k, v in filters.items()))
+        if cache_key in self._masks:
+            return self._masks[cache_key]
+        mask = self._compute_mask(filters)
+        if len(self._masks) >= 32:  # a runtime reuses a few filters; bound the memory
+            self._masks.pop(next(iter(self._masks)))
+        self._masks[cache_key] = mask
+        return mask
+
+    def _compute_mask(self, filters: dict) -> np.ndarray:
         mask = np.ones(len(self), dtype=bool)
         tables = {"checkpoint": self.manifest.checkpoints, "category": self.cat_names,
                   "campaign": self.manifest.campaigns, "te_fingerprint": self._fp_table}
