@@ -95,7 +95,8 @@ def _serve(c: dict) -> None:
             try:
                 ray.init(address="auto", namespace=c["namespace"])
             except ConnectionError:
-                ray.init(namespace=c["namespace"], include_dashboard=False, _node_ip_address=c["host"])
+                # no dashboard; the service opens no port of its own, it is reached through Ray only
+                ray.init(namespace=c["namespace"], include_dashboard=False)
                 started_here = True
     _, info = serve(c["vault"], name=c["name"], namespace=c["namespace"], device=c["device"],
                     vision_weights=c["vision_weights"], num_cpus=c["num_cpus"], resources=c["resources"] or None,
