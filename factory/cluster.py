@@ -121,7 +121,7 @@ def connect(cfg: Any = None) -> Cluster:
         if dashboard:  # only ever on the loopback unless the user names another host
             kw["dashboard_host"] = str(_get(cfg, "dashboard_host") or "127.0.0.1")
         try:
-            ray.init(**kw, **common)
+            ray.init(address="local", **kw, **common)  # "local": never join a cluster found on this machine
         except Exception as e:  # noqa: BLE001 - Ray raises many kinds; the user needs one line
             raise ClusterError(f"could not start a local Ray instance: {e}") from e
         return Cluster(nodes=list_nodes(), owned=True, address=None)

@@ -50,6 +50,7 @@ class RunReport:
     seconds: float = 0.0
     cleaned: list = field(default_factory=list)
     shards: list = field(default_factory=list)
+    unit_times: list = field(default_factory=list)  # (time.time(), images) as each unit's shard lands
     dry_run: bool = False
 
     @property
@@ -144,6 +145,7 @@ class ShardSink:
         path = self.dir / f"{name}.tar"
         shards.write_shard(path, samples, stats)
         self.report.shards.append(path)
+        self.report.unit_times.append((time.time(), len(samples)))
         for r in result["rejected"]:
             for reason in {x for attempt in r["reasons"] for x in attempt}:
                 self.report.rejected_reasons[reason] = self.report.rejected_reasons.get(reason, 0) + 1
