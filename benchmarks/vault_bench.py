@@ -1,6 +1,6 @@
 """Vault benchmark on synthetic clustered vectors (CPU): latency, recall, speed-up, build time, bytes.
 
-    python benchmarks/vault_bench.py --sizes 100000 500000 [--dim 1024] [--prompts-per-image 0.1]
+    python benchmarks/vault_bench.py --sizes 100000 500000 [--index auto IVF1024,Flat] [--work DIR]
 
 For each size N: write a synthetic pairs folder (N x dim embeddings, N/10 prompts with real SDXL
 conditionings [77,2048] + [1280] by default), build a stored vault with the index chosen as
@@ -10,12 +10,15 @@ autofaiss would (or --index), then measure single-query latency of
   query      the vault's index + neighbour weighting + the conditioning fetch and blend (stored mode)
   auto       the same with routing to the nearest category index
 and recall@10 of the vault against exact search, on noisy copies of stored items (new "images"
-of the same prompts). Then the vault is shrunk to prompts-only (drop_conditionings) and its bytes
+of the same prompts). With --work DIR the synthetic pairs are kept there and reused by later runs.
+Then the vault is shrunk to prompts-only (drop_conditionings) and its bytes
 counted. Ratios are against the exact search measured in the same run. faiss runs on 1 thread.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
 import sys
 import tempfile
@@ -53,22 +56,31 @@ def pct(ms: np.ndarray) -> str:
     return f"{np.percentile(ms, 50):.3f} / {np.percentile(ms, 99):.3f}"
 
 
-def run_size(n: int, args, work: Path) -> dict:
+def pairs_for(n: int, args, work: Path) -> tuple[Path, int, float]:
+    """The synthetic pairs folder of size n (reused from an earlier run in the same --work folder)."""
     n_prompts = max(1, int(n * args.prompts_per_image))
-    pairs_dir = work / f"pairs-{n}"
+    pairs_dir = work / f"pairs-{n}-{args.dim}-{n_prompts}-{args.clusters}-{'x'.join(map(str, args.text_dims))}"
+    done = pairs_dir / "complete"
     t = time.perf_counter()
-    write_synthetic_pairs(pairs_dir, n, n_prompts, args.dim, text_dims=tuple(args.text_dims),
-                          pooled_dim=args.pooled_dim, n_clusters=args.clusters, parts=max(1, n // 50_000),
-                          prompt_order="blocks", categories=("eyes", "hands", "faces", "hair", "skin"))
-    gen_s = time.perf_counter() - t
+    if not done.exists():
+        shutil.rmtree(pairs_dir, ignore_errors=True)
+        write_synthetic_pairs(pairs_dir, n, n_prompts, args.dim, text_dims=tuple(args.text_dims),
+                              pooled_dim=args.pooled_dim, n_clusters=args.clusters, parts=max(1, n // 50_000),
+                              prompt_order="blocks", categories=("eyes", "hands", "faces", "hair", "skin"))
+        done.write_text("ok")
+    return pairs_dir, n_prompts, time.perf_counter() - t
+
+
+def run_size(n: int, spec: str | None, args, work: Path) -> dict:
+    pairs_dir, n_prompts, gen_s = pairs_for(n, args, work)
     vault_dir = work / f"vault-{n}"
+    shutil.rmtree(vault_dir, ignore_errors=True)
     t = time.perf_counter()
-    m = build_vault(pairs_dir, vault_dir, index=args.index, memory_budget=args.memory_budget,
+    m = build_vault(pairs_dir, vault_dir, index=spec, memory_budget=args.memory_budget,
                     categories=not args.no_categories)
     build_s = time.perf_counter() - t
     with Pairs(pairs_dir) as p:
         base = normalize(p.embed)
-    shutil.rmtree(pairs_dir)  # the vault holds everything the queries need
     rng = np.random.default_rng(1)
     q = base[rng.choice(n, args.queries, replace=False)]
     q = normalize(q + rng.standard_normal(q.shape, dtype=np.float32) * (args.noise / np.sqrt(args.dim)))
@@ -98,7 +110,8 @@ def run_size(n: int, args, work: Path) -> dict:
     return dict(n=n, prompts=n_prompts, spec=m.index_spec, params=m.search_params, gen_s=gen_s, build_s=build_s,
                 recall=recall, exact=exact_ms, search=search_ms, query=query_ms, auto=auto_ms,
                 stored_b=stored_b / n, prompts_b=prompts_b / n, index_b=index_b / n, cond_b=cond_b / n_prompts,
-                categories=len(m.categories))
+                categories=len(m.categories),
+                cat_params=sorted({i["search_params"] or "exact" for i in m.categories.values()}))
 
 
 def report(rows: list[dict], args) -> str:
@@ -114,7 +127,8 @@ def report(rows: list[dict], args) -> str:
     for r in rows:
         speed = np.percentile(r["exact"], 50) / np.percentile(r["query"], 50)
         lines.append(
-            f"| {r['n']:,} | {r['spec']} ({r['params'] or 'exact'}; +{r['categories']} category indices) "
+            f"| {r['n']:,} | {r['spec']} ({r['params'] or 'exact'}; +{r['categories']} category indices: "
+            f"{'/'.join(r['cat_params']) or '-'}) "
             f"| {r['build_s']:.1f} | {r['recall']:.3f} | {pct(r['exact'])} | {pct(r['search'])} | {pct(r['query'])} "
             f"| {pct(r['auto'])} | {speed:.1f}x | {r['stored_b']:,.0f} | {r['prompts_b']:,.0f} |"
         )
@@ -134,7 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts-per-image", type=float, default=0.1)
     ap.add_argument("--text-dims", type=int, nargs=2, default=[768, 1280])
     ap.add_argument("--pooled-dim", type=int, default=1280)
-    ap.add_argument("--index", default=None, help="faiss index_factory string; default: chosen by size and memory")
+    ap.add_argument("--index", nargs="+", default=["auto"],
+                    help="faiss index_factory strings to compare; auto = chosen by size and memory")
     ap.add_argument("--memory-budget", default="8G")
     ap.add_argument("--no-categories", action="store_true")
     ap.add_argument("--noise", type=float, default=0.3, help="query offset from a stored item (relative norm)")
@@ -148,11 +163,16 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     rows = []
-    with tempfile.TemporaryDirectory(dir=args.work) as work:
+    load = [os.getloadavg()[0]]
+    with contextlib.ExitStack() as stack:
+        work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for n in args.sizes:
-            rows.append(run_size(n, args, Path(work)))
-            print(report(rows, args), flush=True)
-    text = report(rows, args)
+            for spec in args.index:
+                rows.append(run_size(n, None if spec == "auto" else spec, args, work))
+                load.append(os.getloadavg()[0])
+                print(report(rows, args), flush=True)
+    text = report(rows, args) + f"\n- 1-minute load average during the run: {', '.join(f'{x:.1f}' for x in load)} " \
+        f"on {os.cpu_count()} CPUs (shared machine)"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(f"```\npython benchmarks/vault_bench.py {' '.join(argv or sys.argv[1:])}\n```\n\n{text}\n")
