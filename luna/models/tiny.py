@@ -8,6 +8,7 @@ the same numbers in both on-disk formats.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -112,6 +113,18 @@ def tiny_pipeline(index: int = 0, family: str = "base"):
     return pipe
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and spin-waiting OpenMP threads on a busy
+    machine make them 10x slower: run tiny work on one thread."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def checkpoint_name(index: int, family: str) -> str:
     return f"tiny-{family}-{index}"
 
@@ -160,15 +173,18 @@ def write_checkpoints(out_dir, n: int = 2, families=FAMILIES) -> list[Checkpoint
     """Write `n` distinct tiny checkpoints (families cycle) as single files and diffusers folders."""
     out_dir = Path(out_dir)
     if n < 1:
-        raise ValueError(f"make-tiny: n must be >= 1, got {n}")
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not families or any(not f or "." in f or "/" in f for f in families):
+        raise ValueError(f"families must be non-empty names without dots or slashes, got {list(families)}")
     written = []
-    for index in range(n):
-        family = families[index % len(families)]
-        name = checkpoint_name(index, family)
-        pipe = tiny_pipeline(index, family)
-        single = write_single_file(pipe, out_dir / "single" / f"{name}.safetensors")
-        folder = write_diffusers(pipe, out_dir / "diffusers" / name)
-        written.append(CheckpointFiles(name, family, index, single, folder))
+    with one_thread():
+        for index in range(n):
+            family = families[index % len(families)]
+            name = checkpoint_name(index, family)
+            pipe = tiny_pipeline(index, family)
+            single = write_single_file(pipe, out_dir / "single" / f"{name}.safetensors")
+            folder = write_diffusers(pipe, out_dir / "diffusers" / name)
+            written.append(CheckpointFiles(name, family, index, single, folder))
     return written
 
 
@@ -178,7 +194,8 @@ def write_vision(out_dir) -> Path:
 
     from luna.models.vision import create_open_clip
 
-    model = create_open_clip(TINY_VISION)
+    with one_thread():
+        model = create_open_clip(TINY_VISION)
     path = Path(out_dir) / f"{TINY_VISION}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

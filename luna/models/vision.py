@@ -36,7 +36,7 @@ def create_open_clip(name: str, seed: int | None = None):
     _register_configs()
     name = ALIASES.get(name, name)
     if name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip architecture {name!r} (known: tiny, {', '.join(open_clip.list_models()[:8])}, ...)")
+        raise ValueError(f"unknown open_clip architecture {name!r} (e.g. tiny, ViT-H-14, ViT-L-14-336, ViT-bigG-14)")
     root = logging.getLogger()
     saved = root.level
     root.setLevel(max(saved, logging.ERROR))  # open_clip warns "No pretrained weights loaded": we load them ourselves
@@ -136,6 +136,11 @@ def load_vision(name: str = "tiny", weights=None, device="cpu", dtype=torch.floa
     local file (safetensors, or .bin/.pt read with weights_only=True).
     """
     arch = ALIASES.get(name, name)
+    _register_configs()
+    import open_clip
+
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {name!r} (e.g. tiny, ViT-H-14, ViT-L-14-336, ViT-bigG-14)")
     if weights is None and arch != TINY_NAME:
         raise ValueError(f"vision model {name!r} needs a local weights file (weights=PATH); nothing is downloaded")
     model = create_open_clip(arch)

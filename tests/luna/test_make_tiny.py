@@ -1,0 +1,22 @@
+"""`luna make-tiny`: the command writes loadable checkpoints in both formats."""
+from __future__ import annotations
+
+from luna.models import sdxl
+from luna.models.fingerprint import te_fingerprint
+from luna.models.make_tiny import main
+
+
+def test_make_tiny_command(tmp_path, capsys):
+    out = tmp_path / "models"
+    assert main([f"out={out}", "n=1", "write_vision=true"]) == 0
+    single = out / "single" / "tiny-base-0.safetensors"
+    folder = out / "diffusers" / "tiny-base-0"
+    assert single.is_file() and (folder / "model_index.json").is_file()
+    assert (out / "vision" / "luna-tiny-vit.safetensors").is_file()
+    assert sdxl.detect_architecture(single).is_sdxl and sdxl.detect_architecture(folder).is_sdxl
+    assert te_fingerprint(single) in capsys.readouterr().out
+
+
+def test_make_tiny_rejects_bad_n(tmp_path, capsys):
+    assert main([f"out={tmp_path}", "n=0"]) == 2
+    assert "n must be >= 1" in capsys.readouterr().err

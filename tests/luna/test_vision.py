@@ -1,0 +1,69 @@
+"""luna.models.vision: open_clip towers from local weights only, equal to open_clip's own encode_image."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from luna.models import tiny, vision
+
+
+@pytest.fixture(scope="module")
+def tower():
+    return vision.load_vision("tiny")
+
+
+@pytest.fixture(scope="module")
+def pixels(tower):
+    images = [Image.new("RGB", (300, 200), (200, 30, 30)), Image.linear_gradient("L").convert("RGB")]
+    return torch.stack([tower.preprocess(im) for im in images])
+
+
+def test_tiny_tower_matches_open_clip(tower, pixels):
+    assert tower.model_id == "open_clip:luna-tiny-vit"
+    assert pixels.shape == (2, 3, 224, 224)  # the model's own preprocessing (resize + centre crop)
+    emb = tower.encode(pixels)
+    assert emb.shape == (2, tower.dim) and tower.dim == 32
+    with torch.no_grad():
+        assert torch.equal(emb, tower.model.encode_image(pixels))
+    assert not torch.allclose(emb[0], emb[1])
+
+
+def test_penultimate_tokens(tower, pixels):
+    tokens = tower.encode_tokens(pixels)
+    width = tower.visual.transformer.width
+    assert tokens.shape == (2, 1 + (224 // 32) ** 2, width)
+    # run the blocks by hand: the output of the second-to-last block, class token first
+    visual = tower.visual
+    with torch.no_grad():
+        x = visual._embeds(pixels)
+        for block in visual.transformer.resblocks[:-1]:
+            x = block(x)
+    assert torch.allclose(tokens, x, atol=1e-6)
+
+
+def test_weights_file_round_trip_and_determinism(tower, pixels, tmp_path):
+    path = tiny.write_vision(tmp_path)
+    loaded = vision.load_vision("tiny", weights=path)
+    assert torch.equal(loaded.encode(pixels), tower.encode(pixels))
+    assert torch.equal(vision.load_vision("tiny").encode(pixels), tower.encode(pixels))
+
+
+def test_vision_only_and_pickle_weights(tower, pixels, tmp_path):
+    visual_only = {k: v for k, v in tower.model.state_dict().items() if k.startswith("visual.")}
+    torch.save({"state_dict": visual_only}, tmp_path / "visual.pt")
+    loaded = vision.load_vision("tiny", weights=tmp_path / "visual.pt")  # torch.load(weights_only=True)
+    assert torch.equal(loaded.encode(pixels), tower.encode(pixels))
+
+
+def test_mismatched_weights_name_the_tensor(tmp_path):
+    path = tiny.write_vision(tmp_path)
+    with pytest.raises(vision.VisionWeightsError, match=r"ViT-B-32.*'visual\.[a-z_.0-9]+'"):
+        vision.load_vision("ViT-B-32", weights=path)
+
+
+def test_real_architectures_need_a_local_file():
+    with pytest.raises(ValueError, match="local weights file"):
+        vision.load_vision("ViT-H-14")
+    with pytest.raises(ValueError, match="unknown open_clip architecture"):
+        vision.load_vision("no-such-model", weights="x.safetensors")
