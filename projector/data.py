@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -35,9 +37,15 @@ class PairsDataError(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer():
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
+    """open_clip's SimpleTokenizer, loaded from its file: importing the open_clip package (and
+    timm) costs seconds and is not needed to count tokens."""
+    if "open_clip.tokenizer" in sys.modules:
+        return sys.modules["open_clip.tokenizer"].SimpleTokenizer()
+    path = Path(importlib.util.find_spec("open_clip").origin).parent / "tokenizer.py"
+    spec = importlib.util.spec_from_file_location("_luna_open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SimpleTokenizer()
 
 
 def content_lengths(texts: list[str], seq_len: int = SEQ_LEN) -> np.ndarray:

@@ -85,13 +85,22 @@ class ProjectorModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         if self.projector.closed_form:
             self.projector.net.reset_statistics()
+            self._unsolved = True
 
-    def on_train_epoch_end(self) -> None:
-        if self.projector.closed_form:  # sum the normal equations over all ranks, then solve
+    def _solve(self) -> None:
+        """Sum the normal equations over all ranks, then solve (once per training epoch)."""
+        if self.projector.closed_form and getattr(self, "_unsolved", False):
             net = self.projector.net
             xtx = self.trainer.strategy.reduce(net._xtx.to(self.device), reduce_op="sum")
             xty = self.trainer.strategy.reduce(net._xty.to(self.device), reduce_op="sum")
             net.solve(xtx, xty)
+            self._unsolved = False
+
+    def on_validation_epoch_start(self) -> None:
+        self._solve()  # Lightning validates before on_train_epoch_end
+
+    def on_train_epoch_end(self) -> None:
+        self._solve()
 
     def configure_optimizers(self):
         if self.projector.closed_form:

@@ -31,6 +31,7 @@ def write_closed_loop_pairs(
     rank: int = 12,
     image_noise: float = 0.05,
     cond_noise: float = 0.02,
+    nonlinearity: float = 2.0,
     tokens: tuple[int, int] | None = None,
     seq_len: int = 77,
     seed: int = 0,
@@ -48,6 +49,7 @@ def write_closed_loop_pairs(
     v = rng.standard_normal((seq_len, latent, rank)) * 0.8 / np.sqrt(latent) + rng.standard_normal((1, latent, rank)) / np.sqrt(latent)
     b = rng.standard_normal((seq_len, rank)) * 0.3
     v_pad = rng.standard_normal((latent, rank)) * 1.2 / np.sqrt(latent)
+    v_quad = rng.standard_normal((latent, rank)) / np.sqrt(latent)
     w_pool = rng.standard_normal((latent, pooled_dim)) / np.sqrt(latent)
     bos = rng.standard_normal(c) * 5.0
     offset = rng.standard_normal(c)
@@ -58,8 +60,10 @@ def write_closed_loop_pairs(
 
     n_content = content_lengths(texts, seq_len)
     pos = np.arange(seq_len)
-    content_h = np.tanh(np.einsum("pk,tkr->ptr", z, v) + b)  # [P, L, r]
-    pad_h = np.tanh(z @ v_pad)[:, None, :] + 0.1 * b[None]  # [P, L, r]
+    # saturating and quadratic terms: a linear map of the embedding cannot fit them
+    quad = (np.einsum("pk,kr->pr", z, v_quad) ** 2 - 1.0) * nonlinearity / 2
+    content_h = np.tanh(nonlinearity * np.einsum("pk,tkr->ptr", z, v) + b) + quad[:, None, :]  # [P, L, r]
+    pad_h = np.tanh(nonlinearity * z @ v_pad)[:, None, :] + quad[:, None, :] + 0.1 * b[None]  # [P, L, r]
     is_pad = pos[None, :, None] >= n_content[:, None, None]
     cond = np.where(is_pad, pad_h, content_h) @ u + offset
     cond += cond_noise * rng.standard_normal(cond.shape)
