@@ -193,6 +193,16 @@ def _folder_tokenizers(folder: Path) -> dict:
     return out
 
 
+def _variant(folder: Path) -> str | None:
+    """'fp16' when a diffusers folder holds only `*.fp16.safetensors` weights (a common hub layout)."""
+    unet = folder / "unet"
+    if any(unet.glob("diffusion_pytorch_model*.safetensors")) and not any(
+        p for p in unet.glob("diffusion_pytorch_model*.safetensors") if ".fp16." not in p.name
+    ):
+        return "fp16"
+    return None
+
+
 def load_sdxl(path, device="cpu", dtype=torch.float32, allow_pickle: bool = False):
     """A StableDiffusionXLPipeline from a single file (original layout) or a diffusers folder, offline."""
     from diffusers import StableDiffusionXLPipeline
@@ -203,7 +213,7 @@ def load_sdxl(path, device="cpu", dtype=torch.float32, allow_pickle: bool = Fals
     with _quiet():
         if info.format == "diffusers":
             pipe = StableDiffusionXLPipeline.from_pretrained(
-                info.path, local_files_only=True, dtype=dtype, **_folder_tokenizers(info.path)
+                info.path, local_files_only=True, dtype=dtype, variant=_variant(info.path), **_folder_tokenizers(info.path)
             )
         else:
             tok, tok2 = sdxl_tokenizers()
@@ -264,8 +274,9 @@ def load_text_encoders(path, device="cpu", dtype=torch.float32, allow_pickle: bo
             own = _folder_tokenizers(info.path)
             tok = own.get("tokenizer") or AutoTokenizer.from_pretrained(info.path / "tokenizer", local_files_only=True)
             tok2 = own.get("tokenizer_2") or AutoTokenizer.from_pretrained(info.path / "tokenizer_2", local_files_only=True)
-            te1 = CLIPTextModel.from_pretrained(info.path / "text_encoder", local_files_only=True, dtype=dtype)
-            te2 = CLIPTextModelWithProjection.from_pretrained(info.path / "text_encoder_2", local_files_only=True, dtype=dtype)
+            common = dict(local_files_only=True, dtype=dtype, variant=_variant(info.path))
+            te1 = CLIPTextModel.from_pretrained(info.path / "text_encoder", **common)
+            te2 = CLIPTextModelWithProjection.from_pretrained(info.path / "text_encoder_2", **common)
         else:
             from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 

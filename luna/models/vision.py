@@ -65,7 +65,48 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if any(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
+    if "vision_model.embeddings.patch_embedding.weight" in state:  # transformers CLIP vision layout
+        state = from_hf_clip_vision(state)
     return state
+
+
+_HF_LAYER = {
+    "layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj.",
+    "self_attn.out_proj.": "attn.out_proj.",
+}
+_HF_TOP = {
+    "vision_model.embeddings.class_embedding": "visual.class_embedding",
+    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+}
+
+
+def from_hf_clip_vision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers CLIPVisionModelWithProjection weights (e.g. IP-Adapter's image_encoder) -> open_clip `visual.*`."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key in _HF_TOP:
+            out[_HF_TOP[key]] = value
+        elif key == "visual_projection.weight":
+            out["visual.proj"] = value.T.contiguous()
+        elif key.startswith("vision_model.encoder.layers."):
+            layer, rest = key[len("vision_model.encoder.layers."):].split(".", 1)
+            base = f"visual.transformer.resblocks.{layer}."
+            parts = rest.split(".")
+            if parts[0] == "self_attn" and parts[1] in ("q_proj", "k_proj", "v_proj"):
+                qkv.setdefault(f"{base}attn.in_proj_{parts[2]}", {})[parts[1]] = value
+            else:
+                new = next((n + rest[len(o):] for o, n in _HF_LAYER.items() if rest.startswith(o)), None)
+                if new is not None:
+                    out[base + new] = value
+    for key, p in qkv.items():
+        out[key] = torch.cat([p["q_proj"], p["k_proj"], p["v_proj"]], dim=0)
+    return out
 
 
 def _check_matches(state: dict[str, torch.Tensor], model, path: Path, name: str) -> dict[str, torch.Tensor]:
@@ -133,7 +174,9 @@ def load_vision(name: str = "tiny", weights=None, device="cpu", dtype=torch.floa
     """An open_clip vision tower `name` ("tiny", "ViT-H-14", "ViT-L-14-336", "ViT-bigG-14", ...) with local `weights`.
 
     weights=None is allowed only for "tiny" (deterministic tiny weights); real architectures need a
-    local file (safetensors, or .bin/.pt read with weights_only=True).
+    local file (safetensors, or .bin/.pt read with weights_only=True) holding an open_clip state
+    dict, its `visual.*` part, or a transformers CLIPVisionModelWithProjection (IP-Adapter's
+    image_encoder/model.safetensors for ViT-H-14).
     """
     arch = ALIASES.get(name, name)
     _register_configs()

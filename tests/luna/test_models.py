@@ -226,3 +226,16 @@ def test_original_layout_of_real_sdxl_sizes():
     assert bigg["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"].shape == (3840, 1280)
     shapes = {k: tuple(v.shape) for k, v in {**original, **vae_original, **convert.clip_l_to_original(te1.state_dict()), **bigg}.items()}
     assert sdxl.classify_shapes(shapes)[:2] == ("sdxl", "full")
+
+
+def test_fp16_variant_folder(files, tmp_path):
+    """Hub-style folders that hold only `*.fp16.safetensors` weights load too, with the same fingerprint."""
+    pipe = tiny.tiny_pipeline(0, "base").to(torch.float16)
+    pipe.save_pretrained(tmp_path / "variant", variant="fp16")
+    assert not list((tmp_path / "variant" / "unet").glob("diffusion_pytorch_model.safetensors"))
+    loaded = sdxl.load_sdxl(tmp_path / "variant")
+    assert loaded.unet.dtype == torch.float32
+    assert te_fingerprint(tmp_path / "variant") == te_fingerprint(files["tiny-base-0"][0])
+    enc = sdxl.load_text_encoders(tmp_path / "variant")
+    ref = sdxl.encode_prompt(sdxl.load_text_encoders(files["tiny-base-0"][0]), PROMPTS)
+    assert all(torch.equal(a, b) for a, b in zip(sdxl.encode_prompt(enc, PROMPTS), ref))

@@ -67,3 +67,35 @@ def test_real_architectures_need_a_local_file():
         vision.load_vision("ViT-H-14")
     with pytest.raises(ValueError, match="unknown open_clip architecture"):
         vision.load_vision("no-such-model", weights="x.safetensors")
+
+
+def test_transformers_clip_vision_weights(tower, pixels, tmp_path):
+    """IP-Adapter ships its ViT-H-14 as a transformers CLIPVisionModelWithProjection; it loads too."""
+    from safetensors.torch import save_file
+
+    visual = {k: v for k, v in tower.model.state_dict().items() if k.startswith("visual.")}
+    hf = {"vision_model.embeddings.class_embedding": visual["visual.class_embedding"],
+          "vision_model.embeddings.patch_embedding.weight": visual["visual.conv1.weight"],
+          "vision_model.embeddings.position_embedding.weight": visual["visual.positional_embedding"],
+          "vision_model.pre_layrnorm.weight": visual["visual.ln_pre.weight"],
+          "vision_model.pre_layrnorm.bias": visual["visual.ln_pre.bias"],
+          "vision_model.post_layernorm.weight": visual["visual.ln_post.weight"],
+          "vision_model.post_layernorm.bias": visual["visual.ln_post.bias"],
+          "visual_projection.weight": visual["visual.proj"].T.contiguous()}
+    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "self_attn.out_proj"}
+    for key, value in visual.items():
+        if not key.startswith("visual.transformer.resblocks."):
+            continue
+        layer, rest = key[len("visual.transformer.resblocks."):].split(".", 1)
+        base = f"vision_model.encoder.layers.{layer}."
+        if rest.startswith("attn.in_proj_"):
+            kind = rest.rsplit("_", 1)[1]
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
+                hf[f"{base}self_attn.{name}.{kind}"] = part.contiguous()
+        else:
+            old = next(o for o in names if rest.startswith(o))
+            hf[base + names[old] + rest[len(old):]] = value
+    save_file(hf, str(tmp_path / "image_encoder.safetensors"))
+    loaded = vision.load_vision("tiny", weights=tmp_path / "image_encoder.safetensors")
+    assert torch.equal(loaded.encode(pixels), tower.encode(pixels))
