@@ -27,14 +27,19 @@ TINY_OVERRIDES = {
     "draft.smooth": "192", "draft.steps": "3",
 }
 ALIASES = {"vault.address": "vault", "vault.path": "vault"}
+TEXT_KEYS = ("prompt", "negative")  # free text: commas and brackets are not Hydra syntax here
 
 
 def _rewrite(argv: list[str]) -> list[str]:
-    """vault.address=X -> vault=X; preset=tiny adds the tiny sizes the user did not set."""
+    """vault.address=X -> vault=X; prompts quoted for Hydra; preset=tiny adds the tiny sizes the user did not set."""
     out = []
     for a in argv:
         key, eq, val = a.partition("=")
-        out.append(f"{ALIASES[key]}={val}" if eq and key in ALIASES else a)
+        if eq and key in ALIASES:
+            a = f"{ALIASES[key]}={val}"
+        elif eq and key.lstrip("+") in TEXT_KEYS and val and val[0] not in "'\"":
+            a = key + "='" + val.replace("'", "\\'") + "'"
+        out.append(a)
     if any(a in ("preset=tiny", "+preset=tiny") for a in out):
         given = {a.partition("=")[0].lstrip("+~") for a in out}
         out = [f"{k}={v}" for k, v in TINY_OVERRIDES.items() if k not in given] + out

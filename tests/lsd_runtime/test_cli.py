@@ -1,0 +1,130 @@
+"""`luna refine` end to end on the astronaut (tiny preset), the refine() API, and bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lsd_runtime.cli import main
+
+TINY_VISION = "open_clip:luna-tiny-vit"
+
+
+@pytest.fixture(scope="module")
+def astronaut(tmp_path_factory):
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("img") / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vault_dir(tmp_path_factory):
+    from extraction.synthetic import write_synthetic_pairs
+    from vault.build import build_vault
+
+    pairs = write_synthetic_pairs(tmp_path_factory.mktemp("pairs"), 120, 30, 32, text_dims=(32, 64), pooled_dim=64,
+                                  vision_model=TINY_VISION)
+    out = tmp_path_factory.mktemp("v") / "vault"
+    build_vault(pairs, out, index="Flat", categories=False)
+    return out
+
+
+def test_refine_astronaut_with_a_vault_writes_image_overlays_masks_and_record(astronaut, vault_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main([f"image={astronaut}", "prompt=an astronaut, detailed face", f"out={out}", "preset=tiny",
+               f"vault={vault_dir}", "retrieval.k=3", "retrieval.weight=0.4", "detect.prompts=[face]"])
+    assert rc == 0, capsys.readouterr().err
+    refined = Image.open(out / "refined.png")
+    assert refined.size == (512, 512)
+    assert not np.array_equal(np.asarray(refined), np.asarray(Image.open(astronaut)))
+    record = json.loads((out / "record.json").read_text())
+    assert record["image_size"] == [512, 512] and record["canvas_size"] == [512, 512]
+    assert record["crops"], "the cascade should find the astronaut's face"
+    face = record["crops"][0]
+    x0, y0, x1, y1 = face["crop_box"]
+    assert x1 - x0 == y1 - y0 == face["crop_size"] and x0 % 8 == 0 and y0 % 8 == 0
+    assert 0.3 < (x0 + x1) / 1024 < 0.6 and (y0 + y1) / 1024 < 0.4  # the face is upper centre
+    cond = face["conditioning"]
+    assert cond["source"] == "vault" and cond["strength"] == 0.4 and len(cond["neighbours"]) == 3
+    assert all(n["key"] and n["prompt"].startswith("synthetic") for n in cond["neighbours"])
+    assert record["conditioning"]["vision_model"] == TINY_VISION
+    assert len(record["tiles"]) == 9 and {t["pass"] for t in record["tiles"]} == {0, 1, 2, 3}
+    assert {"detect", "detail", "global_refine", "total"} <= set(record["timings"])
+    for rel in record["files"].values():
+        assert (out / rel).is_file()
+    mask = np.asarray(Image.open(out / "masks" / "crop_000.png"))
+    assert mask.shape == (512, 512) and mask[y0:y1, x0:x1].max() == 255 and mask[:y0].max() == 0
+    assert Image.open(out / "overlays" / "detections.png").size == (512, 512)
+
+
+def test_unreadable_image_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    assert main([f"image={bad}", f"out={tmp_path / 'o'}", "preset=tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "Traceback" not in err
+
+
+def test_sd15_checkpoint_is_refused_with_the_reason(tmp_path, astronaut, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "sd15.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+               "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": torch.zeros(77, 8)},
+              str(ckpt))
+    assert main([f"image={astronaut}", f"out={tmp_path / 'o'}", f"checkpoint={ckpt}"]) == 2
+    err = capsys.readouterr().err
+    assert "SD 1" in err and "not SDXL" in err
+
+
+def test_vault_of_another_vision_model_is_refused(tmp_path, astronaut, capsys):
+    from extraction.synthetic import write_synthetic_pairs
+    from vault.build import build_vault
+
+    pairs = write_synthetic_pairs(tmp_path / "pairs", 60, 10, 32, text_dims=(32, 64), pooled_dim=64,
+                                  vision_model="open_clip:ViT-L-14-336")
+    build_vault(pairs, tmp_path / "vault", index="Flat", categories=False)
+    rc = main([f"image={astronaut}", f"out={tmp_path / 'o'}", "preset=tiny", f"vault.address={tmp_path / 'vault'}",
+               "vision.name=tiny"])
+    assert rc == 2
+    assert "ViT-L-14-336" in capsys.readouterr().err
+
+
+def test_refine_api_pads_odd_sizes_and_keeps_pixels_outside_masks(tmp_path):
+    from lsd_runtime.detailer import identity_denoiser
+    from lsd_runtime.detect import Detection
+    from lsd_runtime.workflow import RefineSettings, refine, tiny_components
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (203, 301, 3), dtype=np.uint8)
+
+    def brighten(items):
+        return [np.clip(it.image + 40.0, 0, 255) for it in items]
+
+    res = refine(img, "x", components=tiny_components(), detections=[Detection(box=(0.4, 0.3, 0.6, 0.6))],
+                 settings=RefineSettings.tiny(global_refine=False), denoise=brighten)
+    out = np.asarray(res.image)
+    assert out.shape == img.shape
+    assert res.record["canvas_size"] == [304, 208] and res.record["padded"] == [3, 5]
+    mask = res.masks["crop_000"]
+    assert mask.shape == img.shape[:2]
+    assert np.array_equal(out[mask == 0], img[mask == 0])
+    assert (out[mask > 0.5].astype(int) - img[mask > 0.5]).mean() > 10
+    same = refine(img, "x", components=tiny_components(), detections=[], settings=RefineSettings.tiny(),
+                  denoise=identity_denoiser)
+    assert np.array_equal(np.asarray(same.image), img)  # identity everywhere: nothing moves, no seams
+
+
+def test_from_draft_runs_draft_smoothing_and_upscale():
+    from lsd_runtime.workflow import RefineSettings, refine, tiny_components
+
+    settings = RefineSettings.tiny(from_draft=True, global_refine=False)
+    res = refine(None, "a red planet", components=tiny_components(), detections=[], settings=settings)
+    assert res.image.size == (512, 512)
+    assert res.record["draft"] == {"draft_size": [128, 128], "smooth_size": [192, 192]}
+    assert np.asarray(res.image).std() > 1.0
