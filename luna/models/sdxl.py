@@ -163,22 +163,21 @@ def checked_architecture(path, allow_pickle: bool = False) -> ArchInfo:
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence diffusers/transformers progress bars and info logs while loading."""
+    """Silence diffusers/transformers progress bars and info logs while loading, then restore them."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
-    saved = dlog.get_verbosity(), tlog.get_verbosity()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
     try:
         yield
     finally:
-        dlog.set_verbosity(saved[0])
-        tlog.set_verbosity(saved[1])
-        dlog.enable_progress_bar()
-        tlog.enable_progress_bar()
+        for lib, verbosity, bars in saved:
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
 
 
 def _folder_tokenizers(folder: Path) -> dict:
