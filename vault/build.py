@@ -218,6 +218,9 @@ def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Pa
                 auto = vindex.choose_index_spec(
                     len(rows), x.shape[1], max(1, manifest.memory_budget * len(rows) // max(1, len(x))))
                 spec = index_override or auto
+                ivf = re.search(r"IVF(\d+)", spec)
+                if ivf and int(ivf.group(1)) * 39 > len(rows):  # too few points to train the override's clusters
+                    spec = auto
                 try:
                     ci = vindex.build_index(x[rows], spec, seed=seed)
                 except (VaultError, RuntimeError) as e:  # e.g. too few vectors to train the override
