@@ -396,14 +396,20 @@ def stage_refine(cfg: dict, p: Paths, checkpoints: list[dict]) -> dict:
     overlay = p.refine / "detections.png"
     detection_overlay(original, record).save(overlay)
     info = {"prompt": r["prompt"], "original": str(orig_path), "overlay": str(overlay), "box": box,
-            "checkpoint": ckpt["name"], "detections": record.get("detections", []), "variants": variants}
-    # the face crop's own contact sheet: what the vault retrieved for it
-    vault_nbs = variants[0]["neighbours"]
-    if box and vault_nbs:
-        sheet, _ = contact_sheet(original.crop(tuple(box)), vault_nbs, [str(p.shards)],
-                                 p.retrieval / "astronaut_face.png", tile=128)
-        info["retrieval"] = {"title": f"the astronaut's detected face (vault filtered to {ckpt['family']}'s text encoders)",
-                             "sheet": str(sheet), "neighbours": vault_nbs}
+            "checkpoint": ckpt["name"], "detections": record.get("detections", []), "variants": variants,
+            "note": "The tiny preset's UNet and VAE have random weights, so the detailed face is texture noise: "
+                    "what the demo shows is the plumbing (detection, square crop, per-crop conditioning from the "
+                    "vault or the projector, feathered paste that leaves every pixel outside the crop untouched). "
+                    "With a real SDXL checkpoint (`luna refine checkpoint=...`) the same path refines the face."}
+    # the face crop's own contact sheet: what the vault finds for it in the refining checkpoint's dialect
+    if box:
+        face = original.crop(tuple(box))
+        res = vault.query_images([face], k=int(r["k"]), filters={"te_fingerprint": ckpt["te_fingerprint"]})
+        sheet, _ = contact_sheet(face, list(res.neighbours[0]), [str(p.shards)], p.retrieval / "astronaut_face.png",
+                                 tile=128)
+        info["retrieval"] = {"title": f"the astronaut's detected face (neighbours from {ckpt['family']}-family "
+                                      "checkpoints, whose text encoders the refiner uses)",
+                             "sheet": str(sheet), "neighbours": _plain_neighbours(res.neighbours[0])}
     return info
 
 

@@ -36,11 +36,12 @@ from PIL import Image, ImageDraw, ImageFont
 REPORT_NAME = "report.html"
 FIGURES_DIR = "report"
 
-# Training curves: which logged metrics go on which panel (first found wins the colour order).
+# Training curves: (panel title, logged metrics, the vault k-NN baseline drawn as a dashed line).
 CURVE_PANELS = (
-    ("loss", ("train/loss", "val/loss", "val_ckpt/loss")),
-    ("cosine to the true conditioning (validation)",
-     ("val/cos_content", "val/cos_pad", "val/cos_pooled", "val_ckpt/cos_content")),
+    ("loss", ("train/loss", "val/loss"), None),
+    ("held-out prompts: cosine to the true conditioning",
+     ("val/cos_content", "val/cos_pad", "val/cos_pooled"), "val/knn_cos"),
+    ("held-out checkpoint: cosine", ("val_ckpt/cos_content", "val_ckpt/cos_pooled"), "val_ckpt/knn_cos"),
 )
 # The projector against its baselines on the same validation split.
 COMPARISON = (
@@ -150,8 +151,8 @@ def training_curves(history: list[dict]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(11, 3.8), dpi=100)
-    for ax, (title, names) in zip(axes, CURVE_PANELS):
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(13, 3.8), dpi=100)
+    for ax, (title, names, baseline_key) in zip(axes, CURVE_PANELS):
         drawn = 0
         for name in names:
             pts = [(r["step"], r[name]) for r in history
@@ -161,9 +162,9 @@ def training_curves(history: list[dict]):
             xs, ys = zip(*sorted(pts))
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, lw=1.6, label=name)
             drawn += 1
-        baseline = [r["val/knn_cos"] for r in history if r.get("val/knn_cos") is not None]
-        if "cos" in title and baseline:
-            ax.axhline(baseline[-1], color="black", ls="--", lw=1.2, label="vault k-NN (val)")
+        baseline = [r[baseline_key] for r in history if baseline_key and r.get(baseline_key) is not None]
+        if baseline:
+            ax.axhline(baseline[-1], color="black", ls="--", lw=1.2, label=f"vault k-NN ({baseline_key.split('/')[0]})")
             drawn += 1
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
@@ -398,7 +399,10 @@ def _training_section(page: _Page, t: dict) -> None:
 def _refine_section(page: _Page, r: dict) -> None:
     body = []
     if r.get("prompt"):
-        body.append(f"<p>Prompt: <q>{_esc(r['prompt'])}</q></p>")
+        body.append(f"<p>Prompt: <q>{_esc(r['prompt'])}</q>"
+                    + (f" · checkpoint {_esc(r['checkpoint'])}" if r.get("checkpoint") else "") + "</p>")
+    if r.get("note"):
+        body.append(f'<p class="note">{_esc(r["note"])}</p>')
     variants = r.get("variants") or []
     row = [("original", r["original"])] if r.get("original") else []
     if r.get("overlay"):
@@ -451,6 +455,7 @@ th{background:#f0f2f8} table.kv td:first-child{color:#555} table.nb td:last-chil
 figcaption{font-size:13px;color:#445;text-align:center;margin-top:4px}
 code{background:#eef;padding:1px 4px;border-radius:3px} footer{color:#778;font-size:12px;padding:0 36px 24px}
 details{margin:6px 0;font-size:13px}
+.note{background:#fff7e0;border-left:4px solid #e0b030;padding:8px 12px;font-size:13px;border-radius:4px}
 """
 
 # After load, count the images that decoded (naturalWidth > 0) and write the count into the page:
