@@ -172,7 +172,7 @@ class FactoryWorker:
             "unit_id": task["unit_id"], "worker": self.worker, "node": self.node, "loads": self.loads,
             "samples": out, "rejected": rejected,
             "timings": {"load_s": load_s, "generate_s": gen_s, "encode_s": time.time() - t_enc,
-                        "total_s": time.time() - t0},
+                        "total_s": time.time() - t0, "start": t0, "end": time.time()},
         }
 
 
