@@ -92,16 +92,18 @@ def _entries_diffusers(t: _Tensors, tag: str):
         yield name, t.shape(key), (lambda a, b, key=key: t.rows(key, a, b))
 
 
+def _entry(t: _Tensors, key: str, name: str):
+    yield name, t.shape(key), (lambda a, b: t.rows(key, a, b))
+
+
 def _entries_single(t: _Tensors):
     for key in t.keys():
-        if key.startswith(_CLIP_L) and not key.endswith("position_ids"):
-            yield from _entries_diffusers_one(t, key, "te1." + key[len(_CLIP_L):].removeprefix("text_model."))
+        rest = key[len(_CLIP_L):]
+        # only CLIPTextModel's own tensors: some files add extras (position_ids, a text_projection)
+        if key.startswith(_CLIP_L) and rest.startswith("text_model.") and not key.endswith("position_ids"):
+            yield from _entry(t, key, "te1." + rest.removeprefix("text_model."))
         elif key.startswith(_BIGG):
             yield from _bigg_entries(t, key, key[len(_BIGG):])
-
-
-def _entries_diffusers_one(t: _Tensors, key: str, name: str):
-    yield name, t.shape(key), (lambda a, b: t.rows(key, a, b))
 
 
 def _bigg_entries(t: _Tensors, key: str, rest: str):
@@ -112,7 +114,7 @@ def _bigg_entries(t: _Tensors, key: str, rest: str):
         "ln_final.bias": "final_layer_norm.bias",
     }
     if rest in simple:
-        yield from _entries_diffusers_one(t, key, "te2." + simple[rest])
+        yield from _entry(t, key, "te2." + simple[rest])
     elif rest == "text_projection":
         w, e = t.shape(key)
         yield "te2.text_projection.weight", (e, w), (lambda a, b: t.columns(key, a, b))
@@ -130,7 +132,7 @@ def _bigg_entries(t: _Tensors, key: str, rest: str):
         else:
             for old, new in _BIGG_LAYER.items():
                 if sub.startswith(old):
-                    yield from _entries_diffusers_one(t, key, base + new + sub[len(old):])
+                    yield from _entry(t, key, base + new + sub[len(old):])
                     break
     # anything else (logit_scale, ...) is not part of diffusers' text encoder
 
@@ -139,6 +141,8 @@ def _hash_entries(entries) -> str:
     h = hashlib.sha256()
     for name, shape, rows in sorted(entries, key=lambda e: e[0]):
         h.update(f"{name}:{list(shape)};".encode())
+        if not shape:
+            continue
         n = shape[0]
         # 1-D tensors (norms, biases) are small: whole; matrices: five rows spread over the tensor
         picks = [(0, n)] if len(shape) == 1 or n <= 5 else [(i, i + 1) for i in sorted({0, n // 4, n // 2, 3 * n // 4, n - 1})]
