@@ -93,7 +93,10 @@ def classify_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str | None
     missing = [what for key, what in ((_CLIP_L_POS, "CLIP-L text encoder"), (_BIGG_POS, "OpenCLIP-bigG text encoder"), (_VAE_IN, "VAE")) if key not in shapes]
     if missing:
         return "sdxl", None, f"SDXL UNet but no {', '.join(missing)} in the file (incomplete checkpoint)"
-    width, cross = shapes[_UNET_IN][0], shapes[_CLIP_L_POS][-1] + shapes[_BIGG_POS][-1]
+    width, channels = shapes[_UNET_IN][0], shapes[_UNET_IN][1]
+    if channels != 4:
+        return "unknown", None, f"SDXL UNet with {channels} input channels (inpainting/instruct variant), not text-to-image"
+    cross = shapes[_CLIP_L_POS][-1] + shapes[_BIGG_POS][-1]
     for size, cfg_dir in (("full", SDXL_BASE), ("tiny", SDXL_TINY)):
         cfg = json.loads((cfg_dir / "unet" / "config.json").read_text())
         if width == cfg["block_out_channels"][0] and cross == cfg["cross_attention_dim"]:
@@ -113,6 +116,9 @@ def _detect_folder(path: Path) -> ArchInfo:
     if not unet_cfg.is_file() or not (path / "text_encoder_2").is_dir() or not (path / "text_encoder").is_dir():
         return ArchInfo(path, "diffusers", "unknown", None, "SDXL pipeline folder without unet/text_encoder/text_encoder_2")
     cfg = json.loads(unet_cfg.read_text())
+    if cfg.get("in_channels", 4) != 4:
+        return ArchInfo(path, "diffusers", "unknown", None,
+                        f"SDXL UNet with {cfg['in_channels']} input channels (inpainting/instruct variant), not text-to-image")
     size = "custom"
     for name, cfg_dir in (("full", SDXL_BASE), ("tiny", SDXL_TINY)):
         ref = json.loads((cfg_dir / "unet" / "config.json").read_text())

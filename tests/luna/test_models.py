@@ -146,10 +146,18 @@ def test_non_sdxl_files_are_refused(tmp_path):
         "first_stage_model.encoder.conv_in.weight": torch.zeros(16, 3, 3, 3),
     })
     noise = _save(tmp_path / "noise.safetensors", {"a": torch.randn(4, 4), "b": torch.randn(3)})
+    inpaint = _save(tmp_path / "inpaint.safetensors", {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3),
+        "model.diffusion_model.label_emb.0.0.weight": torch.zeros(128, 112),
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": torch.zeros(77, 32),
+        "conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 64),
+        "first_stage_model.encoder.conv_in.weight": torch.zeros(16, 3, 3, 3),
+    })
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     assert sdxl.detect_architecture(sd15).family == "sd15"
-    for path, words in ((sd15, "SD 1.x"), (noise, "no Stable Diffusion UNet"), (broken, "not a readable")):
+    cases = ((sd15, "SD 1.x"), (noise, "no Stable Diffusion UNet"), (broken, "not a readable"), (inpaint, "9 input channels"))
+    for path, words in cases:
         with pytest.raises(sdxl.NotSDXLError) as err:
             sdxl.load_sdxl(path)
         assert str(path) in str(err.value) and words in str(err.value)
