@@ -197,6 +197,7 @@ class WithImageEmbeds:
     def __init__(self, source, embedder: CropEmbedder):
         self.source, self.embedder = source, embedder
         self.name = source.name
+        self.text = source if isinstance(source, TextSource) else getattr(source, "text", None)
 
     def rows(self, crops: list[Image.Image]) -> list[CondRow]:
         rows = self.source.rows(crops)

@@ -198,10 +198,13 @@ def _whole_image_pass(components: Components, image: Image.Image, noise: torch.T
 
 def draft_canvas(components: Components, image: Image.Image | None, text, scaffold: NoiseScaffold,
                  settings: RefineSettings) -> tuple[Image.Image, dict]:
-    """1K draft from the downscaled scaffold -> 1.5K smoothing -> Lanczos upscale to the canvas."""
+    """1K draft from the downscaled scaffold -> 1.5K smoothing -> Lanczos upscale to the canvas.
+
+    `text` is the text source (rows(images) -> one row per image); the negative is its text's.
+    """
     d = settings.draft
     cw, ch = scaffold.pixel_size
-    row = text.rows([None])[0]
+    negative = getattr(text, "text", text).negative_row
     timings = {}
     t = time.perf_counter()
     dw, dh = _fit((cw, ch), d.draft)
@@ -210,17 +213,18 @@ def draft_canvas(components: Components, image: Image.Image | None, text, scaffo
         start, strength = Image.new("RGB", (dw, dh), (127, 127, 127)), 1.0
     else:
         start = resize_lanczos(image, (dw, dh))
+    row = text.rows([start])[0]
     ss = SamplerSettings(steps=d.steps, strength=strength, cfg=settings.detail_sampler.cfg,
                          sampler=settings.detail_sampler.sampler)
-    draft = _whole_image_pass(components, start, scaffold.latent_for_size(dw, dh), row, text.negative_row, ss,
-                              settings.seed)
+    draft = _whole_image_pass(components, start, scaffold.latent_for_size(dw, dh), row, negative, ss, settings.seed)
     timings["draft"] = time.perf_counter() - t
     t = time.perf_counter()
     sw, sh = _fit((cw, ch), d.smooth)
     ss = SamplerSettings(steps=d.steps, strength=d.smooth_strength, cfg=settings.detail_sampler.cfg,
                          sampler=settings.detail_sampler.sampler)
-    smooth = _whole_image_pass(components, resize_lanczos(draft, (sw, sh)), scaffold.latent_for_size(sw, sh), row,
-                               text.negative_row, ss, settings.seed + 1)
+    smooth_in = resize_lanczos(draft, (sw, sh))
+    smooth = _whole_image_pass(components, smooth_in, scaffold.latent_for_size(sw, sh), text.rows([smooth_in])[0],
+                               negative, ss, settings.seed + 1)
     timings["smooth"] = time.perf_counter() - t
     return resize_lanczos(smooth, (cw, ch)), {"draft_size": [dw, dh], "smooth_size": [sw, sh], "timings": timings}
 
@@ -259,15 +263,23 @@ def refine(image, prompt: str, *, components: Components, detector=None, detecti
     the text source is built from `prompt` when None. `denoise`/`tile_denoise` replace the sampler
     (tests inject an identity denoiser).
     """
-    from lsd_runtime.conditioning import TextSource
+    from lsd_runtime.conditioning import TextSource, WithImageEmbeds
 
     settings = settings or RefineSettings()
     t_all = time.perf_counter()
     timings: dict = {}
     force = components.sampler.force_zeros_for_empty_prompt
-    text = getattr(conditioning, "text", None) or TextSource(components.encoders, prompt, negative,
-                                                             force_zeros_for_empty_prompt=force)
+    text = conditioning if isinstance(conditioning, TextSource) else getattr(conditioning, "text", None)
+    text = text or TextSource(components.encoders, prompt, negative, force_zeros_for_empty_prompt=force)
     source = conditioning or text
+    plain = text  # the text rows of the draft and the global pass
+    if components.sampler.has_ip_adapter and denoise is None:
+        embedder = getattr(source, "embedder", None)
+        if embedder is None:
+            raise ValueError("an IP-Adapter is loaded: give conditioning=WithImageEmbeds(source, CropEmbedder(tower)) "
+                             "so every crop and tile has its own image embedding")
+        plain = WithImageEmbeds(text, embedder)
+        source = source if isinstance(source, WithImageEmbeds) else WithImageEmbeds(source, embedder)
     record: dict = {"format_version": FORMAT_VERSION, "prompt": prompt, "negative": negative, "seed": settings.seed,
                     "checkpoint": components.name, "settings": _settings_json(settings)}
 
@@ -278,7 +290,7 @@ def refine(image, prompt: str, *, components: Components, detector=None, detecti
         scaffold = scaffold or NoiseScaffold(settings.seed, (cw, ch))
         if tuple(scaffold.pixel_size) != (cw, ch):
             raise ValueError(f"scaffold covers {scaffold.pixel_size}, the draft canvas is {(cw, ch)}")
-        rgb, draft_info = draft_canvas(components, src, text, scaffold, settings)
+        rgb, draft_info = draft_canvas(components, src, plain, scaffold, settings)
         timings.update(draft_info.pop("timings"))
         record["draft"] = draft_info
     else:
@@ -325,7 +337,7 @@ def refine(image, prompt: str, *, components: Components, detector=None, detecti
     tiles = []
     if settings.global_refine:
         t = time.perf_counter()
-        tile_source = source if settings.refine_conditioning == "same" else text
+        tile_source = source if settings.refine_conditioning == "same" else plain
         tile_denoise = tile_denoise or injected or sampler_denoiser(components.sampler, settings.refine_sampler,
                                                                     text.negative_row)
         canvas, tiles = refine_tiles(canvas, scaffold, tile_source, tile_denoise, settings.tiles, settings.seed)
