@@ -156,8 +156,7 @@ class Sampler:
         return getattr(self.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj"
 
     # ------------------------------------------------------------------ VAE
-    def _vae_mode(self, pixels: torch.Tensor):
-        side = max(pixels.shape[-2:])
+    def _vae_mode(self, side: int):
         tile = side > self.vae_tiling_above
         if tile != getattr(self.vae, "use_tiling", False) and hasattr(self.vae, "enable_tiling"):
             self.vae.enable_tiling() if tile else self.vae.disable_tiling()
@@ -165,14 +164,14 @@ class Sampler:
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8] float32 (posterior mode)."""
-        self._vae_mode(pixels)
+        self._vae_mode(max(pixels.shape[-2:]))
         return self._guarded(lambda vae: vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode(),
                              "encode") * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> pixels [B, 3, H, W] float32 in [-1, 1]."""
-        self._vae_mode(latents * 8)
+        self._vae_mode(8 * max(latents.shape[-2:]))
         z = latents / self.vae.config.scaling_factor
         return self._guarded(lambda vae: vae.decode(z.to(vae.device, vae.dtype)).sample, "decode").clamp(-1, 1)
 
