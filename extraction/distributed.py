@@ -107,8 +107,7 @@ def connect_cluster(cfg):
     from factory.cluster import connect
 
     c = _get(cfg, "cluster")
-    ccfg = {"mode": c} if isinstance(c, str) else _plain(c)
-    return connect(ccfg)
+    return connect({"mode": c} if isinstance(c, str) else _plain(c))
 
 
 def actor_resources(cfg) -> dict:
@@ -119,6 +118,8 @@ def actor_resources(cfg) -> dict:
     gpa = _get(ray_cfg, "gpus_per_actor", "auto")
     if gpa == "auto":
         gpa = 1 if gpus_total else 0
+    if float(gpa) > gpus_total:  # would wait forever for a GPU that no node has
+        raise ValueError(f"ray.gpus_per_actor={gpa}: the Ray cluster has {gpus_total} GPUs")
     return {"num_cpus": float(_get(ray_cfg, "cpus_per_actor", 1)), "num_gpus": float(gpa)}
 
 
@@ -127,7 +128,10 @@ def make_text_actor(cfg):
 
     ray_cfg = _get(cfg, "ray", {})
     gpus = ray.cluster_resources().get("GPU", 0)
-    text_gpus = float(_get(ray_cfg, "text_gpus", 0.25 if gpus else 0))
+    text_gpus = _get(ray_cfg, "text_gpus", "auto")
+    text_gpus = (0.25 if gpus else 0.0) if text_gpus == "auto" else float(text_gpus)
+    if text_gpus > gpus:
+        raise ValueError(f"ray.text_gpus={text_gpus}: the Ray cluster has {gpus} GPUs")
     actor = ray.remote(TextWorker).options(num_cpus=0.5, num_gpus=text_gpus, max_restarts=1).remote(
         _plain(_get(cfg, "text", {})), list(_get(_get(cfg, "checkpoints", {}), "dirs", []) or []),
         str(_get(cfg, "device", "auto")),

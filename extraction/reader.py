@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,6 +301,12 @@ class ShardStream(IterableDataset):
             yield from iter_shard_batches(i, self.sources[i], self.preprocess, self.batch_size)
 
 
+def _worker_context() -> str | None:
+    """Fork (fast) unless this process talks to Ray: forking its gRPC threads can hang the children."""
+    ray = sys.modules.get("ray")
+    return "spawn" if ray is not None and ray.is_initialized() else None
+
+
 def stream_batches(sources: list, preprocess: Callable, batch_size: int, workers: int):
     """Batches and shard ends of `sources` (paths or tar bytes), decoded by `workers` processes."""
     workers = max(0, min(int(workers), len(sources)))
@@ -309,6 +316,7 @@ def stream_batches(sources: list, preprocess: Callable, batch_size: int, workers
         num_workers=workers,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        multiprocessing_context=_worker_context() if workers else None,
     )
     return iter(loader)
 

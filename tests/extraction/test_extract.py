@@ -13,29 +13,8 @@ from extraction.extract import OutputMismatch, extract
 from extraction.image import VisionModelError
 from extraction.pairs import Pairs
 from extraction.reader import ShardError, iter_tar_samples
-from luna import CONF_DIR
+from tests.extraction.conftest import extract_cfg
 from tests.extraction.extraction_shards import PROMPTS, shard_metas, write_shard
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("extract", overrides=overrides)
-
-
-def extract_cfg(shards, out, ckpts, *extra):
-    return compose([f"shards={shards}", f"out={out}", f"checkpoints.dirs=[{ckpts[0]['dir']}]", "progress=false",
-                    "batch_size=3", *extra])
-
-
-@pytest.fixture(scope="module")
-def extracted(tmp_path_factory, shards_dir, tiny_checkpoints):
-    """The three shards extracted once, stored in float32 so comparisons are exact to the model."""
-    out = tmp_path_factory.mktemp("pairs")
-    result = extract(extract_cfg(shards_dir, out, tiny_checkpoints, "dtype=float32", "workers=2"))
-    return out, result
 
 
 def _sdxl_pipeline(family: str):
