@@ -76,15 +76,19 @@ def make_loggers(cfg, workdir: Path, resuming: bool) -> list:
 
 def _wandb_kwargs(node, workdir: Path, resuming: bool) -> dict:
     """Offline resolution and a run id kept in the run folder, so a resumed run continues its W&B run."""
-    import wandb
+    import secrets
+    import string
+
+    from lightning.pytorch.utilities import rank_zero_only
 
     id_file = workdir / RUN_ID_FILE
-    if resuming and id_file.is_file():
+    if (resuming or rank_zero_only.rank != 0) and id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
-        run_id = wandb.util.generate_id()
-        workdir.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id)
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        if rank_zero_only.rank == 0:  # other DDP ranks log nothing to W&B
+            workdir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id)
     (workdir / "wandb").mkdir(parents=True, exist_ok=True)
     return {"offline": wandb_offline(node.get("offline")), "id": run_id, "resume": "allow"}
 
@@ -121,6 +125,7 @@ def train(cfg) -> float | None:
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(workdir))
     for lg in loggers:
         lg.log_hyperparams({"parameters": count_parameters(module.projector), "dims": datamodule.dims})
+    _argv_for_ddp_children()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
 
     found = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float)) and k.startswith("val")}
@@ -135,6 +140,28 @@ def train(cfg) -> float | None:
         if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
             lg.experiment.finish()
     return found.get(cfg.optimized_metric)
+
+
+_LAUNCHED_AS: list[str] = []  # sys.argv[0] of the process, before run_hydra replaced it
+
+
+def _argv_for_ddp_children() -> None:
+    """Lightning's DDP launcher starts ranks 1.. as `python -m <__main__ module> sys.argv[1:]` (or
+    `python sys.argv[0] ...`); make that command this same `luna train` run."""
+    import __main__
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside the Hydra app: nothing to relaunch
+        return
+    spec = getattr(__main__, "__spec__", None)
+    if spec is not None and spec.name == "projector.cli":
+        sys.argv = ["projector.cli", *overrides]
+    elif spec is not None:  # python -m luna.cli train ...
+        sys.argv = [spec.name, "train", *overrides]
+    else:  # the `luna` console script
+        sys.argv = [_LAUNCHED_AS[0] if _LAUNCHED_AS else "luna", "train", *overrides]
 
 
 def _task(cfg):
@@ -153,12 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     from luna.cli import run_hydra
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    _LAUNCHED_AS[:] = sys.argv[:1]
     _make_out_dir(argv)
     try:
         run_hydra(_task, "train", argv, prog="luna train")
     except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
         print(f"luna train: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # Hydra reports a failed job itself, then exits
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
     return 0
 
 
