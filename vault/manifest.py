@@ -65,9 +65,13 @@ class Manifest:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise VaultError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise VaultError(f"{path}: not a JSON object")
         version = data.get("format_version")
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise VaultError(f"{path}: format_version missing or not an integer")
+        if version < 1:
+            raise VaultError(f"{path}: vault format_version {version} is not a version this code knows ({FORMAT_VERSION})")
         if version > FORMAT_VERSION:
             raise VaultError(
                 f"{path}: vault format_version {version} is newer than this code reads ({FORMAT_VERSION}); "

@@ -186,7 +186,9 @@ def te_fingerprint(path, allow_pickle: bool = False) -> str:
             from luna.models.sdxl import PickleCheckpointError
 
             raise PickleCheckpointError(f"{path}: pickle checkpoint; pass allow_pickle=True to read it with weights_only=True")
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        from luna.models.sdxl import load_pickle_state
+
+        state = load_pickle_state(path)
         while "state_dict" in state:
             state = state["state_dict"]
         entries = list(_entries_single(_Tensors(state={k: v for k, v in state.items() if k.startswith("conditioner.")})))

@@ -69,8 +69,17 @@ def read_safetensors_header(path) -> dict[str, dict]:
         (n,) = struct.unpack("<Q", raw)
         if n > 100 * 1024**2 or n > path.stat().st_size - 8:
             raise ValueError(f"{path}: header length {n} is not plausible for a safetensors file")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except RecursionError:
+            raise ValueError(f"{path}: safetensors header nested too deeply") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(x, int) for x in shape):
+            raise ValueError(f"{path}: safetensors header entry {name!r} has no valid shape")
     return header
 
 
@@ -144,8 +153,24 @@ def detect_architecture(path) -> ArchInfo:
     return ArchInfo(path, "single_file", family, size, reason)
 
 
+def load_pickle_state(path: Path):
+    """torch.load(weights_only=True) of an opted-in pickle; anything but tensors is refused, never run."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) torch.save file
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...: one clear error
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise NotSDXLError(f"{path}: refused: torch.load(weights_only=True) cannot read it ({type(e).__name__}: {first})") from None
+
+
 def _pickle_arch(path: Path) -> ArchInfo:
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = load_pickle_state(path)
+    if not isinstance(state, dict):
+        raise NotSDXLError(f"{path}: not a loadable SDXL checkpoint: the pickle holds no state dict")
     while isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     family, size, reason = classify_shapes({k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)})
@@ -257,7 +282,7 @@ class TextEncoders:
 
 def _conditioner_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = load_pickle_state(path)
         while "state_dict" in state:
             state = state["state_dict"]
         return {k: v for k, v in state.items() if k.startswith("conditioner.")}
