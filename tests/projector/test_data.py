@@ -1,0 +1,89 @@
+"""The pairs data module: splits, padding positions, statistics, RAM vs chunked reads, k-NN baseline."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from projector.data import PairsDataError, PairsDataModule, content_lengths, split_images
+
+
+@pytest.fixture(scope="module")
+def dm(tiny_pairs):
+    d = PairsDataModule(str(tiny_pairs), batch_size=8, val_prompts=0.25, val_checkpoints=1)
+    d.setup()
+    return d
+
+
+def test_splits_hold_out_prompts_and_checkpoints(dm):
+    p = dm.pairs
+    text = lambda rows: {p.prompt_text[i] for i in p.prompt_id[rows]}
+    ckpt = lambda rows: {p.checkpoint[i] for i in rows}
+    train, val, val_ckpt = dm.splits["train"], dm.splits["val"], dm.splits["val_ckpt"]
+    assert len(train) and len(val) and len(val_ckpt)
+    assert not text(train) & text(val)  # validation prompts are never trained on
+    assert not ckpt(train) & ckpt(val_ckpt) and len(ckpt(val_ckpt)) == 1
+    assert text(val_ckpt) <= text(train)  # the checkpoint split asks: known prompts, unseen checkpoint
+    assert dm.val_names == ["val", "val_ckpt"] and len(dm.val_dataloader()) == 2
+
+
+def test_split_is_deterministic_and_by_text():
+    texts = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    ckpts = ["x", "y"] * 4
+    s1 = split_images(texts, ckpts, 0.5, 0, seed=1)
+    s2 = split_images(texts, ckpts, 0.5, 0, seed=1)
+    assert all(np.array_equal(np.sort(s1[k]), np.sort(s2[k])) for k in s1)
+    held = {texts[i] for i in s1["val"]}
+    assert len(held) == 2 and all(texts[i] not in held for i in s1["train"])
+
+
+def test_padding_positions_follow_the_clip_token_count():
+    n = content_lengths(["blue eyes", "a " * 200])
+    assert n[0] == 4  # BOS + "blue" + "eyes" + EOS
+    assert n[1] == 77  # truncated: no padding left
+
+
+def test_statistics_standardise_each_channel_of_both_halves(dm):
+    p, s = dm.pairs, dm.stats
+    prompts = np.unique(p.prompt_id[dm.splits["train"]])
+    cond = p.cond(prompts).astype(np.float32)
+    body = (cond[:, 1:] - s["cond_mean"]) / s["cond_std"]
+    flat = body.reshape(-1, body.shape[-1])
+    assert np.allclose(flat.mean(0), 0, atol=1e-2) and np.allclose(flat.std(0), 1, atol=1e-2)
+    # the synthetic bigG half is ~3x the CLIP-L half: each is scaled on its own
+    assert s["cond_std"][16:].mean() > 2 * s["cond_std"][:16].mean()
+    assert np.allclose(s["bos"], cond[:, 0].mean(0), atol=1e-3)  # BOS is constant: its mean is it
+
+
+def test_in_memory_and_chunked_reads_give_the_same_batches(tiny_pairs, dm):
+    chunked = PairsDataModule(str(tiny_pairs), batch_size=8, val_prompts=0.25, val_checkpoints=1, in_memory=False)
+    chunked.setup()
+    assert dm.source.in_memory and not chunked.source.in_memory
+    rows = [0, 5, 3, 3]
+    a = dm.val_dataloader()[0].dataset.__getitems__(rows)
+    b = chunked.val_dataloader()[0].dataset.__getitems__(rows)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert a["x"].shape == (4, 32) and a["cond"].shape == (4, 77, 48) and a["pooled"].shape == (4, 16)
+
+
+def test_token_input_and_dims(tiny_pairs):
+    d = PairsDataModule(str(tiny_pairs), input="tokens", batch_size=4)
+    d.setup()
+    assert d.dims["input"] == "tokens" and d.dims["num_tokens"] == 5 and d.dims["in_dim"] == 16
+    assert d.dims["vision_dim"] == 32 and d.dims["cond_dim"] == 48
+    assert next(iter(d.train_dataloader()))["x"].shape == (4, 5, 16)
+
+
+def test_knn_baseline_is_a_cosine_and_beats_a_random_neighbour(dm):
+    assert set(dm.knn) == {"val", "val_ckpt"}
+    assert -1 <= dm.knn["val"] <= 1
+    assert dm.knn["val_ckpt"] > dm.knn["val"]  # same prompt under another checkpoint is in the training set
+
+
+def test_too_few_prompts_is_a_clear_error(tmp_path):
+    from projector.synthetic import write_closed_loop_pairs
+
+    pairs = write_closed_loop_pairs(tmp_path / "p", n_prompts=1, checkpoints=("a",), dim=4, text_dims=(2, 2), pooled_dim=2)
+    with pytest.raises(PairsDataError, match="more prompts"):
+        PairsDataModule(str(pairs)).setup()
