@@ -156,7 +156,11 @@ def _progress(total: int, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc="generating", dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
+    live = sys.stderr.isatty()  # in a log file: a line every 30 s instead of a live bar
+    bar = tqdm(total=total, unit="img", desc="generating", dynamic_ncols=True, smoothing=0.1, file=sys.stderr,
+               mininterval=0.5 if live else 30.0)
+    bar.luna_live = live
+    return bar
 
 
 def run(cfg: Any, *, make_generator: Callable[[], Any] | None = None, echo: Callable[[str], None] = print,

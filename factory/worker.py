@@ -325,8 +325,8 @@ class Scheduler:
             while any(a.inflight for a in self.actors):
                 refs = {ref: a for a in self.actors for ref, _ in a.inflight}
                 ready, _ = ray.wait(list(refs), num_returns=1, timeout=self.poll_s)
-                if progress is not None:
-                    progress.refresh()
+                if progress is not None and getattr(progress, "luna_live", False):
+                    progress.refresh()  # keeps elapsed time and ETA moving between results
                 for ref in ready:
                     a = refs[ref]
                     task = next(t for r, t in a.inflight if r == ref)
