@@ -379,8 +379,11 @@ def stage_refine(cfg: dict, p: Paths, checkpoints: list[dict]) -> dict:
         seed=int(r["seed"]), global_refine=bool(r.get("global_refine", False)),
         detail_sampler=SamplerSettings(steps=int(r["steps"]), strength=float(r["strength"]), cfg=float(r["cfg"])),
         detail=DetailSettings(working_size=int(r["working_size"]), min_crop=32, feather=12.0, batch_size=1))
+    from tqdm.auto import tqdm
+
     variants, box = [], None
-    for name, source in sources.items():
+    for name, source in tqdm(list(sources.items()), desc="refine", unit="variant",
+                             disable=not cfg.get("progress", True)):
         t0 = time.perf_counter()
         result = refine(original, r["prompt"], components=comps, detections=detections, conditioning=source,
                         settings=settings, negative=r.get("negative") or None)
@@ -432,11 +435,26 @@ def run_demo(cfg: dict) -> dict:
     p = Paths(out)
     p.records.mkdir(parents=True, exist_ok=True)
     _write_json(cfg, p.records / "config.json")
-    threads = cfg.get("threads")
-    if threads:  # tiny models gain nothing from threads; spin-waiting OpenMP threads slow a shared CPU
-        import torch
+    import torch
 
-        torch.set_num_threads(int(threads))
+    saved_threads = torch.get_num_threads()
+    if cfg.get("threads"):  # tiny models gain nothing from threads; spin-waiting OpenMP threads slow a shared CPU
+        torch.set_num_threads(int(cfg["threads"]))
+    try:
+        return _run_stages(cfg, out, p)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run_stages(cfg: dict, out: Path, p: Paths) -> dict:
+    run_stage = {
+        "models": lambda c, p, s: stage_models(c, p),
+        "factory": lambda c, p, s: stage_factory(c, p),
+        "extract": lambda c, p, s: stage_extract(c, p),
+        "vault": lambda c, p, s: stage_vault(c, p, s["factory"]["samples"]),
+        "train": lambda c, p, s: stage_train(c, p),
+        "refine": lambda c, p, s: stage_refine(c, p, s["models"]["checkpoints"]),
+    }
     results: dict = {"title": "Luna Foundry · demo", "subtitle": "the whole loop on the tiny preset",
                      "command": "luna demo " + f"out={out}", "timings": {}, "resumed": [],
                      "report": dict(cfg.get("report") or {})}
@@ -459,28 +477,13 @@ def run_demo(cfg: dict) -> dict:
                            "vault": "FAISS vault + retrieval", "train": "projector", "refine": "astronaut photo",
                            "report": "report.html"}[stage])
         t0 = time.perf_counter()
-        if stage == "models":
-            result = stage_models(cfg, p)
-        elif stage == "factory":
-            result = stage_factory(cfg, p)
-        elif stage == "extract":
-            result = stage_extract(cfg, p)
-        elif stage == "vault":
-            result = stage_vault(cfg, p, state["factory"]["samples"])
-        elif stage == "train":
-            result = stage_train(cfg, p)
-        elif stage == "refine":
-            result = stage_refine(cfg, p, state["models"]["checkpoints"])
+        if stage == "report":  # the page shows the stages before it; its own time is in results.json
+            result = {"report": str(_build(_assemble(results, state), out))}
         else:
-            results["timings"]["report"] = 0.0
-            result = _assemble(results, state)
-            path = _build(results, out)
-            results["timings"]["report"] = round(time.perf_counter() - t0, 2)
-            path = _build(results, out)  # again, with its own time in the table
-            result = {"report": str(path)}
+            result = run_stage[stage](cfg, p, state)
         seconds = round(time.perf_counter() - t0, 2)
         state[stage] = result
-        results["timings"][stage] = results["timings"].get(stage) or seconds
+        results["timings"][stage] = seconds
         _write_json({"key": key, "seconds": seconds, "result": result,
                      "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}, record_path)
         print(f"   {stage} done in {seconds:.1f} s", file=sys.stderr, flush=True)

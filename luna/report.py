@@ -307,9 +307,12 @@ def _stat_cards(items: list[tuple[str, object]]) -> str:
 
 
 def _neighbours_table(neighbours: list[dict]) -> str:
-    rows = [(str(i + 1), f"{float(n.get('score', 0)):.3f}", _esc(n.get("checkpoint", "")), _esc(n.get("prompt", "")))
+    cols = [("score", lambda n: f"{float(n.get('score', 0)):.3f}"), ("weight", lambda n: f"{float(n['weight']):.2f}"),
+            ("checkpoint", lambda n: _esc(n["checkpoint"])), ("prompt", lambda n: _esc(n.get("prompt", "")))]
+    cols = [(h, f) for h, f in cols if h in ("score", "prompt") or any(n.get(h) not in (None, "") for n in neighbours)]
+    rows = [(str(i + 1), *[f(n) if h in ("score", "prompt") or n.get(h) not in (None, "") else "" for h, f in cols])
             for i, n in enumerate(neighbours)]
-    return _table(rows, ("#", "score", "checkpoint", "prompt"), cls="nb")
+    return _table(rows, ("#", *[h for h, _ in cols]), cls="nb")
 
 
 def _campaign_section(page: _Page, c: dict, per_cell: int) -> None:
