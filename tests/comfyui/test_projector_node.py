@@ -1,0 +1,116 @@
+"""The ComfyUI Vision Translator node: conventions, CONDITIONING format, blending, mismatches; no ComfyUI needed."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from projector.export import ProjectorMismatchError, save_projector
+from projector.module import ProjectorModule
+
+ROOT = Path(__file__).resolve().parents[2]
+DIMS = {"input": "embed", "in_dim": 12, "vision_dim": 12, "vision_model": "synthetic", "num_tokens": None,
+        "text_dims": [8, 16], "cond_dim": 24, "pooled_dim": 10, "seq_len": 77}
+
+
+def _load_node_module():
+    spec = importlib.util.spec_from_file_location("luna_comfy_projector_node", ROOT / "comfyui" / "projector_node.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def node_module():
+    return _load_node_module()
+
+
+@pytest.fixture(scope="module")
+def projector_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    module = ProjectorModule(net={"_target_": "projector.models.LearnedQueryDecoder", "width": 16, "depth": 1, "heads": 2},
+                             dims=DIMS, pooled_head={"_target_": "projector.models.PooledHead", "hidden": 16})
+    folder = tmp_path_factory.mktemp("node_projector")
+    save_projector(module.projector, folder)
+    return folder, module.projector.eval()
+
+
+def test_node_follows_comfyui_conventions(node_module):
+    cls = node_module.NODE_CLASS_MAPPINGS["LunaVisionTranslator"]
+    assert node_module.NODE_DISPLAY_NAME_MAPPINGS["LunaVisionTranslator"] == "Luna Vision Translator"
+    types = cls.INPUT_TYPES()
+    assert set(types["required"]) == {"projector", "strength"}
+    assert {"clip_vision_output", "image", "clip_vision", "conditioning"} <= set(types["optional"])
+    assert types["optional"]["clip_vision_output"] == ("CLIP_VISION_OUTPUT",)
+    assert cls.RETURN_TYPES == ("CONDITIONING",) and callable(getattr(cls, cls.FUNCTION)) and cls.CATEGORY
+
+
+def test_package_registers_the_node():
+    spec = importlib.util.spec_from_file_location("luna_comfy_nodes_p", ROOT / "comfyui" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "comfyui")])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package
+    spec.loader.exec_module(package)
+    assert "LunaVisionTranslator" in package.NODE_CLASS_MAPPINGS
+
+
+def test_clip_vision_output_gives_comfyui_conditioning(node_module, projector_dir):
+    folder, projector = projector_dir
+    embeds = torch.randn(2, 12)
+    (result,) = node_module.LunaVisionTranslator().translate(str(folder), 1.0, clip_vision_output=SimpleNamespace(image_embeds=embeds))
+    assert isinstance(result, list) and len(result) == 1
+    cond, extra = result[0]
+    want_cond, want_pooled = projector(embeds)
+    torch.testing.assert_close(cond, want_cond.detach())
+    torch.testing.assert_close(extra["pooled_output"], want_pooled.detach())
+    assert cond.shape == (2, 77, 24) and extra["pooled_output"].shape == (2, 10)
+    assert extra["width"] == extra["target_width"] == 1024 and extra["crop_w"] == 0
+
+
+def test_blending_with_a_users_conditioning(node_module, projector_dir):
+    folder, projector = projector_dir
+    embeds = torch.randn(1, 12)
+    user = torch.randn(1, 154, 24)  # a prompt longer than 77 tokens: two chunks
+    user_pooled = torch.randn(1, 10)
+    conditioning = [[user, {"pooled_output": user_pooled, "width": 832}]]
+    node = node_module.LunaVisionTranslator()
+    (zero,) = node.translate(str(folder), 0.0, clip_vision_output={"image_embeds": embeds}, conditioning=conditioning)
+    torch.testing.assert_close(zero[0][0], user)
+    assert zero[0][1]["width"] == 832  # the user's own size keys are kept
+    (half,) = node.translate(str(folder), 0.5, clip_vision_output={"image_embeds": embeds}, conditioning=conditioning)
+    proj_cond, proj_pooled = projector(embeds)
+    want = 0.5 * user + 0.5 * proj_cond.detach().repeat(1, 2, 1)
+    torch.testing.assert_close(half[0][0], want)
+    torch.testing.assert_close(half[0][1]["pooled_output"], 0.5 * user_pooled + 0.5 * proj_pooled.detach())
+
+
+def test_image_with_a_vision_tower(node_module, projector_dir):
+    folder, projector = projector_dir
+    embeds = torch.randn(3, 12)
+    seen = {}
+
+    class FakeClipVision:  # ComfyUI's CLIP_VISION: encode_image(IMAGE) -> output with image_embeds
+        def encode_image(self, image):
+            seen["shape"] = tuple(image.shape)
+            return SimpleNamespace(image_embeds=embeds)
+
+    image = torch.rand(3, 64, 64, 3)
+    (result,) = node_module.LunaVisionTranslator().translate(str(folder), 1.0, image=image, clip_vision=FakeClipVision())
+    assert seen["shape"] == (3, 64, 64, 3)
+    torch.testing.assert_close(result[0][0], projector(embeds)[0].detach())
+
+
+def test_mismatched_or_missing_inputs_are_clear_errors(node_module, projector_dir, tmp_path):
+    folder, _ = projector_dir
+    node = node_module.LunaVisionTranslator()
+    with pytest.raises(ProjectorMismatchError, match="12-d"):
+        node.translate(str(folder), 1.0, clip_vision_output=SimpleNamespace(image_embeds=torch.randn(1, 1024)))
+    with pytest.raises(ValueError, match="connect a CLIP_VISION_OUTPUT"):
+        node.translate(str(folder), 1.0)
+    with pytest.raises(ValueError, match="not a projector folder"):
+        node.translate(str(tmp_path), 1.0, clip_vision_output=SimpleNamespace(image_embeds=torch.randn(1, 12)))
