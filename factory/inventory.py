@@ -224,7 +224,8 @@ def scan(cluster, checkpoints_cfg: Any) -> Inventory:
     inv = merge(ray.get(refs))
     inv.scanned = plan
     if not inv.checkpoints:
-        shown = "\n".join(f"  [{r.node}] {r.path}: {r.reason}" for r in inv.rejected[:20])
         where = "; ".join(f"{n}: {ds}" for n, ds in plan.items())
-        raise InventoryError(f"no usable SDXL checkpoint in {where}" + (f"\n{shown}" if shown else ""))
+        why = "; ".join(f"[{r.node}] {r.path}: {r.reason}" for r in inv.rejected[:5])
+        more = f" (+{len(inv.rejected) - 5} more)" if len(inv.rejected) > 5 else ""
+        raise InventoryError(f"no usable SDXL checkpoint in {where}" + (f" -- skipped: {why}{more}" if why else ""))
     return inv

@@ -228,6 +228,7 @@ def test_cli_dry_run_and_user_errors(ray_cluster, node_models, tmp_path, capsys)
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, (argv, err)
+        assert len([l for l in err.splitlines() if l.strip()]) == 1, err
     sel = tmp_path / "sel.yaml"
     sel.write_text(CAMPAIGN.replace('include: ["*"]', 'include: ["juggernaut*"]'))
     assert main([f"campaign_file={sel}", f"out={out}", nd]) == 2
