@@ -44,6 +44,7 @@ class ExtractResult:
     images: int = 0
     unique_prompts: int = 0  # distinct (prompt, fingerprint) in the folder after this run
     text: dict = field(default_factory=dict)  # the conditioner's counters
+    seconds: dict = field(default_factory=dict)  # where the time went: setup, vision, wait_data, text, write, total
     report: Path | None = None
 
     def as_dict(self) -> dict:
@@ -58,6 +59,7 @@ class ExtractResult:
             "images": self.images,
             "unique_prompts": self.unique_prompts,
             "text": self.text,
+            "seconds": self.seconds,
         }
 
 
@@ -230,6 +232,7 @@ def extract(cfg, text: TextConditioner | None = None) -> ExtractResult:
     else:
         del tower  # the actors load their own
         results = ray_image_results(todo, cfg) if todo else iter(())
+    result.seconds["setup"] = round(time.time() - started, 3)
     total = sum(s.expected_count or 0 for s in todo) or None
     bar = _progress(total, bool(_get(cfg, "progress", True)))
     try:
@@ -238,6 +241,9 @@ def extract(cfg, text: TextConditioner | None = None) -> ExtractResult:
             bar.update(images.count + len(images.bad_samples))
         result.text = text.stats()
         result.unique_prompts = len(store)
+        if mode is None:
+            result.seconds.update(vision=round(encoder.seconds, 3), wait_data=round(encoder.wait_seconds, 3))
+        result.seconds.update(text=result.text.get("seconds"), total=round(time.time() - started, 3))
         result.report = _write_report(out, result, {**report_extra, "finished": time.time()})
     finally:
         bar.close()
@@ -269,7 +275,9 @@ def _finish_shard(shard: Shard, images: ShardImages, out: Path, store: PromptSto
             log.warning("shard %s: %d samples read, its stats file says %d", name, read, shard.expected_count)
         part, keys = build_part(shard, images, store, text, {})
         part.attrs.update(part_attrs(report_extra, dtype, text, prior_dims))
+        t = time.perf_counter()
         path = pairs_fmt.write_part(part_path(out, shard), part, dtype=dtype)
+        result.seconds["write"] = round(result.seconds.get("write", 0.0) + time.perf_counter() - t, 3)
         store.written(path, keys)
         result.written.append(path)
         result.images += len(images.metas)

@@ -1,6 +1,8 @@
 """The image side: an open_clip vision tower (through luna.models.vision), batched, autocast on GPU."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -29,6 +31,8 @@ class ImageEncoder:
         self.tower, self.device, self.tokens = tower, torch.device(device), bool(tokens)
         self.autocast = bool(autocast) and self.device.type == "cuda"
         self.images = 0
+        self.seconds = 0.0  # in the forward (incl. host<->device copies)
+        self.wait_seconds = 0.0  # waiting for decoded batches (collect_shards)
 
     @property
     def model_id(self) -> str:
@@ -39,6 +43,7 @@ class ImageEncoder:
         return int(self.tower.dim)
 
     def __call__(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        t = time.perf_counter()
         pixels = pixels.to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast):
             if self.tokens and hasattr(getattr(self.tower, "visual", None), "forward_intermediates"):
@@ -48,7 +53,9 @@ class ImageEncoder:
                 tokens = self.tower.encode_tokens(pixels) if self.tokens else None
         self.images += len(pixels)
         embed = embed.float().cpu().numpy()
-        return embed, (tokens.float().cpu().numpy() if tokens is not None else None)
+        tokens = tokens.float().cpu().numpy() if tokens is not None else None
+        self.seconds += time.perf_counter() - t
+        return embed, tokens
 
 
 def embed_and_tokens(tower, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +86,13 @@ def collect_shards(items, encoder: ImageEncoder, dtype: str = "float16"):
     from extraction.reader import Batch
 
     acc: dict[int, dict] = {}
-    for item in items:
+    items = iter(items)
+    while True:
+        t = time.perf_counter()
+        item = next(items, None)
+        encoder.wait_seconds += time.perf_counter() - t
+        if item is None:
+            return
         if isinstance(item, Batch):
             embed, tokens = encoder(item.pixels)
             a = acc.setdefault(item.shard, {"metas": [], "embed": [], "tokens": []})

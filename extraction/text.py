@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -187,6 +188,7 @@ class TextConditioner:
         self.prompts_encoded = 0
         self.forward_batches = 0
         self.loads: dict[str, int] = {}
+        self.seconds = 0.0  # loading encoders and encoding
         self.dims: tuple[tuple[int, int], int] | None = None  # ((clip-l width, bigG width), pooled dim)
 
     def fingerprint(self, sample_fp: str, checkpoint: str = "") -> str:
@@ -220,6 +222,7 @@ class TextConditioner:
 
         from luna.models.sdxl import encode_prompt
 
+        t = time.perf_counter()
         enc = self._encoders(fp, name_hint)
         conds, pooled = [], []
         with torch.inference_mode():
@@ -232,13 +235,14 @@ class TextConditioner:
                 self.prompts_encoded += len(chunk)
                 self.forward_batches += 1
         cond, pool = np.concatenate(conds), np.concatenate(pooled)
+        self.seconds += time.perf_counter() - t
         if self.dims is None:
             self.dims = (text_widths(enc, cond.shape[-1]), pool.shape[-1])
         return cond, pool
 
     def stats(self) -> dict:
         return {"prompts_encoded": self.prompts_encoded, "forward_batches": self.forward_batches,
-                "encoder_loads": dict(self.loads), "dims": self.dims}
+                "encoder_loads": dict(self.loads), "dims": self.dims, "seconds": round(self.seconds, 3)}
 
 
 def text_widths(enc, total: int) -> tuple[int, int]:
