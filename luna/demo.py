@@ -232,7 +232,11 @@ def _center_crop(img, frac: float = 0.7):
 
 
 def stage_vault(cfg: dict, p: Paths, samples: list[dict]) -> dict:
+    import logging
+
     from PIL import Image
+
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is not news
 
     from vault import Vault
     from vault.cli import main as vault_main

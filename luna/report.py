@@ -458,6 +458,7 @@ th{background:#f0f2f8} table.kv td:first-child{color:#555} table.nb td:last-chil
 figcaption{font-size:13px;color:#445;text-align:center;margin-top:4px}
 code{background:#eef;padding:1px 4px;border-radius:3px} footer{color:#778;font-size:12px;padding:0 36px 24px}
 details{margin:6px 0;font-size:13px}
+.flow{font-size:13px;color:#445;margin:14px 0 0}
 .note{background:#fff7e0;border-left:4px solid #e0b030;padding:8px 12px;font-size:13px;border-radius:4px}
 """
 
@@ -499,6 +500,10 @@ def build_report(results: dict, out_dir) -> Path:
     title = results.get("title", "Luna Foundry demo")
     created = results.get("created") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     sub = [_esc(results.get("subtitle", "the whole loop on the tiny preset")), f"created {_esc(created)}"]
+    if results.get("timings"):
+        total = sum(float(v) for v in results["timings"].values())
+        sub.append(f"{len(results['timings'])} stages in {total:.0f} s"
+                   + (f" ({len(results.get('resumed') or [])} finished by an earlier run)" if results.get("resumed") else ""))
     if results.get("command"):
         sub.append(f"<code style='background:rgba(255,255,255,.15);color:#fff'>{_esc(results['command'])}</code>")
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (
@@ -511,6 +516,9 @@ def build_report(results: dict, out_dir) -> Path:
 <body><header><h1>{_esc(title)}</h1>{''.join(f'<p>{s}</p>' for s in sub)}</header>
 <nav>{nav}</nav>
 <main>
+<p class="flow">campaign YAML → <b>factory</b> (Ray actors × checkpoints) → WebDataset shards → <b>extraction</b>
+(image embeddings + SDXL conditionings) → pairs → <b>vault</b> (k-NN) and <b>projector</b> (learned) →
+<b>detailer</b> (per-crop conditioning)</p>
 {chr(10).join(page.parts)}
 </main>
 <footer>Luna Foundry · images also in <code>{FIGURES_DIR}/</code> beside this file ·
