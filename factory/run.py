@@ -195,6 +195,12 @@ def run(cfg: Any, *, make_generator: Callable[[], Any] | None = None, echo: Call
         report.skipped_units = len(the_plan.units) - len(pending)
         if report.skipped_units:
             echo(f"resuming: {report.skipped_units} of {len(the_plan.units)} units already done")
+        clash = sorted({s.key for u in pending for s in u.samples} & index.done_keys)
+        if clash:  # the plan changed (other checkpoints, quotas, settings) since those shards were written
+            raise FactoryError(
+                f"{len(clash)} key(s) of this plan (e.g. {clash[0]}) are already in {shards_dir} from units of a "
+                "different plan (checkpoints, quotas or sampler settings changed): use a new out= folder, "
+                "or remove those shards, so the dataset holds no duplicate keys")
         if not pending:
             echo(f"nothing to do: all {len(the_plan.units)} units of {campaign.name} are in {shards_dir}")
             return report

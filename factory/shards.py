@@ -53,6 +53,7 @@ class ShardIndex:
     incomplete: list[Path] = field(default_factory=list)  # tars without stats, temp files
     next_seq: int = 0
     keys: int = 0  # samples in complete shards
+    done_keys: set[str] = field(default_factory=set)  # their keys (from the stats files)
 
 
 def safe_name(text: str) -> str:
@@ -199,6 +200,7 @@ def scan(shards_dir: Path, campaign: str | None = None) -> ShardIndex:
         index.complete.append(p)
         index.done_units.update(stats.get("unit_ids", []))
         index.keys += int(stats.get("successes", 0))
+        index.done_keys.update(stats.get("keys", []))
     index.next_seq = max(seqs) + 1
     return index
 

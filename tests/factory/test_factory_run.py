@@ -169,6 +169,12 @@ def test_actor_killed_mid_run_ends_with_exact_quota(ray_cluster, node_models, tm
     assert holder.get("killed") and report.retries >= 1
     _assert_exact_quota(Path(cfg["out"]))
     assert report.images == QUOTA
+    # a changed plan over the same folder would duplicate keys: refused before any actor starts
+    Path(cfg["campaign_file"]).write_text(CAMPAIGN.replace("steps: 2", "steps: 3"))
+    monkeypatch.setattr(ShardSink, "__call__", real_call)
+    with pytest.raises(FactoryError, match="different plan"):
+        run(cfg, make_generator=functools.partial(fakes.FakeGenerator))
+    _assert_exact_quota(Path(cfg["out"]))
 
 
 def test_disk_full_mid_shard_keeps_nothing_partial_then_resumes(ray_cluster, node_models, tmp_path, fakes,
