@@ -102,7 +102,7 @@ class LearnedQueryDecoder(nn.Module):
     Linear) or the vision tokens `[B, T, W]` (give `num_tokens`; each token is projected to the
     width). Each layer is a pre-norm transformer decoder layer: self-attention among the queries,
     cross-attention to the memory, MLP. Full size (D=1024 -> 77x2048, width 512, depth 4) is
-    ~19.6M parameters (see `count_parameters`), under the 30M budget.
+    20.0M parameters (see `count_parameters`), under the 30M budget.
     """
 
     closed_form = False
