@@ -165,7 +165,11 @@ def _argv_for_ddp_children() -> None:
 
 
 def _task(cfg):
-    return train(cfg)
+    try:
+        return train(cfg)
+    except (ValueError, FileNotFoundError) as e:  # a user's error: one line, no traceback
+        print(f"luna train: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _make_out_dir(argv: list[str]) -> None:

@@ -242,15 +242,22 @@ class PairsDataModule(L.LightningDataModule):
         train = self.splits["train"]
         prompts = np.unique(self.pairs.prompt_id[train])
         prompts = np.sort(rng.permutation(prompts)[: self.stats_prompts])
-        cond = self.source.cond(prompts).astype(np.float32)
+        total, total_sq, bos, count = 0.0, 0.0, 0.0, 0
+        for chunk in np.array_split(prompts, max(1, len(prompts) // 256)):  # bounded memory at 77 x 2048
+            cond = self.source.cond(chunk).astype(np.float64)
+            body = cond[:, 1:].reshape(-1, cond.shape[-1])
+            total, total_sq = total + body.sum(0), total_sq + (body**2).sum(0)
+            bos, count = bos + cond[:, 0].sum(0), count + len(chunk)
+        mean = total / (count * (SEQ_LEN - 1))
+        std = np.sqrt(np.maximum(total_sq / (count * (SEQ_LEN - 1)) - mean**2, 0.0))
+        std = np.maximum(std, 1e-3 * float(std.mean()) + 1e-8)
         pooled = self.source.pooled(prompts).astype(np.float32)
         sample = np.sort(rng.permutation(train)[: max(self.stats_prompts, 1)])
         x = self.source.inputs(sample).astype(np.float32)
         x_axes = (0, 1) if x.ndim == 3 else 0
-        body = cond[:, 1:].reshape(-1, cond.shape[-1])
         return {
             "input_mean": x.mean(axis=x_axes), "input_std": _std(x, x_axes),
-            "cond_mean": body.mean(0), "cond_std": _std(body, 0), "bos": cond[:, 0].mean(0),
+            "cond_mean": mean.astype(np.float32), "cond_std": std.astype(np.float32), "bos": (bos / count).astype(np.float32),
             "pooled_mean": pooled.mean(0), "pooled_std": _std(pooled, 0),
         }
 

@@ -76,9 +76,13 @@ def test_resume_continues_steps_and_wandb_run_and_export_matches_checkpoint(tiny
     assert len(config["normalisation"]["cond_std"]) == 48
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(tiny_pairs, tmp_path, fast):
+def test_user_errors_are_one_line_without_traceback(tiny_pairs, tmp_path, fast, capsys):
     code = main([f"pairs={tiny_pairs}", f"out={tmp_path / 'empty'}", "ckpt_path=last", "logger=none", *fast])
-    assert code != 0
+    err = capsys.readouterr().err
+    assert code == 2 and "ckpt_path=last: no " in err and "Traceback" not in err
+    code = main([f"pairs={tmp_path / 'nowhere'}", f"out={tmp_path / 'o'}", "logger=none", *fast])
+    err = capsys.readouterr().err
+    assert code == 2 and "nowhere" in err and "Traceback" not in err
 
 
 def test_two_process_ddp_on_cpu_with_gloo(tiny_pairs, tmp_path, fast, small_queries):
