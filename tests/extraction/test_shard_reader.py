@@ -103,3 +103,25 @@ def test_other_format_version_is_a_clear_error(tmp_path):
     shards, _ = find_shards(str(tmp_path))
     with pytest.raises(ShardError, match="format_version 99"):
         check_format_version(shards[0])
+
+
+def test_reads_the_factory_shard_writer(tmp_path):
+    """Shards written by factory/shards.py (the real producer) read back with every field."""
+    import torch
+
+    from factory import shards as fshards
+
+    samples = []
+    for i in range(3):
+        meta = sample_meta(f"prompt {i}", CKPT, seed=10 + i, category="eyes/color")
+        samples.append(fshards.Sample(f"k{i:04d}", fshards.encode_image(torch.rand(24, 24, 3).numpy()), "png",
+                                      meta["prompt"], meta))
+    path = tmp_path / f"{fshards.shard_name('faces', 'pc1', 'w0', 0)}.tar"
+    fshards.write_shard(path, samples, {"count": 3, "successes": 3})
+    (shard,), skipped = find_shards(str(tmp_path))
+    assert not skipped and shard.expected_count == 3 and check_format_version(shard) == fshards.FORMAT_VERSION
+    items = list(iter_shard_batches(0, shard.path, lambda im: torch.zeros(3, *im.size), 8))
+    batch, end = items
+    assert end.count == 3 and not end.bad_samples and batch.pixels.shape == (3, 3, 24, 24)
+    assert [(m.key, m.prompt, m.seed, m.category, m.te_fingerprint) for m in batch.meta] == [
+        (f"k{i:04d}", f"prompt {i}", 10 + i, "eyes/color", "te") for i in range(3)]
