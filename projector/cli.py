@@ -136,6 +136,7 @@ def train(cfg) -> float | None:
             "trained": {"pairs": str(cfg.pairs), "global_step": int(trainer.global_step), "epochs": int(trainer.current_epoch)},
         })
         log.info("exported %s", workdir / "projector.json")
+        _log_artifact(loggers, workdir, found)
     for lg in loggers:
         if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
             lg.experiment.finish()
@@ -162,6 +163,19 @@ def _argv_for_ddp_children() -> None:
         sys.argv = [spec.name, "train", *overrides]
     else:  # the `luna` console script
         sys.argv = [_LAUNCHED_AS[0] if _LAUNCHED_AS else "luna", "train", *overrides]
+
+
+def _log_artifact(loggers: list, workdir: Path, metrics: dict) -> None:
+    """Online W&B runs also get the export as a `projector` artifact (load it as `wandb:ENTITY/PROJECT/NAME:latest`)."""
+    for lg in loggers:
+        if type(lg).__name__ != "WandbLogger" or getattr(lg, "_offline", True):
+            continue
+        import wandb
+
+        artifact = wandb.Artifact(f"projector-{lg.experiment.id}", type="projector", metadata=metrics)
+        artifact.add_file(str(workdir / "projector.json"))
+        artifact.add_file(str(workdir / "projector.safetensors"))
+        lg.experiment.log_artifact(artifact)
 
 
 def _task(cfg):

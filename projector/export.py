@@ -161,20 +161,35 @@ def save_projector(projector: Projector, folder: str | os.PathLike, meta: dict |
     return folder
 
 
+def resolve_projector_path(path: str | os.PathLike) -> Path:
+    """A local folder/file, or `wandb:ENTITY/PROJECT/NAME:VERSION`: a projector artifact that
+    `luna train` logged to W&B (online runs), downloaded with the W&B API."""
+    text = str(path)
+    if not text.startswith("wandb:"):
+        return Path(path)
+    import wandb
+
+    try:
+        artifact = wandb.Api().artifact(text[len("wandb:"):], type="projector")
+        return Path(artifact.download())
+    except Exception as e:  # network, login, or a wrong reference: all the user's to fix
+        raise ProjectorLoadError(f"{text}: cannot fetch the W&B artifact ({e}); `wandb login` and check the reference") from e
+
+
 def load_projector(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
     expect_vision_model: str | None = None,
     expect_dim: int | None = None,
 ) -> Projector:
-    """Load a projector folder (or its .json / .safetensors file) for inference.
+    """Load a projector folder (or its .json / .safetensors file, or a `wandb:` artifact reference) for inference.
 
     Raises ProjectorMismatchError when `expect_vision_model` or `expect_dim` (the image
     embedding width of the caller's vision tower) differ from what the projector was trained on.
     """
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = resolve_projector_path(path)
     folder = path if path.is_dir() else path.parent
     cfg_path, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not cfg_path.is_file() or not weights.is_file():
