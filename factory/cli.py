@@ -1,13 +1,15 @@
 """`luna factory`: a Hydra app over conf/factory.yaml that runs (or with dry_run=true plans) a campaign.
 
 Errors the user can fix (campaign, checkpoints, output folder, overrides) print one line and exit 2;
-Ctrl-C kills the actors, keeps every finished shard and exits 130.
+a unit failing on every retry prints one line and exits 1; Ctrl-C kills the actors, keeps every
+finished shard and exits 130.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+EXIT_RUN_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -17,6 +19,7 @@ def _task(cfg, outcome: dict) -> None:
     from omegaconf import OmegaConf
 
     from factory.run import run
+    from factory.worker import FactoryRunError
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     # `campaign=NAME` selects conf/campaign/NAME.yaml as a config group; the campaign module
@@ -27,6 +30,8 @@ def _task(cfg, outcome: dict) -> None:
         outcome["report"] = run(plain)
     except ValueError as e:  # campaign, inventory, planner, output folder: the user's to fix
         outcome["error"] = str(e)
+    except FactoryRunError as e:  # units failed on every retry: shards so far are kept
+        outcome["failure"] = str(e)
 
 
 def _out_override(argv: list[str]) -> str | None:
@@ -58,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     if "error" in outcome:
         print(f"luna factory: error: {outcome['error']}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if "failure" in outcome:
+        print(f"luna factory: run failed: {outcome['failure']}; finished shards are kept, rerun to resume",
+              file=sys.stderr)
+        return EXIT_RUN_FAILED
     return 0
 
 

@@ -279,7 +279,7 @@ class Scheduler:
             queues.setdefault(name, deque()).append(t)
             holders[name] = set(t["checkpoint"]["paths"])
         tries: dict[str, int] = {}
-        restarts = 0
+        restarts, last_death = 0, "none"
         join_budget = len(self.specs)  # extra loads allowed for actors joining a started checkpoint
         try:
             for spec in self.specs:
@@ -334,6 +334,7 @@ class Scheduler:
                         result = ray.get(ref, timeout=60)
                     except RayActorError as e:
                         self.stats.actors_died += 1
+                        last_death = (str(e).strip().splitlines() or [type(e).__name__])[-1]
                         log.warning("actor %s on %s died (%s); its units go back to the queue",
                                     a.spec.worker, a.spec.node, type(e).__name__)
                         for _, t in reversed(a.inflight):
@@ -362,9 +363,9 @@ class Scheduler:
                 fill()
                 if not any(a.inflight for a in self.actors) and any(queues.values()):
                     left = sorted(c for c, q in queues.items() if q)
-                    raise FactoryRunError(
-                        f"no live actor on a node holding checkpoint(s) {left} (nodes {sorted(set().union(*(holders[c] for c in left)))})"
-                    )
+                    nodes = sorted(set().union(*(holders[c] for c in left)))
+                    raise FactoryRunError(f"no live actor on a node holding checkpoint(s) {left} (nodes {nodes}); "
+                                          f"last actor death: {last_death}")
         finally:
             self.stats.loads = sum(self.stats.loads_by_worker.values())
             self.kill_all()

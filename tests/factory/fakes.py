@@ -10,8 +10,9 @@ import numpy as np
 class FakeGenerator:
     """Images from the seed; optional per-image delay; dies (os._exit) once a flag file exists."""
 
-    def __init__(self, delay_s: float = 0.0, die_flag: str | None = None, black_seeds=(), nan_seeds=()):
-        self.delay_s, self.die_flag = delay_s, die_flag
+    def __init__(self, delay_s: float = 0.0, die_flag: str | None = None, black_seeds=(), nan_seeds=(),
+                 fail_prompts=()):
+        self.delay_s, self.die_flag, self.fail_prompts = delay_s, die_flag, set(fail_prompts)
         self.black_seeds, self.nan_seeds = set(black_seeds), set(nan_seeds)
         self.path = None
 
@@ -19,6 +20,8 @@ class FakeGenerator:
         self.path = path
 
     def generate(self, prompts, negatives, seeds, sampler):
+        if self.fail_prompts & set(prompts):
+            raise RuntimeError("cannot render this prompt")
         out = []
         for s in seeds:
             if self.die_flag and os.path.exists(self.die_flag):

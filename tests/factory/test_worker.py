@@ -7,7 +7,7 @@ import pytest
 
 from factory import quality
 from factory.cluster import connect
-from factory.worker import ActorSpec, FactoryWorker, Scheduler, actor_specs, ray_actor_factory
+from factory.worker import ActorSpec, FactoryRunError, FactoryWorker, Scheduler, actor_specs, ray_actor_factory
 
 SAMPLER = {"steps": 2, "cfg": 5.0, "scheduler": "euler", "width": 16, "height": 16, "batch_size": 2}
 
@@ -99,3 +99,14 @@ def test_actor_specs_fractional_gpus():
     assert len({s.worker for s in specs}) == len(specs)
     with pytest.raises(KeyError):
         actor_specs(nodes, ["nope"], {})
+
+
+def test_unit_failing_every_retry_stops_the_run_with_its_error(ray_cluster, fakes):
+    cluster = connect()
+    tasks = make_tasks({"a": ["pc1"]}, 2)
+    tasks[1]["samples"][0]["prompt"] = "poison"
+    make = ray_actor_factory(cluster, functools.partial(fakes.FakeGenerator, fail_prompts=["poison"]))
+    done = []
+    with pytest.raises(FactoryRunError, match=r"a-u1 failed 2 times.*cannot render this prompt"):
+        Scheduler([ActorSpec("w0", "pc1")], make, max_retries=1).run(tasks, lambda t, r: done.append(t["unit_id"]))
+    assert done == ["a-u0"]  # the good unit was delivered before the run stopped
