@@ -393,7 +393,10 @@ def _training_section(page: _Page, t: dict) -> None:
                                "projector_vs_vault", "projector against vault baseline", "max-width:100%"))
         body.append(_table([(_esc(k), _fmt(float(v))) for k, v in sorted(m.items()) if not _isnan(v)],
                            ("metric", "value"), cls="kv"))
-    kv = [(k, t[k]) for k in ("model", "wandb_run", "run_dir") if t.get(k)]
+    labels = {"model": "model", "wandb_run": "W&B offline run", "run_dir": "run folder"}
+    kv = [(labels[k], t[k]) for k in labels if t.get(k)]
+    if t.get("wandb_run"):
+        kv.append(("upload it", f"wandb sync {t['wandb_run']}"))
     if kv:
         body.append(_kv(kv))
     page.section("training", "5 · Projector training", "\n".join(body))
