@@ -159,7 +159,11 @@ def ray_image_results(shards: list[Shard], cfg) -> Iterator[ShardImages]:
                           str(_get(cfg, "dtype", "float16")), bool(_get(cfg, "autocast", True)))
         for _ in range(n)
     ]
-    send_bytes = bool(_get(ray_cfg, "send_bytes", False))
+    send_bytes = _get(ray_cfg, "send_bytes", "auto")
+    if send_bytes == "auto":  # LAN nodes may not see the driver's shards folder; a local cluster does
+        from extraction.extract import cluster_mode
+
+        send_bytes = cluster_mode(cfg) == "lan"
     per_actor = max(1, int(_get(ray_cfg, "inflight_per_actor", 2)))
 
     def src(s: Shard):
