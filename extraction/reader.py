@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -320,12 +319,3 @@ def stream_batches(sources: list, preprocess: Callable, batch_size: int, workers
     )
     return iter(loader)
 
-
-def to_numpy_meta(metas: list[SampleMeta]) -> dict[str, np.ndarray]:
-    return {
-        "key": np.array([m.key for m in metas], dtype=object),
-        "checkpoint": np.array([m.checkpoint for m in metas], dtype=object),
-        "category": np.array([m.category for m in metas], dtype=object),
-        "campaign": np.array([m.campaign for m in metas], dtype=object),
-        "seed": np.array([m.seed for m in metas], dtype=np.int64),
-    }
