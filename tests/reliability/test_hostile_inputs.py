@@ -146,16 +146,6 @@ def _hostile_shard(folder: Path, te: str, names_only: bool = False) -> tuple[Pat
     return path, bad
 
 
-@pytest.fixture(scope="module")
-def te_checkpoint(tmp_path_factory):
-    """A tiny SDXL folder holding only what extraction's text side reads (fast to write)."""
-    from tests.extraction.conftest import write_text_encoder_checkpoint
-    from luna.models.fingerprint import te_fingerprint
-
-    path = write_text_encoder_checkpoint(tmp_path_factory.mktemp("te") / "tiny-base-0", "base")
-    return path, te_fingerprint(path)
-
-
 def _extract_cfg(shards: Path, out: Path, ckpt: Path):
     from tests.extraction.conftest import compose
 
