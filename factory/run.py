@@ -121,11 +121,19 @@ def sample_meta(unit, s, result: dict, kept: dict, now: str) -> dict:
 
 
 class ShardSink:
-    """Writes one shard per finished unit (driver side) and keeps the running totals."""
+    """Writes finished units into shards (driver side) and keeps the running totals.
 
-    def __init__(self, shards_dir: Path, campaign: str, units: dict, next_seq: int, report: RunReport):
+    Units are grouped per actor, `units_per_shard` to a shard; a unit is done only once the shard
+    holding it is on disk with its stats file, so a unit still waiting in a group when the driver
+    dies is simply generated again on the next run. `flush()` writes the groups that are not full.
+    """
+
+    def __init__(self, shards_dir: Path, campaign: str, units: dict, next_seq: int, report: RunReport,
+                 units_per_shard: int = 1):
         self.dir, self.campaign, self.units, self.report = shards_dir, campaign, units, report
         self.seq = itertools.count(next_seq)
+        self.per_shard = max(1, int(units_per_shard))
+        self.groups: dict[tuple[str, str], list] = {}
 
     def __call__(self, task: dict, result: dict) -> None:
         unit = self.units[task["unit_id"]]
@@ -134,19 +142,39 @@ class ShardSink:
         samples = [shards.Sample(key=k["key"], image=k["image"], ext=k["ext"], prompt=by_key[k["key"]].prompt,
                                  meta=sample_meta(unit, by_key[k["key"]], result, k, now))
                    for k in result["samples"]]
-        name = shards.shard_name(self.campaign, result["node"], result["worker"], next(self.seq))
+        who = (result["node"], result["worker"])
+        group = self.groups.setdefault(who, [])
+        group.append((unit, result, samples))
+        if len(group) >= self.per_shard:
+            self._write(who)
+
+    def flush(self) -> None:
+        for who in list(self.groups):
+            if self.groups[who]:
+                self._write(who)
+
+    def _write(self, who: tuple[str, str]) -> None:
+        group = self.groups.pop(who)
+        node, worker = who
+        samples = [x for _, _, ss in group for x in ss]
+        rejected = [r for _, res, _ in group for r in res["rejected"]]
+        units = [u for u, _, _ in group]
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         stats = {
-            "count": len(unit.samples), "successes": len(samples), "failed": len(result["rejected"]),
-            "rejected": result["rejected"], "unit_ids": [unit.id], "keys": [s.key for s in samples],
-            "campaign": self.campaign, "job": unit.job, "checkpoint": unit.checkpoint,
-            "node": result["node"], "worker": result["worker"], "end_time": now,
-            "timings": dict(result["timings"]),
+            "count": sum(len(u.samples) for u in units), "successes": len(samples), "failed": len(rejected),
+            "rejected": rejected, "unit_ids": [u.id for u in units], "keys": [x.key for x in samples],
+            "campaign": self.campaign, "jobs": sorted({u.job for u in units}),
+            "checkpoints": sorted({u.checkpoint for u in units}), "node": node, "worker": worker, "end_time": now,
+            "timings": {k: round(sum(res["timings"].get(k, 0.0) for _, res, _ in group), 4)
+                        for k in ("load_s", "generate_s", "encode_s", "total_s")}
+            | {"start": min(res["timings"].get("start", 0.0) for _, res, _ in group),
+               "end": max(res["timings"].get("end", 0.0) for _, res, _ in group)},
         }
-        path = self.dir / f"{name}.tar"
+        path = self.dir / f"{shards.shard_name(self.campaign, node, worker, next(self.seq))}.tar"
         shards.write_shard(path, samples, stats)
         self.report.shards.append(path)
         self.report.unit_times.append((time.time(), len(samples)))
-        for r in result["rejected"]:
+        for r in rejected:
             for reason in {x for attempt in r["reasons"] for x in attempt}:
                 self.report.rejected_reasons[reason] = self.report.rejected_reasons.get(reason, 0) + 1
 
@@ -219,13 +247,24 @@ def run(cfg: Any, *, make_generator: Callable[[], Any] | None = None, echo: Call
                               inflight=int(workers.get("inflight_per_actor", 2)))
         if scheduler_hook is not None:
             scheduler_hook(scheduler)
-        sink = ShardSink(shards_dir, campaign.name, {u.id: u for u in pending}, index.next_seq, report)
+        sink = ShardSink(shards_dir, campaign.name, {u.id: u for u in pending}, index.next_seq, report,
+                         units_per_shard=int(cfg.get("units_per_shard", 1) or 1))
         total = sum(len(u.samples) for u in pending)
         echo(f"generating {total} images in {len(pending)} units with {len(specs)} actor(s) on "
              f"{', '.join(nodes_needed)}")
         bar = _progress(total, bool(cfg.get("progress", True)))
         try:
-            stats = scheduler.run([_task(u, ckpts[u.checkpoint], cfg) for u in pending], sink, bar)
+            failed = True
+            try:
+                stats = scheduler.run([_task(u, ckpts[u.checkpoint], cfg) for u in pending], sink, bar)
+                failed = False
+            finally:  # finished units waiting for a full shard are written even on Ctrl-C or an error
+                try:
+                    sink.flush()
+                except shards.ShardWriteError as e:
+                    if not failed:
+                        raise
+                    log.warning("could not write the last shard: %s", e)
         except shards.ShardWriteError as e:
             full = " (disk full)" if e.errno == errno.ENOSPC else ""
             raise FactoryError(f"{e.strerror}{full}; the shards written so far are kept, rerun to resume") from None

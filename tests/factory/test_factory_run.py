@@ -60,7 +60,7 @@ def _cfg(tmp_path, node_models, **over) -> dict:
         "campaign_file": str(camp), "out": str(tmp_path / "out"), "dry_run": False, "progress": False,
         "checkpoints": {"dirs": [], "node_dirs": {k: [str(v)] for k, v in node_models.items()}},
         "workers": {"device": "cpu", "cpus_per_actor": 1, "inflight_per_actor": 2, "max_retries": 3},
-        "image": {"format": "png"}, "quality": {"max_attempts": 2},
+        "image": {"format": "png"}, "quality": {"max_attempts": 2}, "units_per_shard": 1,
     }
     cfg.update(over)
     return cfg
@@ -120,7 +120,7 @@ def test_inventory_both_formats_and_rejects(ray_cluster, tiny_dir, tmp_path):
 def test_end_to_end_two_nodes_placement_and_resume(ray_cluster, node_models, tmp_path):
     import webdataset as wds
 
-    cfg = _cfg(tmp_path, node_models)
+    cfg = _cfg(tmp_path, node_models, units_per_shard=2)
     report = run(cfg)
     assert report.images == QUOTA and report.rejected == 0
     assert report.loads <= report.checkpoints + report.actors
@@ -134,9 +134,12 @@ def test_end_to_end_two_nodes_placement_and_resume(ray_cluster, node_models, tmp
     assert {m["checkpoint"] for m in metas} == set(holder)
     assert {m["job"] for m in metas} == {"eyes", "faces"}
     tars = shards.complete_shards(Path(cfg["out"]) / "shards", "tinytest")
+    assert len(tars) < report.planned_units  # units grouped two to a shard (per actor)
     for t in tars:
         node, worker = t.name.split("-")[1:3]
         assert node in ("pc1", "pc2") and worker.startswith("w")
+        stats = json.loads(shards.stats_path(t).read_text())
+        assert 1 <= len(stats["unit_ids"]) <= 2 and stats["successes"] == len(list(shards.read_shard(t)))
     # stock webdataset and the tar command read the shards
     ds = list(wds.WebDataset([str(t) for t in tars], shardshuffle=False).decode("rgb"))
     assert len(ds) == QUOTA and all(s["png"].shape == (64, 64, 3) for s in ds)
@@ -248,7 +251,7 @@ def test_driver_killed_mid_run_then_rerun(node_models, tmp_path):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "luna.cli", "factory", f"campaign_file={camp}", f"out={out}",
             f"checkpoints.dirs=[{node_models['pc1']}]", "cluster=local",
-            "cluster.num_cpus=2", "workers.device=cpu", "progress=false"]
+            "cluster.num_cpus=2", "workers.device=cpu", "progress=false", "units_per_shard=1"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
