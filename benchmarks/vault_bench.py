@@ -53,7 +53,9 @@ def latencies(fn, queries: np.ndarray) -> np.ndarray:
     return out * 1000.0
 
 
-def pct(ms: np.ndarray) -> str:
+def pct(ms: np.ndarray | None) -> str:
+    if ms is None:
+        return "n/a"
     return f"{np.percentile(ms, 50):.3f} / {np.percentile(ms, 99):.3f}"
 
 
@@ -101,7 +103,7 @@ def run_size(n: int, spec: str | None, args, work: Path) -> dict:
     search_ms = latencies(lambda x: vault.search(x, k=10), lq)
     cold_ms = latencies(lambda x: vault.query(x, k=10), lq)  # first touch of these prompts' conditionings
     query_ms = latencies(lambda x: vault.query(x, k=10), lq)  # the same queries again: page cache warm
-    auto_ms = latencies(lambda x: vault.query(x, k=10, category="auto"), lq)
+    auto_ms = latencies(lambda x: vault.query(x, k=10, category="auto"), lq) if vault.categories else None
     stored_b = folder_bytes(vault_dir)
     cond_b = sum((vault_dir / c).stat().st_size for c in m.cond_files)
     del vault
