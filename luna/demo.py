@@ -140,34 +140,33 @@ def write_campaign(cfg: dict, dest: Path) -> Path:
 
 
 def read_shards(shards_dir: Path, per_cell: int, samples_dir: Path) -> dict:
-    """Campaign statistics from the finished shards (their _stats.json) and a few samples per cell."""
+    """Campaign statistics from the finished shards (their _stats.json and each sample's key.json)
+    and the images of up to `per_cell` samples per (job, checkpoint), copied to `samples_dir`."""
     counts: dict[str, dict[str, int]] = {}
-    rejected, reasons, units, shards, gen_s = 0, {}, 0, 0, 0.0
-    for stats_path in sorted(shards_dir.glob("*_stats.json")):
-        st = json.loads(stats_path.read_text())
-        shards += 1
-        units += len(st.get("unit_ids", []))
-        job = str(st.get("job", "?"))
-        counts.setdefault(job, {}).setdefault(str(st.get("checkpoint", "?")), 0)
-        counts[job][str(st.get("checkpoint", "?"))] += int(st.get("successes", 0))
-        rejected += int(st.get("failed", 0))
-        gen_s += float((st.get("timings") or {}).get("generate_s", 0.0))
-        for r in st.get("rejected", []):
-            for reason in {x for attempt in r.get("reasons", []) for x in attempt}:
-                reasons[reason] = reasons.get(reason, 0) + 1
+    rejected, reasons, units, shards = 0, {}, 0, 0
     samples, taken = [], {}
     samples_dir.mkdir(parents=True, exist_ok=True)
     for tar_path in sorted(shards_dir.glob("*.tar")):
-        if not (tar_path.parent / f"{tar_path.stem}_stats.json").is_file():
-            continue
+        stats_path = tar_path.parent / f"{tar_path.stem}_stats.json"
+        if tar_path.name.startswith(".") or not stats_path.is_file():
+            continue  # an unfinished write: the factory redoes it on the next run
+        st = json.loads(stats_path.read_text())
+        shards += 1
+        units += len(st.get("unit_ids", []))
+        rejected += int(st.get("failed", 0))
+        for r in st.get("rejected", []):
+            for reason in {x for attempt in r.get("reasons", []) for x in attempt}:
+                reasons[reason] = reasons.get(reason, 0) + 1
         with tarfile.open(tar_path) as tar:
             members = {m.name: m for m in tar.getmembers() if m.isfile()}
             for name, member in members.items():
                 if not name.endswith(".json"):
                     continue
                 meta = json.loads(tar.extractfile(member).read())
-                cell = (str(meta.get("job")), str(meta.get("checkpoint")))
-                if taken.get(cell, 0) >= per_cell:
+                job, ckpt = str(meta.get("job")), str(meta.get("checkpoint"))
+                counts.setdefault(job, {}).setdefault(ckpt, 0)
+                counts[job][ckpt] += 1
+                if taken.get((job, ckpt), 0) >= per_cell:
                     continue
                 stem = name[: -len(".json")]
                 img = next((members[f"{stem}.{e}"] for e in ("png", "jpg", "webp") if f"{stem}.{e}" in members), None)
@@ -177,12 +176,12 @@ def read_shards(shards_dir: Path, per_cell: int, samples_dir: Path) -> dict:
                 safe = re.sub(r"[^A-Za-z0-9_-]", "_", str(meta.get("key", stem)))[:80]
                 dest = samples_dir / f"{safe}{Path(img.name).suffix}"
                 dest.write_bytes(tar.extractfile(img).read())
-                taken[cell] = taken.get(cell, 0) + 1
-                samples.append({"job": cell[0], "checkpoint": cell[1], "key": meta.get("key"),
+                taken[(job, ckpt)] = taken.get((job, ckpt), 0) + 1
+                samples.append({"job": job, "checkpoint": ckpt, "key": meta.get("key"),
                                 "prompt": meta.get("prompt", ""), "image": str(dest)})
     images = sum(sum(v.values()) for v in counts.values())
     return {"images": images, "rejected": rejected, "rejected_reasons": reasons, "units": units, "shards": shards,
-            "counts": counts, "samples": samples, "generate_s": round(gen_s, 3)}
+            "counts": counts, "samples": samples}
 
 
 def stage_factory(cfg: dict, p: Paths) -> dict:
