@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 from factory import inventory as inv_mod
 from factory import shards
 from factory.campaign import load_campaign
-from factory.cluster import connect
+from factory.cluster import connect, list_nodes
 from factory.planner import plan as make_plan
 from factory.worker import SDXLGenerator, Scheduler, actor_specs, ray_actor_factory
 
@@ -244,7 +244,8 @@ def run(cfg: Any, *, make_generator: Callable[[], Any] | None = None, echo: Call
                                                threads=int(workers.get("cpus_per_actor", 1) or 1))
         scheduler = Scheduler(specs, ray_actor_factory(cluster, make_generator),
                               max_retries=int(workers.get("max_retries", 3)),
-                              inflight=int(workers.get("inflight_per_actor", 2)))
+                              inflight=int(workers.get("inflight_per_actor", 2)),
+                              node_alive=lambda node: node in list_nodes())
         if scheduler_hook is not None:
             scheduler_hook(scheduler)
         sink = ShardSink(shards_dir, campaign.name, {u.id: u for u in pending}, index.next_seq, report,

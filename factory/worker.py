@@ -241,8 +241,12 @@ class Scheduler:
         inflight: int = 2,
         max_actor_restarts: int | None = None,
         poll_s: float = 0.5,
+        node_alive: Callable[[str], bool] | None = None,
     ):
         self.specs, self.make_actor = specs, make_actor
+        self.node_alive = node_alive or (lambda node: True)
+        self.node_check_s = 10.0
+        self.dead_nodes: set[str] = set()
         self.max_retries, self.inflight = max_retries, max(1, inflight)
         self.max_restarts = max_retries if max_actor_restarts is None else max_actor_restarts
         self.poll_s = poll_s
@@ -321,8 +325,38 @@ class Scheduler:
                     raise FactoryRunError(f"unit {t['unit_id']} failed {tries[t['unit_id']]} times; last error: {why}")
                 queues[t["checkpoint"]["name"]].appendleft(t)
 
+            def lost(a: _Actor, text: str, kind: str) -> None:
+                nonlocal restarts, last_death
+                self.stats.actors_died += 1
+                last_death = (text.strip().splitlines() or [kind])[-1]
+                if "node has died" in text or not self.node_alive(a.spec.node):
+                    self.dead_nodes.add(a.spec.node)  # no replacement there; other holders take its units
+                    for c in holders:
+                        holders[c].discard(a.spec.node)
+                log.warning("actor %s on %s lost (%s); its units go back to the queue", a.spec.worker, a.spec.node, kind)
+                try:  # an actor only "unavailable" might come back: make sure it cannot
+                    ray.kill(a.handle, no_restart=True)
+                except Exception:  # noqa: BLE001
+                    pass
+                for _, t in reversed(a.inflight):
+                    requeue(t, f"actor {a.spec.worker} lost: {last_death}")
+                a.inflight = []
+                self.actors.remove(a)
+                if restarts < self.max_restarts and a.spec.node not in self.dead_nodes:
+                    restarts += 1
+                    spec = ActorSpec(f"w{self._next_worker}", a.spec.node, a.spec.num_cpus, a.spec.num_gpus)
+                    self._next_worker += 1
+                    self._start(spec)
+
             fill()
+            last_check = time.time()
             while any(a.inflight for a in self.actors):
+                if time.time() - last_check > self.node_check_s:  # a node gone silently: its actors never answer
+                    last_check = time.time()
+                    for a in [b for b in self.actors if b.inflight and not self.node_alive(b.spec.node)]:
+                        lost(a, "its node has died (no longer in the cluster)", "NodeLost")
+                    fill()
+                    continue
                 refs = {ref: a for a in self.actors for ref, _ in a.inflight}
                 ready, _ = ray.wait(list(refs), num_returns=1, timeout=self.poll_s)
                 if progress is not None and getattr(progress, "luna_live", False):
@@ -333,19 +367,7 @@ class Scheduler:
                     try:
                         result = ray.get(ref, timeout=60)
                     except RayActorError as e:
-                        self.stats.actors_died += 1
-                        last_death = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-                        log.warning("actor %s on %s died (%s); its units go back to the queue",
-                                    a.spec.worker, a.spec.node, type(e).__name__)
-                        for _, t in reversed(a.inflight):
-                            requeue(t, f"actor {a.spec.worker} died")
-                        a.inflight = []
-                        self.actors.remove(a)
-                        if restarts < self.max_restarts:
-                            restarts += 1
-                            spec = ActorSpec(f"w{self._next_worker}", a.spec.node, a.spec.num_cpus, a.spec.num_gpus)
-                            self._next_worker += 1
-                            self._start(spec)
+                        lost(a, str(e), type(e).__name__)
                         break  # the refs map is stale now
                     except (RayTaskError, GetTimeoutError) as e:
                         a.inflight = [(r, t) for r, t in a.inflight if r != ref]
@@ -361,11 +383,12 @@ class Scheduler:
                     if progress is not None:
                         progress.update(len(result["samples"]) + len(result["rejected"]))
                 fill()
-                if not any(a.inflight for a in self.actors) and any(queues.values()):
-                    left = sorted(c for c, q in queues.items() if q)
-                    nodes = sorted(set().union(*(holders[c] for c in left)))
-                    raise FactoryRunError(f"no live actor on a node holding checkpoint(s) {left} (nodes {nodes}); "
-                                          f"last actor death: {last_death}")
+            if any(queues.values()):  # work left that no live actor can take
+                left = sorted(c for c, q in queues.items() if q)
+                nodes = sorted(set().union(*(holders[c] for c in left)))
+                gone = f", lost nodes {sorted(self.dead_nodes)}" if self.dead_nodes else ""
+                raise FactoryRunError(f"no live actor on a node holding checkpoint(s) {left} (live holders "
+                                      f"{nodes}{gone}); last actor death: {last_death}")
         finally:
             self.stats.loads = sum(self.stats.loads_by_worker.values())
             self.kill_all()

@@ -110,3 +110,27 @@ def test_unit_failing_every_retry_stops_the_run_with_its_error(ray_cluster, fake
     with pytest.raises(FactoryRunError, match=r"a-u1 failed 2 times.*cannot render this prompt"):
         Scheduler([ActorSpec("w0", "pc1")], make, max_retries=1).run(tasks, lambda t, r: done.append(t["unit_id"]))
     assert done == ["a-u0"]  # the good unit was delivered before the run stopped
+
+
+def test_lost_node_gets_no_replacement_and_its_units_move(ray_cluster, fakes):
+    import ray
+
+    cluster = connect()
+    tasks = make_tasks({"a": ["pc1", "pc2"]}, 6)
+    dead: set = set()
+    sched = Scheduler([ActorSpec("w0", "pc1"), ActorSpec("w1", "pc2")],
+                      ray_actor_factory(cluster, functools.partial(fakes.FakeGenerator, delay_s=0.05)),
+                      max_retries=3, node_alive=lambda node: node not in dead)
+    seen = []
+
+    def on_result(task, result):
+        seen.append(result)
+        if not dead:  # "pc2 goes away": its actor dies and the cluster no longer lists the node
+            dead.add("pc2")
+            victim = next(a for a in sched.actors if a.spec.node == "pc2")
+            ray.kill(victim.handle, no_restart=True)
+
+    stats = sched.run(tasks, on_result)
+    assert sorted(r["unit_id"] for r in seen) == sorted(t["unit_id"] for t in tasks)
+    assert stats.actors_started == 2 and sched.dead_nodes == {"pc2"}  # no replacement on the lost node
+    assert {r["worker"] for r in seen} <= {"w0", "w1"} and stats.retries >= 1
