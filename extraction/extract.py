@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -235,10 +236,19 @@ def extract(cfg, text: TextConditioner | None = None) -> ExtractResult:
     result.seconds["setup"] = round(time.time() - started, 3)
     total = sum(s.expected_count or 0 for s in todo) or None
     bar = _progress(total, bool(_get(cfg, "progress", True)))
+    # Text encoding and writing of shard k run in one background thread (in shard order, so the
+    # result does not depend on timing) while the vision tower goes on with shard k+1.
+    finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-writer")
+    pending: list = []
     try:
         for images in in_shard_order(results):
-            _finish_shard(todo[images.index], images, out, store, text, dtype, result, report_extra, prior_dims)
+            while len(pending) >= 2:  # bounds the shards held in memory
+                pending.pop(0).result()
+            pending.append(finisher.submit(_finish_shard, todo[images.index], images, out, store, text, dtype,
+                                           result, report_extra, prior_dims))
             bar.update(images.count + len(images.bad_samples))
+        while pending:
+            pending.pop(0).result()
         result.text = text.stats()
         result.unique_prompts = len(store)
         if mode is None:
@@ -246,6 +256,7 @@ def extract(cfg, text: TextConditioner | None = None) -> ExtractResult:
         result.seconds.update(text=result.text.get("seconds"), total=round(time.time() - started, 3))
         result.report = _write_report(out, result, {**report_extra, "finished": time.time()})
     finally:
+        finisher.shutdown(wait=True, cancel_futures=True)
         bar.close()
         store.close()
         if own_text and hasattr(text, "close"):
