@@ -279,24 +279,8 @@ def _plain_neighbours(nbs) -> list[dict]:
     return [{k: (float(n[k]) if k in ("score", "weight") else n[k]) for k in keep if k in n} for n in nbs]
 
 
-def _wandb_generate_id_shim() -> None:
-    """wandb >= 0.2x moved `wandb.util.generate_id` (projector/cli.py calls it): point the old name
-    at the new place when it is missing, so the W&B offline run can start."""
-    try:
-        import wandb.util
-
-        if not hasattr(wandb.util, "generate_id"):
-            from wandb.sdk.lib.runid import generate_id
-
-            wandb.util.generate_id = generate_id
-    except ImportError:  # no wandb: `luna train` reports it
-        pass
-
-
 def stage_train(cfg: dict, p: Paths) -> dict:
     from projector.cli import main as train_main
-
-    _wandb_generate_id_shim()
 
     t = cfg["train"]
     if p.projector.exists():  # a changed setting retrains from scratch (a stale checkpoint would resume)
