@@ -185,6 +185,9 @@ def ray_image_results(shards: list[Shard], cfg) -> Iterator[ShardImages]:
                 yield ray.get(ref)
     finally:
         for ref in inflight:
-            ray.cancel(ref)
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - best effort: the actors are killed next anyway
+                pass
         for a in actors:
             ray.kill(a)
