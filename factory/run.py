@@ -279,7 +279,8 @@ def run(cfg: Any, *, make_generator: Callable[[], Any] | None = None, echo: Call
             report.rejected = scheduler.stats.rejected
             report.seconds = time.time() - t_start
         report.actors = stats.actors_started
-        echo(f"done: {report.images} images in {report.units_done} shards, {report.rejected} rejected"
+        echo(f"done: {report.images} images from {report.units_done} units in {len(report.shards)} shards, "
+             f"{report.rejected} rejected"
              + (f" {report.rejected_reasons}" if report.rejected else "")
              + f", {report.loads} pipeline loads, {report.retries} retries, {report.seconds:.1f}s")
         if report.rejected:
