@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from extraction.pairs import Pairs  # noqa: E402
 from extraction.synthetic import write_synthetic_pairs  # noqa: E402
 from vault.build import build_vault, drop_conditionings  # noqa: E402
-from vault.index import exact_search, normalize, recall_at  # noqa: E402
+from vault.index import normalize, recall_at  # noqa: E402
 from vault.query import Vault  # noqa: E402
 
 

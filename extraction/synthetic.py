@@ -85,7 +85,7 @@ def write_synthetic_pairs(
     (`part-00000.h5`, ...), each with the prompts its images use.
     """
     if n_images < 1 or n_prompts < 1 or dim < 1:
-        raise ValueError(f"write_synthetic_pairs: n_images, n_prompts and dim must be >= 1")
+        raise ValueError("write_synthetic_pairs: n_images, n_prompts and dim must be >= 1")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fingerprint = te_fingerprint or synthetic_fingerprint(seed)
