@@ -90,18 +90,36 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _bad_samples(tar: tarfile.TarFile, te: str) -> dict[str, str]:
+    """Add samples broken in every way a reader must survive; returns {key: what is wrong}."""
+    _add(tar, "nojson.png", _png(3))  # an image without its json
+    bad = {"nojson": "no json"}
+    for key, data in (("seedtext", json.dumps({"prompt": "p", "seed": "not a number"}).encode()),
+                      ("seeddict", json.dumps({"prompt": "p", "seed": {"a": 1}}).encode()),
+                      ("jsonlist", json.dumps(["prompt", "seed"]).encode()),
+                      ("notjson", b"\xff\xfe{{{ not json"),
+                      ("deepjson", b"[" * 100_000 + b"]" * 100_000)):
+        _add(tar, f"{key}.png", _png(4))
+        _add(tar, f"{key}.json", data)
+        bad[key] = "json of the wrong type or shape"
+    _add(tar, "badimage.png", b"\x89PNG not really")
+    _add(tar, "badimage.json", json.dumps(_meta("badimage", "p", 5, te)).encode())
+    bad["badimage"] = "undecodable image"
+    return bad
+
+
 def _hostile_shard(folder: Path, te: str, names_only: bool = False) -> tuple[Path, dict[str, str]]:
-    """A complete shard (with its stats marker) mixing good samples with every kind of bad one
-    (`names_only`: just the path-like member names). Returns (path, {bad key: what is wrong})."""
+    """A complete shard (with its stats marker): good samples, samples whose member names would escape
+    the folder if extracted, link members and (unless `names_only`) broken samples.
+    Returns (path, {bad key: what is wrong})."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "evil-pc1-w0-000000.tar"
-    bad = {}
+    bad: dict[str, str] = {}
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for i in range(2):
             k = f"good_{i}"
             _add(tar, f"{k}.png", _png(i))
             _add(tar, f"{k}.json", json.dumps(_meta(k, f"blue eyes {i}", i, te)).encode())
-        # names that would escape the folder if a reader ever extracted them
         for name in ("../escape", "../../escape2", "/tmp/luna_abs_escape", "sub/../../escape3"):
             _add(tar, f"{name}.png", _png(7))
             _add(tar, f"{name}.json", json.dumps(_meta("x", "escape", 7, te)).encode())
@@ -111,38 +129,10 @@ def _hostile_shard(folder: Path, te: str, names_only: bool = False) -> tuple[Pat
         hard = tarfile.TarInfo("hard.json")
         hard.type, hard.linkname = tarfile.LNKTYPE, "../../etc/passwd"
         tar.addfile(hard)
-        if names_only:
-            bad = {}
-            return_early = True
-        else:
-            return_early = False
-    if return_early:
-        (folder / "evil-pc1-w0-000000_stats.json").write_text(json.dumps({"count": 6, "successes": 6}))
-        return path, bad
-    with tarfile.open(path, "a", format=tarfile.PAX_FORMAT) as tar:
-        # an image without its json
-        _add(tar, "nojson.png", _png(3))
-        bad["nojson"] = "json"
-        # json of the wrong types / shapes
-        for k, meta in (("seedtext", {"prompt": "p", "seed": "not a number"}),
-                        ("seeddict", {"prompt": "p", "seed": {"a": 1}}),
-                        ("jsonlist", ["prompt", "seed"]),
-                        ("notjson", None),
-                        ("deepjson", None)):
-            _add(tar, f"{k}.png", _png(4))
-            if k == "notjson":
-                data = b"\xff\xfe{{{ not json"
-            elif k == "deepjson":
-                data = b"[" * 100_000 + b"]" * 100_000
-            else:
-                data = json.dumps(meta).encode()
-            _add(tar, f"{k}.json", data)
-            bad[k] = ""
-        # an undecodable image with good json
-        _add(tar, "badimage.png", b"\x89PNG not really")
-        _add(tar, "badimage.json", json.dumps(_meta("badimage", "p", 5, te)).encode())
-        bad["badimage"] = ""
-    (folder / "evil-pc1-w0-000000_stats.json").write_text(json.dumps({"count": 20, "successes": 20, "format_version": 1}))
+        if not names_only:
+            bad = _bad_samples(tar, te)
+    (folder / "evil-pc1-w0-000000_stats.json").write_text(
+        json.dumps({"count": 6 + len(bad), "successes": 6 + len(bad), "format_version": 1}))
     return path, bad
 
 
