@@ -74,7 +74,7 @@ def test_extraction_disk_full_mid_part_then_rerun_gives_the_uninterrupted_arrays
         state = _fill_disk_on_part(m, part_number=2, after_datasets=5)
         with pytest.raises(OSError) as info:
             extract(_cfg(shards, out, ckpt))
-    assert info.value.errno == errno.ENOSPC and state["raised"] == 1
+    assert info.value.errno == errno.ENOSPC and state["raised"] >= 1  # the writer thread may try the next part too
     # the first part is complete and kept; the second has neither its final name nor a temporary left
     assert sorted(p.name for p in out.glob("*.h5")) == ["pairs-disk-pc1-w0-000000.h5"]
     assert _no_partial_files(out) == []
