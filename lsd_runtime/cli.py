@@ -70,7 +70,7 @@ def settings_from(c: dict, components):
         detail=DetailSettings(working_size=int(d["working_size"]), pad=float(d["pad"]), min_crop=int(d["min_crop"]),
                               skip_below=int(d["skip_below"]), feather=float(d["feather"]), grow=float(d["grow"]),
                               batch_size=_batch(d["batch_size"], sampler, int(d["working_size"]), float(d["cfg"]))),
-        tiles=RefineTileSettings(tile=int(r["tile"]), overlap=r["overlap"],
+        tiles=RefineTileSettings(tile=int(r["tile"]), overlap=r["overlap"], passes=str(r.get("passes", "chessboard")),
                                  batch_size=_batch(r["batch_size"], sampler, int(r["tile"]), float(r["cfg"]))),
         global_refine=bool(r["enabled"]),
         refine_conditioning=str(r["conditioning"]),

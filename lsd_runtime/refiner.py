@@ -1,7 +1,7 @@
 """The global refiner: overlapping tiles in chessboard passes, noise sliced 1:1, feathered blend.
 
 Tiles come from tiles.tile_grid (5 x 5 tiles of 1024 on 4096). Each pass holds pairwise
-disjoint tiles (tiles.chessboard_passes), runs in batches of `batch_size`, and is applied with
+tiles (tiles.chessboard_passes: two by parity, or pairwise-disjoint ones), runs in batches of `batch_size`, and is applied with
 tiles.accumulate: canvas += w_t * (output_t - input_t), with weights summing to 1 at every
 pixel over all tiles. Each pass reads the canvas the previous pass wrote. The noise of a tile
 is the scaffold's own latent cells under it (no resampling), so neighbouring tiles share
@@ -25,6 +25,7 @@ class RefineTileSettings:
     tile: int = 1024
     overlap: int | None = None  # minimum overlap; None = a quarter tile
     feather: float | None = None  # None = the overlap
+    passes: str = "chessboard"  # chessboard: 2 passes by parity | disjoint: pairwise disjoint tiles per pass
     batch_size: int = 4
 
     def check(self) -> None:
@@ -49,7 +50,7 @@ def refine_tiles(canvas: np.ndarray, scaffold, conditioner, denoise, settings: R
     weights = dict(zip([t.box for t in tiles], tile_weights(tiles, (w, h), settings.feather)))
     work = canvas.astype(np.float32)  # accumulate in float; round once at the end
     records = []
-    for p, group in enumerate(chessboard_passes(tiles)):
+    for p, group in enumerate(chessboard_passes(tiles, settings.passes)):
         outputs = []
         for start in range(0, len(group), int(settings.batch_size)):
             chunk = group[start:start + int(settings.batch_size)]

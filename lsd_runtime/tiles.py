@@ -4,14 +4,15 @@ Grid: tiles of `tile` px with at least `overlap` px overlap (a quarter tile by d
 spread evenly so the first and last tiles touch the canvas edges: 4096 px with 1024 tiles
 gives 5 x 5 tiles at stride (4096 - 1024) / 4 = 768, i.e. 256 px overlap in both axes.
 
-How many "chessboard" passes? Tiles in one pass must not overlap each other (a pass runs
-as one batch on the same canvas). Two passes by (row + col) parity would suffice only if
-diagonal neighbours were disjoint; but whenever neighbours overlap along both axes the
-diagonal neighbours share a corner (on 4096: a 256 x 256 square). Rows d apart are
-disjoint only once d * stride >= tile, so the passes are the classes (row mod pr, col mod pc)
-with pr = pc = ceil(1024 / 768) = 2: four passes, each pass a set of pairwise disjoint tiles.
-This is also the minimum (tiles (r, c), (r, c+1), (r+1, c), (r+1, c+1) all share the
-corner region, so they need four different passes).
+How many "chessboard" passes? `mode="chessboard"` (the default, DESIGN §2) is two passes by
+(row + col) parity: edge neighbours are always in different passes, so every tile of the
+second pass sees its four edge neighbours' results. Diagonal neighbours of one pass share a
+corner (on 4096: a 256 x 256 square); both read the same canvas there and `accumulate`
+weights their outputs, so the corner is still seamless. `mode="disjoint"` makes every pass a
+set of pairwise disjoint tiles: rows d apart are disjoint only once d * stride >= tile, so
+the passes are the classes (row mod pr, col mod pc), with pr = pc = ceil(1024 / 768) = 2 on
+4096: four passes, the minimum for disjointness (tiles (r, c), (r, c+1), (r+1, c),
+(r+1, c+1) all share a corner).
 
 Weights: every tile gets a separable ramp (1 on canvas borders, rising from near 0 at its
 inner edges over `feather` px), normalised by the sum over all tiles, so the weights
@@ -81,14 +82,19 @@ def _period(spans: dict[int, tuple[int, int]]) -> int:
     return max(1, len(keys))
 
 
-def chessboard_passes(tiles: list[Tile]) -> list[list[Tile]]:
-    """Group tiles into passes of pairwise non-overlapping tiles: classes (row mod pr, col mod pc).
+def chessboard_passes(tiles: list[Tile], mode: str = "chessboard") -> list[list[Tile]]:
+    """Group tiles into passes (see the module docstring).
 
-    The default 5 x 5 grid on 4096 needs 4 passes (see the module docstring); a grid whose
-    tiles overlap along one axis only needs 2; a grid without overlap needs 1.
+    "chessboard": two passes by (row + col) parity; no two edge neighbours share a pass.
+    "disjoint": classes (row mod pr, col mod pc) of pairwise non-overlapping tiles: the
+    default 5 x 5 grid on 4096 needs 4, a grid overlapping along one axis only 2, none 1.
     """
     if not tiles:
         return []
+    if mode == "chessboard":
+        return [g for g in ([t for t in tiles if (t.row + t.col) % 2 == k] for k in (0, 1)) if g]
+    if mode != "disjoint":
+        raise ValueError(f"tile pass mode {mode!r}: expected 'chessboard' or 'disjoint'")
     rows = {t.row: (t.box[1], t.box[3]) for t in tiles}
     cols = {t.col: (t.box[0], t.box[2]) for t in tiles}
     pr, pc = _period(rows), _period(cols)

@@ -50,7 +50,7 @@ def test_tiles_get_their_own_scaffold_cells_and_passes_never_overlap():
         return identity_denoiser(items)
 
     _, records = refine_tiles(np.zeros((512, 512, 3), np.uint8), scaffold, FixedText(), record,
-                              RefineTileSettings(tile=256, batch_size=8))
+                              RefineTileSettings(tile=256, batch_size=8, passes="disjoint"))
     boxes = [tuple(r["box"]) for r in records]
     assert len(set(boxes)) == len(boxes) == 9
     for items, start in zip(seen, np.cumsum([0] + [len(b) for b in seen])):
@@ -63,6 +63,20 @@ def test_tiles_get_their_own_scaffold_cells_and_passes_never_overlap():
     assert len(by_pass) >= 2
     for group in by_pass.values():
         assert not any(boxes_overlap(a, b) for i, a in enumerate(group) for b in group[i + 1:])
+
+
+def test_default_is_two_chessboard_passes_with_edge_neighbours_apart():
+    _, records = refine_tiles(np.zeros((512, 512, 3), np.uint8), NoiseScaffold(3, (512, 512)), FixedText(),
+                              identity_denoiser, RefineTileSettings(tile=256, batch_size=8))
+    by_pass: dict = {}
+    for r in records:
+        by_pass.setdefault(r["pass"], []).append(tuple(r["box"]))
+    assert len(by_pass) == 2 and sum(map(len, by_pass.values())) == 9
+    for group in by_pass.values():  # tiles of one pass meet at most at a corner, never along an edge
+        for i, a in enumerate(group):
+            for b in group[i + 1:]:
+                same_row_or_col = a[0] == b[0] or a[1] == b[1]
+                assert not (same_row_or_col and boxes_overlap(a, b))
 
 
 def test_scaffold_of_another_size_is_rejected():

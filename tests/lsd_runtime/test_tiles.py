@@ -37,13 +37,22 @@ def test_grid_covers_the_canvas_with_equal_tiles_on_the_grid(canvas, tile):
         assert (x0 % 8 == 0 or x1 == cw) and (y0 % 8 == 0 or y1 == ch)
 
 
-def test_default_grid_needs_four_passes_and_parity_would_not_do():
+def test_default_chessboard_is_two_passes_without_edge_neighbours_together():
+    tiles = tile_grid((4096, 4096))
+    passes = chessboard_passes(tiles)
+    assert len(passes) == 2 and sum(map(len, passes)) == 25
+    for p in passes:
+        cells = {(t.row, t.col) for t in p}
+        assert not any((r + 1, c) in cells or (r, c + 1) in cells for r, c in cells)
+
+
+def test_disjoint_grid_needs_four_passes_and_parity_would_not_do():
     tiles = tile_grid((4096, 4096))
     # two-colour (row + col) parity puts diagonal neighbours, which share a 256 px corner, together
     t00 = next(t for t in tiles if (t.row, t.col) == (0, 0))
     t11 = next(t for t in tiles if (t.row, t.col) == (1, 1))
     assert boxes_overlap(t00.box, t11.box)
-    passes = chessboard_passes(tiles)
+    passes = chessboard_passes(tiles, "disjoint")
     assert len(passes) == 4
     assert sorted((t.row, t.col) for p in passes for t in p) == sorted((t.row, t.col) for t in tiles)
     for p in passes:
@@ -55,10 +64,10 @@ def test_default_grid_needs_four_passes_and_parity_would_not_do():
 def test_pass_count_follows_the_overlap():
     # overlap along x only -> two passes; no overlap -> one; overlap beyond half a tile -> more
     row = tile_grid((1024, 256), tile=256, overlap=64)
-    assert len({t.row for t in row}) == 1 and len(chessboard_passes(row)) == 2
-    assert len(chessboard_passes(tile_grid((1024, 1024), tile=256, overlap=0))) == 1
+    assert len({t.row for t in row}) == 1 and len(chessboard_passes(row, "disjoint")) == 2
+    assert len(chessboard_passes(tile_grid((1024, 1024), tile=256, overlap=0), "disjoint")) == 1
     dense = tile_grid((1024, 1024), tile=256, overlap=160)
-    passes = chessboard_passes(dense)
+    passes = chessboard_passes(dense, "disjoint")
     assert len(passes) == 9
     for p in passes:
         assert not any(boxes_overlap(a.box, b.box) for i, a in enumerate(p) for b in p[i + 1:])
