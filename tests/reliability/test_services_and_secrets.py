@@ -140,9 +140,10 @@ def test_ray_dashboard_is_off_or_on_the_loopback_unless_configured(monkeypatch):
 
 def test_vault_serve_starts_ray_without_a_dashboard_and_opens_no_port(monkeypatch, tmp_path):
     import time
+    import types
 
+    import vault.cli as vault_cli
     import vault.service as service
-    from vault.cli import main
 
     fake = _FakeRay(monkeypatch, fail_auto=True)
     monkeypatch.setattr(service, "serve", lambda *a, **kw: (None, {"count": 1, "mode": "stored", "vision_model": "m",
@@ -153,8 +154,10 @@ def test_vault_serve_starts_ray_without_a_dashboard_and_opens_no_port(monkeypatc
     def interrupt(_s):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(time, "sleep", interrupt)
-    assert main(["serve", f"vault={tmp_path}"]) == 0
+    # only the CLI's own clock: Ray's threads in this process keep the real time.sleep
+    monkeypatch.setattr(vault_cli, "time", types.SimpleNamespace(sleep=interrupt, perf_counter=time.perf_counter,
+                                                                 time=time.time))
+    assert vault_cli.main(["serve", f"vault={tmp_path}"]) == 0
     assert [c["address"] for c in fake.calls] == ["auto", None]
     assert fake.calls[1].get("include_dashboard") is False and "dashboard_host" not in fake.calls[1]
     assert stopped  # Ctrl-C stops the service it started
