@@ -286,6 +286,12 @@ def test_cli_on_a_broken_pairs_folder_exits_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("luna vault build: error:") and "part-00000.h5" in err[-1]
     assert not (tmp_path / "vault").exists()
+    from projector.cli import main as train_main
+
+    assert train_main([f"pairs={tmp_path / 'pairs'}", f"out={tmp_path / 'run'}", "logger=none",
+                       "trainer.accelerator=cpu", "data.num_workers=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("luna train:") and "part-00000.h5" in err[-1] and "Traceback" not in "".join(err)
 
 
 # ------------------------------------------------------------------------------------ vault manifest
