@@ -7,8 +7,8 @@ Scenarios (each in its own process, so a hang is caught by a time limit, and Ray
   kills   `factory.run.run` on a local Ray with 2 actors; a side thread `ray.kill`s a random busy
           worker actor at random times, at least --kills times.
   node    a 3-node Ray cluster on this machine (ray.cluster_utils.Cluster, nodes pc1..pc3, each
-          with its own copy of the checkpoint folder); worker node pc3 is removed once it has
-          written a shard.
+          with its own copy of the checkpoint folder); worker node pc3 is removed (with its actor
+          and the units in flight there) soon after the first shard lands.
   driver  `luna factory` in a subprocess (its own local Ray), SIGKILLed with its Ray processes at
           random points (during start-up, or a few seconds into generation), at least
           --driver-kills times, then rerun until it exits 0.
@@ -241,7 +241,7 @@ def scenario_node(work: Path, args) -> dict:
         if not d.exists():
             shutil.copytree(single, d)
         node_dirs[name] = [str(d)]
-    camp = write_campaign(work, args.quota, args.steps)
+    camp = write_campaign(work, 2 * args.quota, args.steps)
     out = work / "out"
     common = dict(num_cpus=1, object_store_memory=100 * 1024**2)
     cluster = Cluster(initialize_head=True,
@@ -257,8 +257,8 @@ def scenario_node(work: Path, args) -> dict:
     def remover():
         shards_dir = out / "shards"
         while not stop.is_set():
-            if shards_dir.is_dir() and list(shards_dir.glob("*-pc3-*_stats.json")):
-                time.sleep(random.Random(args.seed).uniform(0.0, 1.5))
+            if shards_dir.is_dir() and list(shards_dir.glob("*_stats.json")):  # pc3's actor is busy by now
+                time.sleep(random.Random(args.seed).uniform(0.0, 0.5))
                 cluster.remove_node(pc3, allow_graceful=False)
                 removed.append(f"pc3@{time.time() - t0:.1f}s")
                 return
@@ -292,7 +292,7 @@ def scenario_node(work: Path, args) -> dict:
 def scenario_driver(work: Path, args) -> dict:
     rng = random.Random(args.seed)
     single = tiny_models(work / "models")
-    camp = write_campaign(work, 4 * args.quota, args.steps)  # room for the kills before the quota is reached
+    camp = write_campaign(work, 6 * args.quota, args.steps)  # room for the kills before the quota is reached
     out = work / "out"
     argv = [sys.executable, "-m", "luna.cli", "factory", f"campaign_file={camp}", f"out={out}",
             f"checkpoints.dirs=[{single}]", "cluster=local", "cluster.num_cpus=2",
@@ -318,7 +318,7 @@ def scenario_driver(work: Path, args) -> dict:
         killed = False
         while proc.poll() is None:
             if mode == "generating" and deadline is None and "generating" in log_path.read_text(errors="replace"):
-                deadline = time.time() + rng.uniform(0.2, 2.0)
+                deadline = time.time() + rng.uniform(0.5, 4.0)
             if deadline is not None and time.time() >= deadline and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
                 proc.wait()
@@ -361,7 +361,7 @@ def child(name: str, work: Path, args) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=sorted(SCENARIOS), action="append")
-    ap.add_argument("--quota", type=int, default=120, help="images per scenario (the driver scenario: 4x this)")
+    ap.add_argument("--quota", type=int, default=120, help="images (node scenario: 2x, driver scenario: 6x)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--kills", type=int, default=5, help="actor kills in the kills scenario (at least)")
     ap.add_argument("--driver-kills", type=int, default=5)
