@@ -10,7 +10,7 @@ Scenarios (each in its own process, so a hang is caught by a time limit, and Ray
           with its own copy of the checkpoint folder); worker node pc3 is removed (with its actor
           and the units in flight there) soon after the first shard lands.
   driver  `luna factory` in a subprocess (its own local Ray), SIGKILLed with its Ray processes at
-          random points (during start-up, or a few seconds into generation), at least
+          random points (Ray start, actor start, just after a shard lands), at least
           --driver-kills times, then rerun until it exits 0.
 
 Each ends with a check of the shards folder: exactly the quota, unique keys (duplicates), every
@@ -292,7 +292,7 @@ def scenario_node(work: Path, args) -> dict:
 def scenario_driver(work: Path, args) -> dict:
     rng = random.Random(args.seed)
     single = tiny_models(work / "models")
-    camp = write_campaign(work, 6 * args.quota, args.steps)  # room for the kills before the quota is reached
+    camp = write_campaign(work, 8 * args.quota, args.steps)  # room for the kills before the quota is reached
     out = work / "out"
     argv = [sys.executable, "-m", "luna.cli", "factory", f"campaign_file={camp}", f"out={out}",
             f"checkpoints.dirs=[{single}]", "cluster=local", "cluster.num_cpus=2",
@@ -302,28 +302,36 @@ def scenario_driver(work: Path, args) -> dict:
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     kills: list[str] = []
     runs, t0 = 0, time.time()
-    # kill points: early (Ray start, inventory, actor start, or the first units) or during generation
-    # (a few seconds after this run prints "generating", before it can finish: units in flight and
-    # shards being filled are lost and must be redone, never half kept)
-    modes = ["early", "generating"] * args.driver_kills
+    # kill points: "early" (Ray start, inventory), "startup" (just after this run prints "generating":
+    # actors starting, first units in flight) and "after_shard" (just after a shard of this run lands:
+    # other units in flight, the next shard being filled); what was not on disk must be redone, never
+    # half kept
+    modes = ["after_shard", "after_shard", "early", "startup"]
+    modes += [rng.choice(["early", "startup", "after_shard"]) for _ in range(max(0, args.driver_kills - 4))]
     rng.shuffle(modes)
+    shards_dir = out / "shards"
     while True:
         runs += 1
         log_path = work / f"driver-run-{runs}.log"
         log = open(log_path, "w")
+        before = set(shards_dir.glob("*_stats.json")) if shards_dir.is_dir() else set()
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         mode = modes[len(kills)] if len(kills) < args.driver_kills else None
         start = time.time()
         deadline = start + rng.uniform(1.0, 8.0) if mode == "early" else None
         killed = False
         while proc.poll() is None:
-            if mode == "generating" and deadline is None and "generating" in log_path.read_text(errors="replace"):
+            if deadline is None and mode == "startup" and "generating" in log_path.read_text(errors="replace"):
                 deadline = time.time() + rng.uniform(0.5, 4.0)
+            if deadline is None and mode == "after_shard" and shards_dir.is_dir() and \
+                    set(shards_dir.glob("*_stats.json")) - before:
+                deadline = time.time() + rng.uniform(0.0, 1.5)
             if deadline is not None and time.time() >= deadline and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
                 proc.wait()
                 killed = True
-                kills.append(f"run {runs} {mode} @{time.time() - start:.1f}s")
+                on_disk = len(list(shards_dir.glob("*_stats.json"))) if shards_dir.is_dir() else 0
+                kills.append(f"run {runs} {mode} @{time.time() - start:.1f}s ({on_disk} shards on disk)")
                 break
             if time.time() - start > 900:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -361,7 +369,7 @@ def child(name: str, work: Path, args) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=sorted(SCENARIOS), action="append")
-    ap.add_argument("--quota", type=int, default=120, help="images (node scenario: 2x, driver scenario: 6x)")
+    ap.add_argument("--quota", type=int, default=120, help="images (node scenario: 2x, driver scenario: 8x)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--kills", type=int, default=5, help="actor kills in the kills scenario (at least)")
     ap.add_argument("--driver-kills", type=int, default=5)
