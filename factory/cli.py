@@ -34,17 +34,12 @@ def _task(cfg, outcome: dict) -> None:
         outcome["failure"] = str(e)
 
 
-def _out_override(argv: list[str]) -> str | None:
-    outs = [a.split("=", 1)[1] for a in argv if a.startswith(("out=", "+out=", "++out="))]
-    return outs[-1] if outs else None
-
-
 def main(argv: list[str] | None = None) -> int:
     from factory.run import FactoryError, check_writable
-    from luna.cli import run_hydra
+    from luna.cli import override_value, run_hydra
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    out = _out_override(argv)
+    out = override_value(argv, "out")
     if out and not any(a in ("--help", "-h", "--cfg", "-c") for a in argv):
         try:  # before Hydra, which creates its own folder inside `out`
             check_writable(Path(out).expanduser())

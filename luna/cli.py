@@ -38,6 +38,21 @@ def run_hydra(task: Callable, config_name: str, argv: list[str], prog: str):
         sys.argv = saved
 
 
+def override_value(argv: list[str], key: str) -> str | None:
+    """The value the last `key=...` override in `argv` gives, unquoted as Hydra parses it
+    (`out='/a b/c'` -> `/a b/c`); None when absent or not a plain string."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    found = [a for a in argv if a.split("=", 1)[0].lstrip("+") == key and "=" in a]
+    if not found:
+        return None
+    try:
+        value = OverridesParser.create().parse_override(found[-1]).value()
+    except Exception:  # noqa: BLE001 - a malformed override: Hydra itself reports it
+        return None
+    return value if isinstance(value, str) else None
+
+
 def usage() -> str:
     lines = ["usage: luna SUBCOMMAND [key=value ...]", "", "subcommands:"]
     lines += [f"  {name:<11} {text}" for name, (_, text) in SUBCOMMANDS.items()]

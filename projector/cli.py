@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -188,10 +187,11 @@ def _task(cfg):
 
 def _make_out_dir(argv: list[str]) -> None:
     """The Optuna sweeper opens sqlite:///${out}/optuna.db before any job creates `out`."""
-    for arg in argv:
-        m = re.fullmatch(r"\+*out=(.+)", arg)
-        if m:
-            Path(m.group(1)).mkdir(parents=True, exist_ok=True)
+    from luna.cli import override_value
+
+    out = override_value(argv, "out")
+    if out:
+        Path(out).expanduser().mkdir(parents=True, exist_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
