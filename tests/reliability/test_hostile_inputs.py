@@ -409,6 +409,7 @@ def _evil_checkpoints(tmp_path: Path, marker: Path) -> list[Path]:
     return [legacy, zipped, bin_]
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_checkpoint_is_refused_and_never_executed(tmp_path):
     from luna.models import sdxl
     from luna.models.fingerprint import te_fingerprint
