@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import re
 import logging
 import os
 import sys
@@ -169,6 +170,9 @@ class SampleMeta:
     format_version: int | None
 
 
+_KEY = re.compile(r"[A-Za-z0-9_-]+")  # DESIGN §2: dot-free keys; "../x" or "/tmp/x" never pass
+
+
 def _get(meta: dict, *names, default=None):
     for n in names:
         cur = meta
@@ -183,6 +187,8 @@ def _get(meta: dict, *names, default=None):
 
 def parse_meta(key: str, files: dict[str, bytes]) -> SampleMeta:
     """Sample metadata from `key.json` (prompt falls back to `key.txt`). Raises ValueError when unusable."""
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"key {key!r} is not a shard key ([A-Za-z0-9_-] only): member names are never trusted")
     if "json" not in files:
         raise ValueError("no .json member")
     meta = json.loads(files["json"].decode("utf-8"))
@@ -193,6 +199,8 @@ def parse_meta(key: str, files: dict[str, bytes]) -> SampleMeta:
         prompt = files["txt"].decode("utf-8")
     if prompt is None:
         raise ValueError("no prompt in .json or .txt")
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt is a {type(prompt).__name__}, not text")
     ckpt = _get(meta, "checkpoint", "checkpoint.name", default="")
     if isinstance(ckpt, dict):
         ckpt = ckpt.get("name", "")

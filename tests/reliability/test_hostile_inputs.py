@@ -171,9 +171,6 @@ def test_hostile_shard_extracts_the_good_samples_reports_the_bad_and_writes_noth
     assert report["bad_samples"] and not report["corrupt"]
 
 
-@pytest.mark.xfail(reason="extraction keeps a sample whose member names hold '../' or an absolute path "
-                          "(as an opaque key, never a path); DESIGN §2 keys are [A-Za-z0-9_-]: such samples "
-                          "should be skipped and reported. Reported to the extraction owner.", strict=False)
 def test_samples_with_path_like_member_names_are_skipped_and_reported(te_checkpoint, tmp_path):
     from extraction.extract import extract
     from extraction.pairs import Pairs
