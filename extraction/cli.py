@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
             result = extract(cfg)
         except (ValueError, CorruptShard) as e:
             print(f"luna extract: error: {e}", file=sys.stderr)
-            code["rc"] = 1
+            code["rc"] = 2  # a user error: one line, exit 2 like every luna subcommand
             return
         print(summary(result))
         if result.corrupt:

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(info_text(args.folder))
     except PairsFormatError as e:
         print(f"luna pairs-info: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

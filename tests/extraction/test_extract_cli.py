@@ -32,8 +32,8 @@ def test_extract_cli_resumes_and_inspects(extracted, shards_dir, tiny_checkpoint
 
 def test_extract_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert luna(["extract", f"shards={tmp_path / 'empty'}", f"out={tmp_path / 'o'}"]) == 1
+    assert luna(["extract", f"shards={tmp_path / 'empty'}", f"out={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err
     assert "luna extract: error:" in err and "no shard tars" in err and "Traceback" not in err
-    assert luna(["pairs-info", str(tmp_path / "nothing")]) == 1
+    assert luna(["pairs-info", str(tmp_path / "nothing")]) == 2
     assert "no such pairs folder" in capsys.readouterr().err
