@@ -52,7 +52,7 @@ def test_refine_astronaut_with_a_vault_writes_image_overlays_masks_and_record(as
     assert cond["source"] == "vault" and cond["strength"] == 0.4 and len(cond["neighbours"]) == 3
     assert all(n["key"] and n["prompt"].startswith("synthetic") for n in cond["neighbours"])
     assert record["conditioning"]["vision_model"] == TINY_VISION
-    assert len(record["tiles"]) == 9 and {t["pass"] for t in record["tiles"]} == {0, 1, 2, 3}
+    assert len(record["tiles"]) == 9 and {t["pass"] for t in record["tiles"]} == {0, 1}  # two chessboard passes
     assert {"detect", "detail", "global_refine", "total"} <= set(record["timings"])
     for rel in record["files"].values():
         assert (out / rel).is_file()
