@@ -92,26 +92,6 @@ def _wandb_kwargs(node, workdir: Path, resuming: bool) -> dict:
     return {"offline": wandb_offline(node.get("offline")), "id": run_id, "resume": "allow"}
 
 
-def _start_wandb_when_free(loggers, wait_s: float = 90.0) -> None:
-    """A run killed a moment ago leaves its W&B service process holding the run id for a while
-    ("run ID ... is in use"): on resume, wait for it to let go instead of failing."""
-    import time
-
-    for lg in loggers:
-        if type(lg).__name__ != "WandbLogger":
-            continue
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                lg.experiment  # noqa: B018 - starts the W&B run
-                break
-            except Exception as e:  # noqa: BLE001 - wandb raises its own error types
-                if "in use" not in str(e) or time.monotonic() > deadline:
-                    raise
-                log.info("W&B run %s is still held by the interrupted process; waiting", lg._id)
-                time.sleep(2.0)
-
-
 def train(cfg) -> float | None:
     """Fit, then export; returns `cfg.optimized_metric` (the objective of Optuna sweeps)."""
     import lightning as L
@@ -141,8 +121,6 @@ def train(cfg) -> float | None:
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), workdir)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     loggers = make_loggers(cfg, workdir, resuming=ckpt is not None)
-    if ckpt is not None:
-        _start_wandb_when_free(loggers)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(workdir))
     for lg in loggers:
         lg.log_hyperparams({"parameters": count_parameters(module.projector), "dims": datamodule.dims})
@@ -221,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _LAUNCHED_AS[:] = sys.argv[:1]
+    # W&B shares its service with child processes through WANDB_SERVICE; a run killed while
+    # attached to a parent's service would leave its run id "in use" there and block the resume
+    os.environ.pop("WANDB_SERVICE", None)
     _make_out_dir(argv)
     try:
         run_hydra(_task, "train", argv, prog="luna train")
