@@ -7,9 +7,7 @@ the same way and write the same arrays.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from extraction import pairs as pairs_fmt
 from extraction.image import ImageEncoder, ShardImages, collect_shards, load_tower
 from extraction.reader import Shard, check_format_version, find_shards, stream_batches
 from extraction.text import PromptStore, TextConditioner
+from luna.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +175,7 @@ def local_image_results(shards: list[Shard], encoder: ImageEncoder, preprocess, 
 
 # --- the whole run ------------------------------------------------------------------------------
 def _write_report(out: Path, result: ExtractResult, extra: dict) -> Path:
-    path = out / REPORT_NAME
-    tmp = out / f".{REPORT_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({**extra, **result.as_dict()}, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(out / REPORT_NAME, {**extra, **result.as_dict()}, sort_keys=True)
 
 
 def _progress(total: int | None, enabled: bool):

@@ -18,6 +18,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from luna.files import atomic_path
+
 FORMAT_VERSION = 1
 PART_GLOB = "*.h5"
 _STR = h5py.string_dtype(encoding="utf-8")
@@ -54,9 +56,7 @@ def write_part(path: str | os.PathLike, part: PairsPart, dtype: str = "float16")
     pid = np.asarray(part.images["prompt_id"], dtype=np.int64)
     if n and (pid.min() < 0 or pid.max() >= p):
         raise PairsFormatError(f"{path}: prompt_id out of range [0, {p})")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             img, pr = f.create_group("images"), f.create_group("prompts")
             for k in ("key", "checkpoint", "category", "campaign"):
@@ -79,12 +79,6 @@ def write_part(path: str | os.PathLike, part: PairsPart, dtype: str = "float16")
             for k, v in attrs.items():
                 f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
             f.flush()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -21,6 +21,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from luna.files import atomic_path
+
 FORMAT_VERSION = 1
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 STATS_SUFFIX = "_stats.json"
@@ -113,38 +115,22 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path, tmp=path.with_name(f"{_TMP_PREFIX}{path.name}")) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
 
 
 def write_tar(path: Path, samples: Iterable[Sample]) -> int:
     """Write `samples` to `path` through a temporary file; on any error nothing is left behind."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
     n = 0
     now = time.time()
-    try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for s in samples:
-                    check_key(s.key)
-                    _add(tar, f"{s.key}.{s.ext}", s.image, now)
-                    _add(tar, f"{s.key}.txt", s.prompt.encode("utf-8"), now)
-                    _add(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode("utf-8"), now)
-                    n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path, tmp=path.with_name(f"{_TMP_PREFIX}{path.name}")) as tmp:
+        with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for s in samples:
+                check_key(s.key)
+                _add(tar, f"{s.key}.{s.ext}", s.image, now)
+                _add(tar, f"{s.key}.txt", s.prompt.encode("utf-8"), now)
+                _add(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode("utf-8"), now)
+                n += 1
     return n
 
 

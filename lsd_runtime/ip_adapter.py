@@ -12,10 +12,11 @@ embeddings (1280-d): run the runtime's vision tower as `vision.name=ViT-bigG-14`
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
+
+from luna.files import atomic_path
 
 
 class IPAdapterError(ValueError):
@@ -88,10 +89,8 @@ def write_tiny_ip_adapter(unet, image_dim: int, path, seed: int = 0, tokens: int
         state[f"ip_adapter.{key}.to_v_ip.weight"] = rnd(hidden, cross)
         key += 2
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     return path
 
 

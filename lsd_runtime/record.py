@@ -13,12 +13,13 @@ Every file is written to a temporary name and renamed.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from luna.files import save_png_atomic, write_json_atomic
 
 PASS_COLOURS = [(255, 80, 80), (80, 200, 80), (80, 120, 255), (240, 200, 40), (200, 80, 220), (60, 210, 210)]
 
@@ -57,19 +58,11 @@ def tile_overlay(image: Image.Image, record: dict) -> Image.Image:
 
 
 def _save_png(img: Image.Image, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return str(path)
+    return str(save_png_atomic(img, path))
 
 
 def write_json(obj: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, obj, default=_json_default)
 
 
 def _json_default(x):

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from luna.files import write_json_atomic
+
 STAGES = ("models", "factory", "extract", "vault", "train", "refine", "report")
 RECORD_DIR = "demo"
 
@@ -46,11 +48,7 @@ def _q(value) -> str:
 
 
 def _write_json(obj, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, obj, default=str)
 
 
 def _hash(obj) -> str:

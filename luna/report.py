@@ -27,11 +27,12 @@ import html
 import io
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from luna.files import atomic_path, save_png_atomic
 
 REPORT_NAME = "report.html"
 FIGURES_DIR = "report"
@@ -66,11 +67,7 @@ def _font(size: int = 12):
 
 
 def _save_png(img: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return save_png_atomic(img, path)
 
 
 def _open_rgb(path) -> Image.Image:
@@ -529,11 +526,9 @@ def build_report(results: dict, out_dir) -> Path:
 {CHECK_SCRIPT}
 </body></html>
 """
-    path = out_dir / REPORT_NAME
-    tmp = out_dir / f".{REPORT_NAME}.tmp"
-    tmp.write_text(doc, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(out_dir / REPORT_NAME) as tmp:
+        tmp.write_text(doc, encoding="utf-8")
+    return out_dir / REPORT_NAME
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from luna.files import atomic_path  # noqa: F401 - re-exported for vault modules
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -86,19 +87,3 @@ class Manifest:
     def write(self, folder: str | os.PathLike) -> None:
         with atomic_path(Path(folder) / MANIFEST) as tmp:
             tmp.write_text(self.to_json())
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary sibling path; on success fsync it and rename it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
