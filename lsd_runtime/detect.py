@@ -165,7 +165,7 @@ class FileDetector:
 
 def write_detections(path: str | Path, detections: Sequence[Detection]) -> Path:
     """Write detections in FileDetector's schema (masks as PNGs beside it); temporary name, then rename."""
-    import os
+    from luna.files import save_png_atomic, write_json_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,15 +175,10 @@ def write_detections(path: str | Path, detections: Sequence[Detection]) -> Path:
         if d.mask is not None:
             name = f"{path.stem}-mask{i:03d}.png"
             mask8 = np.clip(np.rint(np.asarray(d.mask, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
-            tmp = path.parent / (name + ".tmp.png")
-            Image.fromarray(mask8).save(tmp)
-            os.replace(tmp, path.parent / name)
+            save_png_atomic(Image.fromarray(mask8), path.parent / name)
             entry["mask"] = name
         entries.append(entry)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"format_version": FILE_FORMAT_VERSION, "detections": entries}, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, {"format_version": FILE_FORMAT_VERSION, "detections": entries})
 
 
 # --------------------------------------------------------------------------- cascade

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from lsd_runtime.geometry import latent_box
+from luna.files import atomic_path
 
 FORMAT_VERSION = 1
 LATENT_CHANNELS = 4
@@ -222,9 +223,8 @@ class NoiseScaffold:
             "pixel_height": str(self.pixel_size[1]),
             "kind": "luna-noise-scaffold",
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"noise": self.noise}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"noise": self.noise}, str(tmp), metadata=meta)
         return path
 
     @classmethod

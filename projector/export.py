@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from luna.files import atomic_path, write_json_atomic
 from projector import models
 
 FORMAT_VERSION = 1
@@ -153,11 +154,9 @@ def save_projector(projector: Projector, folder: str | os.PathLike, meta: dict |
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
     weights, cfg = folder / WEIGHTS_NAME, folder / CONFIG_NAME
-    tmp_w, tmp_c = weights.with_name(f".{WEIGHTS_NAME}.tmp"), cfg.with_name(f".{CONFIG_NAME}.tmp")
-    save_file(tensors, str(tmp_w), metadata={"format": "luna-projector", "format_version": str(FORMAT_VERSION)})
-    tmp_c.write_text(json.dumps(config, indent=1))
-    os.replace(tmp_w, weights)
-    os.replace(tmp_c, cfg)  # the json last: a folder with a json has its weights
+    with atomic_path(weights) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "luna-projector", "format_version": str(FORMAT_VERSION)})
+    write_json_atomic(cfg, config)  # the json last: a folder with a json has its weights
     return folder
 
 

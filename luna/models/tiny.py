@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from luna.files import atomic_path
 from luna.models.configs import SDXL_TINY
 
 FAMILIES = ("base", "pony")
@@ -144,9 +145,8 @@ def write_single_file(pipe, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.to(torch.float16) for k, v in pipeline_to_original(pipe).items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "modelspec.architecture": "stable-diffusion-xl-v1-base"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "modelspec.architecture": "stable-diffusion-xl-v1-base"})
     return path
 
 
@@ -198,7 +198,6 @@ def write_vision(out_dir) -> Path:
         model = create_open_clip(TINY_VISION)
     path = Path(out_dir) / f"{TINY_VISION}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     return path
