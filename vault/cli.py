@@ -20,12 +20,6 @@ USAGE = """usage: luna vault build pairs=DIR out=DIR [index=FACTORY_STRING] [mod
 JSON_FIELDS = ("key", "prompt", "score", "category", "checkpoint")
 
 
-def _plain(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
 def _build(c: dict) -> None:
     from vault.build import build_vault
 
@@ -117,7 +111,9 @@ def _serve(c: dict) -> None:
 def _task(cfg, outcome: dict) -> None:
     from vault.manifest import VaultError
 
-    c = _plain(cfg)
+    from luna.settings import plain
+
+    c = plain(cfg)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         with contextlib.redirect_stdout(sys.stderr) if c["action"] == "query" else contextlib.nullcontext():
