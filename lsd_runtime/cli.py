@@ -83,31 +83,30 @@ def settings_from(c: dict, components):
 
 def build_conditioning(c: dict, components, prompt: str, negative):
     """The crops' conditioning source from the config: text, text + vault, or text + projector."""
-    from lsd_runtime.conditioning import (ConditioningError, ProjectorSource, TextSource,
-                                          VaultSource, WithImageEmbeds, open_projector)
+    from lsd_runtime.conditioning import TextSource, WithImageEmbeds, open_projector
 
     text = TextSource(components.encoders, prompt, negative,
                       force_zeros_for_empty_prompt=components.sampler.force_zeros_for_empty_prompt)
-    if c["vault"] and c["projector"]:
-        raise ConditioningError("give vault= or projector=, not both")
     source, embedder = text, None
-    ret = c["retrieval"]
+    vault = projector = None
     if c["vault"]:
         from vault.service import open_vault
 
         vault = open_vault(str(c["vault"]))
         embedder = _embedder(c, components, vault.info().get("vision_model"))
-        source = VaultSource(vault, text, embedder, k=int(ret["k"]), weight=float(ret["weight"]),
-                             blend=str(ret["blend"]), category=ret["category"], weighting=str(ret["weighting"]))
-    elif c["projector"]:
+    if c["projector"]:
         import json
 
         path = Path(str(c["projector"]))
         cfg_file = (path if path.is_dir() else path.parent) / "projector.json"
         model = json.loads(cfg_file.read_text()).get("vision_model") if cfg_file.is_file() else None
-        embedder = _embedder(c, components, model)
-        proj = open_projector(path, embedder, device=str(components.sampler.device))
-        source = ProjectorSource(proj, text, embedder, weight=float(ret["weight"]), blend=str(ret["blend"]))
+        embedder = embedder or _embedder(c, components, model)
+        projector = open_projector(path, embedder, device=str(components.sampler.device))
+    if vault is not None or projector is not None:  # both: hybrid (hybrid.policy); routed per category on request
+        from lsd_runtime.categories import memory_source
+
+        source = memory_source(c["retrieval"], text, embedder, vault=vault, projector=projector,
+                               hybrid=c.get("hybrid"))
     if c["ip_adapter"]["weights"]:
         from lsd_runtime.ip_adapter import IPAdapterError, load_ip_adapter
 

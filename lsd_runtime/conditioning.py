@@ -39,12 +39,13 @@ class CondRow:
     blend: str = "none"
     neighbours: list[dict] = field(default_factory=list)
     image_embed: torch.Tensor | None = None  # [D] the crop's vision embedding (IP-Adapter, evidence)
+    extra: dict = field(default_factory=dict)  # source-specific decisions (hybrid policy, category route)
 
     def to_json(self) -> dict:
         nbs = [{"key": n.get("key"), "prompt": n.get("prompt"), "score": round(float(n.get("score", 0.0)), 6),
                 "weight": round(float(n.get("weight", 0.0)), 6)} for n in self.neighbours]
         return {"source": self.source, "strength": round(float(self.strength), 6), "blend": self.blend,
-                "tokens": int(self.cond.shape[0]), "neighbours": nbs}
+                "tokens": int(self.cond.shape[0]), "neighbours": nbs, **self.extra}
 
 
 def _norm_model(x) -> str:
@@ -135,7 +136,7 @@ class VaultSource:
 
     def __init__(self, vault, text: TextSource, embedder: CropEmbedder, *, k: int = 8, weight: float = 0.5,
                  blend: str = "linear", category: str | None = None, filters: dict | None = None,
-                 weighting: str = "mean"):
+                 weighting: str = "mean", temperature: float = 0.05):
         if blend not in BLENDS:
             raise ConditioningError(f"vault blend={blend!r}: choose one of {BLENDS}")
         if not 0.0 <= float(weight) <= 1.0:
@@ -150,13 +151,14 @@ class VaultSource:
                 "vault's model")
         self.k, self.weight, self.blend = int(k), float(weight), blend
         self.category, self.filters, self.weighting = category, filters or None, weighting
+        self.temperature = float(temperature)
         self.mode = info.get("mode", "stored")
 
     def rows(self, crops: list[Image.Image]) -> list[CondRow]:
         embeds = self.embedder(crops)
         encode = self.text.encode if self.mode != "stored" else None
         res = self.vault.query(embeds.numpy(), k=self.k, category=self.category, filters=self.filters,
-                               weighting=self.weighting, encode=encode)
+                               weighting=self.weighting, temperature=self.temperature, encode=encode)
         cond, pooled = _mix(self.text, torch.as_tensor(res.cond), torch.as_tensor(res.pooled), self.blend, self.weight)
         return [CondRow(cond[i].float(), pooled[i].float(), "vault", self.weight, self.blend,
                         list(res.neighbours[i]), embeds[i]) for i in range(len(crops))]

@@ -1,0 +1,221 @@
+"""Per-category retrieval: detections routed to category vaults by label, settings per category.
+
+A detection labelled "face" goes to the vault's "faces" category (the mapping `retrieval.routes`),
+and its crop is conditioned with that category's blend strength, k, neighbour weighting and
+softmax temperature. Labels without a route go to the nearest category centroid ("auto") when the
+vault has categories, else to the whole vault.
+
+The settings file (`category_settings.json`, written by `luna ab tune=true`, read by `luna refine
+retrieval.settings=FILE` and the ComfyUI nodes) holds
+    {"format_version": 1, "routes": {label: category}, "default": {weight, k, weighting, temperature},
+     "categories": {category: {weight, k, weighting, temperature}}, "tuned": {...evidence...}}
+
+`memory_source` builds the crops' conditioning source (vault, projector, or hybrid, routed or
+not) from the plain `retrieval` / `hybrid` config, for `luna refine` and `luna ab` alike.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+from lsd_runtime.conditioning import ConditioningError, CondRow
+
+SETTINGS_FORMAT = 1
+SETTINGS_NAME = "category_settings.json"
+DEFAULT_ROUTES = {"face": "faces", "hand": "hands", "eye": "eyes"}
+ROUTE = "route"  # retrieval.category value that turns routing on
+
+
+class CategorySettingsError(ConditioningError):
+    """A settings file or route table that cannot be used (names the file / key at fault)."""
+
+
+@dataclass
+class CategorySettings:
+    weight: float = 0.5  # blend strength of the retrieved conditioning against the text
+    k: int = 8
+    weighting: str = "mean"  # mean | softmax
+    temperature: float = 0.05  # softmax weighting only
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "settings") -> "CategorySettings":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CategorySettingsError(f"{where}: unknown key(s) {unknown}; known {sorted(known)}")
+        s = cls(**{**asdict(cls()), **d})
+        s.weight, s.k, s.temperature = float(s.weight), int(s.k), float(s.temperature)
+        if not 0.0 <= s.weight <= 1.0 or s.k < 1 or s.temperature <= 0 or s.weighting not in ("mean", "softmax"):
+            raise CategorySettingsError(f"{where}: {asdict(s)} out of range (weight in [0,1], k >= 1, "
+                                        "temperature > 0, weighting mean|softmax)")
+        return s
+
+
+@dataclass
+class CategoryTable:
+    """Routes (label -> category) and settings per category, with a default for the others."""
+
+    routes: dict = field(default_factory=lambda: dict(DEFAULT_ROUTES))
+    default: CategorySettings = field(default_factory=CategorySettings)
+    categories: dict = field(default_factory=dict)  # category -> CategorySettings
+    tuned: dict = field(default_factory=dict)  # evidence written by the tuner
+
+    def route(self, label: str | None, known: list[str]) -> str | None:
+        """The vault category for a detection label: its route, the label itself when it names a
+        category, else "auto" (nearest centroid) when the vault has categories, else None (all)."""
+        key = str(label or "").strip().lower()
+        if key in self.routes:
+            return self.routes[key]
+        if key in known:
+            return key
+        return "auto" if known else None
+
+    def settings_for(self, category: str | None) -> CategorySettings:
+        return self.categories.get(category, self.default)
+
+    def to_json(self) -> dict:
+        return {"format_version": SETTINGS_FORMAT, "routes": dict(self.routes), "default": asdict(self.default),
+                "categories": {k: asdict(v) for k, v in self.categories.items()}, "tuned": self.tuned}
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "category settings") -> "CategoryTable":
+        if d.get("format_version") != SETTINGS_FORMAT:
+            raise CategorySettingsError(f"{where}: format_version {d.get('format_version')!r}, this code reads "
+                                        f"{SETTINGS_FORMAT}")
+        routes = {str(k).lower(): str(v) for k, v in (d.get("routes") or {}).items()}
+        default = CategorySettings.from_dict(d.get("default") or {}, f"{where}: default")
+        cats = {str(k): CategorySettings.from_dict(v or {}, f"{where}: categories.{k}")
+                for k, v in (d.get("categories") or {}).items()}
+        return cls(routes, default, cats, dict(d.get("tuned") or {}))
+
+    def write(self, path) -> Path:
+        from luna.files import write_json_atomic
+
+        path = Path(path)
+        write_json_atomic(path, self.to_json())
+        return path
+
+    @classmethod
+    def read(cls, path) -> "CategoryTable":
+        path = Path(path)
+        if path.is_dir():
+            path = path / SETTINGS_NAME
+        if not path.is_file():
+            raise CategorySettingsError(f"{path}: no category settings file (write one with `luna ab tune=true`)")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CategorySettingsError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_json(data, str(path))
+
+    def check_against(self, known: list[str], where: str = "retrieval.routes") -> None:
+        """Every route and per-category entry must name one of the vault's categories."""
+        bad = {lab: cat for lab, cat in self.routes.items() if cat not in known}
+        bad.update({cat: cat for cat in self.categories if cat not in known})
+        if bad:
+            have = known or "none (built with categories=false)"
+            raise CategorySettingsError(f"{where}: {bad} name categories the vault does not have; it has {have}")
+
+
+class CategoryRouter:
+    """A conditioning source that routes each crop by its detection label to a per-category source.
+
+    `make_source(category, settings)` builds the source of one category (a VaultSource or a
+    HybridSource with that category's k / weighting / temperature / strength); built once each.
+    """
+
+    def __init__(self, make_source: Callable, table: CategoryTable, known: list[str], text, embedder,
+                 name: str = "vault"):
+        self.make_source, self.table, self.known = make_source, table, list(known)
+        self.text, self.embedder, self.name = text, embedder, name
+        self._sources: dict = {}
+
+    def source_for(self, category):
+        if category not in self._sources:
+            self._sources[category] = self.make_source(category, self.table.settings_for(category))
+        return self._sources[category]
+
+    def rows(self, crops, labels=None) -> list[CondRow]:
+        labels = list(labels) if labels is not None else [None] * len(crops)
+        routed = [self.table.route(lab, self.known) for lab in labels]
+        out: list = [None] * len(crops)
+        for cat in dict.fromkeys(routed):
+            idx = [i for i, r in enumerate(routed) if r == cat]
+            rows = self.source_for(cat).rows([crops[i] for i in idx])
+            for i, row in zip(idx, rows):
+                row.extra = {**row.extra, "route": {"label": labels[i], "category": cat,
+                                                    **asdict(self.table.settings_for(cat))}}
+                out[i] = row
+        return out
+
+    def rows_for_detections(self, crops, detections) -> list[CondRow]:
+        return self.rows(crops, [getattr(d, "label", None) for d in detections])
+
+
+def rows_for(conditioner, crops, detections) -> list[CondRow]:
+    """Rows of `crops`; sources that route by label (CategoryRouter) also get the detections."""
+    if hasattr(conditioner, "rows_for_detections"):
+        return conditioner.rows_for_detections(crops, detections)
+    return conditioner.rows(crops)
+
+
+# ---------------------------------------------------------------------- building from config
+
+
+def table_from_config(ret: dict) -> CategoryTable | None:
+    """The routing table `retrieval` asks for (a settings file, or category=route), else None."""
+    settings = ret.get("settings")
+    if settings:
+        table = CategoryTable.read(settings)
+    elif ret.get("category") == ROUTE:
+        table = CategoryTable(routes=dict(DEFAULT_ROUTES))
+    else:
+        return None
+    if ret.get("routes"):
+        table.routes.update({str(k).lower(): str(v) for k, v in ret["routes"].items()})
+    if not settings:
+        table.default = CategorySettings.from_dict(
+            {"weight": ret.get("weight", 0.5), "k": ret.get("k", 8), "weighting": ret.get("weighting", "mean"),
+             "temperature": ret.get("temperature", 0.05)}, "retrieval")
+    for cat, over in (ret.get("per_category") or {}).items():
+        base = asdict(table.settings_for(cat))
+        table.categories[str(cat)] = CategorySettings.from_dict({**base, **dict(over)}, f"retrieval.per_category.{cat}")
+    return table
+
+
+def memory_source(ret: dict, text, embedder, *, vault=None, projector=None, hybrid: dict | None = None):
+    """The crops' source from plain config: vault, projector or both (hybrid), routed by label when
+    `ret` asks for it (`category: route`, `settings: FILE`, `per_category`); None without memory."""
+    from lsd_runtime.conditioning import ProjectorSource, VaultSource
+    from lsd_runtime.hybrid import HybridSettings, HybridSource
+
+    blend = str(ret.get("blend", "linear"))
+    if vault is None and projector is None:
+        return None
+    if vault is None:
+        return ProjectorSource(projector, text, embedder, weight=float(ret.get("weight", 0.5)), blend=blend)
+    table = table_from_config(ret)
+    category = ret.get("category")
+
+    def make(cat, s: CategorySettings):
+        vs = VaultSource(vault, text, embedder, k=s.k, weight=s.weight, blend=blend, category=cat,
+                         weighting=s.weighting, temperature=s.temperature)
+        if projector is None:
+            return vs
+        ps = ProjectorSource(projector, text, embedder, weight=s.weight, blend=blend)
+        hs = HybridSettings(**{k: v for k, v in (hybrid or {}).items() if k in ("policy", "tau", "softness")})
+        return HybridSource(vs, ps, settings=hs, weight=s.weight, blend=blend)
+
+    if table is None:
+        s = CategorySettings.from_dict({"weight": ret.get("weight", 0.5), "k": ret.get("k", 8),
+                                        "weighting": ret.get("weighting", "mean"),
+                                        "temperature": ret.get("temperature", 0.05)}, "retrieval")
+        return make(category, s)
+    known = list(vault.info().get("categories") or [])
+    # default routes to categories this vault lacks are dropped; configured ones must exist
+    table.routes = {lab: cat for lab, cat in table.routes.items()
+                    if cat in known or DEFAULT_ROUTES.get(lab) != cat or lab in (ret.get("routes") or {})}
+    table.check_against(known, str(ret.get("settings") or "retrieval.routes"))
+    return CategoryRouter(make, table, known, text, embedder, name="hybrid" if projector is not None else "vault")

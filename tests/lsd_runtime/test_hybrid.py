@@ -1,0 +1,144 @@
+"""Hybrid conditioning (vault + projector) and per-category routing on the tiny preset."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lsd_runtime.categories import (CategoryRouter, CategorySettings, CategorySettingsError, CategoryTable,
+                                    memory_source)
+from lsd_runtime.conditioning import CropEmbedder, ProjectorSource, TextSource, VaultSource, open_projector
+from lsd_runtime.hybrid import HybridSettings, HybridSource, gate, mix, vault_share
+
+TINY_VISION = "open_clip:luna-tiny-vit"
+
+
+@pytest.fixture(scope="module")
+def comps():
+    from lsd_runtime.workflow import tiny_components
+
+    return tiny_components()
+
+
+@pytest.fixture(scope="module")
+def text(comps):
+    return TextSource(comps.encoders, "a portrait")
+
+
+@pytest.fixture(scope="module")
+def embedder(comps):
+    return CropEmbedder(comps.vision)
+
+
+@pytest.fixture(scope="module")
+def crops():
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(6)]
+
+
+@pytest.fixture(scope="module")
+def vault(tmp_path_factory):
+    from extraction.synthetic import write_synthetic_pairs
+    from vault.build import build_vault
+    from vault.query import Vault
+
+    pairs = write_synthetic_pairs(tmp_path_factory.mktemp("pairs"), 150, 30, 32, text_dims=(32, 64), pooled_dim=64,
+                                  vision_model=TINY_VISION)
+    out = tmp_path_factory.mktemp("v") / "vault"
+    build_vault(pairs, out, index="Flat", categories=True)
+    return Vault.open(out, use_gpu=False)
+
+
+@pytest.fixture(scope="module")
+def projector(tmp_path_factory, embedder):
+    from projector.export import Projector, save_projector
+
+    dims = {"input": "embed", "in_dim": 32, "vision_dim": 32, "vision_model": TINY_VISION, "cond_dim": 96,
+            "text_dims": [32, 64], "pooled_dim": 64, "seq_len": 77, "num_tokens": None}
+    proj = Projector({"net": {"_target_": "projector.models.RidgeProjector"}, "pooled_head": None}, dims)
+    with torch.no_grad():
+        proj.net.weight.normal_(0, 0.1)
+    folder = save_projector(proj, tmp_path_factory.mktemp("proj"))
+    return open_projector(folder, embedder)
+
+
+def test_gate_is_one_exactly_at_and_above_tau():
+    s = np.array([0.2, 0.7999, 0.8, 0.8001, 1.0, -np.inf])
+    np.testing.assert_array_equal(gate(s[:-1], 0.8), [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(vault_share(s, HybridSettings("gate", 0.8)), [0, 0, 1, 1, 1, 0])
+
+
+def test_mix_is_a_monotone_soft_gate_centred_on_tau():
+    s = np.linspace(-1, 1, 41)
+    w = mix(s, 0.3, 0.05)
+    assert np.all(np.diff(w) >= 0) and w[0] < 1e-6 and w[-1] > 1 - 1e-6
+    assert mix(np.array([0.3]), 0.3, 0.05)[0] == pytest.approx(0.5)
+    assert mix(np.array([0.5]), 0.3, 10.0)[0] == pytest.approx(0.5, abs=0.01)  # wide: a fixed half mix
+
+
+def test_bad_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="hybrid.policy='nearest'"):
+        HybridSettings("nearest").check()
+
+
+def test_hybrid_gate_picks_the_vault_exactly_when_top_similarity_reaches_tau(vault, projector, text, embedder, crops):
+    vs = VaultSource(vault, text, embedder, k=3, weight=0.6)
+    ps = ProjectorSource(projector, text, embedder, weight=0.6)
+    top = np.array([r.neighbours[0]["score"] for r in vs.rows(crops)])
+    tau = float(np.sort(top)[len(top) // 2])  # some crops on each side, one exactly at tau
+    rows = HybridSource(vs, ps, settings=HybridSettings("gate", tau), weight=0.6).rows(crops)
+    v_rows, p_rows = vs.rows(crops), ps.rows(crops)
+    chosen = [r.extra["hybrid"]["chosen"] for r in rows]
+    assert chosen == ["vault" if t >= tau else "projector" for t in top]
+    assert 0 < chosen.count("vault") < len(crops)
+    for r, v, p, t in zip(rows, v_rows, p_rows, top):
+        want = v if t >= tau else p
+        torch.testing.assert_close(r.cond, want.cond)
+        torch.testing.assert_close(r.pooled, want.pooled)
+        assert r.source == "hybrid" and r.to_json()["hybrid"]["top_similarity"] == pytest.approx(t, abs=1e-5)
+
+
+def test_hybrid_mix_lies_between_vault_and_projector(vault, projector, text, embedder, crops):
+    vs = VaultSource(vault, text, embedder, k=3, weight=1.0)
+    ps = ProjectorSource(projector, text, embedder, weight=1.0)
+    rows = HybridSource(vs, ps, settings=HybridSettings("mix", 0.5, 0.2), weight=1.0).rows(crops)
+    for r, v, p in zip(rows, vs.rows(crops), ps.rows(crops)):
+        w = r.extra["hybrid"]["vault_share"]
+        assert 0 < w < 1
+        torch.testing.assert_close(r.cond, w * v.cond + (1 - w) * p.cond, rtol=1e-4, atol=1e-5)
+
+
+def test_face_detection_is_routed_to_the_faces_category(vault, text, embedder, crops):
+    from lsd_runtime.detect import Detection
+
+    ret = {"category": "route", "k": 4, "weight": 0.5, "per_category": {"hands": {"k": 2, "weight": 0.9}}}
+    source = memory_source(ret, text, embedder, vault=vault)
+    assert isinstance(source, CategoryRouter)
+    dets = [Detection(box=(0, 0, 1, 1), label="face"), Detection(box=(0, 0, 1, 1), label="hand"),
+            Detection(box=(0, 0, 1, 1), label="eyes")]
+    rows = source.rows_for_detections(crops[:3], dets)
+    assert {n["category"] for n in rows[0].neighbours} == {"faces"} and len(rows[0].neighbours) == 4
+    assert {n["category"] for n in rows[1].neighbours} == {"hands"} and len(rows[1].neighbours) == 2
+    assert rows[1].strength == 0.9 and rows[0].strength == 0.5
+    assert {n["category"] for n in rows[2].neighbours} == {"eyes"}  # a label that names a category
+    assert rows[0].to_json()["route"] == {"label": "face", "category": "faces", "weight": 0.5, "k": 4,
+                                          "weighting": "mean", "temperature": 0.05}
+
+
+def test_settings_file_round_trips_and_unknown_category_is_named(tmp_path, vault, text, embedder):
+    table = CategoryTable(routes={"face": "faces"}, default=CategorySettings(0.4, 6),
+                          categories={"faces": CategorySettings(0.7, 3, "softmax", 0.1)}, tuned={"metric": "x"})
+    path = table.write(tmp_path / "category_settings.json")
+    again = CategoryTable.read(tmp_path)
+    assert again.to_json() == table.to_json() == json.loads(path.read_text())
+    src = memory_source({"settings": str(path)}, text, embedder, vault=vault)
+    assert src.table.settings_for("faces").temperature == 0.1
+    bad = CategoryTable(routes={"face": "portraits"})
+    bad.write(tmp_path / "bad.json")
+    with pytest.raises(CategorySettingsError, match="portraits"):
+        memory_source({"settings": str(tmp_path / "bad.json")}, text, embedder, vault=vault)
+    with pytest.raises(CategorySettingsError, match="unknown key"):
+        CategoryTable.from_json({"format_version": 1, "default": {"strength": 1}})
