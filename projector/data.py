@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from extraction.pairs import Pairs
 from projector import metrics
+from projector.splits import COMBO, with_combinations
 
 log = logging.getLogger(__name__)
 SEQ_LEN = 77
@@ -168,6 +169,7 @@ class PairsDataModule(L.LightningDataModule):
         knn_k: int = 8,
         knn_max_queries: int = 2048,
         seed: int = 0,
+        val_combinations: list | None = None,
     ):
         super().__init__()
         if input not in {"embed", "tokens"}:
@@ -179,6 +181,7 @@ class PairsDataModule(L.LightningDataModule):
         self.in_memory, self.max_ram_gb = in_memory, max_ram_gb
         self.num_workers, self.stats_prompts, self.seed = num_workers, stats_prompts, seed
         self.knn_k, self.knn_max_queries = knn_k, knn_max_queries
+        self.val_combinations = [list(c) for c in (val_combinations or [])]  # interpolation split (projector/splits.py)
         self.pairs: Pairs | None = None
 
     # --- setup ---------------------------------------------------------------------------
@@ -197,6 +200,8 @@ class PairsDataModule(L.LightningDataModule):
         texts = [pairs.prompt_text[p] for p in pairs.prompt_id[keep]]
         ckpts = [pairs.checkpoint[i] for i in keep]
         splits = {k: keep[v] for k, v in split_images(texts, ckpts, self.val_prompts, self.val_checkpoints, self.seed).items()}
+        splits = with_combinations(splits, lambda rows: [pairs.prompt_text[p] for p in pairs.prompt_id[rows]],
+                                   self.val_combinations)
         if not len(splits["train"]) or not len(splits["val"]):
             raise PairsDataError(
                 f"{self.path}: {len(keep)} images of {len(set(texts))} prompts give {len(splits['train'])} training"
@@ -296,13 +301,13 @@ class PairsDataModule(L.LightningDataModule):
         return self._loader(self.splits["train"], self.batch_size, shuffle=True)
 
     def val_dataloader(self):
-        """[held-out prompts] or [held-out prompts, held-out checkpoints]."""
+        """[held-out prompts] (+ held-out checkpoints) (+ held-out attribute combinations), as `val_names`."""
         return [self._loader(self.splits[n], self.val_batch_size, shuffle=False) for n in self.val_names]
 
     @property
     def val_names(self) -> list[str]:
         """Metric prefixes of the validation loaders, in order."""
-        return [n for n in ("val", "val_ckpt") if len(self.splits[n])]
+        return [n for n in ("val", "val_ckpt", COMBO) if len(self.splits.get(n, ()))]
 
     def teardown(self, stage: str | None = None) -> None:
         if self.pairs is not None:
