@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "vault": ("vault.cli", "build | query | serve FAISS vaults"),
     "train": ("projector.cli", "train an image-embedding -> conditioning projector"),
     "refine": ("lsd_runtime.cli", "the Luna Semantic Detailer: refine an image at 4K"),
+    "ab": ("lsd_runtime.ab", "compare conditioning arms (none/generic/vault/projector/hybrid/IP-Adapter) on the same crops"),
     "demo": ("luna.demo", "the whole loop on the tiny preset, with report.html"),
 }
 

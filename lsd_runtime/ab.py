@@ -1,0 +1,803 @@
+"""`luna ab`: the same crops refined under each conditioning arm, scored, summarised with intervals.
+
+    luna ab crops.images=DIR checkpoint=X.safetensors vault=V projector=P out=DIR
+    luna ab crops.shards=SHARDS crops.pairs=PAIRS crops.split=val_combo preset=tiny vault=V projector=P out=DIR
+    luna ab ... tune=true          # search per-category settings, write category_settings.json
+
+Arms (`arms=[...]`): none (the user's prompt only), generic (a deliberately vague prompt), vault,
+projector, hybrid (both, `hybrid.policy`), hybrid_gate / hybrid_mix (a policy each), ip_adapter,
+vault+ip_adapter. An arm whose input is missing (no vault=, no projector=, no ip_adapter.weights=)
+is left out and named in `ab.json` ("missing") and on the page.
+
+Every arm refines the same crops with the same noise (row i of one NoiseScaffold, a slice per
+crop) and the same per-crop seed; only the conditioning differs. Per crop and arm it records:
+  cos_in      cosine of vision embeddings (the configured tower) of input and refined crop
+  clip_text   cosine of the refined crop's embedding and the prompt's text embedding, when the
+              tower has a text side and the crop's prompt is known
+  psnr, ssim  pixel change against the input (scikit-image): an arm that does nothing scores high
+  oracle_acc, oracle_joint   attribute accuracy of the refined crop by `oracle` (toy world)
+  seconds     conditioning + denoising time per crop
+
+Writes OUT/ab.json, OUT/summary.md (per-arm means with bootstrap 95% intervals and paired
+differences against `none`), OUT/ab.html (grid: input, then one column per arm, scores under each),
+OUT/images/*.png and, with `logger.wandb=true`, a W&B table (offline unless WANDB_MODE=online).
+`run_ab(...)` is the same as a Python call; `render_section(ab)` is the HTML fragment for reports.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import importlib
+import io
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from lsd_runtime import abstats
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ARMS = ("none", "generic", "vault", "projector", "hybrid", "hybrid_gate", "hybrid_mix", "ip_adapter",
+        "vault+ip_adapter")
+METRICS = ("cos_in", "clip_text", "psnr", "ssim", "oracle_acc", "oracle_joint", "seconds")
+DEGRADES = ("blur", "grey", "noise")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# preset=tiny: 64 px crops, 3 steps, so a run takes seconds on CPU (each can still be overridden)
+TINY_OVERRIDES = {"detail.working_size": "64", "detail.steps": "3", "detail.strength": "0.5", "detail.cfg": "3.0",
+                  "crops.size": "64", "crops.n": "4"}
+
+
+class ABError(ValueError):
+    """A setting or input of `luna ab` the user can fix (names the key or file)."""
+
+
+# ---------------------------------------------------------------------- crops
+
+
+@dataclass
+class Crop:
+    key: str
+    image: Image.Image  # what every arm refines (degraded when crops.degrade is set)
+    original: Image.Image  # before degradation: the oracle's ground truth comes from here
+    prompt: str | None = None  # the sample's own prompt when known
+    label: str = ""  # detection label (routes the crop to a vault category)
+    truth: dict | None = None  # attribute -> value, from the sample's metadata when it has them
+
+
+def square(img: Image.Image, size: int) -> Image.Image:
+    """Centre square of `img`, Lanczos-resized to `size`."""
+    w, h = img.size
+    s = min(w, h)
+    x0, y0 = (w - s) // 2, (h - s) // 2
+    return img.convert("RGB").crop((x0, y0, x0 + s, y0 + s)).resize((size, size), Image.LANCZOS)
+
+
+def degrade(img: Image.Image, kind: str | None, amount: float = 2.0, seed: int = 0) -> Image.Image:
+    """A crop degraded on purpose, so refinement has something to restore."""
+    if not kind:
+        return img
+    if kind == "blur":
+        return img.filter(ImageFilter.GaussianBlur(float(amount)))
+    if kind == "grey":
+        return img.convert("L").convert("RGB")
+    if kind == "noise":
+        rng = np.random.default_rng(seed)
+        arr = np.asarray(img, np.float32) + rng.normal(0, 8.0 * float(amount), (img.size[1], img.size[0], 3))
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    raise ABError(f"crops.degrade={kind!r}: choose null or one of {DEGRADES}")
+
+
+def _image_files(spec) -> list[Path]:
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    files: list[Path] = []
+    for it in items:
+        p = Path(str(it)).expanduser()
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ABError(f"crops.images: {p} is neither an image file nor a folder")
+    if not files:
+        raise ABError(f"crops.images={spec}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def crops_from_images(spec, size: int, label: str | None = None) -> list[Crop]:
+    from lsd_runtime.workflow import read_image
+
+    out = []
+    for f in _image_files(spec):
+        img = square(read_image(f), size)
+        out.append(Crop(key=f.stem, image=img, original=img, prompt=None, label=label or ""))
+    return out
+
+
+def crops_from_shards(folder, size: int, n: int, seed: int = 0, keys: set | None = None,
+                      label: str | None = None) -> list[Crop]:
+    """`n` samples of a shards folder (seeded choice; only `keys` when given), their prompts and labels."""
+    from factory.shards import complete_shards, read_shard
+
+    shards = complete_shards(folder)
+    if not shards:
+        raise ABError(f"crops.shards={folder}: no finished shards (*.tar with a _stats.json)")
+    found = []
+    for path in shards:
+        for s in read_shard(path):
+            if keys is not None and s["__key__"] not in keys:
+                continue
+            ext = next((e for e in ("png", "jpg", "webp") if e in s), None)
+            if ext is None:
+                continue
+            found.append((path, s["__key__"], ext))
+    if not found:
+        raise ABError(f"crops.shards={folder}: no image samples" + (" of the chosen split" if keys is not None else ""))
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.permutation(len(found))[: int(n)].tolist())
+    wanted = {(str(found[i][0]), found[i][1]): found[i][2] for i in chosen}
+    out = []
+    for path in dict.fromkeys(str(found[i][0]) for i in chosen):
+        for s in read_shard(path):
+            ext = wanted.get((path, s["__key__"]))
+            if ext is None:
+                continue
+            meta = json.loads(s["json"]) if "json" in s else {}
+            prompt = s["txt"].decode() if "txt" in s else meta.get("prompt")
+            img = square(Image.open(io.BytesIO(s[ext])), size)
+            cat = str(meta.get("category") or "")
+            truth = meta.get("attributes") if isinstance(meta.get("attributes"), dict) else None
+            out.append(Crop(key=s["__key__"], image=img, original=img, prompt=prompt,
+                            label=label or cat.split("/")[0], truth=truth))
+    return out
+
+
+def load_crops(c: dict) -> list[Crop]:
+    """The crops `crops.*` names: images, or a shards folder (optionally one pairs split), degraded on request."""
+    cc = c["crops"]
+    size = int(cc["size"])
+    if size % 8 or size < 8:
+        raise ABError(f"crops.size={size}: must be a positive multiple of 8")
+    if cc.get("images"):
+        crops = crops_from_images(cc["images"], size, cc.get("label"))[: int(cc["n"]) if cc.get("n") else None]
+    elif cc.get("shards"):
+        keys = None
+        if cc.get("pairs"):
+            from projector.splits import split_keys
+
+            keys = set(split_keys(cc["pairs"], cc.get("split") or "val", combinations=cc.get("combinations"),
+                                  val_prompts=float(cc.get("val_prompts", 0.1)), seed=int(c["seed"])))
+        crops = crops_from_shards(cc["shards"], size, int(cc["n"]), int(c["seed"]), keys, cc.get("label"))
+    else:
+        raise ABError("give crops.images=PATH (an image, a folder or a list) or crops.shards=DIR")
+    for i, cr in enumerate(crops):
+        cr.image = degrade(cr.original, cc.get("degrade"), float(cc.get("degrade_amount", 2.0)), int(c["seed"]) + i)
+    return crops
+
+
+# ---------------------------------------------------------------------- oracle and tower
+
+
+def load_oracle(spec) -> Callable | None:
+    """`module:function` (image -> {attribute: value}) or a callable; None when not configured."""
+    if spec in (None, "", "none"):
+        return None
+    if callable(spec):
+        return spec
+    mod, _, fn = str(spec).partition(":")
+    try:
+        return getattr(importlib.import_module(mod), fn or "oracle")
+    except (ImportError, AttributeError) as e:
+        raise ABError(f"oracle={spec!r}: cannot import it ({e}); give module:function") from e
+
+
+def oracle_scores(oracle, image: Image.Image, truth: dict) -> tuple[float, float]:
+    """(fraction of the truth's attributes the oracle reads off `image`, 1.0 if all of them else 0.0)."""
+    got = oracle(image)
+    hits = [str(got.get(k)) == str(v) for k, v in truth.items()]
+    return (float(np.mean(hits)) if hits else float("nan")), float(all(hits)) if hits else float("nan")
+
+
+class TextSide:
+    """The vision tower's own text encoder (open_clip CLIP), when the tower has a usable one."""
+
+    def __init__(self, tower):
+        import open_clip
+        import torch
+
+        self.tower = tower
+        model = tower.model
+        arch = str(tower.model_id).removeprefix("open_clip:")
+        emb = getattr(model, "token_embedding", None)
+        if not hasattr(model, "encode_text") or emb is None or not bool(torch.any(emb.weight != 0)):
+            raise ABError(f"{tower.model_id}: no text side loaded")  # a vision-only weights file zeroes it
+        self.tokenizer = open_clip.get_tokenizer(arch)
+
+    def __call__(self, prompts: list[str]):
+        import torch
+
+        with torch.no_grad():
+            t = self.tower.model.encode_text(self.tokenizer(prompts).to(self.tower.device))
+        return torch.nn.functional.normalize(t.float().cpu(), dim=-1)
+
+
+def text_side(tower):
+    try:
+        return TextSide(tower) if tower is not None else None
+    except ABError:
+        return None
+
+
+# ---------------------------------------------------------------------- arms
+
+
+@dataclass
+class Arm:
+    name: str
+    prompt: str | None = None  # None: the crop's user prompt; a string: this prompt for every crop
+    memory: str | None = None  # None | vault | projector | hybrid
+    ip: bool = False
+    hybrid: dict = field(default_factory=dict)
+    ret: dict | None = None  # retrieval settings of this arm (tuned arms); None: the run's
+
+
+def plan_arms(c: dict, have: dict) -> tuple[list[Arm], dict[str, str]]:
+    """The arms to run and, for each requested arm that cannot run, why (its missing input)."""
+    requested = list(c.get("arms") or ARMS)
+    unknown = [a for a in requested if a not in ARMS]
+    if unknown:
+        raise ABError(f"arms: unknown {unknown}; known {list(ARMS)}")
+    needs = {"vault": ["vault"], "projector": ["projector"], "hybrid": ["vault", "projector"],
+             "hybrid_gate": ["vault", "projector"], "hybrid_mix": ["vault", "projector"],
+             "ip_adapter": ["ip_adapter"], "vault+ip_adapter": ["vault", "ip_adapter"]}
+    keys = {"vault": "vault=DIR", "projector": "projector=DIR", "ip_adapter": "ip_adapter.weights=FILE"}
+    arms, missing = [], {}
+    hyb = dict(c.get("hybrid") or {})
+    for name in requested:
+        lack = [keys[n] for n in needs.get(name, []) if not have.get(n)]
+        if lack:
+            missing[name] = "no " + " and no ".join(lack) + " given"
+            continue
+        if name == "none":
+            arms.append(Arm(name))
+        elif name == "generic":
+            arms.append(Arm(name, prompt=str(c["generic_prompt"])))
+        elif name in ("vault", "projector"):
+            arms.append(Arm(name, memory=name))
+        elif name.startswith("hybrid"):
+            policy = name.partition("_")[2] or hyb.get("policy", "gate")
+            arms.append(Arm(name, memory="hybrid", hybrid={**hyb, "policy": policy}))
+        elif name == "ip_adapter":
+            arms.append(Arm(name, ip=True))
+        else:
+            arms.append(Arm(name, memory="vault", ip=True))
+    arms.sort(key=lambda a: a.ip)  # IP-Adapter arms last: loading it changes the UNet for every later call
+    return arms, missing
+
+
+# ---------------------------------------------------------------------- refinement
+
+
+@dataclass
+class Context:
+    """The loaded models and settings one `luna ab` run shares across arms."""
+
+    components: object
+    embedder: object | None
+    vault: object | None
+    projector: object | None
+    ret: dict
+    sampler_settings: object
+    working: int
+    batch_size: int
+    seed: int
+    negative: str | None
+    ip: dict = field(default_factory=dict)
+    _texts: dict = field(default_factory=dict)
+
+    def text(self, prompt: str):
+        from lsd_runtime.conditioning import TextSource
+
+        if prompt not in self._texts:
+            self._texts[prompt] = TextSource(self.components.encoders, prompt, self.negative,
+                                             force_zeros_for_empty_prompt=self.components.sampler.force_zeros_for_empty_prompt)
+        return self._texts[prompt]
+
+    def source(self, arm: Arm, prompt: str, ret: dict | None = None):
+        from lsd_runtime.categories import memory_source
+        from lsd_runtime.conditioning import WithImageEmbeds
+
+        text = self.text(prompt)
+        src = text
+        if arm.memory:
+            src = memory_source(ret or self.ret, text, self.embedder,
+                                vault=self.vault if arm.memory in ("vault", "hybrid") else None,
+                                projector=self.projector if arm.memory in ("projector", "hybrid") else None,
+                                hybrid=arm.hybrid)
+        return WithImageEmbeds(src, self.embedder) if arm.ip else src
+
+
+class _Label:
+    def __init__(self, label):
+        self.label = label
+
+
+def refine_crops(ctx: Context, arm: Arm, crops: list[Crop], user_prompt, ret: dict | None = None):
+    """Refine every crop under `arm`: (images at crop size, seconds per crop, conditioning records)."""
+    import torch
+
+    from lsd_runtime.categories import rows_for
+    from lsd_runtime.sampler import DenoiseItem, sampler_denoiser, time_ids
+    from lsd_runtime.scaffold import NoiseScaffold, derived_generator
+
+    ws, lat = ctx.working, ctx.working // 8
+    scaffold = NoiseScaffold(ctx.seed, (ws, ws * len(crops)))  # crop i takes row i: same slice in every arm
+    denoise = sampler_denoiser(ctx.components.sampler, ctx.sampler_settings, ctx.text("").negative_row)
+    outs, secs, records = [None] * len(crops), [0.0] * len(crops), [None] * len(crops)
+    views = [c.image.resize((ws, ws), Image.LANCZOS) for c in crops]
+    for lo in range(0, len(crops), ctx.batch_size):
+        idx = list(range(lo, min(lo + ctx.batch_size, len(crops))))
+        t = time.perf_counter()
+        rows: dict[int, object] = {}
+        prompts = {i: (arm.prompt if arm.prompt is not None else _prompt_of(crops[i], user_prompt)) for i in idx}
+        for p in dict.fromkeys(prompts.values()):
+            group = [i for i in idx if prompts[i] == p]
+            got = rows_for(ctx.source(arm, p, ret or arm.ret), [views[i] for i in group], [_Label(crops[i].label) for i in group])
+            rows.update(zip(group, got))
+        items = [DenoiseItem(image=np.asarray(views[i], dtype=np.float32),
+                             noise=scaffold.slice((0, i * ws, ws, (i + 1) * ws), (lat, lat)), row=rows[i],
+                             seed=int(derived_generator("ab", ctx.seed, i).initial_seed()),
+                             time_ids=time_ids((ws, ws))[0]) for i in idx]
+        with torch.no_grad():
+            out = denoise(items)
+        per = (time.perf_counter() - t) / len(idx)
+        for i, o in zip(idx, out):
+            img = Image.fromarray(np.clip(np.rint(o), 0, 255).astype(np.uint8))
+            outs[i] = img.resize(crops[i].image.size, Image.LANCZOS) if img.size != crops[i].image.size else img
+            secs[i], records[i] = per, {"prompt": prompts[i], **rows[i].to_json()}
+    return outs, secs, records
+
+
+def _prompt_of(crop: Crop, user_prompt) -> str:
+    if user_prompt is not None:
+        return str(user_prompt)
+    return crop.prompt or ""
+
+
+# ---------------------------------------------------------------------- scoring
+
+
+def score(ctx: Context, crops: list[Crop], refined: list[Image.Image], oracle, text_fn, prompts) -> list[dict]:
+    """Per-crop metrics of `refined` against the inputs (see the module docstring)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    out = [dict() for _ in crops]
+    if ctx.embedder is not None:
+        import torch
+
+        a = torch.nn.functional.normalize(ctx.embedder([c.image for c in crops]).float(), dim=-1)
+        b = torch.nn.functional.normalize(ctx.embedder(refined).float(), dim=-1)
+        for i, v in enumerate((a * b).sum(-1).tolist()):
+            out[i]["cos_in"] = float(v)
+        if text_fn is not None:
+            known = [i for i, p in enumerate(prompts) if p]
+            if known:
+                t = text_fn([prompts[i] for i in known])
+                for j, i in enumerate(known):
+                    out[i]["clip_text"] = float((b[i] * t[j]).sum())
+    for i, (c, r) in enumerate(zip(crops, refined)):
+        x, y = np.asarray(c.image), np.asarray(r)
+        out[i]["psnr"] = float(min(peak_signal_noise_ratio(x, y, data_range=255), 100.0)) if not np.array_equal(x, y) else 100.0
+        win = min(7, min(x.shape[:2]) // 2 * 2 - 1)
+        out[i]["ssim"] = float(structural_similarity(x, y, channel_axis=2, data_range=255, win_size=win))
+        if oracle is not None and c.truth:
+            out[i]["oracle_acc"], out[i]["oracle_joint"] = oracle_scores(oracle, r, c.truth)
+    return out
+
+
+# ---------------------------------------------------------------------- the run
+
+
+@dataclass
+class ABResult:
+    summary: dict  # {arm: {metric: {mean, low, high, n, diff}}}
+    paths: dict  # ab_json, summary_md, html, images (folder), wandb (run folder or None), settings (tune)
+    arms: list
+    missing: dict
+    record: dict = field(repr=False, default_factory=dict)
+
+
+def _components(c: dict):
+    from lsd_runtime.workflow import load_components
+
+    vis = c.get("vision") or {}
+    if c.get("preset") == "tiny" and not vis.get("name") and not vis.get("weights"):
+        from lsd_runtime.workflow import tiny_components
+
+        return tiny_components()  # one tiny pipeline (load_components builds a second one for its vision flag)
+    return load_components(c.get("checkpoint"), c.get("preset"), c.get("device", "auto"), c.get("dtype", "auto"),
+                           vis.get("name"), vis.get("weights"))
+
+
+def _tower_for(c: dict, components, model_id):
+    from lsd_runtime.conditioning import CropEmbedder, same_vision_model
+    from luna.models.vision import load_vision
+
+    vis = c.get("vision") or {}
+    name = vis.get("name") or (str(model_id).removeprefix("open_clip:") if model_id else None)
+    if name is None and components.vision is not None:
+        return CropEmbedder(components.vision)
+    if name is None:
+        return None
+    tower = components.vision
+    if tower is None or not same_vision_model(tower.model_id, name):
+        tower = load_vision(name, vis.get("weights"), device=str(components.sampler.device))
+    return CropEmbedder(tower)
+
+
+def prepare(c: dict) -> tuple[Context, dict]:
+    """Load checkpoint, vault, projector, vision tower; returns the context and what is available."""
+    from lsd_runtime.conditioning import open_projector
+    from lsd_runtime.sampler import SamplerSettings
+
+    components = _components(c)
+    vault = projector = None
+    model = None
+    if c.get("vault"):
+        from vault.service import open_vault
+
+        vault = open_vault(str(c["vault"]))
+        model = vault.info().get("vision_model")
+    if c.get("projector"):
+        path = Path(str(c["projector"]))
+        cfg_file = (path if path.is_dir() else path.parent) / "projector.json"
+        if model is None and cfg_file.is_file():
+            model = json.loads(cfg_file.read_text()).get("vision_model")
+    embedder = _tower_for(c, components, model)
+    if c.get("projector"):
+        if embedder is None:
+            raise ABError("set vision.name (and vision.weights) to the tower the projector was trained on")
+        projector = open_projector(c["projector"], embedder, device=str(components.sampler.device))
+    d = c["detail"]
+    ws = int(d["working_size"])
+    if ws % 8 or ws < 8:
+        raise ABError(f"detail.working_size={ws}: must be a positive multiple of 8")
+    ctx = Context(components, embedder, vault, projector, dict(c.get("retrieval") or {}),
+                  SamplerSettings(int(d["steps"]), float(d["strength"]), float(d["cfg"]), str(d.get("sampler", "euler"))),
+                  ws, max(1, int(d.get("batch_size") or 4)), int(c["seed"]), c.get("negative"),
+                  dict(c.get("ip_adapter") or {}))
+    have = {"vault": vault is not None, "projector": projector is not None,
+            "ip_adapter": bool((c.get("ip_adapter") or {}).get("weights"))}
+    return ctx, have
+
+
+def evaluate(ctx: Context, arms: list[Arm], crops: list[Crop], user_prompt, oracle, text_fn,
+             ret: dict | None = None, on_arm: Callable | None = None) -> tuple[list[dict], dict]:
+    """Refine and score `crops` under every arm; returns (result rows, {arm: refined images})."""
+    from tqdm.auto import tqdm
+
+    rows, images = [], {}
+    loaded_ip = False
+    try:
+        for arm in tqdm(arms, desc="luna ab: arms", unit="arm", disable=len(arms) < 2):
+            if arm.ip and not loaded_ip:
+                _load_ip(ctx)
+                loaded_ip = True
+            refined, secs, recs = refine_crops(ctx, arm, crops, user_prompt, ret)
+            prompts = [c.prompt if user_prompt is None else user_prompt for c in crops]
+            scores = score(ctx, crops, refined, oracle, text_fn, prompts)
+            images[arm.name] = refined
+            for i, (s, sec, rec) in enumerate(zip(scores, secs, recs)):
+                rows.append({"crop": i, "arm": arm.name, **{m: s.get(m) for m in METRICS if m != "seconds"},
+                             "seconds": sec, "conditioning": rec})
+            if on_arm:
+                on_arm(arm, refined)
+    finally:
+        if loaded_ip:
+            ctx.components.pipe.unload_ip_adapter()
+    return rows, images
+
+
+def _load_ip(ctx: Context) -> None:
+    from lsd_runtime.ip_adapter import IPAdapterError, load_ip_adapter
+
+    dim = load_ip_adapter(ctx.components.pipe, ctx.ip["weights"], float(ctx.ip.get("scale", 0.6)))
+    if ctx.embedder is None or dim != ctx.embedder.dim:
+        got = f"{ctx.embedder.model_id!r} gives {ctx.embedder.dim}-d" if ctx.embedder else "no vision tower is set"
+        ctx.components.pipe.unload_ip_adapter()
+        raise IPAdapterError(f"{ctx.ip['weights']}: the IP-Adapter takes {dim}-d image embeddings, {got} "
+                             "(set vision.name / vision.weights)")
+
+
+def run_ab(out, *, crops=None, images=None, shards=None, checkpoint=None, preset=None, vault=None, projector=None,
+           ip_adapter=None, arms=None, oracle=None, prompt=None, config: dict | None = None, **overrides) -> ABResult:
+    """`luna ab` as a function (the demo's entry point). Returns the summary and the written paths.
+
+    `crops`: a list of `Crop` (or PIL images) to use as they are; else `images=` (paths) or
+    `shards=` (folder). `config` is a full plain config (conf/ab.yaml composed); keyword
+    `overrides` use dotted keys with "__" for "." (detail__steps=2).
+    """
+    from luna.cli import compose
+    from luna.settings import plain
+
+    argv = [f"{k}={v}" for k, v in TINY_OVERRIDES.items()] if preset == "tiny" else []
+    c = plain(compose("ab", argv)) if config is None else json.loads(json.dumps(config))
+    c.update({k: v for k, v in {"checkpoint": checkpoint, "preset": preset, "vault": vault, "projector": projector,
+                                "oracle": oracle, "prompt": prompt}.items() if v is not None})
+    c["out"] = str(out)
+    if arms is not None:
+        c["arms"] = list(arms)
+    if ip_adapter is not None:
+        c["ip_adapter"]["weights"] = str(ip_adapter)
+    if images is not None:
+        c["crops"]["images"] = [str(p) for p in images] if isinstance(images, (list, tuple)) else str(images)
+    if shards is not None:
+        c["crops"]["shards"] = str(shards)
+    for k, v in overrides.items():
+        node, parts = c, k.split("__")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = v
+    return run(c, crops=crops)
+
+
+def run(c: dict, crops: list | None = None) -> ABResult:
+    """The task body over a plain config dict."""
+    out = Path(str(c["out"]))
+    if crops is None:
+        crops = load_crops(c)
+    else:
+        crops = [cr if isinstance(cr, Crop) else Crop(f"crop{i:03d}", square(cr, int(c["crops"]["size"])),
+                                                      square(cr, int(c["crops"]["size"])))
+                 for i, cr in enumerate(crops)]
+    if not crops:
+        raise ABError("no crops to compare")
+    ctx, have = prepare(c)
+    arms, missing = plan_arms(c, have)
+    if not arms:
+        raise ABError(f"no arm can run: {missing}")
+    oracle = load_oracle(c.get("oracle"))
+    if oracle is not None:
+        for cr in crops:
+            cr.truth = cr.truth or oracle(cr.original)
+    text_fn = text_side(ctx.embedder.tower) if ctx.embedder is not None else None
+    out.mkdir(parents=True, exist_ok=True)
+    tuned = None
+    eval_crops = crops
+    if c.get("tune"):
+        from lsd_runtime.tune import tune_categories
+
+        if ctx.vault is None:
+            raise ABError("tune=true searches the vault's per-category settings: give vault=DIR")
+        tuned = tune_categories(ctx, c, crops, oracle, text_fn, out)
+        eval_crops = tuned["eval_crops"]
+        arms = arms + tuned["arms"]
+    rows, images = evaluate(ctx, arms, eval_crops, c.get("prompt"), oracle, text_fn)
+    return write_outputs(c, out, eval_crops, arms, missing, rows, images, tuned)
+
+
+# ---------------------------------------------------------------------- outputs
+
+
+def _png(img: Image.Image, path: Path) -> Path:
+    from luna.files import save_png_atomic
+
+    return save_png_atomic(img, path)
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+def write_outputs(c: dict, out: Path, crops, arms, missing, rows, images, tuned=None) -> ABResult:
+    from luna.files import atomic_path, write_json_atomic
+
+    img_dir = out / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    crop_rows = []
+    for i, cr in enumerate(crops):
+        rel = f"images/{i:03d}_input.png"
+        _png(cr.image, out / rel)
+        crop_rows.append({"index": i, "key": cr.key, "prompt": cr.prompt, "label": cr.label, "truth": cr.truth,
+                          "input": rel})
+    for r in rows:
+        rel = f"images/{r['crop']:03d}_{_safe(r['arm'])}.png"
+        _png(images[r["arm"]][r["crop"]], out / rel)
+        r["image"] = rel
+    metrics = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
+    summary = abstats.summarise(rows, metrics, "none", seed=int(c.get("seed", 0)))
+    arm_names = [a.name for a in arms]
+    record = {"format_version": FORMAT_VERSION, "arms": arm_names, "missing": missing, "metrics": metrics,
+              "crops": crop_rows, "results": rows, "summary": summary,
+              "settings": {k: c.get(k) for k in ("checkpoint", "preset", "vault", "projector", "seed", "prompt",
+                                                 "generic_prompt", "oracle")}
+              | {"detail": c.get("detail"), "retrieval": c.get("retrieval"), "hybrid": c.get("hybrid"),
+                 "crops": {k: v for k, v in (c.get("crops") or {}).items()}}}
+    if tuned:
+        record["tune"] = {k: v for k, v in tuned.items() if k not in ("eval_crops", "arms")}
+        pair = [r for r in rows if r["arm"] in ("vault", "vault_tuned")]  # tuned vs the global setting, same crops
+        record["tune"]["vs_default"] = abstats.summarise(pair, metrics, "vault", seed=int(c.get("seed", 0))).get(
+            "vault_tuned", {})
+    paths = {"ab_json": out / "ab.json", "summary_md": out / "summary.md", "html": out / "ab.html",
+             "images": img_dir, "wandb": None, "settings": tuned.get("settings_file") if tuned else None}
+    with atomic_path(paths["summary_md"]) as tmp:
+        Path(tmp).write_text(summary_markdown(record))
+    page = "<!doctype html><html><head><meta charset='utf-8'><title>luna ab</title></head><body>" \
+           + render_section(record, out) + "</body></html>"
+    with atomic_path(paths["html"]) as tmp:
+        Path(tmp).write_text(page)
+    if (c.get("logger") or {}).get("wandb"):
+        paths["wandb"] = log_wandb(record, out, (c.get("logger") or {}).get("project", "luna-ab"))
+    record["files"] = {k: (str(Path(v).relative_to(out)) if v and Path(v).is_relative_to(out) else v)
+                       for k, v in paths.items()}
+    write_json_atomic(paths["ab_json"], record, default=str)  # the json last: a folder with ab.json is complete
+    return ABResult(summary, paths, arm_names, missing, record)
+
+
+METRIC_LABELS = {"cos_in": "fidelity (vision cos)", "clip_text": "text-image", "psnr": "PSNR", "ssim": "SSIM",
+                 "oracle_acc": "oracle acc", "oracle_joint": "oracle joint", "seconds": "s / crop"}
+
+
+def summary_markdown(record: dict) -> str:
+    metrics, summ = record["metrics"], record["summary"]
+    lines = ["# luna ab", "", "Means with bootstrap 95% intervals over crops; Δ = paired difference to `none`.", ""]
+    head = ["arm"] + [METRIC_LABELS.get(m, m) for m in metrics] + [f"Δ {METRIC_LABELS.get(m, m)}" for m in metrics
+                                                                   if m != "seconds"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in record["arms"]:
+        s = summ.get(arm, {})
+        cells = [arm] + [abstats.fmt(s.get(m)) for m in metrics]
+        cells += [abstats.fmt((s.get(m) or {}).get("diff")) for m in metrics if m != "seconds"]
+        lines.append("| " + " | ".join(cells) + " |")
+    t = record.get("tune")
+    if t:
+        m = t["metric"]
+        lines += ["", f"## Per-category tuning ({t['method']}, metric `{m}`, {len(t['search_indices'])} search crops, "
+                  f"{len(t['eval_indices'])} evaluation crops)", "", "| category | n | default | best | settings |",
+                  "|---|---|---|---|---|"]
+        for cat, e in t["categories"].items():
+            lines.append(f"| {cat} | {e['n']} | {e['default_score']:.4f} | {e['best_score']:.4f} | {e['best']} |")
+        d = (t.get("vs_default", {}).get(m) or {}).get("diff")
+        lines += ["", f"`vault_tuned` - `vault` on the evaluation crops, `{m}`: {abstats.fmt(d)}",
+                  f"Settings file: `{t['settings_file']}`"]
+    if record.get("missing"):
+        lines += ["", "Arms left out (missing inputs): " + "; ".join(f"`{a}`: {r}" for a, r in record["missing"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _data_uri(path: Path, side: int = 128) -> str:
+    img = Image.open(path).convert("RGB")
+    if max(img.size) != side:
+        img = img.resize((side, side), Image.NEAREST if max(img.size) < side else Image.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+CSS = """<style>
+.luna-ab table{border-collapse:collapse;font:12px sans-serif;margin:8px 0}
+.luna-ab td,.luna-ab th{border:1px solid #ccc;padding:4px;vertical-align:top;text-align:center}
+.luna-ab .sc{font-size:11px;color:#333;text-align:left;white-space:nowrap}
+.luna-ab .pos{color:#070}.luna-ab .neg{color:#a00}.luna-ab .miss{color:#a60}
+.luna-ab caption{text-align:left;font-weight:bold}
+</style>"""
+
+
+def render_section(record, root=None, thumb: int = 128) -> str:
+    """The HTML fragment of an `ab.json` record (dict or path): the per-arm table with intervals and
+    paired differences, the arms left out, and the grid (input, then one column per arm, scores under
+    each). Images are inlined (data URIs), so the fragment can be pasted into any page."""
+    if not isinstance(record, dict):
+        root = Path(record).parent if root is None else root
+        record = json.loads(Path(record).read_text())
+    root = Path(root) if root is not None else Path(".")
+    esc = html.escape
+    metrics = record["metrics"]
+    summ = record["summary"]
+    parts = [CSS, '<div class="luna-ab">']
+    head = "".join(f"<th>{esc(METRIC_LABELS.get(m, m))}</th>" for m in metrics)
+    dhead = "".join(f"<th>Δ {esc(METRIC_LABELS.get(m, m))}</th>" for m in metrics if m != "seconds")
+    parts.append("<table><caption>Per arm: mean [95% bootstrap interval]; Δ = paired difference to "
+                 f"<code>none</code> (green: interval above 0)</caption><tr><th>arm</th>{head}{dhead}</tr>")
+    for arm in record["arms"]:
+        s = summ.get(arm, {})
+        cells = "".join(f"<td>{esc(abstats.fmt(s.get(m)))}</td>" for m in metrics)
+        for m in metrics:
+            if m == "seconds":
+                continue
+            d = (s.get(m) or {}).get("diff")
+            cls = "pos" if d and d["low"] > 0 else "neg" if d and d["high"] < 0 else ""
+            cells += f'<td class="{cls}">{esc(abstats.fmt(d))}</td>'
+        parts.append(f"<tr><th>{esc(arm)}</th>{cells}</tr>")
+    parts.append("</table>")
+    if record.get("missing"):
+        items = "".join(f"<li><b>{esc(a)}</b>: {esc(r)}</li>" for a, r in record["missing"].items())
+        parts.append(f'<p class="miss">Arms left out (missing inputs):</p><ul class="miss">{items}</ul>')
+    by = {(r["crop"], r["arm"]): r for r in record["results"]}
+    parts.append("<table><caption>Crops: input, then one column per arm</caption><tr><th>input</th>"
+                 + "".join(f"<th>{esc(a)}</th>" for a in record["arms"]) + "</tr>")
+    short = {"cos_in": "cos", "clip_text": "txt", "psnr": "psnr", "ssim": "ssim", "oracle_acc": "oracle",
+             "seconds": "s"}
+    for cr in record["crops"]:
+        label = esc(f"{cr.get('label') or ''} {cr.get('prompt') or ''}".strip()[:80])
+        row = [f'<td><img src="{_data_uri(root / cr["input"], thumb)}" width="{thumb}"><div class="sc">{label}</div></td>']
+        for arm in record["arms"]:
+            r = by.get((cr["index"], arm))
+            if r is None:
+                row.append("<td>-</td>")
+                continue
+            sc = "<br>".join(f"{short[m]} {r[m]:.3f}" for m in short if r.get(m) is not None)
+            row.append(f'<td><img src="{_data_uri(root / r["image"], thumb)}" width="{thumb}">'
+                       f'<div class="sc">{sc}</div></td>')
+        parts.append("<tr>" + "".join(row) + "</tr>")
+    parts.append("</table></div>")
+    return "\n".join(parts)
+
+
+def log_wandb(record: dict, out: Path, project: str) -> str | None:
+    """A W&B run (offline unless WANDB_MODE=online) with the grid as a table and the summary."""
+    import os
+
+    import wandb
+
+    mode = "online" if os.environ.get("WANDB_MODE", "offline").lower() == "online" else "offline"
+    run = wandb.init(project=project, dir=str(out), mode=mode, job_type="ab", reinit=True,
+                     config={"arms": record["arms"], "missing": record["missing"]})
+    try:
+        cols = ["crop", "key", "arm", "image"] + record["metrics"]
+        table = wandb.Table(columns=cols)
+        keys = {c["index"]: c["key"] for c in record["crops"]}
+        for r in record["results"]:
+            table.add_data(r["crop"], keys[r["crop"]], r["arm"], wandb.Image(str(out / r["image"])),
+                           *[r.get(m) for m in record["metrics"]])
+        flat = {f"{arm}/{m}": v["mean"] for arm, ms in record["summary"].items() for m, v in ms.items()}
+        run.log({"ab": table, **flat})
+        return str(Path(run.dir).parent)
+    finally:
+        run.finish()
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def _task(cfg) -> None:
+    from luna.settings import plain
+
+    c = plain(cfg)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    res = run(c)
+    print(f"luna ab: {len(res.arms)} arms ({', '.join(res.arms)}) on {len(res.record['crops'])} crops -> "
+          f"{res.paths['ab_json']}, {res.paths['html']}")
+    for arm, reason in res.missing.items():
+        print(f"luna ab: arm {arm} left out: {reason}")
+    if res.paths.get("settings"):
+        print(f"luna ab: tuned per-category settings -> {res.paths['settings']}")
+
+
+def _with_preset(argv: list[str]) -> list[str]:
+    """preset=tiny adds the tiny sizes the user did not set."""
+    if any(a in ("preset=tiny", "+preset=tiny") for a in argv):
+        given = {a.partition("=")[0].lstrip("+~") for a in argv}
+        argv = [f"{k}={v}" for k, v in TINY_OVERRIDES.items() if k not in given] + argv
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    from luna.cli import run_stage
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(__doc__.split("\n\n")[1])
+        return 0
+    return run_stage("luna ab", "ab", _task, _with_preset(argv), interrupted="nothing is written until every arm is done; run it again")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
