@@ -130,8 +130,8 @@ def build_part(shard: Shard, images: ShardImages, store: PromptStore, text: Text
         by_fp.setdefault(k[1], []).append(k)
     for fp in sorted(by_fp):
         ks = by_fp[fp]
-        cond, pooled = text.encode(fp, [k[0] for k in ks], hint.get(fp, ""))
-        store.add(ks, cond, pooled)
+        encoded = text.encode(fp, [k[0] for k in ks], hint.get(fp, ""))
+        store.add(ks, encoded[0], encoded[1], **getattr(encoded, "extra", {}))
     cond, pooled = store.get(unique) if unique else (np.zeros((0, 77, 1)), np.zeros((0, 1)))
     images_cols = {
         "key": np.array([m.key for m in metas], dtype=object),
@@ -149,6 +149,7 @@ def build_part(shard: Shard, images: ShardImages, store: PromptStore, text: Text
         "cond": cond,
         "pooled": pooled,
         "te_fingerprint": np.array([k[1] for k in unique], dtype=object),
+        **(store.extras(unique) if unique else {}),  # optional clip_l_cond / clip_l_pooled
     }
     return pairs_fmt.PairsPart(images_cols, prompts, dict(attrs, source_shard=shard.path.name)), unique
 
@@ -318,4 +319,5 @@ def make_conditioner(cfg, device: str) -> TextConditioner:
         dtype=tdtype,
         batch_size=int(_get(text_cfg, "batch_size", 64)),
         keep_loaded=int(_get(text_cfg, "keep_loaded", 4)),
+        clip_l=bool(_get(cfg, "clip_l", False)),
     )

@@ -6,6 +6,12 @@ One part file holds
   attrs: format_version, vision_model, vision_dim, text_dims (CLIP-L width, bigG width), pooled_dim
 `prompt_id` indexes the part's own /prompts. A pairs folder is any number of parts (`*.h5`);
 `Pairs` presents them as one dataset with prompts deduplicated across parts by (text, fingerprint).
+
+Optional datasets (format_version stays 1: a reader that does not know them reads the file as
+before; a reader that needs one checks `has_*` and names the part that lacks it):
+  /prompts/clip_l_cond [P, 77, 768]   CLIP-L final layer after its final norm (SD 1.x's conditioning)
+  /prompts/clip_l_pooled [P, 768]     CLIP-L pooled EOS state (Flux's `vector`)
+written by `luna extract clip_l=true` from the same CLIP-L encoder as the SDXL conditioning.
 Parts are written to a temporary name and renamed, so a part that exists is complete.
 """
 from __future__ import annotations
@@ -25,6 +31,7 @@ PART_GLOB = "*.h5"
 _STR = h5py.string_dtype(encoding="utf-8")
 IMAGE_COLUMNS = ("key", "embed", "prompt_id", "checkpoint", "category", "campaign", "seed")
 PROMPT_COLUMNS = ("text", "cond", "pooled", "te_fingerprint")
+OPTIONAL_PROMPT_COLUMNS = ("clip_l_cond", "clip_l_pooled")
 
 
 class PairsFormatError(ValueError):
@@ -75,6 +82,10 @@ def write_part(path: str | os.PathLike, part: PairsPart, dtype: str = "float16")
             # one prompt per chunk: random reads of a single conditioning touch one chunk
             pr.create_dataset("cond", data=cond, chunks=(1, *cond.shape[1:]) if p else None)
             pr.create_dataset("pooled", data=pooled, chunks=(1, pooled.shape[1]) if p else None)
+            for k in OPTIONAL_PROMPT_COLUMNS:
+                if k in part.prompts:
+                    arr = np.asarray(part.prompts[k], dtype=dtype)
+                    pr.create_dataset(k, data=arr, chunks=(1, *arr.shape[1:]) if p else None)
             attrs = {"format_version": FORMAT_VERSION, **part.attrs}
             for k, v in attrs.items():
                 f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
@@ -101,6 +112,7 @@ def read_attrs(path: str | os.PathLike) -> dict:
         if missing:
             raise PairsFormatError(f"{path}: missing datasets {missing}")
         attrs["has_tokens"] = "images/tokens" in f
+        attrs["has_clip_l"] = all(f"prompts/{c}" in f for c in OPTIONAL_PROMPT_COLUMNS)
     return attrs
 
 
@@ -223,6 +235,18 @@ class Pairs:
     def pooled(self, prompt_ids) -> np.ndarray:
         """Pooled projections `[len(ids), pooled_dim]` of global prompt ids."""
         return self._read_prompts("pooled", prompt_ids)
+
+    @property
+    def has_clip_l(self) -> bool:
+        return all(read_attrs(p)["has_clip_l"] for p in self.parts)
+
+    def clip_l(self, prompt_ids) -> np.ndarray:
+        """SD 1.x-style CLIP-L targets `[len(ids), 77, 768]` (optional dataset; see `has_clip_l`)."""
+        return self._read_prompts("clip_l_cond", prompt_ids)
+
+    def clip_l_pooled(self, prompt_ids) -> np.ndarray:
+        """CLIP-L pooled vectors `[len(ids), 768]` (optional dataset)."""
+        return self._read_prompts("clip_l_pooled", prompt_ids)
 
     def tokens(self, image_ids) -> np.ndarray:
         """Penultimate vision tokens `[len(ids), T, W]` of image rows (global order)."""

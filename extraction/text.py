@@ -19,6 +19,32 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PromptKey = tuple[str, str]  # (prompt text, text-encoder fingerprint)
+CLIP_L_COLUMNS = ("clip_l_cond", "clip_l_pooled")  # optional /prompts datasets (extraction.pairs)
+
+
+class Encoded(tuple):
+    """`(cond, pooled)` as before, plus optional per-prompt arrays in `.extra` (column -> [N, ...])."""
+
+    def __new__(cls, cond, pooled, extra: dict | None = None):
+        self = super().__new__(cls, (cond, pooled))
+        self.extra = dict(extra or {})
+        return self
+
+    def __reduce__(self):  # crosses Ray with its extras
+        return (Encoded, (self[0], self[1], self.extra))
+
+
+def encode_clip_l(enc, prompts: list[str]):
+    """The SD 1.x-style CLIP-L target of the same CLIP-L encoder SDXL uses: the final layer after the
+    final layer norm `[B, 77, 768]` (what SD 1.x cross-attends to) and the pooled EOS state `[B, 768]`
+    (what Flux takes as `vector`), float32 tensors."""
+    import torch
+
+    ids = enc.tokenizer(list(prompts), padding="max_length", max_length=enc.tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = enc.text_encoder(ids.to(next(enc.text_encoder.parameters()).device))
+    return out.last_hidden_state.float(), out.pooler_output.float()
 
 
 class TextEncoderNotFound(ValueError):
@@ -31,6 +57,7 @@ class PromptStore:
 
     def __init__(self):
         self._mem: dict[PromptKey, tuple[np.ndarray, np.ndarray]] = {}
+        self._extra: dict[PromptKey, dict[str, np.ndarray]] = {}  # optional columns (CLIP_L_COLUMNS)
         self._disk: dict[PromptKey, tuple[Path, int]] = {}
         self._handles: dict[Path, h5py.File] = {}
 
@@ -59,9 +86,34 @@ class PromptStore:
                 out.append(k)
         return out
 
-    def add(self, keys: list[PromptKey], cond: np.ndarray, pooled: np.ndarray) -> None:
+    def add(self, keys: list[PromptKey], cond: np.ndarray, pooled: np.ndarray, **extra: np.ndarray) -> None:
         for i, k in enumerate(keys):
             self._mem[k] = (cond[i], pooled[i])
+            if extra:
+                self._extra[k] = {name: v[i] for name, v in extra.items()}
+
+    def extras(self, keys: list[PromptKey], names=CLIP_L_COLUMNS) -> dict[str, np.ndarray]:
+        """Optional columns of `keys` ({} when none of them has any); a key without them while others
+        have them is an error naming the part it was read from (mixing runs with and without clip_l)."""
+        have = [k in self._extra or (k in self._disk and names[0] in self._file(self._disk[k][0])["prompts"])
+                for k in keys]
+        if not any(have):
+            return {}
+        if not all(have):
+            k = keys[have.index(False)]
+            where = self._disk[k][0] if k in self._disk else "this run"
+            raise ValueError(f"{where}: prompt {k[0]!r} has no /prompts/{names[0]} while other prompts do; extract "
+                             "clip_l into a new out folder (or rerun without clip_l)")
+        out: dict[str, list] = {n: [] for n in names}
+        for k in keys:
+            if k in self._extra:
+                row = self._extra[k]
+            else:
+                path, r = self._disk[k]
+                row = {n: self._file(path)[f"prompts/{n}"][r] for n in names}
+            for n in names:
+                out[n].append(row[n])
+        return {n: np.stack(v) for n, v in out.items()}
 
     def get(self, keys: list[PromptKey]) -> tuple[np.ndarray, np.ndarray]:
         conds, pooled = [], []
@@ -81,6 +133,7 @@ class PromptStore:
         for row, k in enumerate(keys):
             if k in self._mem:
                 del self._mem[k]
+                self._extra.pop(k, None)
                 self._disk[k] = (Path(path), row)
 
     def _file(self, path: Path) -> h5py.File:
@@ -173,7 +226,7 @@ class TextConditioner:
 
     def __init__(self, mode: str = "per_checkpoint", checkpoint_dirs=(), reference: str | None = None,
                  device: str = "cpu", dtype: str = "float32", batch_size: int = 64, keep_loaded: int = 4,
-                 fingerprint_fn=None):
+                 fingerprint_fn=None, clip_l: bool = False):
         if mode not in ("per_checkpoint", "reference"):
             raise ValueError(f"text.mode must be per_checkpoint or reference, not {mode!r}")
         if mode == "reference" and not reference:
@@ -181,6 +234,7 @@ class TextConditioner:
         if mode == "reference" and not Path(reference).exists():
             raise TextEncoderNotFound(f"text.checkpoint={reference}: no such checkpoint")
         self.mode, self.reference = mode, reference
+        self.clip_l = bool(clip_l)  # also the SD 1.x-style CLIP-L target + pooled (CLIP_L_COLUMNS)
         self.device, self.dtype, self.batch_size, self.keep_loaded = device, dtype, int(batch_size), int(keep_loaded)
         self.locator = CheckpointLocator(checkpoint_dirs, fingerprint_fn)
         self._loaded: OrderedDict[str, object] = OrderedDict()
@@ -224,7 +278,7 @@ class TextConditioner:
 
         t = time.perf_counter()
         enc = self._encoders(fp, name_hint)
-        conds, pooled = [], []
+        conds, pooled, extra = [], [], {n: [] for n in CLIP_L_COLUMNS}
         with torch.inference_mode():
             for i in range(0, len(prompts), self.batch_size):
                 chunk = list(prompts[i : i + self.batch_size])
@@ -232,13 +286,16 @@ class TextConditioner:
                 c, p = out[0], out[1]
                 conds.append(c.float().cpu().numpy())
                 pooled.append(p.float().cpu().numpy())
+                if self.clip_l:
+                    for n, v in zip(CLIP_L_COLUMNS, encode_clip_l(enc, chunk)):
+                        extra[n].append(v.cpu().numpy())
                 self.prompts_encoded += len(chunk)
                 self.forward_batches += 1
         cond, pool = np.concatenate(conds), np.concatenate(pooled)
         self.seconds += time.perf_counter() - t
         if self.dims is None:
             self.dims = (text_widths(enc, cond.shape[-1]), pool.shape[-1])
-        return cond, pool
+        return Encoded(cond, pool, {n: np.concatenate(v) for n, v in extra.items()} if self.clip_l else None)
 
     def stats(self) -> dict:
         return {"prompts_encoded": self.prompts_encoded, "forward_batches": self.forward_batches,

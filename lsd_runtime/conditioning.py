@@ -212,10 +212,12 @@ class WithImageEmbeds:
 
 def open_projector(path, embedder: CropEmbedder, device="cpu"):
     """The exported projector, checked against the runtime's vision tower."""
-    from projector.export import ProjectorLoadError, ProjectorMismatchError, load_projector
+    from projector.export import ProjectorLoadError, ProjectorMismatchError, ProjectorTargetsError, load_projector
 
     try:
-        proj = load_projector(path, device=device, expect_dim=embedder.dim)
+        proj = load_projector(path, device=device, expect_dim=embedder.dim, expect_targets="sdxl")  # SDXL runtime
+    except ProjectorTargetsError as exc:  # a CLIP-L (SD 1.x) projector: not for an SDXL checkpoint
+        raise ConditioningError(str(exc)) from exc
     except ProjectorMismatchError as exc:
         raise VisionModelMismatch(str(exc)) from exc
     except ProjectorLoadError as exc:

@@ -96,6 +96,7 @@ def train(cfg) -> float | None:
     from projector.export import save_projector
     from projector.models import count_parameters
     from projector.module import ProjectorModule
+    from projector.targets import targets_of
 
     workdir = run_dir(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -103,10 +104,12 @@ def train(cfg) -> float | None:
         cfg.paths.output_dir = str(workdir)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
+    net = plain(cfg.model)
+    heads = net.pop("heads") if isinstance(net.get("heads"), list) else cfg.get("heads")  # model.heads=[clip_l] too
+    datamodule = instantiate(cfg.data, targets=targets_of(heads))
     datamodule.setup("fit")
     module = ProjectorModule(
-        net=plain(cfg.model), dims=datamodule.dims, pooled_head=plain(cfg.get("pooled_head")),
+        net=net, dims=datamodule.dims, pooled_head=plain(cfg.get("pooled_head")),
         optim=plain(cfg.optim), loss=plain(cfg.loss),
     )
     module.projector.set_stats(datamodule.stats)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from extraction.pairs import Pairs
 from projector import metrics
 from projector.splits import COMBO, with_combinations
+from projector.targets import target_view
 
 log = logging.getLogger(__name__)
 SEQ_LEN = 77
@@ -170,6 +171,7 @@ class PairsDataModule(L.LightningDataModule):
         knn_max_queries: int = 2048,
         seed: int = 0,
         val_combinations: list | None = None,
+        targets: str = "sdxl",
     ):
         super().__init__()
         if input not in {"embed", "tokens"}:
@@ -182,13 +184,14 @@ class PairsDataModule(L.LightningDataModule):
         self.num_workers, self.stats_prompts, self.seed = num_workers, stats_prompts, seed
         self.knn_k, self.knn_max_queries = knn_k, knn_max_queries
         self.val_combinations = [list(c) for c in (val_combinations or [])]  # interpolation split (projector/splits.py)
+        self.targets = targets  # sdxl | clip_l (projector/targets.py; set from model.heads)
         self.pairs: Pairs | None = None
 
     # --- setup ---------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.pairs is not None:
             return
-        pairs = Pairs(self.path)
+        pairs = target_view(Pairs(self.path), self.targets)
         if self.input == "tokens" and not pairs.has_tokens:
             raise PairsDataError(f"{self.path}: data.input=tokens but the pairs have no /images/tokens")
         keep = np.arange(len(pairs))
@@ -236,6 +239,7 @@ class PairsDataModule(L.LightningDataModule):
             "cond_dim": int(sum(p.text_dims)),
             "pooled_dim": int(p.attrs["pooled_dim"]),
             "seq_len": SEQ_LEN,
+            "targets": self.targets,
         }
 
     @property

@@ -7,7 +7,9 @@ Lightning nor Hydra, and loading never unpickles anything.
 
 projector.json:
   format_version, architecture {net, pooled_head} (class + constructor args), dims
-  {in_dim, vision_dim, cond_dim, text_dims, pooled_dim, seq_len, num_tokens, input},
+  {in_dim, vision_dim, cond_dim, text_dims, pooled_dim, seq_len, num_tokens, input, targets},
+  targets: "sdxl" (SDXL conditioning, the default when absent) or "clip_l" (SD 1.x-style CLIP-L, see
+  projector/targets.py), also at the top level of projector.json;
   vision_model, te_fingerprints, normalisation (per-channel statistics, as lists), metrics.
 """
 from __future__ import annotations
@@ -39,6 +41,10 @@ class ProjectorLoadError(ValueError):
 
 class ProjectorMismatchError(ProjectorLoadError):
     """A projector trained for another vision model or embedding dimension than the caller's."""
+
+
+class ProjectorTargetsError(ProjectorMismatchError):
+    """A projector that predicts other targets than the caller needs (a CLIP-L head for an SDXL model)."""
 
 
 class Projector(nn.Module):
@@ -147,6 +153,7 @@ def save_projector(projector: Projector, folder: str | os.PathLike, meta: dict |
         "parameters": models.count_parameters(projector),
         "dims": projector.dims,
         "vision_model": projector.dims.get("vision_model"),
+        "targets": projector.dims.get("targets", "sdxl"),
         "te_fingerprints": meta.pop("te_fingerprints", []),
         "normalisation": projector.stats(),
         "metrics": meta.pop("metrics", {}),
@@ -180,11 +187,13 @@ def load_projector(
     device: str | torch.device = "cpu",
     expect_vision_model: str | None = None,
     expect_dim: int | None = None,
+    expect_targets: str | None = None,
 ) -> Projector:
     """Load a projector folder (or its .json / .safetensors file, or a `wandb:` artifact reference) for inference.
 
     Raises ProjectorMismatchError when `expect_vision_model` or `expect_dim` (the image
-    embedding width of the caller's vision tower) differ from what the projector was trained on.
+    embedding width of the caller's vision tower) differ from what the projector was trained on,
+    and ProjectorTargetsError when `expect_targets` ("sdxl" for the SDXL runtime) is not what it predicts.
     """
     from safetensors.torch import load_file
 
@@ -206,6 +215,15 @@ def load_projector(
             f"{cfg_path}: projector was trained on vision model {model_id!r}, not {expect_vision_model!r};"
             " train one on pairs extracted with your vision model"
         )
+    targets = dims.get("targets", "sdxl")
+    if expect_targets is not None and targets != expect_targets:
+        from projector.targets import TARGET_SHAPES
+
+        raise ProjectorTargetsError(
+            f"{cfg_path}: this projector predicts {targets} targets {TARGET_SHAPES.get(targets, '')}, not the "
+            f"{expect_targets} conditioning {TARGET_SHAPES.get(expect_targets, '')} this model needs; "
+            + ("use it with an SD 1.x model (docs/projector.md, 'CLIP-L head') or train one without model.heads=[clip_l]"
+               if targets == "clip_l" else "train one with model.heads=[" + str(expect_targets) + "]"))
     if expect_dim is not None and int(dims["vision_dim"]) != int(expect_dim):
         raise ProjectorMismatchError(
             f"{cfg_path}: projector takes {dims['vision_dim']}-d embeddings of {model_id!r}, the caller gives {expect_dim}-d"

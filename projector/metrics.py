@@ -36,14 +36,20 @@ def content_pad_cosine(pred, target, n_content) -> tuple[torch.Tensor, torch.Ten
     return masked_mean(cos, content), masked_mean(cos, pad)
 
 
-def _half_losses(pred: torch.Tensor, target: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token MSE and (1 - cosine), each the mean of the CLIP-L half and the bigG half: `[B, L]`."""
-    mse, cos = [], []
-    for sl in (slice(0, split), slice(split, None)):
+def _half_losses(pred: torch.Tensor, target: torch.Tensor, split: int,
+                 clip_l_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token MSE and (1 - cosine), each the weighted mean of the CLIP-L half (weight `clip_l_weight`)
+    and the bigG half (weight 1): `[B, L]`. A CLIP-L-only target (split = width) is one half."""
+    halves = [(slice(0, split), float(clip_l_weight))]
+    if split < pred.shape[-1]:
+        halves.append((slice(split, None), 1.0))
+    total = sum(w for _, w in halves)
+    mse = cos = 0.0
+    for sl, w in halves:
         p, t = pred[..., sl], target[..., sl]
-        mse.append(((p - t) ** 2).mean(-1))
-        cos.append(1 - F.cosine_similarity(p, t, dim=-1, eps=1e-6))
-    return (mse[0] + mse[1]) / 2, (cos[0] + cos[1]) / 2
+        mse = mse + w * ((p - t) ** 2).mean(-1)
+        cos = cos + w * (1 - F.cosine_similarity(p, t, dim=-1, eps=1e-6))
+    return mse / total, cos / total
 
 
 def sequence_loss(
@@ -54,13 +60,15 @@ def sequence_loss(
     mse_weight: float = 1.0,
     cos_weight: float = 1.0,
     pad_weight: float = 0.3,
+    clip_l_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Per-token MSE + cosine on standardised conditionings, BOS excluded, padding weighted apart.
 
     `split` is the CLIP-L width (768 in SDXL): each encoder half counts equally, whatever its
-    width. Returns {"loss", "content", "pad"}; loss = content + pad_weight * pad.
+    width (`clip_l_weight` weights the CLIP-L half against bigG). Returns {"loss", "content", "pad"};
+    loss = content + pad_weight * pad.
     """
-    mse, cos = _half_losses(pred_std.float(), target_std.float(), split)
+    mse, cos = _half_losses(pred_std.float(), target_std.float(), split, clip_l_weight)
     per_token = mse_weight * mse + cos_weight * cos
     content, pad = token_masks(n_content, per_token.shape[1])
     content_loss = (per_token * content).sum() / content.sum().clamp_min(1)

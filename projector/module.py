@@ -23,7 +23,7 @@ from projector import metrics
 from projector.export import Projector
 
 DEFAULT_OPTIM = {"lr": 3e-4, "weight_decay": 0.01, "betas": (0.9, 0.99), "warmup_steps": 100, "min_lr_ratio": 0.1}
-DEFAULT_LOSS = {"mse": 1.0, "cos": 1.0, "pad_weight": 0.3, "pooled": 1.0}
+DEFAULT_LOSS = {"mse": 1.0, "cos": 1.0, "pad_weight": 0.3, "pooled": 1.0, "clip_l_weight": 1.0}
 
 
 class WarmupCosine:
@@ -67,7 +67,8 @@ class ProjectorModule(L.LightningModule):
 
     def _losses(self, cond_s, pooled_s, y, yp, n_content) -> dict[str, torch.Tensor]:
         w = self.loss_weights
-        seq = metrics.sequence_loss(cond_s, y, n_content, self.split, w["mse"], w["cos"], w["pad_weight"])
+        seq = metrics.sequence_loss(cond_s, y, n_content, self.split, w["mse"], w["cos"], w["pad_weight"],
+                                    w["clip_l_weight"])
         pooled = metrics.pooled_loss(pooled_s, yp, w["mse"], w["cos"])
         return {"loss": seq["loss"] + w["pooled"] * pooled, "loss_content": seq["content"], "loss_pad": seq["pad"], "loss_pooled": pooled}
 
