@@ -137,7 +137,7 @@ def train(cfg) -> float | None:
     return found.get(cfg.optimized_metric)
 
 
-_LAUNCHED_AS: list[str] = []  # sys.argv[0] of the process, before run_hydra replaced it
+_LAUNCHED_AS: list[str] = []  # sys.argv[0] of the process, before run_stage replaced it
 
 
 def _argv_for_ddp_children() -> None:

@@ -1,4 +1,4 @@
-"""`luna vault build | query | serve`: a Hydra app over conf/vault.yaml.
+"""`luna vault build | query | serve`: Hydra apps over conf/vault_build.yaml, vault_query.yaml, vault_serve.yaml.
 
 Errors the user can fix print one line on stderr and exit 2. `query format=json` prints exactly
 one JSON object on stdout; everything else (warnings, Ray and model logs) goes to stderr.
@@ -109,7 +109,7 @@ def _serve(config: dict) -> None:
 
 
 def run(cfg) -> None:
-    """One action of conf/vault.yaml (`cfg.action`); `query format=json` prints only its JSON on stdout."""
+    """One action (`cfg.action`, conf/vault_<action>.yaml); `query format=json` prints only its JSON on stdout."""
     from luna.settings import plain
 
     config = plain(cfg)
