@@ -89,7 +89,7 @@ def check_dataset(shards_dir: Path, campaign_file: Path, models: dict[str, Path]
     from PIL import Image
 
     from factory import shards
-    from factory.campaign import load_campaign
+    from factory.campaign_file import load_campaign
     from factory.planner import sample_key
     from factory.quality import derive_seed
 
@@ -124,9 +124,9 @@ def check_dataset(shards_dir: Path, campaign_file: Path, models: dict[str, Path]
                 problems.append(f"{where}: .txt differs from the json prompt")
             if key in expected:
                 job, index = expected[key]
-                planned = campaign.sample(job, index)
+                planned = campaign.draw(job, index)
                 if (meta.get("job"), meta.get("index")) != (job, index) or meta.get("prompt") != planned.prompt:
-                    problems.append(f"{where}: prompt/job/index are not the campaign's sample {job}[{index}]")
+                    problems.append(f"{where}: prompt/job/index are not the campaign's draw {job}[{index}]")
                 if meta.get("planned_seed") != planned.seed or meta.get("seed") not in {
                         derive_seed(planned.seed, a) for a in range(max_attempts)}:
                     problems.append(f"{where}: seed {meta.get('seed')} is not sample {job}[{index}]'s")

@@ -84,7 +84,7 @@ def main() -> int:
 
     import ray
 
-    from factory.campaign import load_campaign
+    from factory.campaign_file import load_campaign
     from factory.planner import plan
     from factory.run import run
     from luna.models import tiny

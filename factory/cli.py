@@ -15,17 +15,12 @@ EXIT_INTERRUPTED = 130
 
 
 def _task(cfg, outcome: dict) -> None:
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from factory.errors import FactoryRunError
     from factory.run import run
-    from factory.worker import FactoryRunError
 
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    # `campaign=NAME` selects conf/campaign/NAME.yaml as a config group; the campaign module
-    # reads that file itself (with line numbers for its errors), so only the name is passed on
-    plain.pop("campaign", None)
-    plain["campaign_name"] = HydraConfig.get().runtime.choices.get("campaign")
+    plain = OmegaConf.to_container(cfg, resolve=True)  # `campaign` is a name or a path: read once, by run
     try:
         outcome["report"] = run(plain)
     except ValueError as e:  # campaign, inventory, planner, output folder: the user's to fix
@@ -35,7 +30,8 @@ def _task(cfg, outcome: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from factory.run import FactoryError, check_writable
+    from factory.errors import FactoryError
+    from factory.run import check_writable
     from luna.cli import override_value, run_hydra
 
     argv = list(sys.argv[1:] if argv is None else argv)

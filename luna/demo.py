@@ -110,13 +110,13 @@ def stage_models(cfg: dict, p: Paths) -> dict:
 
 
 def write_campaign(cfg: dict, dest: Path) -> Path:
-    """conf/campaign/<name>.yaml with the demo's quota, steps, size and batch size applied."""
+    """campaigns/<name>.yaml with the demo's quota, steps, size and batch size applied."""
     import yaml
 
-    from luna import CONF_DIR
+    from factory.campaign_file import CAMPAIGNS_DIR
 
     c = cfg["campaign"]
-    src = CONF_DIR / "campaign" / f"{c['name']}.yaml"
+    src = CAMPAIGNS_DIR / f"{c['name']}.yaml"
     if not src.is_file():
         raise DemoError(f"campaign.name={c['name']!r}: no {src}")
     doc = yaml.safe_load(src.read_text())

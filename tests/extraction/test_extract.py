@@ -12,7 +12,8 @@ import torch
 from extraction.extract import OutputMismatch, extract
 from extraction.image import VisionModelError
 from extraction.pairs import Pairs
-from extraction.reader import ShardError, iter_tar_samples
+from extraction.reader import ShardError
+from factory.shards import iter_samples
 from tests.extraction.conftest import extract_cfg
 from tests.extraction.extraction_shards import PROMPTS, shard_metas, write_shard
 
@@ -57,7 +58,7 @@ def test_image_embeddings_equal_open_clip_encode_image(extracted, shards_dir):
     model = create_open_clip(TINY_NAME)
     images, keys = [], []
     for tar in sorted(shards_dir.glob("*.tar")):
-        for key, files in iter_tar_samples(tar):
+        for key, files in iter_samples(tar):
             keys.append(key)
             images.append(model.luna_preprocess(Image.open(__import__("io").BytesIO(files["png"])).convert("RGB")))
     with torch.no_grad():
@@ -71,7 +72,7 @@ def test_image_embeddings_equal_open_clip_encode_image(extracted, shards_dir):
 
 def test_each_unique_prompt_encoded_once_across_parts_and_runs(extracted, shards_dir, tiny_checkpoints, tmp_path):
     out, result = extracted
-    metas = [json.loads(f["json"]) for t in sorted(shards_dir.glob("*.tar")) for _, f in iter_tar_samples(t)]
+    metas = [json.loads(f["json"]) for t in sorted(shards_dir.glob("*.tar")) for _, f in iter_samples(t)]
     unique = {(m["prompt"], m["te_fingerprint"]) for m in metas}
     assert len(unique) < len(metas)  # prompts repeat: dedup has something to do
     assert result.text["prompts_encoded"] == len(unique) == result.unique_prompts
@@ -106,7 +107,7 @@ def test_tokens_and_fp16_storage(shards_dir, tiny_checkpoints, tmp_path):
     extract(extract_cfg(str(shards_dir / "faces-pc1-w0-000000.tar"), out, tiny_checkpoints, "tokens=true",
                         "workers=0"))
     tower = load_vision("tiny")
-    files = [f for _, f in iter_tar_samples(shards_dir / "faces-pc1-w0-000000.tar")]
+    files = [f for _, f in iter_samples(shards_dir / "faces-pc1-w0-000000.tar")]
     pixels = torch.stack([tower.preprocess(decode_image(f)) for f in files])
     with Pairs(out) as p:
         assert p.has_tokens and p.embed.dtype == np.float16
