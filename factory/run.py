@@ -22,7 +22,6 @@ from typing import Any, Callable, Mapping
 from factory import inventory as inv_mod
 from factory import shards
 from factory.campaign_file import load_campaign
-from factory.cluster import connect, list_nodes
 from factory.errors import FactoryError
 from factory.planner import plan as make_plan
 from factory.scheduler import Scheduler, actor_specs

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from factory.shards import IMAGE_EXTS, find_samples
-from vault.manifest import atomic_path
+from luna.files import atomic_path
 
 
 def find_images(keys: list[str], shard_folders: list[str]) -> dict[str, Image.Image]:

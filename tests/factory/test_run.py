@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from factory import inventory, shards
-from factory.cluster import connect
 from factory.errors import FactoryError
 from factory.run import ShardSink, run
+from luna.cluster import connect
 
 REPO = Path(__file__).resolve().parents[2]
 

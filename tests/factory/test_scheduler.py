@@ -6,10 +6,10 @@ import functools
 
 import pytest
 
-from factory.cluster import connect
 from factory.errors import FactoryRunError
 from factory.scheduler import ActorSpec, Placement, Scheduler, actor_specs
 from factory.worker import ray_actor_factory
+from luna.cluster import connect
 from tests.factory.tasks import make_tasks
 
 
@@ -129,7 +129,7 @@ def test_dead_actor_unit_is_retried_elsewhere_without_duplicates(ray_cluster, fa
 
 
 def test_actor_specs_fractional_gpus():
-    from factory.cluster import NodeInfo
+    from luna.cluster import NodeInfo
 
     nodes = {"big": NodeInfo("big", "id", "h", 16, 2.0, True), "cpu": NodeInfo("cpu", "id2", "h2", 4, 0, True)}
     specs = actor_specs(nodes, ["big", "cpu"], {"gpus_per_actor": 0.5, "cpus_per_actor": 2})
