@@ -128,8 +128,9 @@ def main(argv=None) -> int:
     from extraction.reader import decode_image
     from factory.shards import iter_samples
     from luna.models.fingerprint import te_fingerprint
+    from luna.settings import resolve_device
 
-    device = ex.resolve_device(args.device)
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     root = Path(tempfile.mkdtemp(prefix="extract_bench-"))
     try:

@@ -26,6 +26,8 @@ from factory.errors import FactoryError
 from factory.planner import plan as make_plan
 from factory.scheduler import Scheduler, actor_specs
 from factory.worker import SDXLGenerator, ray_actor_factory
+from luna.cluster import connect, list_nodes
+from luna.settings import plain
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +55,6 @@ class RunReport:
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
-
-
-def _to_plain(cfg: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return cfg
 
 
 def check_writable(folder: Path) -> None:
@@ -194,7 +185,7 @@ def _progress(total: int, enabled: bool):
 def run(cfg: Any, *, make_generator: Callable[[], Any] | None = None, echo: Callable[[str], None] = print,
         scheduler_hook: Callable[[Scheduler], None] | None = None) -> RunReport:
     """Run (or with dry_run only plan) a campaign. `make_generator` replaces the SDXL generator (tests)."""
-    cfg = _to_plain(cfg)
+    cfg = plain(cfg)
     t_start = time.time()
     report = RunReport(dry_run=bool(cfg.get("dry_run", False)))
     campaign = load_campaign(campaign_source(cfg))

@@ -2,7 +2,7 @@
 
 A shard is `{campaign}-{node}-{worker}-{seq:06d}.tar` in `out/shards/`, holding per sample
 `key.<png|jpg|webp>`, `key.txt` (the prompt) and `key.json` (metadata), members of one sample
-contiguous. The tar is written to a hidden temporary name, fsynced and renamed; then
+contiguous. The tar is written to a hidden temporary name, fsynced and renamed (luna.files); then
 `{stem}_stats.json` is written (also temporary + rename): the stats file is the completion marker.
 One shard holds one work unit, so a unit is done iff a stats file lists its id; a tar without
 its stats file is an interrupted write, ignored and removed on the next run.
@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from luna.files import atomic_path
+from luna.files import atomic_path, fsync_dir
 
 FORMAT_VERSION = 1  # written into every sample's json and every stats file
 READABLE_FORMAT_VERSIONS = (1,)  # shard format versions the readers understand
@@ -116,19 +116,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: Path, obj: dict) -> None:
     with atomic_path(path, tmp=path.with_name(f"{_TMP_PREFIX}{path.name}")) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
@@ -158,11 +145,11 @@ def write_shard(path: Path, samples: list[ShardSample], stats: dict) -> Path:
     path = Path(path)
     try:
         write_tar(path, samples)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         stats = dict(stats, format_version=FORMAT_VERSION, shard=path.name)
         sp = stats_path(path)
         _write_json_atomic(sp, stats)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:
         path.unlink(missing_ok=True)
         raise ShardWriteError(e.errno, f"could not write shard {path}: {e.strerror or e}") from e

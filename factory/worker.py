@@ -23,6 +23,7 @@ from factory import quality as qgate
 from factory.scheduler import ActorSpec
 from factory.diffusion_schedulers import SCHEDULERS
 from factory.shards import encode_image
+from luna.settings import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,7 @@ class SDXLGenerator:
     def __init__(self, device: str = "auto", dtype: str = "auto", threads: int | None = None):
         import torch
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         if dtype == "auto":
             dtype = "float16" if device.startswith("cuda") else "float32"
         self.device, self.dtype = device, getattr(torch, dtype)

@@ -237,3 +237,18 @@ def test_mapping_input_for_hydra_configs():
     from_cfg = load_campaign(cfg, source=path)
     from_file = load_campaign("hands")
     assert [from_cfg.draw("fist", i) for i in range(5)] == [from_file.draw("fist", i) for i in range(5)]
+
+
+def test_loading_and_planning_import_no_generation_stack():
+    """The campaign file, its model and the planner are pure: validating a campaign (scheduler names
+    included) loads neither diffusers, torch nor Ray, nor the worker module."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from factory.campaign_file import load_campaign; from factory.planner import plan; "
+            "c = load_campaign('hands'); c.draw('fist', 0); "
+            "print(sorted(m for m in ('diffusers', 'torch', 'ray', 'factory.worker') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
