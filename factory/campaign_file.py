@@ -22,9 +22,7 @@ from factory.errors import CampaignError
 from factory.diffusion_schedulers import SCHEDULERS
 from factory.template import MAX_EXPANSIONS, Ref, Template, Variant, iter_refs, parse_template
 from factory.yaml_lines import key_line, line_of, read_yaml
-from luna import REPO_ROOT
-
-CAMPAIGNS_DIR = REPO_ROOT / "campaigns"  # the shipped campaigns: `campaign=NAME` reads NAME.yaml here
+from luna import CAMPAIGNS_DIR  # the shipped campaigns: `campaign=NAME` reads NAME.yaml there
 
 # Bounds that keep hostile input cheap: every one is far above what a real campaign needs.
 MAX_WILDCARD_FILE_BYTES = 16 * 1024 * 1024  # one .txt file of a wildcards folder
