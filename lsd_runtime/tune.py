@@ -56,7 +56,7 @@ def split_crops(n: int, fraction: float, seed: int) -> tuple[list[int], list[int
 
 
 def tune_categories(ctx, c: dict, crops: list, oracle, text_fn, out) -> dict:
-    from lsd_runtime.ab import Arm, refine_crops, score
+    from lsd_runtime.arms import Arm, refine_crops, score
 
     metric = tune_metric(c, oracle, text_fn)
     ret = dict(ctx.ret)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from extraction.pairs import Pairs
 from projector import metrics
-from projector.splits import COMBO, with_combinations
+from projector.splits import COMBO, split_images, with_combinations  # noqa: F401 - split_images re-exported
 from projector.targets import target_view
 
 log = logging.getLogger(__name__)
@@ -54,32 +54,6 @@ def content_lengths(texts: list[str], seq_len: int = SEQ_LEN) -> np.ndarray:
     """Positions that are not padding, per prompt: BOS + BPE tokens + EOS, capped at `seq_len`."""
     tok = _tokenizer()
     return np.array([min(len(tok.encode(t)) + 2, seq_len) for t in texts], dtype=np.int64)
-
-
-def split_images(
-    texts: list[str], checkpoints: list[str], val_prompts: float, val_checkpoints: int, seed: int
-) -> dict[str, np.ndarray]:
-    """Image indices of the splits {"train", "val" (held-out prompts), "val_ckpt" (held-out checkpoints)}.
-
-    `texts[i]` / `checkpoints[i]` belong to image i. Deterministic in `seed`. An image whose prompt
-    and checkpoint are both held out is in no split (it would blur what each split measures).
-    """
-    rng = np.random.default_rng(seed)
-    uniq_texts = sorted(set(texts))
-    n_val = int(round(val_prompts * len(uniq_texts)))
-    if val_prompts > 0 and len(uniq_texts) >= 2:
-        n_val = min(max(n_val, 1), len(uniq_texts) - 1)
-    held_texts = set(rng.permutation(uniq_texts)[:n_val].tolist()) if n_val else set()
-    uniq_ckpts = sorted(set(checkpoints))
-    n_ck = val_checkpoints if len(uniq_ckpts) > val_checkpoints else 0
-    held_ckpts = set(rng.permutation(uniq_ckpts)[:n_ck].tolist()) if n_ck else set()
-    t = np.array([x in held_texts for x in texts], dtype=bool)
-    c = np.array([x in held_ckpts for x in checkpoints], dtype=bool)
-    return {
-        "train": np.flatnonzero(~t & ~c),
-        "val": rng.permutation(np.flatnonzero(t & ~c)),  # a fixed shuffle: rolled baselines compare different prompts
-        "val_ckpt": rng.permutation(np.flatnonzero(c & ~t)),
-    }
 
 
 def _std(x: np.ndarray, axis) -> np.ndarray:

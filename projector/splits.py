@@ -7,8 +7,9 @@ model sees each attribute, never the pair, so `val_combo` measures whether it co
 Every term must still appear without its partner in what remains for training, else the split
 would measure something else: that is a `CombinationSplitError` naming the term.
 
-Pure functions over prompt texts; `PairsDataModule(val_combinations=...)` and `luna ab
-crops.split=val_combo` use them.
+Pure functions over prompt texts, with the prompt/checkpoint split (`split_images`) they refine:
+`PairsDataModule` and `luna ab crops.pairs=... crops.split=...` use them, so the runtime's
+held-out crops are exactly the projector's validation images.
 """
 from __future__ import annotations
 
@@ -86,11 +87,36 @@ def with_combinations(splits: dict[str, np.ndarray], texts_of_row, combinations)
     return out
 
 
+def split_images(
+    texts: list[str], checkpoints: list[str], val_prompts: float, val_checkpoints: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Image indices of the splits {"train", "val" (held-out prompts), "val_ckpt" (held-out checkpoints)}.
+
+    `texts[i]` / `checkpoints[i]` belong to image i. Deterministic in `seed`. An image whose prompt
+    and checkpoint are both held out is in no split (it would blur what each split measures).
+    """
+    rng = np.random.default_rng(seed)
+    uniq_texts = sorted(set(texts))
+    n_val = int(round(val_prompts * len(uniq_texts)))
+    if val_prompts > 0 and len(uniq_texts) >= 2:
+        n_val = min(max(n_val, 1), len(uniq_texts) - 1)
+    held_texts = set(rng.permutation(uniq_texts)[:n_val].tolist()) if n_val else set()
+    uniq_ckpts = sorted(set(checkpoints))
+    n_ck = val_checkpoints if len(uniq_ckpts) > val_checkpoints else 0
+    held_ckpts = set(rng.permutation(uniq_ckpts)[:n_ck].tolist()) if n_ck else set()
+    t = np.array([x in held_texts for x in texts], dtype=bool)
+    c = np.array([x in held_ckpts for x in checkpoints], dtype=bool)
+    return {
+        "train": np.flatnonzero(~t & ~c),
+        "val": rng.permutation(np.flatnonzero(t & ~c)),  # a fixed shuffle: rolled baselines compare different prompts
+        "val_ckpt": rng.permutation(np.flatnonzero(c & ~t)),
+    }
+
+
 def split_keys(pairs, split: str = "val", *, combinations=None, val_prompts: float = 0.1, val_checkpoints: int = 1,
                seed: int = 0) -> list[str]:
     """Image keys of one split of a pairs folder, as `PairsDataModule` splits it (same arguments)."""
     from extraction.pairs import Pairs
-    from projector.data import split_images
 
     with Pairs(pairs) as p:
         texts = [p.prompt_text[i] for i in p.prompt_id]

@@ -27,6 +27,8 @@ CONTRACTS = {
     "vault.service": "a vault folder or service, opened for queries (runtime, ComfyUI node)",
     "vault.blend": "how a vault answer's neighbours blend into one conditioning (runtime, ComfyUI node)",
     "projector.export": "an exported projector folder, loaded (runtime, ComfyUI node)",
+    "projector.splits": "how a pairs folder is split (prompts, checkpoints, attribute combinations): `luna ab` "
+                        "samples its held-out crops from the projector's own validation split",
 }
 
 

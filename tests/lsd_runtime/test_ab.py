@@ -45,7 +45,8 @@ def inputs(tmp_path_factory):
     return {"imgs": root / "imgs", "vault": root / "vault", "proj": root / "proj", "ip": ip}
 
 
-FAST = ["preset=tiny", "detail.steps=2", "crops.size=64"]
+FAST = ["preset=tiny", "detail.steps=2", "crops.size=64", "detail.working_size=64"]
+SMALL = {"detail__steps": 2, "detail__working_size": 64, "crops__size": 64}
 
 
 def test_every_available_arm_writes_every_file(inputs, tmp_path, capsys, monkeypatch):
@@ -82,7 +83,7 @@ def test_every_available_arm_writes_every_file(inputs, tmp_path, capsys, monkeyp
 def test_missing_arms_are_named_and_identical_arms_give_identical_images(inputs, tmp_path, capsys):
     out = tmp_path / "ab"
     res = run_ab(out, images=inputs["imgs"], preset="tiny", vault=str(inputs["vault"]), prompt="a portrait",
-                 arms=["none", "generic", "vault", "projector", "hybrid", "ip_adapter"], detail__steps=2,
+                 arms=["none", "generic", "vault", "projector", "hybrid", "ip_adapter"], **SMALL,
                  retrieval__weight=0.0)
     assert res.arms == ["none", "generic", "vault"]
     assert set(res.missing) == {"projector", "hybrid", "ip_adapter"}
@@ -126,7 +127,7 @@ def _shards(folder):
 def test_shard_crops_keep_their_prompts_and_the_oracle_scores_them(inputs, tmp_path):
     shards = _shards(tmp_path / "shards")
     res = run_ab(tmp_path / "ab", shards=shards, preset="tiny", vault=str(inputs["vault"]), oracle=_oracle,
-                 arms=["none", "vault"], detail__steps=2, crops__n=3, crops__degrade="grey")
+                 arms=["none", "vault"], **SMALL, crops__n=3, crops__degrade="grey")
     rec = res.record
     assert sorted(c["prompt"] for c in rec["crops"]) == sorted(f"a {c} crop {i}" for i, c in
                                                                enumerate(["faces", "hands", "eyes"]))
@@ -146,7 +147,7 @@ def test_tune_writes_per_category_settings_that_refine_reads(inputs, tmp_path):
 
     shards = _shards(tmp_path / "shards")
     res = run_ab(tmp_path / "ab", shards=shards, preset="tiny", vault=str(inputs["vault"]), arms=["none", "vault"],
-                 detail__steps=2, crops__n=3, tune=True, tune_fraction=0.67, tune_metric="cos_in",
+                 **SMALL, crops__n=3, tune=True, tune_fraction=0.67, tune_metric="cos_in",
                  tune_grid={"weight": [0.0, 1.0], "k": [2], "weighting": ["mean"], "temperature": [0.05]})
     t = res.record["tune"]
     assert res.arms == ["none", "vault", "vault_tuned"] and len(t["eval_indices"]) == 1 and len(t["search_indices"]) == 2
