@@ -57,6 +57,12 @@ class ABResult:
     missing: dict
     record: dict = field(repr=False, default_factory=dict)
 
+    def as_dict(self) -> dict:
+        """JSON-able: what a caller (the demo's results.json) keeps; the record itself stays in ab.json."""
+        return {"summary": self.summary, "arms": list(self.arms), "missing": dict(self.missing),
+                "paths": {k: (str(v) if v is not None else None) for k, v in self.paths.items()},
+                "crops": len(self.record.get("crops", [])), "metrics": list(self.record.get("metrics", []))}
+
 
 def _components(c: dict):
     from lsd_runtime.workflow import load_components
@@ -189,6 +195,26 @@ def run_ab(out, *, crops=None, images=None, shards=None, checkpoint=None, preset
             node = node[p]
         node[parts[-1]] = v
     return run(c, crops=crops)
+
+
+DEMO_ARMS = ("none", "generic", "vault", "projector", "hybrid")
+
+
+def demo_stage(out, *, shards, vault=None, projector=None, pairs=None, split: str = "val", val_prompts: float = 0.1,
+               val_checkpoints: int = 1, combinations=None, preset: str = "tiny", n: int = 4, size: int = 64,
+               oracle=None, degrade=None, seed: int = 0, arms=DEMO_ARMS, **overrides) -> dict:
+    """What `luna demo` runs: `luna ab` on `n` held-out crops of its own shards (with `pairs`: images of
+    the projector's validation split `split`, split exactly as `luna train` split them, so the same
+    `val_prompts` / `val_checkpoints` / `seed`) under the arms it has. Writes OUT/ab.json, ab.html,
+    summary.md, images/; returns `ABResult.as_dict()` (the report shows `render_section(d["paths"]["ab_json"])`)."""
+    crops = {"n": n, "size": size, "degrade": degrade}
+    if pairs is not None:
+        crops.update(pairs=str(pairs), split=split, val_prompts=val_prompts, val_checkpoints=val_checkpoints,
+                     combinations=combinations or [])
+    c_over = {f"crops__{k}": v for k, v in crops.items()}
+    res = run_ab(out, shards=shards, vault=vault, projector=projector, preset=preset, oracle=oracle, arms=list(arms),
+                 seed=seed, detail__working_size=size, **c_over, **overrides)
+    return res.as_dict()
 
 
 def run(c: dict, crops: list | None = None) -> ABResult:

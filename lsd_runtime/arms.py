@@ -142,7 +142,8 @@ def load_crops(c: dict) -> list[Crop]:
             from projector.splits import split_keys
 
             keys = set(split_keys(cc["pairs"], cc.get("split") or "val", combinations=cc.get("combinations"),
-                                  val_prompts=float(cc.get("val_prompts", 0.1)), seed=int(c["seed"])))
+                                  val_prompts=float(cc.get("val_prompts", 0.1)),
+                                  val_checkpoints=int(cc.get("val_checkpoints", 1)), seed=int(c["seed"])))
         crops = crops_from_shards(cc["shards"], size, int(cc["n"]), int(c["seed"]), keys, cc.get("label"))
     else:
         raise ABError("give crops.images=PATH (an image, a folder or a list) or crops.shards=DIR")

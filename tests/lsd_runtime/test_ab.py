@@ -179,3 +179,31 @@ def test_bootstrap_interval_and_paired_difference():
     noisy = [{"crop": i, "arm": "noisy", "m": float(v + rng.normal(0, 1))} for i, v in enumerate(base)]
     d = abstats.summarise(rows + noisy, ["m"])["noisy"]["m"]["diff"]
     assert d["low"] < 0 < d["high"]  # no real difference: the interval straddles 0
+
+
+def test_demo_stage_samples_the_projectors_validation_split(inputs, tmp_path):
+    """The demo's entry point: crops only from the held-out prompts of the pairs split, all files written."""
+    from extraction.pairs import PairsPart, write_part
+    from lsd_runtime.ab import demo_stage
+    from projector.splits import split_keys
+
+    shards = _shards(tmp_path / "shards")
+    keys = [f"k{i:03d}" for i in range(3)]
+    texts = [f"a {c} crop {i}" for i, c in enumerate(["faces", "hands", "eyes"])]
+    write_part(tmp_path / "pairs" / "part-00000.h5", PairsPart(
+        {"key": np.array(keys, dtype=object), "embed": np.eye(3, 32, dtype=np.float32),
+         "prompt_id": np.arange(3), "checkpoint": np.array(["c"] * 3, dtype=object),
+         "category": np.array(["faces", "hands", "eyes"], dtype=object), "campaign": np.array(["t"] * 3, dtype=object),
+         "seed": np.arange(3)},
+        {"text": np.array(texts, dtype=object), "cond": np.zeros((3, 77, 96)), "pooled": np.zeros((3, 64)),
+         "te_fingerprint": np.array(["fp"] * 3, dtype=object)},
+        {"vision_model": TINY_VISION, "vision_dim": 32, "text_dims": [32, 64], "pooled_dim": 64}))
+    held = split_keys(tmp_path / "pairs", "val", val_prompts=0.34)
+    assert len(held) == 1
+    d = demo_stage(tmp_path / "ab", shards=shards, vault=inputs["vault"], projector=inputs["proj"],
+                   pairs=tmp_path / "pairs", val_prompts=0.34, n=4, detail__steps=2)
+    assert d["arms"] == ["none", "generic", "vault", "projector", "hybrid"] and d["crops"] == 1
+    rec = json.loads(open(d["paths"]["ab_json"]).read())
+    assert [c["key"] for c in rec["crops"]] == held
+    json.dumps(d)  # what the demo stores in results.json
+    assert "<table>" in render_section(d["paths"]["ab_json"])
