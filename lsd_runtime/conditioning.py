@@ -202,7 +202,15 @@ class WithImageEmbeds:
         self.text = source if isinstance(source, TextSource) else getattr(source, "text", None)
 
     def rows(self, crops: list[Image.Image]) -> list[CondRow]:
-        rows = self.source.rows(crops)
+        return self._with_embeds(self.source.rows(crops), crops)
+
+    def rows_for_detections(self, crops, detections) -> list[CondRow]:
+        """Rows of a source that routes by detection label (lsd_runtime.categories), with embeddings."""
+        src = self.source
+        rows = src.rows_for_detections(crops, detections) if hasattr(src, "rows_for_detections") else src.rows(crops)
+        return self._with_embeds(rows, crops)
+
+    def _with_embeds(self, rows: list[CondRow], crops) -> list[CondRow]:
         if any(r.image_embed is None or r.image_embed.shape[-1] != self.embedder.dim for r in rows):
             embeds = self.embedder(crops)
             for r, e in zip(rows, embeds):

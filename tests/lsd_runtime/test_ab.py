@@ -63,7 +63,7 @@ def test_every_available_arm_writes_every_file(inputs, tmp_path, capsys, monkeyp
         assert (out / r["image"]).is_file() and Image.open(out / r["image"]).size == (64, 64)
         assert -1 <= r["cos_in"] <= 1 and r["psnr"] > 0 and -1 <= r["ssim"] <= 1 and r["seconds"] > 0
         assert r["clip_text"] is not None  # the tiny tower has a text side and the prompt is known
-    routed = [r for r in rec["results"] if r["arm"] == "vault"]
+    routed = [r for r in rec["results"] if r["arm"] in ("vault", "vault+ip_adapter")]
     assert all(r["conditioning"]["route"]["category"] == "faces" for r in routed)  # label face -> faces
     hybrid = [r["conditioning"]["hybrid"] for r in rec["results"] if r["arm"] == "hybrid"]
     assert all(h["chosen"] == ("vault" if h["top_similarity"] >= 0.8 else "projector") for h in hybrid)
