@@ -93,14 +93,18 @@ def crops_from_images(spec, size: int, label: str | None = None) -> list[Crop]:
 def crops_from_shards(folder, size: int, n: int, seed: int = 0, keys: set | None = None,
                       label: str | None = None) -> list[Crop]:
     """`n` samples of a shards folder (seeded choice; only `keys` when given), their prompts and labels."""
-    from factory.shards import complete_shards, read_shard
+    from factory.shards import CorruptShard, complete_shards, read_shard
 
     shards = complete_shards(folder)
     if not shards:
         raise ABError(f"crops.shards={folder}: no finished shards (*.tar with a _stats.json)")
     found = []
     for path in shards:
-        for s in read_shard(path):
+        try:
+            samples = list(read_shard(path))
+        except CorruptShard as e:
+            raise ABError(f"{path}: {e}") from e
+        for s in samples:
             if keys is not None and s["__key__"] not in keys:
                 continue
             ext = next((e for e in ("png", "jpg", "webp") if e in s), None)
