@@ -142,3 +142,22 @@ def test_settings_file_round_trips_and_unknown_category_is_named(tmp_path, vault
         memory_source({"settings": str(tmp_path / "bad.json")}, text, embedder, vault=vault)
     with pytest.raises(CategorySettingsError, match="unknown key"):
         CategoryTable.from_json({"format_version": 1, "default": {"strength": 1}})
+
+
+def test_refine_config_with_vault_and_projector_builds_the_hybrid(vault, projector, comps, tmp_path):
+    """`luna refine vault=V projector=P` no longer refuses the pair: its source is the hybrid (routed on request)."""
+    from lsd_runtime.cli import build_conditioning
+    from luna.cli import compose
+    from luna.settings import plain
+
+    values = {"vault": str(vault.folder), "projector": str(tmp_path / "p"), "hybrid": {"policy": "mix", "tau": 0.3}}
+    from projector.export import save_projector
+
+    save_projector(projector, tmp_path / "p")
+    c = plain(compose("refine", ["preset=tiny"], values=values))
+    src = build_conditioning(c, comps, "a face", None)
+    assert isinstance(src, HybridSource) and src.settings == HybridSettings("mix", 0.3, 0.05)
+    c = plain(compose("refine", ["preset=tiny", "retrieval.category=route"], values=values))
+    src = build_conditioning(c, comps, "a face", None)
+    assert isinstance(src, CategoryRouter) and src.name == "hybrid"
+    assert isinstance(src.source_for("faces"), HybridSource)
