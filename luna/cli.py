@@ -106,20 +106,6 @@ def run_stage(prog: str, config_name: str, task: Callable[[Any], Any], argv: Seq
     return EXIT_OK
 
 
-def run_hydra(task: Callable, config_name: str, argv: list[str], prog: str):
-    """Run `task(cfg)` as a Hydra app (no exit codes of its own): kept only until factory/ and
-    extraction/ call `run_stage`; new code uses `run_stage`."""
-    import hydra
-
-    app = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)
-    saved = sys.argv
-    sys.argv = [prog, *argv]
-    try:
-        return app()
-    finally:
-        sys.argv = saved
-
-
 def compose(config_name: str, overrides: Sequence[str] = (), values: Mapping | None = None):
     """conf/`config_name`.yaml composed as `luna SUB overrides...` composes it, without running an
     app; `values` (plain data: paths, numbers, lists, nested dicts) are merged on top as they are, so
