@@ -115,6 +115,7 @@ class ComfyDenoiser:
                                 "run the VAE in fp32 with --fp32-vae)")
         return out
 
+    @torch.no_grad()
     def __call__(self, items: list[DenoiseItem]) -> list[np.ndarray]:
         import comfy.sample
 
@@ -134,7 +135,7 @@ class ComfyDenoiser:
                 self.model, noise, self.steps, self.cfg, self.sampler_name, self.scheduler,
                 self.positive([it.row for it in group], group[0]), self.negative, latent,
                 denoise=self.denoise, sigmas=self.sigmas, disable_pbar=True, seed=int(group[0].seed))
-            pixels = self.decode(samples).float().cpu().clamp(0, 1) * 255.0
+            pixels = self.decode(samples).detach().float().cpu().clamp(0, 1) * 255.0
             for j, i in enumerate(idx):
                 out[i] = pixels[j].numpy()
             if self.progress is not None:

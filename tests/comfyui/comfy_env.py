@@ -77,7 +77,8 @@ def start(work: Path) -> dict:
             pass
 
     _state.update(base=base, nodes=nodes, execution=execution, folder_paths=folder_paths,
-                  executor=execution.PromptExecutor(Server(), cache_type=False), failed_builtin=failed_builtin)
+                  executor=execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC,
+                                                      cache_args={"lru": 0, "ram": 0}), failed_builtin=failed_builtin)
     return _state
 
 
