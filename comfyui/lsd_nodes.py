@@ -350,12 +350,17 @@ class LunaDetector:
             "max_detections": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "keep the best N per image"}),
             "detect_size": ("INT", {"default": 1024, "min": 0, "max": MAX_RES, "step": 8, "tooltip":
                             "detect on a copy whose longer side is this (speed); 0 = full size"}),
+        }, "optional": {
+            "detections_file": ("STRING", {"default": "", "tooltip": "instead of a detector: a detections JSON "
+                                "(luna's format: normalised boxes, labels, scores, mask PNGs beside it)"}),
         }}
 
     @classmethod
-    def IS_CHANGED(cls, detector="cascade", **_):
+    def IS_CHANGED(cls, detector="cascade", detections_file="", **_):
         from .host import fingerprint
 
+        if detections_file:
+            return fingerprint(detections_file)
         if detector == "cascade":
             return "cascade"
         try:
@@ -363,9 +368,14 @@ class LunaDetector:
         except ValueError:
             return "missing"
 
-    def _detector(self, name: str, threshold: float):
-        from lsd_runtime.detect import CascadeFaceDetector, make_detector
+    def _detector(self, name: str, threshold: float, detections_file: str = ""):
+        from lsd_runtime.detect import CascadeFaceDetector, DetectionFileError, FileDetector, make_detector
 
+        if detections_file and detections_file.strip():
+            try:
+                return FileDetector(detections_file.strip())
+            except DetectionFileError as exc:
+                raise InputError(f"input 'detections_file': {exc}") from exc
         if name == "cascade":
             return CascadeFaceDetector()
         folder = paths.resolve("luna_detectors", name, what="detector")
@@ -380,14 +390,15 @@ class LunaDetector:
         except ValueError as exc:
             raise InputError(f"input 'detector': {exc}") from exc
 
-    def detect(self, image, detector, prompts, threshold, max_detections, detect_size):
+    def detect(self, image, detector, prompts, threshold, max_detections, detect_size, detections_file=""):
         from lsd_runtime.detect import Detection
 
         image = _check_image(image)
         labels = [p.strip() for p in str(prompts).split(",") if p.strip()]
         if not labels:
             raise InputError("input 'prompts': give at least one thing to find, e.g. face")
-        det = self._detector(detector, threshold)
+        det = self._detector(detector, threshold, detections_file)
+        from_file = bool(detections_file and detections_file.strip())
         b, h, w = image.shape[:3]
         per_image, masks, previews = [], [], []
         for i in range(b):
@@ -397,7 +408,7 @@ class LunaDetector:
                 s = int(detect_size) / max(w, h)
                 small = pil.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
             found = [d for d in det.detect(small, labels) if float(d.score) >= float(threshold)]
-            if detector == "cascade":
+            if detector == "cascade" and not from_file:
                 found = [Detection(d.box, d.mask, labels[0], d.score, dict(d.extra)) for d in found]
             found = sorted(found, key=lambda d: -float(d.score))[:int(max_detections)]
             found = [Detection(d.box, None if d.mask is None else _resize_mask(d.mask, w, h), d.label, d.score,
