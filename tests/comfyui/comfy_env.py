@@ -45,6 +45,7 @@ def start(work: Path) -> dict:
     if not link.exists():
         link.symlink_to(ROOT / "comfyui", target_is_directory=True)
     sys.path.insert(0, str(base))
+    import utils.install_util  # noqa: F401  ComfyUI's utils package, bound first as main.py does (comfy/utils.py would shadow it)
     # ComfyUI reads its settings on import: CPU only, no argv parsing of the test runner's flags
     import comfy.options
 
@@ -88,10 +89,11 @@ def run(prompt: dict, executor=None) -> tuple[dict, str | None]:
     executor = executor or _state["executor"]
     pid = str(uuid.uuid4())
     valid = asyncio.run(execution.validate_prompt(pid, prompt, None))
-    if not valid[0]:
+    if not valid[0] or valid[3]:  # strict: a node error fails the prompt even if other outputs would run
         details = "; ".join(f"{nid}: " + ", ".join(f"{e['message']}: {e.get('details', '')}" for e in err["errors"])
                             for nid, err in valid[3].items())
-        return {}, f"invalid prompt: {valid[1].get('message')} {valid[1].get('details', '')} {details}"
+        head = valid[1] or {}
+        return {}, f"invalid prompt: {head.get('message', '')} {head.get('details', '')} {details}"
     executor.execute(prompt, pid, {}, valid[2])
     for event, data in executor.status_messages:
         if event == "execution_error":
