@@ -140,19 +140,17 @@ class _Recording:
         return out
 
 
-def debug_image(pairs, height: int = 256) -> torch.Tensor:
-    """Crops before | after, one row each, as an IMAGE batch (a black square when nothing was refined)."""
+def debug_image(pairs) -> torch.Tensor:
+    """Crops before | after at the working size, one row each, as an IMAGE batch (a black square when
+    nothing was refined). No resampling: it shows exactly what the sampler got and gave."""
     if not pairs:
         return torch.zeros(1, 64, 64, 3)
     rows = []
     for before, after in pairs:
-        a = Image.fromarray(np.clip(np.rint(before), 0, 255).astype(np.uint8)).resize((height, height), Image.LANCZOS)
-        b = Image.fromarray(np.clip(np.rint(after), 0, 255).astype(np.uint8)).resize((height, height), Image.LANCZOS)
-        row = Image.new("RGB", (2 * height + 4, height), (255, 255, 255))
-        row.paste(a, (0, 0))
-        row.paste(b, (height + 4, 0))
-        rows.append(np.asarray(row, np.float32) / 255.0)
-    return torch.from_numpy(np.stack(rows))
+        h = before.shape[0]
+        gap = np.full((h, 4, 3), 255.0, np.float32)
+        rows.append(np.concatenate([np.clip(before, 0, 255), gap, np.clip(after, 0, 255)], axis=1) / 255.0)
+    return torch.from_numpy(np.stack(rows).astype(np.float32))
 
 
 # ---------------------------------------------------------------------- conditioning inputs
@@ -536,7 +534,7 @@ def run_detailer(model, vae, positive, negative, image, detections, scaffold, *,
                  feather=32.0, **source_kw):
     """The detailer node's work (also what the benchmark calls): (IMAGE, debug IMAGE)."""
     from lsd_runtime.denoiser import ComfyDenoiser, DenoiserError
-    from lsd_runtime.detailer import DetailSettings, detail, plan_crops
+    from lsd_runtime.detailer import DetailSettings, detail
     from lsd_runtime.geometry import pad_to_multiple
     from lsd_runtime.workflow import _padded_detections
 
@@ -553,8 +551,7 @@ def run_detailer(model, vae, positive, negative, image, detections, scaffold, *,
         raise InputError(f"input 'crop_size': {exc}") from exc
     source = build_source(positive, **source_kw)
     pw, ph = sc.pixel_size
-    total = sum(len(plan_crops(_padded_detections(d, (w, h), (pw, ph)), (pw, ph), settings, sc.seed)[0])
-                for d in per_image)
+    total = sum(len(d) for d in per_image)  # at most one crop per detection (tiny ones are skipped)
     try:
         den = _Recording(ComfyDenoiser(model, vae, negative, steps=steps, cfg=cfg, sampler_name=sampler_name,
                                        scheduler=scheduler, denoise=denoise, progress=_progress(total)))

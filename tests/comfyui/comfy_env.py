@@ -16,6 +16,9 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 _vendor = ROOT.parent / "shared" / "vendor" / "ComfyUI"
 if not _vendor.is_dir():  # a worktree: shared/ sits next to the main checkout
@@ -23,6 +26,7 @@ if not _vendor.is_dir():  # a worktree: shared/ sits next to the main checkout
 VENDOR = _vendor if (_vendor / "comfyui_version.py").is_file() else None
 SKIP_REASON = "real ComfyUI is not in ../shared/vendor/ComfyUI (it is only there in the project's own checkout)"
 PACKAGE_NAME = "luna-foundry"
+TINY_CKPT = "tiny-base-0.safetensors"
 
 _state: dict = {}
 
@@ -104,3 +108,12 @@ def run(prompt: dict, executor=None) -> tuple[dict, str | None]:
         if entry is not None:
             outputs[nid] = getattr(entry, "outputs", entry)
     return outputs, None
+
+
+def canvas_image(size: int = 128, seed: int = 0) -> torch.Tensor:
+    """A ComfyUI IMAGE [1, size, size, 3] of smooth colour blobs on the 1/255 grid."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = np.stack([0.5 + 0.4 * np.sin(2 * np.pi * (f * xx + g * yy) + p)
+                    for f, g, p in rng.uniform(0.5, 2.0, (3, 3))], -1)
+    return torch.from_numpy(np.round(img * 255) / 255).float()[None]

@@ -13,7 +13,8 @@ sys.path.insert(0, str(HERE))  # comfy_env / comfy_tiny (test-only helpers)
 
 import comfy_env  # noqa: E402
 
-TINY_CKPT = "tiny-base-0.safetensors"
+from comfy_env import TINY_CKPT  # noqa: E402
+
 TEXT_DIMS, POOLED = (32, 64), 64  # the tiny preset's text encoders: [77, 96] + pooled [64]
 
 
@@ -84,12 +85,3 @@ def luna_assets(comfy, tower):
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(base / "input" / "luna_crop.png")
     return {"models": models, "detections_file": det_file, "detections": dets, "pairs": pairs}
-
-
-def canvas_image(size: int = 128, seed: int = 0) -> torch.Tensor:
-    """A ComfyUI IMAGE [1, size, size, 3] of smooth colour blobs on the 1/255 grid."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    img = np.stack([0.5 + 0.4 * np.sin(2 * np.pi * (f * xx + g * yy) + p)
-                    for f, g, p in rng.uniform(0.5, 2.0, (3, 3))], -1)
-    return torch.from_numpy(np.round(img * 255) / 255).float()[None]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import comfy_env
-from conftest import TINY_CKPT, canvas_image
+from comfy_env import TINY_CKPT, canvas_image
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "comfyui" / "workflows").glob("*.json"))
@@ -239,7 +239,7 @@ def test_detailer_keeps_pixels_outside_masks_exactly(comfy, tiny_models, luna_as
         inside[y0:y1, x0:x1] |= torch.from_numpy(c.mask > 0)
     assert torch.equal(out[0][~inside], image[0][~inside])
     assert (out[0][inside] != image[0][inside]).any()
-    assert debug.shape == (3, 256, 516, 3)  # three crops, before | after
+    assert debug.shape == (3, 64, 132, 3)  # three crops at the working size, before | after
 
 
 def test_detailer_batched_equals_one_by_one(comfy, tiny_models, luna_assets):
@@ -475,3 +475,27 @@ def test_empty_detections_through_the_executor_return_the_image(comfy, luna_asse
     assert error is None, error
     ids = {n["class_type"]: nid for nid, n in p.items()}
     assert torch.equal(outputs[ids["LunaSemanticDetailer"]][0][0], outputs[ids["ImageScale"]][0][0])
+
+
+def test_vault_query_and_detailer_through_the_shared_ray_service(comfy, tiny_models, luna_assets, ray_cluster):
+    """`vault_path: ray:NAME` (luna vault serve) answers the nodes as the vault folder does."""
+    from vault.service import serve, stop
+
+    folder = luna_assets["models"] / "luna_vaults" / "tiny-stored"
+    node = _luna(comfy, "LunaVaultQuery")()
+    images = torch.cat([torch.zeros(1, 64, 64, 3), torch.ones(1, 64, 64, 3)])
+    try:
+        serve(folder, name="comfy-test-vault", num_cpus=0)
+        (remote, _), = node.query("none", images, 4, 1.0, vault_path="ray:comfy-test-vault")[0]
+        (local, _), = node.query("tiny-stored", images, 4, 1.0)[0]
+        torch.testing.assert_close(remote, local, atol=1e-5, rtol=0)
+        image = canvas_image(128, 15)
+        scaffold = _scaffold(comfy, tiny_models)
+        dets = luna_assets["detections"]
+        a, _ = _detail(comfy, tiny_models, image, dets, scaffold, vault_path="ray:comfy-test-vault",
+                       vault_strength=1.0, vision_model="tiny")
+        b, _ = _detail(comfy, tiny_models, image, dets, scaffold, vault="tiny-stored", vault_strength=1.0,
+                       vision_model="tiny")
+        assert (a - b).abs().max() <= 1 / 255 + 1e-6
+    finally:
+        stop("comfy-test-vault")
