@@ -80,10 +80,17 @@ def to_canvas(image: torch.Tensor) -> np.ndarray:
 
 
 def apply_delta(original: torch.Tensor, before: np.ndarray, after: np.ndarray) -> torch.Tensor:
-    """The original float image plus what the runtime changed: pixels it did not touch stay bit-exact."""
-    delta = torch.from_numpy(after.astype(np.float32) - before.astype(np.float32)) / 255.0
+    """The original float image plus what the runtime changed: pixels it did not touch stay bit-exact.
+    Only the bounding block of the changed pixels is recomputed."""
     out = original.clone()
-    out[..., :3] = (original[..., :3].float() + delta).clamp(0, 1).to(original.dtype)
+    changed = np.any(after != before, axis=-1)
+    rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+    if rows.size == 0:
+        return out
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    delta = torch.from_numpy(after[y0:y1, x0:x1].astype(np.float32) - before[y0:y1, x0:x1].astype(np.float32))
+    block = original[y0:y1, x0:x1, :3].float() + delta / 255.0
+    out[y0:y1, x0:x1, :3] = block.clamp(0, 1).to(original.dtype)
     return out
 
 

@@ -332,14 +332,14 @@ def test_global_refiner_in_comfyui(comfy, tiny_models):
     model, clip, vae = tiny_models
     nodes = comfy["nodes"]
     pos = nodes.CLIPTextEncode().encode(clip, "a garden")[0]
-    image = canvas_image(128, 9) + 0.2 / 255
-    scaffold = _scaffold(comfy, tiny_models)
+    image = canvas_image(96, 9) + 0.2 / 255  # 2 x 2 tiles of 64 px
+    scaffold = _scaffold(comfy, tiny_models, size=96)
     node = lsd.LunaGlobalRefiner()
     with torch.inference_mode():
-        out = node.refine(model, vae, pos, pos, image, scaffold, 3, 3.0, "euler", "normal", 0.4, 4, 64, 16)[0]
-        again = node.refine(model, vae, pos, pos, image, scaffold, 3, 3.0, "euler", "normal", 0.4, 4, 64, 16)[0]
-        single = node.refine(model, vae, pos, pos, image, scaffold, 3, 3.0, "euler", "normal", 0.4, 1, 64, 16)[0]
-        zero = node.refine(model, vae, pos, pos, image, scaffold, 3, 3.0, "euler", "normal", 0.0, 4, 64, 16)[0]
+        out = node.refine(model, vae, pos, pos, image, scaffold, 3, 3.0, "euler", "normal", 0.4, 4, 64, 32)[0]
+        again = node.refine(model, vae, pos, pos, image, scaffold, 3, 3.0, "euler", "normal", 0.4, 4, 64, 32)[0]
+        single = node.refine(model, vae, pos, pos, image, scaffold, 3, 3.0, "euler", "normal", 0.4, 1, 64, 32)[0]
+        zero = node.refine(model, vae, pos, pos, image, scaffold, 3, 3.0, "euler", "normal", 0.0, 4, 64, 32)[0]
     assert out.shape == image.shape and (out - image).abs().max() > 2 / 255
     assert torch.equal(out, again)
     assert (out - single).abs().max() <= 1 / 255 + 1e-6
