@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from . import paths
+from .paths import NONE, choices as folder_choices, resolve as resolve_folder
 from .host import HOST
 from .sources import ClipVisionEmbedder, Chained, ComfyText, InputError, Routed, parse_routing, tower_embedder
 
@@ -63,7 +63,7 @@ class ScaffoldNoise:
 def _samplers() -> list[str]:
     import comfy.samplers
 
-    from lsd_runtime.denoiser import deterministic
+    from lsd_runtime.api import deterministic
 
     return [s for s in comfy.samplers.KSampler.SAMPLERS if deterministic(s)]
 
@@ -102,7 +102,7 @@ def _check_image(image, what="image") -> torch.Tensor:
 
 def _scaffold_for(scaffold, w: int, h: int, what: str = "scaffold"):
     """The scaffold over the canvas padded to the 8 px grid; clear errors when it does not cover the image."""
-    from lsd_runtime.scaffold import NoiseScaffold
+    from lsd_runtime.api import NoiseScaffold
 
     if not isinstance(scaffold, NoiseScaffold):
         raise InputError(f"input '{what}': connect a Luna Noise Scaffold")
@@ -166,7 +166,7 @@ def debug_image(pairs) -> torch.Tensor:
 def conditioning_inputs() -> dict:
     """Optional inputs shared by the detailer and the refiner (vault / projector anchoring)."""
     return {
-        "vault": (paths.choices("luna_vaults"), {"default": paths.NONE, "tooltip": "a vault in models/luna_vaults/ "
+        "vault": (folder_choices("luna_vaults"), {"default": NONE, "tooltip": "a vault in models/luna_vaults/ "
                   "(or extra_model_paths.yaml's luna_vaults); none = text only"}),
         "vault_path": ("STRING", {"default": "", "tooltip": "instead of the dropdown: a vault folder, or the shared "
                        "Ray service ray:NAME (luna vault serve)"}),
@@ -175,7 +175,7 @@ def conditioning_inputs() -> dict:
         "vault_k": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "neighbours retrieved per crop"}),
         "category_routing": ("STRING", {"default": "", "tooltip": "per-label vault category, e.g. "
                              "face=faces, hand=hands (empty: the whole vault for every crop)"}),
-        "projector": (paths.choices("luna_projectors"), {"default": paths.NONE, "tooltip": "a trained projector in "
+        "projector": (folder_choices("luna_projectors"), {"default": NONE, "tooltip": "a trained projector in "
                       "models/luna_projectors/; none = no projection"}),
         "projector_path": ("STRING", {"default": "", "tooltip": "instead of the dropdown: a projector folder"}),
         "projector_strength": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
@@ -189,15 +189,15 @@ def conditioning_inputs() -> dict:
     }
 
 
-def build_source(positive, clip=None, clip_vision=None, vision_model="", vision_weights="", vault=paths.NONE,
-                 vault_path="", vault_strength=0.5, vault_k=8, category_routing="", projector=paths.NONE,
+def build_source(positive, clip=None, clip_vision=None, vision_model="", vision_weights="", vault=NONE,
+                 vault_path="", vault_strength=0.5, vault_k=8, category_routing="", projector=NONE,
                  projector_path="", projector_strength=0.3):
     """The conditioning source of a detailer/refiner call (text, vault, projector, or vault then projector)."""
-    from lsd_runtime.conditioning import ConditioningError, VaultSource, open_projector
+    from lsd_runtime.api import ConditioningError, VaultSource, open_projector
 
     text = ComfyText(positive, clip)
-    vault_dir = paths.resolve("luna_vaults", vault, vault_path, "vault")
-    proj_dir = paths.resolve("luna_projectors", projector, projector_path, "projector")
+    vault_dir = resolve_folder("luna_vaults", vault, vault_path, "vault")
+    proj_dir = resolve_folder("luna_projectors", projector, projector_path, "projector")
     use_vault = vault_dir is not None and float(vault_strength) > 0
     use_proj = proj_dir is not None and float(projector_strength) > 0
     if not (use_vault or use_proj):
@@ -237,7 +237,7 @@ def build_source(positive, clip=None, clip_vision=None, vision_model="", vision_
 
 
 def _same(a, b) -> bool:
-    from lsd_runtime.conditioning import same_vision_model
+    from lsd_runtime.api import same_vision_model
 
     return same_vision_model(a, b)
 
@@ -256,7 +256,7 @@ class _EmbedderWithId:
 
 def open_vault_checked(path: str, what: str = "vault"):
     """An open vault (or service client) from the model host; a folder that is not a vault names the input."""
-    from vault.manifest import VaultError
+    from vault.service import VaultError
     from vault.service import open_vault
 
     try:
@@ -265,14 +265,14 @@ def open_vault_checked(path: str, what: str = "vault"):
         raise InputError(f"input '{what}': {path} is not a usable Luna vault ({exc})") from exc
 
 
-def conditioning_fingerprint(vault=paths.NONE, vault_path="", projector=paths.NONE, projector_path="", **_) -> str:
+def conditioning_fingerprint(vault=NONE, vault_path="", projector=NONE, projector_path="", **_) -> str:
     """IS_CHANGED part: the files of the chosen vault/projector (a rebuilt one re-runs the node)."""
     from .host import fingerprint
 
     parts = []
     for kind, name, path in (("luna_vaults", vault, vault_path), ("luna_projectors", projector, projector_path)):
         try:
-            resolved = paths.resolve(kind, name, path)
+            resolved = resolve_folder(kind, name, path)
         except ValueError:
             resolved = None
         parts.append(fingerprint(resolved) if resolved else "")
@@ -312,7 +312,7 @@ class LunaNoiseScaffold:
         }}
 
     def build(self, model, seed, width, height, draft_width, draft_height):
-        from lsd_runtime.scaffold import LATENT_CHANNELS, NoiseScaffold
+        from lsd_runtime.api import LATENT_CHANNELS, NoiseScaffold
 
         fmt = model.get_model_object("latent_format")
         channels = int(getattr(fmt, "latent_channels", LATENT_CHANNELS))
@@ -346,7 +346,7 @@ class LunaDetector:
     def INPUT_TYPES(cls):
         return {"required": {
             "image": ("IMAGE", {"tooltip": "the canvas (a batch is detected image by image)"}),
-            "detector": (["cascade"] + paths.choices("luna_detectors", with_none=False), {"default": "cascade",
+            "detector": (["cascade"] + folder_choices("luna_detectors", with_none=False), {"default": "cascade",
                          "tooltip": "cascade (faces, built in) or a detector folder in models/luna_detectors/"}),
             "prompts": ("STRING", {"default": "face", "tooltip": "comma-separated things to find (text detectors); "
                         "also the label of cascade faces"}),
@@ -369,12 +369,12 @@ class LunaDetector:
         if detector == "cascade":
             return "cascade"
         try:
-            return fingerprint(paths.resolve("luna_detectors", detector))
+            return fingerprint(resolve_folder("luna_detectors", detector))
         except ValueError:
             return "missing"
 
     def _detector(self, name: str, threshold: float, detections_file: str = ""):
-        from lsd_runtime.detect import CascadeFaceDetector, DetectionFileError, FileDetector, make_detector
+        from lsd_runtime.api import CascadeFaceDetector, DetectionFileError, FileDetector, make_detector
 
         if detections_file and detections_file.strip():
             try:
@@ -383,7 +383,7 @@ class LunaDetector:
                 raise InputError(f"input 'detections_file': {exc}") from exc
         if name == "cascade":
             return CascadeFaceDetector()
-        folder = paths.resolve("luna_detectors", name, what="detector")
+        folder = resolve_folder("luna_detectors", name, what="detector")
         try:
             kind = str(json.loads((_path(folder) / "config.json").read_text()).get("model_type", "")).lower()
         except (OSError, ValueError) as exc:
@@ -396,7 +396,7 @@ class LunaDetector:
             raise InputError(f"input 'detector': {exc}") from exc
 
     def detect(self, image, detector, prompts, threshold, max_detections, detect_size, detections_file=""):
-        from lsd_runtime.detect import Detection
+        from lsd_runtime.api import Detection
 
         image = _check_image(image)
         labels = [p.strip() for p in str(prompts).split(",") if p.strip()]
@@ -540,10 +540,10 @@ def run_detailer(model, vae, positive, negative, image, detections, scaffold, *,
                  sampler_name="euler", scheduler="normal", denoise=0.35, batch_size=4, crop_size=1024, pad=0.25,
                  feather=32.0, **source_kw):
     """The detailer node's work (also what the benchmark calls): (IMAGE, debug IMAGE)."""
-    from lsd_runtime.denoiser import ComfyDenoiser, DenoiserError
-    from lsd_runtime.detailer import DetailSettings, detail
-    from lsd_runtime.geometry import pad_to_multiple
-    from lsd_runtime.workflow import _padded_detections
+    from lsd_runtime.api import ComfyDenoiser, DenoiserError
+    from lsd_runtime.api import DetailSettings, detail
+    from lsd_runtime.api import pad_to_multiple
+    from lsd_runtime.api import padded_detections
 
     per_image = _check_detections(detections, image)
     b, h, w = image.shape[:3]
@@ -569,7 +569,7 @@ def run_detailer(model, vae, positive, negative, image, detections, scaffold, *,
         canvas = to_canvas(image[i])
         padded, _ = pad_to_multiple(Image.fromarray(canvas), 8)
         work = np.asarray(padded).copy()
-        dets = _padded_detections(per_image[i], (w, h), (pw, ph))
+        dets = padded_detections(per_image[i], (w, h), (pw, ph))
         refined, _crops, _skipped = detail(work, dets, sc, source, den, settings, sc.seed)
         outs.append(apply_delta(image[i], canvas, refined[:h, :w]))
     return torch.stack(outs), debug_image(den.pairs)
@@ -610,10 +610,10 @@ class LunaGlobalRefiner:
 
 def run_refiner(model, vae, positive, negative, image, scaffold, *, steps=20, cfg=5.0, sampler_name="euler",
                 scheduler="normal", denoise=0.2, batch_size=4, tile_size=1024, overlap=256, **source_kw):
-    from lsd_runtime.denoiser import ComfyDenoiser, DenoiserError
-    from lsd_runtime.geometry import pad_to_multiple
-    from lsd_runtime.refiner import RefineTileSettings, refine_tiles
-    from lsd_runtime.tiles import tile_grid
+    from lsd_runtime.api import ComfyDenoiser, DenoiserError
+    from lsd_runtime.api import pad_to_multiple
+    from lsd_runtime.api import RefineTileSettings, refine_tiles
+    from lsd_runtime.api import tile_grid
 
     b, h, w = image.shape[:3]
     sc = _scaffold_for(scaffold, w, h)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import paths
+from .paths import NONE, choices as folder_choices, resolve as resolve_folder
 from .host import HOST, fingerprint
 
 
@@ -131,7 +131,7 @@ class LunaVisionTranslator:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "projector": (paths.choices("luna_projectors", with_none=False) or [paths.NONE], {"tooltip":
+                "projector": (folder_choices("luna_projectors", with_none=False) or [NONE], {"tooltip":
                               "a projector folder in models/luna_projectors/ (projector.safetensors + projector.json)"}),
                 "strength": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
                              "weight of the projected conditioning; 0 returns yours unchanged"}),
@@ -152,9 +152,9 @@ class LunaVisionTranslator:
         }
 
     @classmethod
-    def IS_CHANGED(cls, projector=paths.NONE, projector_path="", **_):
+    def IS_CHANGED(cls, projector=NONE, projector_path="", **_):
         try:
-            resolved = paths.resolve("luna_projectors", projector, projector_path, "projector")
+            resolved = resolve_folder("luna_projectors", projector, projector_path, "projector")
         except ValueError:
             return "missing"
         return fingerprint(resolved) if resolved else ""
@@ -166,7 +166,7 @@ class LunaVisionTranslator:
         if conditioning is not None and float(strength) == 0.0:
             return (conditioning,)
         try:
-            resolved = paths.resolve("luna_projectors", projector, projector_path, "projector")
+            resolved = resolve_folder("luna_projectors", projector, projector_path, "projector")
         except ValueError as exc:
             raise ValueError(f"Luna Vision Translator: {exc}") from exc
         if resolved is None:

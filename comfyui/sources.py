@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lsd_runtime.conditioning import CondRow
+from lsd_runtime.api import CondRow
 
 # ComfyUI CLIP_VISION configs -> the open_clip model id luna's vaults record
 _VISION_IDS = {(1280, 32): "ViT-H-14", (1024, 24): "ViT-L-14", (1664, 48): "ViT-bigG-14"}
@@ -89,7 +89,7 @@ class ClipVisionEmbedder:
 
 def tower_embedder(vision_model: str, vision_weights: str = ""):
     """A luna open_clip tower (kept by the model host) as a crop embedder."""
-    from lsd_runtime.conditioning import CropEmbedder
+    from lsd_runtime.api import CropEmbedder
     from luna.models.vision import load_vision
 
     from .host import HOST

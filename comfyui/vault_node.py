@@ -13,13 +13,13 @@ import json
 import numpy as np
 import torch
 
-from . import paths
+from .paths import NONE, choices as folder_choices, resolve as resolve_folder
 from .host import HOST, fingerprint
 
 
 def _open(path: str):
     """One open vault (or service client) per path/address and file fingerprint, kept across prompts."""
-    from vault.manifest import VaultError
+    from vault.service import VaultError
     from vault.service import open_vault
 
     try:
@@ -114,7 +114,7 @@ class LunaVaultQuery:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vault": (paths.choices("luna_vaults", with_none=False) or [paths.NONE], {"tooltip":
+                "vault": (folder_choices("luna_vaults", with_none=False) or [NONE], {"tooltip":
                           "a vault folder in models/luna_vaults/ (extra_model_paths.yaml: luna_vaults)"}),
                 "image": ("IMAGE", {"tooltip": "the crops; one conditioning row per image"}),
                 "k": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "neighbours per image"}),
@@ -139,9 +139,9 @@ class LunaVaultQuery:
         }
 
     @classmethod
-    def IS_CHANGED(cls, vault=paths.NONE, vault_path="", **_):
+    def IS_CHANGED(cls, vault=NONE, vault_path="", **_):
         try:
-            resolved = paths.resolve("luna_vaults", vault, vault_path, "vault")
+            resolved = resolve_folder("luna_vaults", vault, vault_path, "vault")
         except ValueError:
             return "missing"
         return fingerprint(resolved) if resolved else ""
@@ -151,7 +151,7 @@ class LunaVaultQuery:
         if conditioning is not None and float(strength) == 0.0:
             return (conditioning, "[]")
         try:
-            path = paths.resolve("luna_vaults", vault, vault_path, "vault")
+            path = resolve_folder("luna_vaults", vault, vault_path, "vault")
         except ValueError as exc:
             raise ValueError(f"Luna Vault Query: {exc}") from exc
         if path is None:

@@ -117,12 +117,12 @@ class ComfyDenoiser:
 
     @torch.no_grad()
     def __call__(self, items: list[DenoiseItem]) -> list[np.ndarray]:
-        import comfy.sample
-
         if not items:
             return []
         if self.denoise == 0.0:  # no steps at all: the input, not a VAE round trip
             return [np.asarray(it.image, np.float32).copy() for it in items]
+        import comfy.sample  # only here: the runtime works without ComfyUI
+
         out: list = [None] * len(items)
         for idx in _groups(items):
             group = [items[i] for i in idx]
