@@ -129,9 +129,20 @@ def compose(config_name: str, overrides: Sequence[str] = (), values: Mapping | N
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
+    from hydra.core.global_hydra import GlobalHydra
+
     _register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    # inside a running app (`luna demo` composing its stages' configs) Hydra is already initialised:
+    # compose beside it, then hand the app its own instance back
+    outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
     if values:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(values)))
     return cfg
