@@ -20,7 +20,6 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 # subcommand -> (module, one-line help). Each module has `main(argv: list[str]) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("luna.models.make_tiny", "write tiny-preset SDXL checkpoints (single-file and diffusers)"),
-    "make-toy": ("luna.models.toy.make_toy", "train the toy preset's checkpoints on the procedural world (resumable)"),
     "factory": ("factory.cli", "generate WebDataset shards from a campaign on Ray"),
     "extract": ("extraction.cli", "extract paired image embeddings and SDXL conditionings (HDF5)"),
     "pairs-info": ("extraction.cli_info", "print statistics of a pairs folder"),
@@ -107,40 +106,23 @@ def run_stage(prog: str, config_name: str, task: Callable[[Any], Any], argv: Seq
     return EXIT_OK
 
 
-def run_hydra(task: Callable, config_name: str, argv: list[str], prog: str):
-    """Run `task(cfg)` as a Hydra app (no exit codes of its own): kept only until factory/ and
-    extraction/ call `run_stage`; new code uses `run_stage`."""
-    import hydra
-
-    app = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)
-    saved = sys.argv
-    sys.argv = [prog, *argv]
-    try:
-        return app()
-    finally:
-        sys.argv = saved
-
-
 def compose(config_name: str, overrides: Sequence[str] = (), values: Mapping | None = None):
     """conf/`config_name`.yaml composed as `luna SUB overrides...` composes it, without running an
     app; `values` (plain data: paths, numbers, lists, nested dicts) are merged on top as they are, so
     callers never quote data into override strings. Group choices go in `overrides` (`preset=tiny`)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from hydra.core.global_hydra import GlobalHydra
-
     _register_resolvers()
-    # inside a running app (`luna demo` composing its stages' configs) Hydra is already initialised:
-    # compose beside it, then hand the app its own instance back
-    outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
-    GlobalHydra.instance().clear()
+    running = GlobalHydra.instance()
+    outer = running.hydra if running.is_initialized() else None  # inside a running app (the demo's stages)
+    running.clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     finally:
-        GlobalHydra.instance().clear()
         if outer is not None:
             GlobalHydra.instance().initialize(outer)
     if values:
