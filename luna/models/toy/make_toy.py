@@ -4,10 +4,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-EXIT_USER_ERROR = 2
 
-
-def _task(cfg, outcome: dict) -> None:
+def make_toy(cfg) -> None:
+    """Run the stages `cfg` (conf/make_toy.yaml) asks for, export, and print what was written."""
     from luna.models.fingerprint import te_fingerprint
     from luna.models.toy import train
 
@@ -15,25 +14,15 @@ def _task(cfg, outcome: dict) -> None:
     for name in train.STAGES:
         s = cfg.stages.get(name)
         if s is None:
-            outcome["error"] = f"stages.{name} is missing (steps, batch, lr)"
-            return
-        try:
-            stages[name] = train.StageConfig(steps=int(s.steps), batch=int(s.batch), lr=float(s.lr))
-        except Exception as exc:  # noqa: BLE001 - a missing or malformed key of the user's config
-            outcome["error"] = f"stages.{name}: {exc}"
-            return
+            raise ValueError(f"stages.{name} is missing (steps, batch, lr)")
+        stages[name] = train.StageConfig(steps=int(s.steps), batch=int(s.batch), lr=float(s.lr))
         if stages[name].steps < 1 or stages[name].batch < 2:
-            outcome["error"] = f"stages.{name}: steps must be >= 1 and batch >= 2, got {dict(s)}"
-            return
+            raise ValueError(f"stages.{name}: steps must be >= 1 and batch >= 2, got {dict(s)}")
     work = Path(cfg.work).expanduser().resolve()
     out = Path(cfg.out).expanduser().resolve()
-    try:
-        written = train.make_toy(work, out, seed=int(cfg.seed), stages=stages,
-                                 checkpoint_every_s=float(cfg.checkpoint_every_s), threads=cfg.get("threads"),
-                                 only=list(cfg.get("only") or []), pool_size=int(cfg.pool_size))
-    except (OSError, ValueError) as exc:  # unwritable folder, unknown stage: the user's to fix
-        outcome["error"] = str(exc)
-        return
+    written = train.make_toy(work, out, seed=int(cfg.seed), stages=stages,
+                             checkpoint_every_s=float(cfg.checkpoint_every_s), threads=cfg.get("threads"),
+                             only=list(cfg.get("only") or []), pool_size=int(cfg.pool_size))
     if not written:
         print(f"stages {list(cfg.only)} done in {work}; rerun without only= to export")
     for path in written:
@@ -42,18 +31,12 @@ def _task(cfg, outcome: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from luna.cli import run_hydra
+    from luna.cli import run_stage
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    outcome: dict = {}
-    try:
-        run_hydra(lambda cfg: _task(cfg, outcome), "make_toy", argv, prog="luna make-toy")
-    except SystemExit as exc:  # Hydra printed what was wrong with the overrides
-        return EXIT_USER_ERROR if exc.code not in (0, None) else 0
-    if "error" in outcome:
-        print(f"luna make-toy: error: {outcome['error']}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+    # unknown stages, bad step counts (ValueError) and an unwritable folder (OSError) are the user's to fix
+    return run_stage("luna make-toy", "make_toy", make_toy, argv, user_errors=(OSError,),
+                     interrupted="rerun the same command to continue from the last saved step")
 
 
 if __name__ == "__main__":

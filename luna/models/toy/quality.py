@@ -1,14 +1,12 @@
 """Quality of the toy checkpoints, measured by the oracle (benchmarks/toy_quality.py prints these).
 
-  generation_accuracy   images from the factory's own generator (factory.worker.SDXLGenerator,
-                        i.e. load_sdxl + StableDiffusionXLPipeline) for campaign prompts, read by
-                        the oracle against the prompt's attributes: per attribute and joint;
+  generation_accuracy   generated images (benchmarks/toy_quality.py makes them with the factory's
+                        own generator, factory.worker.SDXLGenerator, for the toy campaign's
+                        prompts) read by the oracle against their prompts: per attribute and joint;
   vision_nn_agreement   leave-one-out cosine nearest neighbour of image embeddings: how often the
                         neighbour has the same value of each attribute (and all of them).
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,35 +14,27 @@ import torch
 from luna.models.toy import oracle, world
 
 
-def campaign_prompts(n: int, campaign="toy", job: str = "scenes", start: int = 0) -> list[tuple[str, int]]:
-    """(prompt, seed) of samples start..start+n of the toy campaign, as the factory draws them."""
-    from factory.campaign import load_campaign
-
-    c = load_campaign(campaign)
-    return [(s.prompt, s.seed) for s in c.samples(job, start, start + n)]
-
-
-def generate(checkpoint: Path, prompts: list[str], seeds: list[int], steps: int = 20, cfg: float = 5.0,
+def generate(checkpoint, prompts: list[str], seeds: list[int], steps: int = 20, cfg: float = 5.0,
              size: int = 32, batch: int = 16, negative: str = "") -> list[np.ndarray]:
-    """Images [H,W,3] in 0..1 through the factory's generator (one checkpoint, CPU, fp32)."""
-    from factory.worker import SDXLGenerator
+    """Images [H,W,3] in 0..1 from a checkpoint loaded by `load_sdxl`, called as the factory's
+    generator calls its StableDiffusionXLPipeline (Euler, one seeded generator per image)."""
+    from luna.models.sdxl import load_sdxl
 
-    gen = SDXLGenerator(device="cpu", dtype="float32")
-    gen.load(str(checkpoint))
-    sampler = {"steps": steps, "cfg": cfg, "scheduler": "euler", "width": size, "height": size}
+    pipe = load_sdxl(checkpoint)
     out: list[np.ndarray] = []
-    for k in range(0, len(prompts), batch):
-        p = prompts[k: k + batch]
-        out += gen.generate(p, [negative] * len(p), seeds[k: k + batch], sampler)
+    with torch.inference_mode():
+        for k in range(0, len(prompts), batch):
+            p = list(prompts[k: k + batch])
+            gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[k: k + batch]]
+            images = pipe(prompt=p, negative_prompt=[negative] * len(p), num_inference_steps=steps,
+                          guidance_scale=cfg, width=size, height=size, generator=gens, output_type="np").images
+            out += [np.asarray(im) for im in images]
     return out
 
 
-def generation_accuracy(checkpoint: Path, n: int = 64, steps: int = 20, cfg: float = 5.0, size: int = 32,
-                        attributes=world.SCENE_ATTRIBUTES, start: int = 0) -> dict[str, float]:
-    """Oracle accuracy of `n` campaign images of `checkpoint` (per attribute and `joint`)."""
-    pairs = campaign_prompts(n, start=start)
-    images = generate(checkpoint, [p for p, _ in pairs], [s for _, s in pairs], steps, cfg, size)
-    return oracle.accuracy(images, [world.parse_prompt(p) for p, _ in pairs], attributes)
+def generation_accuracy(images, prompts: list[str], attributes=world.SCENE_ATTRIBUTES) -> dict[str, float]:
+    """Oracle accuracy of generated images against their toy prompts (per attribute and `joint`)."""
+    return oracle.accuracy(images, [world.parse_prompt(p) for p in prompts], attributes)
 
 
 @torch.no_grad()

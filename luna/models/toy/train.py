@@ -3,6 +3,8 @@
 Stages, each saved to `<work>/<stage>.pt` every `checkpoint_every_s` seconds and when it ends
 (a rerun continues from there; a finished stage is skipped):
   vae       the SDXL AutoencoderKL (4x downsampling, configs/sdxl-toy/vae) on renders of both styles;
+  decoder   its decoder alone, longer, the encoder frozen: the latents the UNet learns stay the same,
+            so this can run beside `base` (a second process, `only=[decoder]`);
   base      the UNet and both text encoders, jointly, on "flat" renders (VAE frozen);
   pony      a copy of `base` fine-tuned further, text encoders included, on "outline" renders:
             another style and another text-encoder family;
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from luna.models.configs import SDXL_TOY
 from luna.models.toy import world
 
-STAGES = ("vae", "base", "pony", "vision")
+STAGES = ("vae", "decoder", "base", "pony", "vision")
 CHECKPOINTS = {"base": ("toy-base-flat", "flat"), "pony": ("toy-pony-outline", "outline")}
 VISION_NAME = "luna-toy-vit"
 SCALING_FACTOR = 0.13025  # SDXL's; the toy VAE's latents are rescaled (folded into its weights) to match it
@@ -236,6 +238,33 @@ def _fold_latent_scale(vae, seed: int) -> None:
     pqc.weight /= c
     vae.register_to_config(scaling_factor=SCALING_FACTOR)
     vae._luna_rescaled = True
+
+
+def train_decoder(work: Path, cfg: StageConfig, seed: int, vae, every_s: float, log_file=None):
+    """Fine-tune post_quant_conv + decoder on frozen (rescaled) latents; returns the VAE with them."""
+    vae.requires_grad_(False)
+    params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    parts = {"post_quant_conv": vae.post_quant_conv, "decoder": vae.decoder}
+    stage = Stage(work, "decoder", parts, params, cfg)
+
+    def step(i: int) -> torch.Tensor:
+        rng = np.random.default_rng(_seed(seed, "decoder", i))
+        scenes = batch_scenes(rng, cfg.batch)
+        styles = [world.STYLES[int(b)] for b in rng.integers(0, 2, cfg.batch)]
+        x = render_batch(scenes, rng, styles)
+        gen = torch.Generator().manual_seed(_seed(seed, "decoder-noise", i))
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+            z = z + 0.02 / SCALING_FACTOR * torch.randn(z.shape, generator=gen)  # the UNet's latents are not exact
+        y = vae.decode(z).sample
+        return F.l1_loss(y, x) + F.mse_loss(y, x)
+
+    vae.encoder.eval()
+    stage.run(step, every_s, log_file=log_file)
+    vae.requires_grad_(False)
+    return vae.eval()
 
 
 def _tokenize(tokenizers, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,14 +501,16 @@ def make_toy(work, out, seed: int, stages: dict[str, StageConfig], checkpoint_ev
         raise ValueError(f"only={sorted(unknown)}: not stages of make-toy (one of {list(STAGES)})")
     if "vision" in wanted:
         vision = train_vision(work, stages["vision"], seed, checkpoint_every_s, log_file)
-    if wanted & {"vae", "base", "pony"}:
+    if wanted & {"vae", "decoder", "base", "pony"}:
         vae = train_vae(work, stages["vae"], seed, checkpoint_every_s, log_file)
-    if wanted & {"base", "pony"}:
+    if wanted & {"base", "pony"}:  # the UNet learns the encoder's latents, which the decoder stage keeps
         base = train_diffusion(work, "base", stages["base"], seed, vae, "flat", checkpoint_every_s,
                                log_file=log_file, pool_size=pool_size)
     if "pony" in wanted:
         pony = train_diffusion(work, "pony", stages["pony"], seed, vae, "outline", checkpoint_every_s, init=base,
                                te_lr_scale=1.0, log_file=log_file, pool_size=pool_size)
+    if "decoder" in wanted:
+        vae = train_decoder(work, stages["decoder"], seed, vae, checkpoint_every_s, log_file)
     if only:
         return []
     return export(out, vae, {"base": base, "pony": pony}, vision)
