@@ -108,7 +108,6 @@ def main(argv=None) -> int:
         comps = load_components(checkpoint=ckpt, device="cpu", dtype="float32")
         results["generation"] = gen = shard_generation_accuracy(demo / "factory" / "shards")
     else:
-        from luna.models.toy.quality import campaign_prompts, generate
         from vault.build import build_vault
 
         work = args.work.resolve()
@@ -120,8 +119,8 @@ def main(argv=None) -> int:
         ckpt = toy_models.checkpoint_paths(weights)["toy-base-flat"]
         comps = load_components(checkpoint=ckpt, device="cpu", dtype="float32")
         t0 = time.perf_counter()
-        drawn = campaign_prompts(args.n)
-        images = generate(ckpt, [p for p, _ in drawn], [sd for _, sd in drawn])
+        images, prompts, seeds = tq.campaign_images(ckpt, args.n)
+        drawn = list(zip(prompts, seeds))
         print(f"generated {len(images)} campaign images in {time.perf_counter() - t0:.0f} s")
         scenes_gen = [world.parse_prompt(p) for p, _ in drawn]
         acc = dict(tq.accuracy(images, scenes_gen), n=len(images))

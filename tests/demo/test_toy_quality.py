@@ -51,10 +51,9 @@ def toy(weights, tmp_path_factory):
 
 
 def test_generation_carries_the_prompts_attributes(weights):
-    """The factory's own generator (factory.worker.SDXLGenerator) on the toy campaign's first prompts."""
-    from luna.models.toy.quality import generation_accuracy
-
-    acc = generation_accuracy(toy_models.checkpoint_paths(weights)["toy-base-flat"], n=16)
+    """The factory's own generator (factory.worker.SDXLGenerator) on the toy campaign's first samples."""
+    images, prompts, _ = tq.campaign_images(toy_models.checkpoint_paths(weights)["toy-base-flat"], 16)
+    acc = tq.accuracy(images, [world.parse_prompt(p) for p in prompts])
     assert acc["joint"] >= GENERATION_JOINT, acc
     for attribute in world.SCENE_ATTRIBUTES:
         assert acc[attribute] >= GENERATION_EACH, (attribute, acc)
