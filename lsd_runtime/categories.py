@@ -150,14 +150,14 @@ class CategoryRouter:
                 out[i] = row
         return out
 
-    def rows_for_detections(self, crops, detections) -> list[CondRow]:
+    def rows_for(self, crops, detections) -> list[CondRow]:
         return self.rows(crops, [getattr(d, "label", None) for d in detections])
 
 
 def rows_for(conditioner, crops, detections) -> list[CondRow]:
     """Rows of `crops`; sources that route by label (CategoryRouter) also get the detections."""
-    if hasattr(conditioner, "rows_for_detections"):
-        return conditioner.rows_for_detections(crops, detections)
+    if hasattr(conditioner, "rows_for"):
+        return conditioner.rows_for(crops, detections)
     return conditioner.rows(crops)
 
 

@@ -204,10 +204,10 @@ class WithImageEmbeds:
     def rows(self, crops: list[Image.Image]) -> list[CondRow]:
         return self._with_embeds(self.source.rows(crops), crops)
 
-    def rows_for_detections(self, crops, detections) -> list[CondRow]:
+    def rows_for(self, crops, detections) -> list[CondRow]:
         """Rows of a source that routes by detection label (lsd_runtime.categories), with embeddings."""
         src = self.source
-        rows = src.rows_for_detections(crops, detections) if hasattr(src, "rows_for_detections") else src.rows(crops)
+        rows = src.rows_for(crops, detections) if hasattr(src, "rows_for") else src.rows(crops)
         return self._with_embeds(rows, crops)
 
     def _with_embeds(self, rows: list[CondRow], crops) -> list[CondRow]:

@@ -29,6 +29,7 @@ CONTRACTS = {
     "projector.export": "an exported projector folder, loaded (runtime, ComfyUI node)",
     "projector.splits": "how a pairs folder is split (prompts, checkpoints, attribute combinations): `luna ab` "
                         "samples its held-out crops from the projector's own validation split",
+    "lsd_runtime.api": "the runtime's pure parts and denoiser interface (the ComfyUI nodes)",
 }
 
 

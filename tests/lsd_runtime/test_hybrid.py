@@ -119,7 +119,7 @@ def test_face_detection_is_routed_to_the_faces_category(vault, text, embedder, c
     assert isinstance(source, CategoryRouter)
     dets = [Detection(box=(0, 0, 1, 1), label="face"), Detection(box=(0, 0, 1, 1), label="hand"),
             Detection(box=(0, 0, 1, 1), label="eyes")]
-    rows = source.rows_for_detections(crops[:3], dets)
+    rows = source.rows_for(crops[:3], dets)
     assert {n["category"] for n in rows[0].neighbours} == {"faces"} and len(rows[0].neighbours) == 4
     assert {n["category"] for n in rows[1].neighbours} == {"hands"} and len(rows[1].neighbours) == 2
     assert rows[1].strength == 0.9 and rows[0].strength == 0.5
