@@ -234,8 +234,10 @@ def run(c: dict, crops: list | None = None) -> ABResult:
         raise ABError(f"no arm can run: {missing}")
     oracle = load_oracle(c.get("oracle"))
     if oracle is not None:
+        from lsd_runtime.arms import as_attributes
+
         for cr in crops:
-            cr.truth = cr.truth or oracle(cr.original)
+            cr.truth = cr.truth or as_attributes(oracle(cr.original))
     text_fn = text_side(ctx.embedder.tower) if ctx.embedder is not None else None
     out.mkdir(parents=True, exist_ok=True)
     tuned = None

@@ -172,9 +172,25 @@ def load_oracle(spec) -> Callable | None:
         raise ABError(f"oracle={spec!r}: cannot import it ({e}); give module:function") from e
 
 
+def as_attributes(reading) -> dict:
+    """An oracle's answer as {attribute: value}, unreadable (None) attributes left out: a dict, an object
+    with `as_dict()` (the toy oracle's Reading), or a dataclass."""
+    import dataclasses
+
+    if isinstance(reading, dict):
+        d = reading
+    elif hasattr(reading, "as_dict"):
+        d = reading.as_dict()
+    elif dataclasses.is_dataclass(reading):
+        d = dataclasses.asdict(reading)
+    else:
+        d = dict(vars(reading))
+    return {k: v for k, v in d.items() if v is not None}
+
+
 def oracle_scores(oracle, image: Image.Image, truth: dict) -> tuple[float, float]:
     """(fraction of the truth's attributes the oracle reads off `image`, 1.0 if all of them else 0.0)."""
-    got = oracle(image)
+    got = as_attributes(oracle(image))
     hits = [str(got.get(k)) == str(v) for k, v in truth.items()]
     return (float(np.mean(hits)) if hits else float("nan")), float(all(hits)) if hits else float("nan")
 
