@@ -49,6 +49,7 @@ FAST = ["preset=tiny", "detail.steps=2", "crops.size=64", "detail.working_size=6
 SMALL = {"detail__steps": 2, "detail__working_size": 64, "crops__size": 64}
 
 
+@pytest.mark.timeout(1800)  # 7 arms: past the 600 s default only on the shared 2 cores under heavy load
 def test_every_available_arm_writes_every_file(inputs, tmp_path, capsys):
     out = tmp_path / "ab"
     rc = main([*FAST, f"crops.images={inputs['imgs']}", "crops.n=1", f"vault={inputs['vault']}",
