@@ -122,3 +122,30 @@ VAULT_EACH = 0.7
 PROJECTOR_JOINT = 0.3
 DEGRADED_JOINT_MAX = 0.5
 REFINE_GAIN = 0.1
+
+
+def test_luna_refine_runs_on_the_toy_preset(toy, weights, tmp_path):
+    """`luna refine preset=toy` (4x VAE: the scaffold's noise is resampled to its grid) with the
+    vault conditioning a degraded crop: the crop is refined and its neighbours are in the record."""
+    import json
+
+    from PIL import Image
+
+    from lsd_runtime.cli import main
+    from lsd_runtime.detect import Detection, write_detections
+
+    scene = tq.held_out_scenes(1, seed=15)[0]
+    Image.fromarray(tq.Degrade()(world.render(scene, tq.SIZE, 15))).save(tmp_path / "crop.png")
+    write_detections(tmp_path / "det.json", [Detection(box=(0.0, 0.0, 1.0, 1.0), label="scene")])
+    out = tmp_path / "out"
+    argv = ["preset=toy", f"image={tmp_path / 'crop.png'}", f"prompt={tq.GENERIC_PROMPT}", f"out={out}",
+            f"checkpoint={toy['ckpt']}", f"vision.weights={weights / toy_models.VISION_FILE.name}",
+            f"vault={toy['root'] / 'vault'}", "detect=file", f"detect.path={tmp_path / 'det.json'}",
+            "refine.enabled=false"]
+    assert main(argv) == 0
+    record = json.loads((out / "record.json").read_text())
+    crop = record["crops"][0]
+    assert crop["conditioning"]["source"] == "vault" and len(crop["conditioning"]["neighbours"]) == 5
+    before = np.asarray(Image.open(tmp_path / "crop.png").convert("RGB"), int)
+    after = np.asarray(Image.open(out / "refined.png").convert("RGB"), int)
+    assert after.shape == before.shape and np.abs(after - before).mean() > 2.0
