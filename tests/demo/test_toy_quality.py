@@ -25,7 +25,10 @@ N_PAIRS = 160  # renders in the test vault / projector training set
 @pytest.fixture(scope="module")
 def weights() -> Path:
     # LUNA_TOY_WEIGHTS: check other weights (e.g. a fresh `luna make-toy` run) without committing them
-    return Path(os.environ.get("LUNA_TOY_WEIGHTS") or toy_models.WEIGHTS_DIR)
+    folder = Path(os.environ.get("LUNA_TOY_WEIGHTS") or toy_models.WEIGHTS_DIR)
+    if not (folder / toy_models.VISION_FILE.name).is_file():
+        pytest.skip(f"no toy weights in {folder}: write them with `luna make-toy` (or set LUNA_TOY_WEIGHTS)")
+    return folder
 
 
 @pytest.fixture(scope="module")
