@@ -27,7 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "vault": ("vault.cli", "build | query | serve FAISS vaults"),
     "train": ("projector.cli", "train an image-embedding -> conditioning projector"),
     "refine": ("lsd_runtime.cli", "the Luna Semantic Detailer: refine an image at 4K"),
-    "demo": ("demo.run", "the whole loop on the tiny preset, with report.html"),
+    "demo": ("demo.run", "the whole loop on the toy preset (preset=tiny: random weights), with report.html"),
 }
 
 
@@ -107,31 +107,25 @@ def run_stage(prog: str, config_name: str, task: Callable[[Any], Any], argv: Seq
     return EXIT_OK
 
 
-def run_hydra(task: Callable, config_name: str, argv: list[str], prog: str):
-    """Run `task(cfg)` as a Hydra app (no exit codes of its own): kept only until factory/ and
-    extraction/ call `run_stage`; new code uses `run_stage`."""
-    import hydra
-
-    app = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)
-    saved = sys.argv
-    sys.argv = [prog, *argv]
-    try:
-        return app()
-    finally:
-        sys.argv = saved
-
-
 def compose(config_name: str, overrides: Sequence[str] = (), values: Mapping | None = None):
     """conf/`config_name`.yaml composed as `luna SUB overrides...` composes it, without running an
     app; `values` (plain data: paths, numbers, lists, nested dicts) are merged on top as they are, so
     callers never quote data into override strings. Group choices go in `overrides` (`preset=tiny`)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     _register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    running = GlobalHydra.instance()
+    outer = running.hydra if running.is_initialized() else None  # inside a running app (the demo's stages)
+    running.clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
     if values:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(values)))
     return cfg
