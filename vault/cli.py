@@ -33,10 +33,14 @@ def _build(c: dict) -> None:
         raise ValueError("build needs pairs=DIR and out=DIR")
     t0 = time.perf_counter()
     m = build_vault(c["pairs"], c["out"], index=c["index"], mode=c["mode"], memory_budget=c["memory_budget"],
-                    categories=c["categories"], tune_recall=c["tune_recall"], shards=c["shards"], rebuild=c["rebuild"])
+                    categories=c["categories"], tune_recall=c["tune_recall"], shards=c["shards"], rebuild=c["rebuild"],
+                    tune_latency_ms=c.get("tune_latency_ms"), tune_queries=c.get("tune_queries", 1000))
     size = sum(f.stat().st_size for f in Path(c["out"]).rglob("*") if f.is_file())
+    t = m.tuning or {}
+    missed = "" if t.get("met", True) else f", TARGET {t.get('target')} NOT MET"
     print(f"vault {c['out']}: {m.count} images, {m.num_prompts} prompts, mode {m.mode}, "
-          f"index {m.index_spec} ({m.search_params or 'exact'}, recall@10 {m.tuned_recall:.3f}), "
+          f"index {m.index_spec} ({m.search_params or 'exact'}, recall@10 {m.tuned_recall:.3f} on "
+          f"{t.get('method', 'held-in')} queries{missed}), "
           f"categories {sorted(m.categories) or '-'}, {size / max(1, m.count):.0f} B/image, "
           f"{time.perf_counter() - t0:.1f} s")
 
