@@ -275,9 +275,19 @@ class Pairs:
                 "extract the missing shards again)")
         return loc[:, 0], loc[:, 1]
 
-    def read_rows(self, name: str, file: int, lo: int, hi: int) -> np.ndarray:
-        """Rows lo..hi-1 of /prompts/`name` (cond or pooled) of one file: one contiguous read."""
-        return self._file(int(file))[f"prompts/{name}"][int(lo) : int(hi)]
+    def read_rows(self, name: str, file: int, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows lo..hi-1 of /prompts/`name` (cond or pooled) of one file: one contiguous read,
+        into `out` (hi - lo rows) when given."""
+        ds = self._file(int(file))[f"prompts/{name}"]
+        if out is None:
+            return ds[int(lo) : int(hi)]
+        ds.read_direct(out, source_sel=np.s_[int(lo) : int(hi)])
+        return out
+
+    def row_shape(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape of one row, dtype) of /prompts/`name` as stored."""
+        ds = self._file(0)[f"prompts/{name}"]
+        return ds.shape[1:], ds.dtype
 
     def _read_prompts(self, name: str, ids) -> np.ndarray:
         files, rows = self.prompt_locations(ids)

@@ -34,6 +34,7 @@ from projector import metrics
 
 log = logging.getLogger(__name__)
 SEQ_LEN = 77
+_TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 RUN_GAP = 4  # rows between two wanted conditionings that one contiguous read still spans
 
 
@@ -108,28 +109,40 @@ class _Source:
     def cond(self, prompt_ids: np.ndarray) -> np.ndarray:
         if self.in_memory:
             return self._cond[self.cond_rows[prompt_ids]]
-        return self._read_runs("cond", prompt_ids)
+        return self._read_runs("cond", prompt_ids).numpy()
 
     def pooled(self, prompt_ids: np.ndarray) -> np.ndarray:
         if self.in_memory:
             return self._pooled[self.cond_rows[prompt_ids]]
-        return self._read_runs("pooled", prompt_ids)
+        return self._read_runs("pooled", prompt_ids).numpy()
 
-    def _read_runs(self, name: str, prompt_ids: np.ndarray, max_gap: int = RUN_GAP) -> np.ndarray:
+    def _read_runs(self, name: str, prompt_ids: np.ndarray, max_gap: int = RUN_GAP) -> torch.Tensor:
         """Rows of `prompt_ids` read as contiguous runs: sorted by location, neighbours less than
-        `max_gap` rows apart share one read (a row per call is what starves a GPU)."""
+        `max_gap` rows apart share one read (a row per call is what starves a GPU). Rows asked
+        for in storage order, each once (the chunk sampler's batches), are read straight into the
+        returned tensor, in shared memory inside a loader worker: no copy on the way to training."""
+        prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
         uniq, inv = np.unique(prompt_ids, return_inverse=True)
         files, rows = self.pairs.prompt_locations(uniq)
         order = np.lexsort((rows, files))
         f, r = files[order], rows[order]
+        shape, dtype = self.pairs.row_shape(name)
+        out = torch.empty((len(uniq), *shape), dtype=_TORCH_DTYPES[np.dtype(dtype)])
+        if torch.utils.data.get_worker_info() is not None:
+            out.share_memory_()
+        dst = out.numpy()
         cut = np.flatnonzero((np.diff(f) != 0) | (np.diff(r) > max_gap)) + 1
-        out = None
         for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(order)]):
-            block = self.pairs.read_rows(name, f[lo], r[lo], r[hi - 1] + 1)
-            if out is None:
-                out = np.empty((len(uniq), *block.shape[1:]), dtype=block.dtype)
-            out[order[lo:hi]] = block[r[lo:hi] - r[lo]]
-        return out[inv]
+            if r[hi - 1] - r[lo] == hi - lo - 1:  # no gap: read into place
+                self.pairs.read_rows(name, f[lo], r[lo], r[hi - 1] + 1, out=dst[lo:hi])
+            else:
+                block = self.pairs.read_rows(name, f[lo], r[lo], r[hi - 1] + 1)
+                dst[lo:hi] = block[r[lo:hi] - r[lo]]
+        # out holds uniq[order]; the caller wants prompt_ids' order
+        pos = np.empty(len(uniq), dtype=np.int64)
+        pos[order] = np.arange(len(uniq))
+        want = pos[inv]
+        return out if np.array_equal(want, np.arange(len(uniq))) else out[torch.from_numpy(want)]
 
     def storage_order(self, images: np.ndarray) -> np.ndarray:
         """A sort key of image rows by where their conditioning is stored (file, row)."""
@@ -145,10 +158,14 @@ class _Source:
 
     def batch(self, images: np.ndarray) -> dict[str, torch.Tensor]:
         pid = self.pairs.prompt_id[images]
+        if self.in_memory:
+            cond, pooled = (torch.from_numpy(np.ascontiguousarray(a)) for a in (self.cond(pid), self.pooled(pid)))
+        else:
+            cond, pooled = self._read_runs("cond", pid), self._read_runs("pooled", pid)
         return {
             "x": torch.from_numpy(np.ascontiguousarray(self.inputs(images))),
-            "cond": torch.from_numpy(np.ascontiguousarray(self.cond(pid))),
-            "pooled": torch.from_numpy(np.ascontiguousarray(self.pooled(pid))),
+            "cond": cond,
+            "pooled": pooled,
             "n_content": torch.from_numpy(self.n_content[pid]),
             "prompt": torch.from_numpy(pid),
         }
@@ -158,7 +175,8 @@ class ChunkShuffleSampler(Sampler):
     """Batches of dataset positions for reads from disk: positions sorted by `key` (where their
     data lies), cut into chunks of `chunk_rows` (boundaries shifted at random each epoch), chunks
     shuffled, then the positions within each window of `window` batches' worth of chunks shuffled
-    and batched. Every position once per epoch; the order depends only on (seed, epoch). With
+    and batched, each batch listed in storage order (the order within a batch does not matter to
+    training). Every position once per epoch; the order depends only on (seed, epoch). With
     `batch_size` a multiple of `chunk_rows`, a batch is at most batch_size / chunk_rows + 1 runs."""
 
     def __init__(self, key: np.ndarray, batch_size: int, chunk_rows: int = 32, window: int = 1, seed: int = 0,
@@ -188,10 +206,12 @@ class ChunkShuffleSampler(Sampler):
         per_window = max(1, self.window * self.batch_size // self.chunk_rows)
         rows = np.concatenate([rng.permutation(np.concatenate(chunks[i : i + per_window]))
                                for i in range(0, len(chunks), per_window)]) if chunks else self.order
+        rank = np.empty(n, dtype=np.int64)
+        rank[self.order] = np.arange(n)
         for i in range(0, n, self.batch_size):
             batch = rows[i : i + self.batch_size]
             if len(batch) == self.batch_size or not self.drop_last:
-                yield batch.tolist()
+                yield batch[np.argsort(rank[batch])].tolist()  # in storage order: read straight into the batch
 
 
 _STALE_HANDLES: list = []  # a forked worker must not close (or share) the parent's HDF5 handles
