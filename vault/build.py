@@ -112,7 +112,8 @@ def _tune_args(recall: float, latency_ms: float | None, queries: int) -> dict:
 
 def _report_tuning(what: str, t: vindex.Tuning) -> None:
     if t.met:
-        log.info("%s tuned: %s", what, t.describe())
+        if t.method != "exact":
+            log.info("%s tuned: %s", what, t.describe())
         return
     budget = f" within the latency budget of {t.budget_ms:g} ms" if t.budget_ms is not None else ""
     log.warning("%s: recall@%d target %.3f not met%s; using %s (raise tune_latency_ms, lower tune_recall, "
