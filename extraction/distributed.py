@@ -99,12 +99,12 @@ def _plain(cfg) -> dict:
 
 
 def connect_cluster(cfg):
-    """Connect to Ray as `cluster` says (factory.cluster), or reuse this process's connection."""
+    """Connect to Ray as `cluster` says (luna.cluster), or reuse this process's connection."""
     import ray
 
     if ray.is_initialized():
         return None
-    from factory.cluster import connect
+    from luna.cluster import connect
 
     c = _get(cfg, "cluster")
     return connect({"mode": c} if isinstance(c, str) else _plain(c))

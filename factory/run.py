@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 from factory import inventory as inv_mod
 from factory import shards
 from factory.campaign import load_campaign
-from factory.cluster import connect, list_nodes
+from luna.cluster import connect, list_nodes
 from factory.planner import plan as make_plan
 from factory.worker import SDXLGenerator, Scheduler, actor_specs, ray_actor_factory
 

@@ -25,6 +25,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from luna.settings import resolve_device
+
 
 FILE_FORMAT_VERSION = 1
 
@@ -280,12 +282,6 @@ def _local_folder(weights, what: str, hint: str) -> Path:
     return path
 
 
-def _device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class ZeroShotDetector:
     """Text-prompted boxes with OWLv2 / OWL-ViT / Grounding DINO from a local transformers folder."""
 
@@ -297,7 +293,7 @@ class ZeroShotDetector:
         import torch
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        self.device = _device(device)
+        self.device = resolve_device(device)
         try:
             self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
             self.model = AutoModelForZeroShotObjectDetection.from_pretrained(path, local_files_only=True)
@@ -354,7 +350,7 @@ class Sam3Detector:
             raise DetectorUnavailable(f"Sam3Detector: this transformers has no Sam3Model; pip install 'transformers>=5' ({exc})") from exc
         import torch
 
-        self.device = _device(device)
+        self.device = resolve_device(device)
         try:
             self.processor = Sam3Processor.from_pretrained(path, local_files_only=True)
             self.model = Sam3Model.from_pretrained(path, local_files_only=True)

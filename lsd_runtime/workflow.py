@@ -26,6 +26,7 @@ from lsd_runtime.geometry import pad_to_multiple, unpad
 from lsd_runtime.refiner import RefineTileSettings, refine_tiles
 from lsd_runtime.sampler import DenoiseItem, Sampler, SamplerSettings, sampler_denoiser, time_ids
 from lsd_runtime.scaffold import NoiseScaffold
+from luna.settings import resolve_device
 
 FORMAT_VERSION = 1
 
@@ -53,8 +54,7 @@ class Components:
 
 def pick_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
     """cuda with bf16 (fp16 where bf16 is missing) when there is a GPU; cpu with fp32 otherwise."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if dtype == "auto":
         if str(device).startswith("cuda"):
             return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -13,16 +13,10 @@ import os
 import sys
 from pathlib import Path
 
+from luna.settings import plain
+
 log = logging.getLogger("luna.train")
 RUN_ID_FILE = "wandb_run_id"
-
-
-def _plain(node):
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(node, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
 
 
 def run_dir(cfg) -> Path:
@@ -112,8 +106,8 @@ def train(cfg) -> float | None:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     module = ProjectorModule(
-        net=_plain(cfg.model), dims=datamodule.dims, pooled_head=_plain(cfg.get("pooled_head")),
-        optim=_plain(cfg.optim), loss=_plain(cfg.loss),
+        net=plain(cfg.model), dims=datamodule.dims, pooled_head=plain(cfg.get("pooled_head")),
+        optim=plain(cfg.optim), loss=plain(cfg.loss),
     )
     module.projector.set_stats(datamodule.stats)
     log.info("projector %s: %d parameters", cfg.model._target_, count_parameters(module.projector))

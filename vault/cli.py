@@ -13,17 +13,10 @@ import time
 from pathlib import Path
 
 ACTIONS = ("build", "query", "serve")
-EXIT_USER_ERROR = 2
 USAGE = """usage: luna vault build pairs=DIR out=DIR [index=FACTORY_STRING] [mode=stored|prompts] [memory_budget=4G]
        luna vault query vault=DIR|ray:NAME image=PATH [k=10] [format=text|json] [category=auto|NAME] [sheet=PATH]
        luna vault serve vault=DIR [name=luna-vault] [ray_address=...]"""
 JSON_FIELDS = ("key", "prompt", "score", "category", "checkpoint")
-
-
-def _plain(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def _build(c: dict) -> None:
@@ -118,44 +111,34 @@ def _serve(c: dict) -> None:
         print(f"vault service {c['name']!r} stopped", file=sys.stderr)
 
 
-def _task(cfg, outcome: dict) -> None:
-    from vault.manifest import VaultError
+def run(cfg) -> None:
+    """One action of conf/vault.yaml (`cfg.action`); `query format=json` prints only its JSON on stdout."""
+    from luna.settings import plain
 
-    c = _plain(cfg)
+    c = plain(cfg)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        with contextlib.redirect_stdout(sys.stderr) if c["action"] == "query" else contextlib.nullcontext():
-            if c["action"] == "build":
-                _build(c)
-            elif c["action"] == "query":
-                outcome["stdout"] = _query(c)
-            else:
-                _serve(c)
-    except (VaultError, ValueError, FileNotFoundError) as e:
-        outcome["error"] = str(e)
+    if c["action"] == "build":
+        _build(c)
+    elif c["action"] == "query":
+        with contextlib.redirect_stdout(sys.stderr):  # model and Ray chatter must not mix with the answer
+            answer = _query(c)
+        print(answer)
+    else:
+        _serve(c)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from luna.cli import run_hydra
+    from luna.cli import EXIT_USER_ERROR, run_stage
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    if argv[0] not in ACTIONS:
-        print(f"luna vault: unknown action {argv[0]!r}\n{USAGE}", file=sys.stderr)
+    action = argv[0]
+    if action not in ACTIONS:
+        print(f"luna vault: unknown action {action!r}\n{USAGE}", file=sys.stderr)
         return EXIT_USER_ERROR
-    outcome: dict = {}
-    try:
-        run_hydra(lambda cfg: _task(cfg, outcome), "vault", [f"action={argv[0]}", *argv[1:]], prog=f"luna vault {argv[0]}")
-    except SystemExit as e:  # Hydra printed what was wrong with the overrides
-        return EXIT_USER_ERROR if e.code not in (0, None) else 0
-    if "error" in outcome:
-        print(f"luna vault {argv[0]}: error: {outcome['error']}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    if "stdout" in outcome:
-        print(outcome["stdout"])
-    return 0
+    return run_stage(f"luna vault {action}", f"vault_{action}", run, argv[1:])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from vault.manifest import atomic_path
+from luna.files import atomic_path
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from factory import inventory, shards
-from factory.cluster import connect
+from luna.cluster import connect
 from factory.run import FactoryError, ShardSink, run
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import functools
 import pytest
 
 from factory import quality
-from factory.cluster import connect
+from luna.cluster import connect
 from factory.worker import ActorSpec, FactoryRunError, FactoryWorker, Scheduler, actor_specs, ray_actor_factory
 
 SAMPLER = {"steps": 2, "cfg": 5.0, "scheduler": "euler", "width": 16, "height": 16, "batch_size": 2}
@@ -89,7 +89,7 @@ def test_dead_actor_unit_is_retried_elsewhere_without_duplicates(ray_cluster, fa
 
 
 def test_actor_specs_fractional_gpus():
-    from factory.cluster import NodeInfo
+    from luna.cluster import NodeInfo
 
     nodes = {"big": NodeInfo("big", "id", "h", 16, 2.0, True), "cpu": NodeInfo("cpu", "id2", "h2", 4, 0, True)}
     specs = actor_specs(nodes, ["big", "cpu"], {"gpus_per_actor": 0.5, "cpus_per_actor": 2})

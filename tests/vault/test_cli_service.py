@@ -33,12 +33,12 @@ def tower():
 @pytest.fixture(scope="module")
 def image_vault(tower, tmp_path_factory):
     """Synthetic pairs in the tiny tower's space plus 4 real images (keys img0..img3, two in a shard)."""
-    from vault.query import embed_with
+    from luna.models.vision import embed
 
     root = tmp_path_factory.mktemp("iv")
     pairs = write_synthetic_pairs(root / "pairs", 300, 30, tower.dim, vision_model=tower.model_id)
     images = [_image(i) for i in range(4)]
-    embeds = embed_with(tower, images)
+    embeds = embed(tower, images).embed.numpy()
     texts = [f"real image {i}" for i in range(4)]
     cond, pooled = synthetic_encode(texts)
     write_part(pairs / "part-img.h5", PairsPart(

@@ -1,4 +1,4 @@
-"""Ray start/join shared by every stage (factory, extraction, vault service).
+"""Ray start/join shared by every stage (factory, extraction, vault service): the ground floor's cluster connection.
 
 A node is named by a custom resource `luna_node:<name>` that `ray start --resources` gives it
 (`cluster=lan`), or that `connect` gives the in-process node (`cluster=local`). Work meant for a
@@ -12,7 +12,9 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
+
+from luna.settings import get
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +68,6 @@ class Cluster:
             ray.shutdown()
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
 def list_nodes() -> dict[str, NodeInfo]:
     """Alive nodes of the connected cluster by Luna name (resource name, else hostname)."""
     import ray
@@ -107,26 +101,26 @@ def connect(cfg: Any = None) -> Cluster:
 
     if ray.is_initialized():
         return Cluster(nodes=list_nodes(), owned=False, address=None)
-    mode = str(_get(cfg, "mode", "local"))
-    dashboard = bool(_get(cfg, "include_dashboard", False))
-    common: dict[str, Any] = dict(include_dashboard=dashboard, log_to_driver=bool(_get(cfg, "log_to_driver", True)),
+    mode = str(get(cfg, "mode", "local"))
+    dashboard = bool(get(cfg, "include_dashboard", False))
+    common: dict[str, Any] = dict(include_dashboard=dashboard, log_to_driver=bool(get(cfg, "log_to_driver", True)),
                                   configure_logging=True, logging_level=logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if mode == "local":
-        name = _get(cfg, "node_name") or "local"
+        name = get(cfg, "node_name") or "local"
         kw: dict[str, Any] = dict(resources={NODE_RESOURCE_PREFIX + str(name): 1000})
         for key in ("num_cpus", "num_gpus", "object_store_memory"):
-            if _get(cfg, key) is not None:
-                kw[key] = _get(cfg, key)
+            if get(cfg, key) is not None:
+                kw[key] = get(cfg, key)
         if dashboard:  # only ever on the loopback unless the user names another host
-            kw["dashboard_host"] = str(_get(cfg, "dashboard_host") or "127.0.0.1")
+            kw["dashboard_host"] = str(get(cfg, "dashboard_host") or "127.0.0.1")
         try:
             ray.init(address="local", **kw, **common)  # "local": never join a cluster found on this machine
         except Exception as e:  # noqa: BLE001 - Ray raises many kinds; the user needs one line
             raise ClusterError(f"could not start a local Ray instance: {e}") from e
         return Cluster(nodes=list_nodes(), owned=True, address=None)
     if mode == "lan":
-        address = str(_get(cfg, "address") or "auto")
+        address = str(get(cfg, "address") or "auto")
         try:
             ray.init(address=address, **common)
         except Exception as e:  # noqa: BLE001
