@@ -32,7 +32,7 @@ def _build(c: dict) -> None:
     t = m.tuning or {}
     missed = "" if t.get("met", True) else f", TARGET {t.get('target')} NOT MET"
     print(f"vault {c['out']}: {m.count} images, {m.num_prompts} prompts, mode {m.mode}, "
-          f"index {m.index_spec} ({m.search_params or 'exact'}, recall@10 {m.tuned_recall:.3f} on "
+          f"index {m.index_spec} ({m.search_params or 'exact'}, recall@10 {m.tuned_recall:.4f} on "
           f"{t.get('method', 'held-in')} queries{missed}), "
           f"categories {sorted(m.categories) or '-'}, {size / max(1, m.count):.0f} B/image, "
           f"{time.perf_counter() - t0:.1f} s")

@@ -156,7 +156,7 @@ class Tuning:
 
     def describe(self) -> str:
         lat = f", p50 {self.latency_ms:.2f} ms" if self.latency_ms is not None else ""
-        return f"{self.params or 'exact'}: recall@{self.k} {self.recall:.3f}{lat} on {self.queries} {self.method} queries"
+        return f"{self.params or 'exact'}: recall@{self.k} {self.recall:.4f}{lat} on {self.queries} {self.method} queries"
 
 
 def _p50_ms(index: faiss.Index, q: np.ndarray, k: int, n: int = 200) -> float:

@@ -61,7 +61,7 @@ def test_unreachable_target_warns_and_is_recorded(tmp_path, caplog):
     assert t["latency_ms"] > 1e-6 and 0.0 < t["recall"] == manifest["tuned_recall"]
     assert m.search_params == t["params"] == "efSearch=16"  # over budget at once: the cheapest setting
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "not met" in r.getMessage()]
-    assert any("global index HNSW16" in w and "0.999" in w and f"{t['recall']:.3f}" in w for w in warned)
+    assert any("global index HNSW16" in w and "0.999" in w and f"{t['recall']:.4f}" in w for w in warned)
     assert all(not c["tuning"]["met"] for c in manifest["categories"].values())
     assert len(warned) == 1 + len(manifest["categories"])
 
@@ -81,3 +81,17 @@ def test_tuning_settings_are_checked(tmp_path):
         build_vault(pairs, tmp_path / "v", tune_recall=1.5)
     with pytest.raises(ValueError, match="tune_latency_ms=0"):
         build_vault(pairs, tmp_path / "v", tune_latency_ms=0)
+
+
+def test_cli_build_says_when_the_target_is_not_met(tmp_path, capsys, caplog):
+    from vault.cli import main
+
+    pairs = write_synthetic_pairs(tmp_path / "p", 2000, 200, 16)
+    assert main(["build", f"pairs={pairs}", f"out={tmp_path / 'v'}", "index=HNSW16", "categories=false",
+                 "tune_recall=0.999", "tune_latency_ms=0.000001", "tune_queries=100"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out queries, TARGET 0.999 NOT MET" in out
+    assert any("not met within the latency budget" in r.getMessage() for r in caplog.records)
+    assert main(["build", f"pairs={pairs}", f"out={tmp_path / 'v2'}", "index=HNSW16", "categories=false",
+                 "tune_recall=0.5"]) == 0
+    assert "NOT MET" not in capsys.readouterr().out
