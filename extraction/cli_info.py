@@ -90,7 +90,7 @@ def info_text(folder) -> str:
         f"  per image        {st['image_bytes_per_image']:.0f} B (embedding and metadata)"
         + (f" + {st['token_bytes_per_image']:.0f} B tokens" if s["tokens"] else ""),
         f"  per prompt       {st['cond_bytes_per_prompt']:.0f} B conditioning ({SEQ_LEN}x{width} + {s['pooled_dim']}, "
-        f"{st['stored_conditionings']} stored) + {st['text_bytes_per_prompt']:.0f} B text",
+        f"{st['stored_conditionings']} stored) + {st['text_bytes_per_prompt']:.0f} B prompt list",
         f"  at full size     {SEQ_LEN}x{FULL_COND_WIDTH} + {FULL_POOLED} fp16 = {FULL_PROMPT_BYTES:,} B per prompt: "
         f"stored mode {full['bytes_per_image_stored']:,.0f} B/image, prompts-only {full['bytes_per_image_prompts_only']:,.0f} "
         f"B/image; tokens=true adds {full['token_bytes_per_image_vit_h']:,} B/image at ViT-H-14",
