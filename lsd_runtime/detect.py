@@ -11,7 +11,7 @@ Every detector has `detect(image: PIL.Image, prompts: list[str]) -> list[Detecti
 - `Sam3Detector`: transformers' SAM 3 from a local folder: boxes and masks for any text
   prompt.
 
-`make_detector(name, **cfg)` builds one from config (`detect.name=cascade`, ...).
+`luna refine detect=NAME` builds one from conf/detect/NAME.yaml (`_target_`); `make_detector(name, **cfg)` in Python.
 See docs/runtime-detection.md.
 """
 from __future__ import annotations
@@ -106,7 +106,9 @@ class FileDetector:
     With prompts, only detections whose label is one of them are returned.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path | None):
+        if path is None:
+            raise DetectionFileError("detector 'file' needs detect.path=/path/to/detections.json")
         self.path = Path(path)
         if not self.path.is_file():
             raise DetectionFileError(f"{self.path}: no such detections file")

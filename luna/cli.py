@@ -26,7 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "vault": ("vault.cli", "build | query | serve FAISS vaults"),
     "train": ("projector.cli", "train an image-embedding -> conditioning projector"),
     "refine": ("lsd_runtime.cli", "the Luna Semantic Detailer: refine an image at 4K"),
-    "demo": ("luna.demo", "the whole loop on the tiny preset, with report.html"),
+    "demo": ("demo.run", "the whole loop on the tiny preset, with report.html"),
 }
 
 
@@ -44,22 +44,36 @@ class _StageExit(SystemExit):
     SystemExit through; an Exception would be printed as a traceback)."""
 
 
+def _register_resolvers() -> None:
+    """`${luna:models/toy/x.safetensors}`: a file shipped inside the luna package (checkout or install),
+    so a preset can name weights committed with the code."""
+    from omegaconf import OmegaConf
+
+    from luna import PACKAGE_DIR
+
+    if not OmegaConf.has_resolver("luna"):
+        OmegaConf.register_new_resolver("luna", lambda rel: str(PACKAGE_DIR / str(rel)))
+
+
 def run_stage(prog: str, config_name: str, task: Callable[[Any], Any], argv: Sequence[str], *,
               user_errors: tuple[type[BaseException], ...] = (), interrupted: str = "") -> int:
     """Run `task(cfg)` as the Hydra app over conf/`config_name`.yaml with `argv` as overrides and
     return the exit code:
 
     - 0: the task returned (its return value goes to Hydra, e.g. a sweeper's objective);
-    - 2: a user error: ValueError (every stage's user errors subclass it), FileNotFoundError or one
-      of `user_errors`, printed as `PROG: error: MESSAGE`; or an override/config Hydra rejected
-      (Hydra prints why);
+    - 2: a user error: ValueError (every stage's user errors subclass it), FileNotFoundError, an
+      OmegaConf error (missing `???` value, wrong type) or one of `user_errors`, printed as
+      `PROG: error: MESSAGE`; or an override/config Hydra rejected (Hydra prints why);
     - `StageFailed.code` (1): printed as `PROG: MESSAGE`;
     - 130: Ctrl-C, printed as `PROG: interrupted` plus `interrupted` (what is kept, how to resume);
     - 1: any other exception (a bug): Hydra prints the traceback.
     """
     import hydra
+    from omegaconf.errors import OmegaConfBaseException
 
-    caught = (ValueError, FileNotFoundError, *user_errors)
+    _register_resolvers()
+    # OmegaConf's errors name the key at fault (a missing `???` value, a wrong type)
+    caught = (ValueError, FileNotFoundError, OmegaConfBaseException, *user_errors)
     state: dict[str, Any] = {}
 
     def app_task(cfg):
@@ -114,11 +128,24 @@ def compose(config_name: str, overrides: Sequence[str] = (), values: Mapping | N
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
+    _register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     if values:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(values)))
     return cfg
+
+
+def quote_free_text(argv: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """`argv` with the values of free-text `keys` (prompts) quoted for Hydra, so `prompt=a, b [c]` is
+    taken verbatim instead of as a sweep or a list; values already quoted are left as they are."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+") in keys and value and value[0] not in "'\"":
+            arg = key + "='" + value.replace("'", "\\'") + "'"
+        out.append(arg)
+    return out
 
 
 def override_value(argv: Sequence[str], key: str) -> str | None:

@@ -11,10 +11,10 @@ def make_tiny(cfg) -> None:
 
     out = Path(cfg.out).expanduser().resolve()
     written = tiny.write_checkpoints(out, n=int(cfg.n), families=tuple(cfg.families))
-    for ck in written:
-        print(f"{ck.name}: family={ck.family} te_fingerprint={te_fingerprint(ck.single_file)}")
-        print(f"  single file: {ck.single_file}")
-        print(f"  diffusers:   {ck.diffusers_dir}")
+    for checkpoint in written:
+        print(f"{checkpoint.name}: family={checkpoint.family} te_fingerprint={te_fingerprint(checkpoint.single_file)}")
+        print(f"  single file: {checkpoint.single_file}")
+        print(f"  diffusers:   {checkpoint.diffusers_dir}")
     if cfg.write_vision:
         print(f"vision open_clip:{tiny.TINY_VISION}: {tiny.write_vision(out / 'vision')}")
 

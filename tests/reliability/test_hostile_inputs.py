@@ -189,8 +189,8 @@ def test_demo_sample_sheet_and_factory_reader_write_nothing_outside(te_checkpoin
     report samples (writes files, named from sanitised keys only)."""
     import shutil
 
+    from demo.run import read_shards
     from factory.shards import read_shard
-    from luna.demo import read_shards
 
     monkeypatch.chdir(tmp_path)
     shards = tmp_path / "shards"

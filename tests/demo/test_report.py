@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from luna.report import build_report
+from demo.report import build_report
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -90,7 +90,7 @@ def test_report_is_self_contained_with_pngs_beside_it(tmp_path):
 
 
 def test_sample_grid_has_a_cell_per_job_and_checkpoint(tmp_path):
-    from luna.report import sample_grid
+    from demo.report import sample_grid
 
     res = synthetic_results(tmp_path)
     grid = np.asarray(sample_grid(res["campaign"]["samples"], per_cell=2, tile=32))

@@ -532,12 +532,12 @@ def build_report(results: dict, out_dir) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m luna.report RESULTS.json [OUT_DIR]`: rebuild a report from a saved results dict."""
+    """`python -m demo.report RESULTS.json [OUT_DIR]`: rebuild a report from a saved results dict."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        print("usage: python -m luna.report DIR/demo/results.json [OUT_DIR]", file=sys.stderr)
+        print("usage: python -m demo.report DIR/demo/results.json [OUT_DIR]", file=sys.stderr)
         return 2
     results = json.loads(Path(argv[0]).read_text())
     out = Path(argv[1]) if len(argv) > 1 else Path(argv[0]).resolve().parent.parent

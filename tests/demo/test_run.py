@@ -9,12 +9,12 @@ import numpy as np
 from PIL import Image
 
 SMALL = ["campaign.quota=2", "campaign.steps=2", "campaign.batch_size=2", "train.epochs=1", "train.batch_size=8",
-         "retrieval.samples=1", "retrieval.k=3", "refine.k=3", "refine.steps=2", "report.samples_per_cell=1",
+         "retrieval.samples=1", "retrieval.k=3", "refine.k=3", "+refine.detail.steps=2", "report.samples_per_cell=1",
          "progress=false"]
 
 
 def test_demo_runs_the_whole_loop_and_resumes(ray_cluster, tmp_path, capsys):
-    from luna.demo import main
+    from demo.run import main
 
     out = tmp_path / "demo run"  # a space in the path: every stage's override must survive it
     assert main([f"out={out}", *SMALL]) == 0
@@ -75,7 +75,7 @@ def test_demo_runs_the_whole_loop_and_resumes(ray_cluster, tmp_path, capsys):
 
 
 def test_fresh_refuses_to_wipe_a_folder_that_is_not_a_demo(tmp_path, capsys):
-    from luna.demo import main
+    from demo.run import main
 
     keep = tmp_path / "precious.txt"
     keep.write_text("not a demo")
