@@ -17,7 +17,7 @@ setup(
     packages=find_packages(include=PACKAGES) + sorted(present),
     package_dir=present,
     package_data={
-        "luna.conf": ["**/*.yaml", "**/*.txt"],  # campaign wildcards still under conf/ until campaigns/ holds them
+        "luna.conf": ["**/*.yaml"],
         "luna.campaigns": ["**/*.yaml", "**/*.txt"],
         "luna.models.configs": ["**/*.json"],
     },

@@ -105,10 +105,10 @@ def write_campaign(cfg: dict, dest: Path) -> dict:
     written atomically to `dest`; returns the written document."""
     import yaml
 
-    from factory.campaign import CAMPAIGN_DIR
+    from luna import CAMPAIGNS_DIR
 
     campaign = cfg["campaign"]
-    src = CAMPAIGN_DIR / f"{campaign['name']}.yaml"
+    src = CAMPAIGNS_DIR / f"{campaign['name']}.yaml"
     if not src.is_file():
         raise DemoError(f"campaign.name={campaign['name']!r}: no {src}")
     doc = yaml.safe_load(src.read_text())
@@ -128,16 +128,16 @@ def write_campaign(cfg: dict, dest: Path) -> dict:
 
 
 def read_shards(shards_dir: Path, per_cell: int, samples_dir: Path) -> dict:
-    """Campaign statistics from the finished shards (their _stats.json and each sample's key.json)
+    """Campaign statistics from the finished shards (their stats files and each sample's key.json)
     and the images of up to `per_cell` samples per (job, checkpoint), copied to `samples_dir`."""
-    from factory.shards import complete_shards, read_shard, stats_path
+    from factory.shards import complete_shards, read_shard, read_stats
 
     counts: dict[str, dict[str, int]] = {}
     rejected, reasons, units, shards = 0, {}, 0, 0
     samples, taken = [], {}
     samples_dir.mkdir(parents=True, exist_ok=True)
     for tar_path in complete_shards(shards_dir):  # unfinished writes are the factory's to redo
-        stats = json.loads(stats_path(tar_path).read_text())
+        stats = read_stats(tar_path)
         shards += 1
         units += len(stats.get("unit_ids", []))
         rejected += int(stats.get("failed", 0))
@@ -169,8 +169,8 @@ def read_shards(shards_dir: Path, per_cell: int, samples_dir: Path) -> dict:
 
 
 def stage_factory(cfg: dict, paths: Paths) -> dict:
+    from factory.errors import FactoryRunError
     from factory.run import run as run_factory
-    from factory.worker import FactoryRunError
     from luna.settings import plain
 
     doc = write_campaign(cfg, paths.campaign)

@@ -126,11 +126,19 @@ def compose(config_name: str, overrides: Sequence[str] = (), values: Mapping | N
     callers never quote data into override strings. Group choices go in `overrides` (`preset=tiny`)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     _register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    running = GlobalHydra.instance()
+    outer = running.hydra if running.is_initialized() else None  # inside a running app (the demo's stages)
+    running.clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
     if values:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(values)))
     return cfg

@@ -67,6 +67,21 @@ def test_compose_merges_plain_values_without_quoting(tmp_path):
     assert cfg.out == str(odd) and cfg.n == 3 and list(cfg.families) == ["base"]
 
 
+def test_compose_inside_a_running_stage_leaves_the_stage_as_it_was(tmp_path):
+    """The demo composes every stage's config while its own Hydra app runs."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    seen = {}
+
+    def task(cfg):
+        seen["refine_tile"] = compose("refine", ["preset=tiny"]).refine.tile
+        seen["still_running"] = HydraConfig.initialized() and GlobalHydra.instance().is_initialized()
+
+    assert _run(tmp_path, task) == EXIT_OK
+    assert seen == {"refine_tile": 256, "still_running": True}
+
+
 def test_every_subcommand_module_has_main():
     import importlib
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from factory import inventory, shards
+from factory.errors import FactoryError
+from factory.run import ShardSink, run
 from luna.cluster import connect
-from factory.run import FactoryError, ShardSink, run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -205,7 +206,7 @@ def test_disk_full_mid_shard_keeps_nothing_partial_then_resumes(ray_cluster, nod
     _assert_exact_quota(Path(cfg["out"]))
 
 
-def test_cli_dry_run_and_user_errors(ray_cluster, node_models, tmp_path, capsys):
+def test_cli_dry_run_and_user_errors(ray_cluster, node_models, tmp_path, capsys, monkeypatch):
     from factory.cli import main
 
     camp = tmp_path / "tinytest.yaml"
@@ -216,6 +217,22 @@ def test_cli_dry_run_and_user_errors(ray_cluster, node_models, tmp_path, capsys)
     text = capsys.readouterr().out
     assert "unique prompts" in text and "estimated time" in text and "tiny-pony-1" in text
     assert not (out / "shards").exists()  # planned only: nothing generated, no model loaded
+    # campaign=PATH and campaign=NAME (campaigns/NAME.yaml): the file is read once, by the loader, not by Hydra
+    reads = []
+    real_read_text = Path.read_text
+
+    def counting_read_text(self, *args, **kwargs):
+        if self.suffix == ".yaml" and self.stem in ("tinytest", "facial_features"):
+            reads.append(self.name)
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting_read_text)
+    assert main([f"campaign={camp}", f"out={out}", nd, "dry_run=true"]) == 0
+    assert "campaign tinytest:" in capsys.readouterr().out and reads == ["tinytest.yaml"]
+    assert main(["campaign=facial_features", f"out={out}", nd, "dry_run=true"]) == 0
+    assert "campaign facial_features:" in capsys.readouterr().out
+    assert reads == ["tinytest.yaml", "facial_features.yaml"]
+    monkeypatch.undo()
     # user errors: one line, no traceback, exit 2
     bad = tmp_path / "bad.yaml"
     bad.write_text(CAMPAIGN.replace("__lighting__", "__nope__"))
@@ -229,6 +246,7 @@ def test_cli_dry_run_and_user_errors(ray_cluster, node_models, tmp_path, capsys)
         ([f"campaign_file={camp}", f"out={out}", nd, "+checkpoints.node_dirs.pc7=[/x]"], "pc7"),
         ([f"campaign_file={camp}", f"out={ro / 'sub'}", nd], "not writable"),
         ([f"out={out}", nd], "no campaign"),
+        (["campaign=no_such_campaign", f"out={out}", nd], "named campaigns: backgrounds, demo"),
     ]
     if os.geteuid() == 0:  # root writes anywhere: use a path under a file instead
         (tmp_path / "afile").write_text("x")

@@ -1,22 +1,11 @@
-"""The shard reader: discovery, completeness markers, truncation, member names."""
+"""Extraction's reader: shard discovery, completeness markers, format versions, bad samples, batches."""
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import pytest
 
-from extraction.reader import (
-    CorruptShard,
-    ShardError,
-    check_format_version,
-    expand_patterns,
-    find_shards,
-    iter_shard_batches,
-    iter_tar_samples,
-    split_member,
-)
+from extraction.reader import ShardError, check_format_version, expand_patterns, find_shards, iter_shard_batches
 from tests.extraction.extraction_shards import sample_meta, write_shard
 
 CKPT = {"name": "ck", "fingerprint": "f", "te_fingerprint": "te"}
@@ -48,33 +37,6 @@ def test_shard_without_stats_is_skipped_unless_forced(tmp_path, caplog):
     assert "force=true" in caplog.text
     shards, skipped = find_shards(str(tmp_path), force=True)
     assert len(shards) == 2 and not skipped
-
-
-def test_samples_grouped_by_key_and_truncation_detected(tmp_path):
-    path = write_shard(tmp_path, "c-pc1-w0-000000", _metas(5))
-    samples = list(iter_tar_samples(path))
-    assert len(samples) == 5 and all(set(f) == {"png", "txt", "json"} for _, f in samples)
-    data = path.read_bytes()
-    # cut in the middle of a member, and exactly at a member boundary (tarfile alone misses the latter)
-    with tarfile.open(path) as tf:
-        boundary = tf.getmembers()[6].offset
-    for cut in (len(data) // 2 + 7, boundary):
-        with pytest.raises(CorruptShard):
-            list(iter_tar_samples(data[:cut]))
-
-
-def test_member_names_never_become_paths(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in (("../evil.png", b"x"), ("/abs/evil.json", b"{}"), ("ok.txt", b"hi")):
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-    keys = [k for k, _ in iter_tar_samples(buf.getvalue())]
-    assert keys == ["../evil", "/abs/evil", "ok"]
-    assert sorted(p.name for p in tmp_path.rglob("*")) == [] and not (tmp_path.parent / "evil.png").exists()
-    assert split_member("a/b.c.json") == ("a/b", "c.json")
 
 
 def test_bad_samples_are_listed_and_the_shard_goes_on(tmp_path):
@@ -114,8 +76,8 @@ def test_reads_the_factory_shard_writer(tmp_path):
     samples = []
     for i in range(3):
         meta = sample_meta(f"prompt {i}", CKPT, seed=10 + i, category="eyes/color")
-        samples.append(fshards.Sample(f"k{i:04d}", fshards.encode_image(torch.rand(24, 24, 3).numpy()), "png",
-                                      meta["prompt"], meta))
+        samples.append(fshards.ShardSample(f"k{i:04d}", fshards.encode_image(torch.rand(24, 24, 3).numpy()), "png",
+                                           meta["prompt"], meta))
     path = tmp_path / f"{fshards.shard_name('faces', 'pc1', 'w0', 0)}.tar"
     fshards.write_shard(path, samples, {"count": 3, "successes": 3})
     (shard,), skipped = find_shards(str(tmp_path))
