@@ -187,7 +187,7 @@ def run_script(argv: list[str], timeout: float) -> None:
 
 def section_extraction(args) -> None:
     if args.tiny:
-        run_script(["benchmarks/extract_bench.py", "--images", "64", "--shards", "2", "--batch-size", "16",
+        run_script(["benchmarks/extract_bench.py", "--images", "32", "--shards", "2", "--batch-size", "16",
                     "--workers", "1", "--device", "cpu"], 600)
     else:
         run_script(["benchmarks/extract_bench.py", "--arch", "ViT-H-14", "--images", "2048", "--shards", "8",
@@ -196,7 +196,8 @@ def section_extraction(args) -> None:
 
 def section_runtime(args) -> None:
     if args.tiny:
-        run_script(["benchmarks/runtime_bench.py", "--skip-4k", "--repeats", "1", "--crops", "4", "--device", "cpu"], 600)
+        run_script(["benchmarks/runtime_bench.py", "--skip-4k", "--repeats", "1", "--crops", "2", "--steps", "1",
+                    "--canvas", "512", "--device", "cpu"], 600)
     else:
         run_script(["benchmarks/runtime_bench.py", "--preset", "sdxl-random", "--skip-4k", "--repeats", "1",
                     "--crops", "8", "--working", "1024", "--device", args.device], 600)
