@@ -188,19 +188,19 @@ def run_script(argv: list[str], timeout: float) -> None:
 def section_extraction(args) -> None:
     if args.tiny:
         run_script(["benchmarks/extract_bench.py", "--images", "32", "--shards", "2", "--batch-size", "16",
-                    "--workers", "1", "--device", "cpu"], 600)
+                    "--workers", "1", "--device", "cpu"], args.timeout)
     else:
         run_script(["benchmarks/extract_bench.py", "--arch", "ViT-H-14", "--images", "2048", "--shards", "8",
-                    "--batch-size", "128", "--workers", "8", "--device", args.device], 600)
+                    "--batch-size", "128", "--workers", "8", "--device", args.device], args.timeout)
 
 
 def section_runtime(args) -> None:
     if args.tiny:
         run_script(["benchmarks/runtime_bench.py", "--skip-4k", "--repeats", "1", "--crops", "2", "--steps", "1",
-                    "--canvas", "512", "--device", "cpu"], 600)
+                    "--canvas", "512", "--device", "cpu"], args.timeout)
     else:
         run_script(["benchmarks/runtime_bench.py", "--preset", "sdxl-random", "--skip-4k", "--repeats", "1",
-                    "--crops", "8", "--working", "1024", "--device", args.device], 600)
+                    "--crops", "8", "--working", "1024", "--device", args.device], args.timeout)
 
 
 # --------------------------------------------------------------------------- projector
@@ -320,6 +320,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     ap.add_argument("--device", default=None, help="default: cuda when available (cpu with --tiny)")
     ap.add_argument("--out", type=Path, default=None, help="also write everything printed to this file")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds for each delegated script (extraction, runtime)")
     args = ap.parse_args(argv)
     import torch
 
