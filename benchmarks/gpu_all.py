@@ -159,6 +159,7 @@ def section_factory(args) -> None:
                 "samples": [{"key": f"k{i}", "prompt": p, "negative": "", "seed": s}
                             for i, (p, s) in enumerate(zip(prompts, seeds))],
                 "sampler": sampler, "image": {"format": "png"}, "quality": {"max_attempts": 1}}
+        worker.run(dict(task, samples=task["samples"][:bs]))  # warm-up: the encoding threads, PIL's encoder
         sync(args.device)
         t = time.perf_counter()
         res = worker.run(task)
