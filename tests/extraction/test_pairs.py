@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-from extraction.pairs import FORMAT_VERSION, READ_VERSIONS, Pairs, PairsFormatError, PairsPart, read_attrs, write_part
+from extraction.pairs import FORMAT_VERSION, Pairs, PairsFormatError, PairsPart, read_attrs, write_part
 
 ATTRS = {"vision_model": "open_clip:test", "vision_dim": 8, "text_dims": [4, 6], "pooled_dim": 6}
 
@@ -158,19 +158,3 @@ def test_pairs_info_bytes_per_prompt_do_not_depend_on_the_number_of_parts(tmp_pa
     text = info_text(tmp_path / "many")
     assert "per prompt       14912 B conditioning (77x96 + 64, 30 stored)" in text
     assert "317,952 B per prompt" in text and "657,920 B/image at ViT-H-14" in text
-
-
-def test_reads_a_part_written_by_the_format_v1_writer():
-    """tests/fixtures/format_v1: a part written before the redesign reads back unchanged."""
-    from pathlib import Path
-
-    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "format_v1"
-    expected = np.load(fixture / "expected.npz")
-    assert 1 in READ_VERSIONS  # written as format 1, read by the format 2 reader
-    with Pairs(fixture / "pairs") as p:
-        assert (len(p), p.num_prompts, p.vision_model, p.vision_dim, p.text_dims) == (3, 2, "tiny", 8, (2, 2))
-        assert p.key == [f"fixture_job_{i:06d}" for i in range(3)] and list(p.seed) == [100, 101, 102]
-        assert p.prompt_text == ["prompt 0", "prompt 1"] and list(p.prompt_id) == [0, 1, 1]
-        np.testing.assert_array_equal(p.embed, expected["embed"])
-        np.testing.assert_array_equal(p.cond([0, 1]), expected["cond"])
-        np.testing.assert_array_equal(p.pooled([1]), expected["pooled"][1:])
