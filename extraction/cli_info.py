@@ -13,40 +13,40 @@ from extraction.pairs import Pairs, PairsFormatError
 
 def pairs_info(folder) -> dict:
     """Statistics of a pairs folder as plain data."""
-    with Pairs(folder) as p:
-        size = sum(part.stat().st_size for part in p.parts)
-        n = len(p)
+    with Pairs(folder) as pairs:
+        size = sum(part.stat().st_size for part in pairs.parts)
+        images = len(pairs)
         return {
             "folder": str(folder),
-            "parts": len(p.parts),
-            "images": n,
-            "unique_prompts": p.num_prompts,
-            "text_encoders": dict(Counter(p.te_fingerprint)),
-            "categories": dict(sorted(Counter(p.category).items())),
-            "checkpoints": dict(sorted(Counter(p.checkpoint).items())),
-            "vision_model": p.vision_model,
-            "vision_dim": p.vision_dim,
-            "text_dims": list(p.text_dims),
-            "tokens": p.has_tokens,
+            "parts": len(pairs.parts),
+            "images": images,
+            "unique_prompts": pairs.num_prompts,
+            "text_encoders": dict(Counter(pairs.te_fingerprint)),
+            "categories": dict(sorted(Counter(pairs.category).items())),
+            "checkpoints": dict(sorted(Counter(pairs.checkpoint).items())),
+            "vision_model": pairs.vision_model,
+            "vision_dim": pairs.vision_dim,
+            "text_dims": list(pairs.text_dims),
+            "tokens": pairs.has_tokens,
             "bytes": size,
-            "bytes_per_sample": size / n if n else 0.0,
+            "bytes_per_sample": size / images if images else 0.0,
         }
 
 
 def info_text(folder) -> str:
-    s = pairs_info(folder)
+    info = pairs_info(folder)
     lines = [
-        f"pairs folder {s['folder']}: {s['parts']} part(s)",
-        f"  images           {s['images']}",
-        f"  unique prompts   {s['unique_prompts']}  (by prompt text and text-encoder fingerprint)",
-        f"  vision model     {s['vision_model']} (dim {s['vision_dim']}), tokens: {str(s['tokens']).lower()}",
-        f"  text dims        {s['text_dims']}",
-        f"  bytes            {s['bytes']}  ({s['bytes_per_sample']:.0f} per sample)",
-        "  text encoders    " + ", ".join(f"{k}: {v} prompts" for k, v in s["text_encoders"].items()),
+        f"pairs folder {info['folder']}: {info['parts']} part(s)",
+        f"  images           {info['images']}",
+        f"  unique prompts   {info['unique_prompts']}  (by prompt text and text-encoder fingerprint)",
+        f"  vision model     {info['vision_model']} (dim {info['vision_dim']}), tokens: {str(info['tokens']).lower()}",
+        f"  text dims        {info['text_dims']}",
+        f"  bytes            {info['bytes']}  ({info['bytes_per_sample']:.0f} per sample)",
+        "  text encoders    " + ", ".join(f"{fingerprint}: {count} prompts" for fingerprint, count in info["text_encoders"].items()),
         "  categories:",
     ]
-    lines += [f"    {k or '(none)':<24} {v}" for k, v in s["categories"].items()]
-    lines += ["  checkpoints:"] + [f"    {k or '(none)':<24} {v}" for k, v in s["checkpoints"].items()]
+    lines += [f"    {name or '(none)':<24} {count}" for name, count in info["categories"].items()]
+    lines += ["  checkpoints:"] + [f"    {name or '(none)':<24} {count}" for name, count in info["checkpoints"].items()]
     return "\n".join(lines)
 
 

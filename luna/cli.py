@@ -20,13 +20,14 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 # subcommand -> (module, one-line help). Each module has `main(argv: list[str]) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("luna.models.make_tiny", "write tiny-preset SDXL checkpoints (single-file and diffusers)"),
+    "make-toy": ("luna.models.toy.make_toy", "train the toy preset's checkpoints on the procedural world (resumable)"),
     "factory": ("factory.cli", "generate WebDataset shards from a campaign on Ray"),
     "extract": ("extraction.cli", "extract paired image embeddings and SDXL conditionings (HDF5)"),
     "pairs-info": ("extraction.cli_info", "print statistics of a pairs folder"),
     "vault": ("vault.cli", "build | query | serve FAISS vaults"),
     "train": ("projector.cli", "train an image-embedding -> conditioning projector"),
     "refine": ("lsd_runtime.cli", "the Luna Semantic Detailer: refine an image at 4K"),
-    "demo": ("demo.run", "the whole loop on the tiny preset, with report.html"),
+    "demo": ("demo.run", "the whole loop on the toy preset (preset=tiny: random weights), with report.html"),
 }
 
 
@@ -104,20 +105,6 @@ def run_stage(prog: str, config_name: str, task: Callable[[Any], Any], argv: Seq
     finally:
         sys.argv = saved
     return EXIT_OK
-
-
-def run_hydra(task: Callable, config_name: str, argv: list[str], prog: str):
-    """Run `task(cfg)` as a Hydra app (no exit codes of its own): kept only until factory/ and
-    extraction/ call `run_stage`; new code uses `run_stage`."""
-    import hydra
-
-    app = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)
-    saved = sys.argv
-    sys.argv = [prog, *argv]
-    try:
-        return app()
-    finally:
-        sys.argv = saved
 
 
 def compose(config_name: str, overrides: Sequence[str] = (), values: Mapping | None = None):

@@ -67,19 +67,3 @@ def test_mismatched_parts_and_bad_files_are_clear_errors(tmp_path):
         bad.images["prompt_id"] = np.array([3])
         write_part(tmp_path / "e.h5", bad)
     assert not (tmp_path / "e.h5").exists()
-
-
-def test_reads_a_part_written_by_the_format_v1_writer():
-    """tests/fixtures/format_v1: a part written before the redesign reads back unchanged."""
-    from pathlib import Path
-
-    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "format_v1"
-    expected = np.load(fixture / "expected.npz")
-    assert FORMAT_VERSION == 1
-    with Pairs(fixture / "pairs") as p:
-        assert (len(p), p.num_prompts, p.vision_model, p.vision_dim, p.text_dims) == (3, 2, "tiny", 8, (2, 2))
-        assert p.key == [f"fixture_job_{i:06d}" for i in range(3)] and list(p.seed) == [100, 101, 102]
-        assert p.prompt_text == ["prompt 0", "prompt 1"] and list(p.prompt_id) == [0, 1, 1]
-        np.testing.assert_array_equal(p.embed, expected["embed"])
-        np.testing.assert_array_equal(p.cond([0, 1]), expected["cond"])
-        np.testing.assert_array_equal(p.pooled([1]), expected["pooled"][1:])
