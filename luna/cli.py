@@ -15,6 +15,7 @@ from luna import CONF_DIR
 # subcommand -> (module, one-line help). Each module has `main(argv: list[str]) -> int | None`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("luna.models.make_tiny", "write tiny-preset SDXL checkpoints (single-file and diffusers)"),
+    "inventory": ("luna.models.inventory_cli", "what every model file is (kind, family, prediction) and whether it is used"),
     "factory": ("factory.cli", "generate WebDataset shards from a campaign on Ray"),
     "extract": ("extraction.cli", "extract paired image embeddings and SDXL conditionings (HDF5)"),
     "pairs-info": ("extraction.cli_info", "print statistics of a pairs folder"),
