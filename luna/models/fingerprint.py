@@ -279,6 +279,11 @@ def te_entries(path, allow_pickle: bool = False) -> list[Entry]:
     return entries
 
 
+def te_fingerprint_of_state(state: dict[str, torch.Tensor]) -> str:
+    """te_fingerprint of an original-layout state dict in memory (what a single file would give)."""
+    return hash_entries(list(_entries_single(_Tensors(state=state))), threads=1)[0]
+
+
 def te_fingerprint(path, allow_pickle: bool = False) -> str:
     """Fingerprint of every element of the two SDXL text encoders, equal across the single-file and diffusers formats."""
     return hash_entries(te_entries(path, allow_pickle))[0]
