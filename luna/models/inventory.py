@@ -59,7 +59,7 @@ _DISTILL_META_KEYS = ("modelspec.title", "modelspec.description", "modelspec.usa
 
 
 class InventoryError(ValueError):
-    """A folder setting that names nothing, or an unreadable families file (message says which)."""
+    """No usable checkpoint, a folder setting that names nothing, or an unreadable families file (says which)."""
 
 
 # --------------------------------------------------------------------------- words
