@@ -21,9 +21,10 @@ same model stored as a single file and as a diffusers folder can be recognised a
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -66,8 +67,11 @@ def file_fingerprint(path) -> str:
 
 # ---------------------------------------------------------------- canonical tensors
 
-# rows per read: ~8 MB of fp16 at bigG width, so memory stays flat whatever the tensor size
+# rows per conversion: ~8 MB of fp16, so memory stays flat whatever the tensor size
 _CHUNK_ELEMENTS = 4 << 20
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
 
 
 def canonical(t: torch.Tensor) -> torch.Tensor:
@@ -77,79 +81,126 @@ def canonical(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+_buffers = threading.local()
+
+
+def _buffer(dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """A reused per-thread buffer: fresh 8 MB allocations per chunk cost as much as the rounding itself."""
+    buf = getattr(_buffers, str(dtype), None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, _CHUNK_ELEMENTS), dtype=dtype)
+        setattr(_buffers, str(dtype), buf)
+    return buf[:numel]
+
+
+def _canonical_into_buffer(t: torch.Tensor) -> torch.Tensor:
+    """canonical(t), written into the reused buffers (valid until the next call on this thread)."""
+    if not t.is_floating_point():
+        return t.contiguous()
+    src = t
+    if t.dtype != torch.float16:
+        src = _buffer(torch.float16, t.numel()).view(t.shape)
+        src.copy_(t)
+    out = _buffer(torch.bfloat16, t.numel()).view(t.shape)
+    out.copy_(src)
+    return out.view(torch.int16)
+
+
 # A source tensor: (name, shape, read(start_row, stop_row) -> tensor[start:stop] in the canonical orientation)
 Entry = tuple[str, tuple[int, ...], Callable[[int, int], torch.Tensor]]
 
 
 class _Tensors:
-    """Lazy row access to the tensors of a safetensors file or an in-memory state dict."""
+    """Zero-copy views of the tensors of a safetensors file (memory-mapped), or an in-memory state dict."""
 
     def __init__(self, path: Path | None = None, state: dict | None = None):
         self.state = state
-        self.file = None
+        self._views: dict[str, torch.Tensor] = {}
         if path is not None:
-            from safetensors import safe_open
+            import mmap
 
-            self.file = safe_open(str(path), framework="pt")
-            self._keys = list(self.file.keys())
-            header = _offsets(path)
-            self._keys.sort(key=lambda k: header.get(k, 0))  # file order: sequential reads on a cold disk
+            from luna.models.sdxl import read_safetensors_header
+
+            header = read_safetensors_header(path)
+            with open(path, "rb") as f:
+                start = 8 + int.from_bytes(f.read(8), "little")
+                # copy-on-write mapping: writable for torch.frombuffer, never written, nothing copied
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size else None
+            self._header = header
+            self._start = start
+            self._keys = sorted(header, key=lambda k: header[k]["data_offsets"][0])  # file order: sequential reads
         else:
             self._keys = list(state)
 
     def keys(self) -> list[str]:
         return self._keys
 
+    def _view(self, key: str) -> torch.Tensor:
+        if self.state is not None:
+            return self.state[key]
+        if key not in self._views:
+            e = self._header[key]
+            if e["dtype"] not in _DTYPES:
+                raise ValueError(f"tensor {key!r} has dtype {e['dtype']}, not one this reader knows")
+            dtype, shape = _DTYPES[e["dtype"]], tuple(e["shape"])
+            a, b = e["data_offsets"]
+            numel = 1
+            for d in shape:
+                numel *= d
+            if numel * torch.empty((), dtype=dtype).element_size() != b - a:
+                raise ValueError(f"tensor {key!r}: {b - a} bytes for shape {list(shape)} {e['dtype']}")
+            self._views[key] = (torch.frombuffer(self._mm, dtype=dtype, count=numel, offset=self._start + a).view(shape)
+                                if numel else torch.empty(shape, dtype=dtype))
+        return self._views[key]
+
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.file.get_slice(key).get_shape()) if self.file else tuple(self.state[key].shape)
+        return tuple(self._header[key]["shape"]) if self.state is None else tuple(self.state[key].shape)
 
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        if self.file:
-            sl = self.file.get_slice(key)
-            return sl[start:stop] if sl.get_shape() else self.file.get_tensor(key)
-        t = self.state[key]
+        t = self._view(key)
         return t[start:stop] if t.ndim else t
 
     def whole(self, key: str) -> torch.Tensor:
-        return self.file.get_tensor(key) if self.file else self.state[key]
-
-
-def _offsets(path: Path) -> dict[str, int]:
-    from luna.models.sdxl import read_safetensors_header
-
-    return {k: v.get("data_offsets", [0])[0] for k, v in read_safetensors_header(path).items()}
+        return self._view(key)
 
 
 def _chunks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     if not shape:
         return [(0, 1)]
     n = shape[0]
-    per_row = max(1, int(torch.tensor(shape[1:]).prod().item()) if len(shape) > 1 else 1)
-    step = max(1, _CHUNK_ELEMENTS // per_row)
+    per_row = 1
+    for d in shape[1:]:
+        per_row *= d
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_row))
     return [(a, min(n, a + step)) for a in range(0, n, step)] or [(0, 0)]
 
 
-def tensor_digest(shape: tuple[int, ...], read: Callable[[int, int], torch.Tensor], pool=None) -> tuple[str, int]:
-    """(sha256 hex of the canonical bytes of a whole tensor, bytes read), row chunk by row chunk.
+@contextlib.contextmanager
+def _one_thread():
+    """Rounding is memory-bound: extra OpenMP threads only spin-wait on a busy machine (measured 2x slower)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
-    With a thread pool, the next chunk is read and rounded while this one is hashed (both drop the GIL)."""
-    h = hashlib.sha256()
+
+def tensor_digest(shape: tuple[int, ...], read: Callable[[int, int], torch.Tensor]) -> tuple[str, int]:
+    """(xxh3-128 hex of the canonical bytes of a whole tensor, bytes hashed), row chunk by row chunk.
+
+    xxh3 rather than sha256 per tensor: the rounding pass already costs about one sha256 of the same
+    bytes, and a fingerprint needs to tell weights apart, not resist an attacker (the tensor digests
+    are combined with sha256)."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
     nbytes = 0
-    load = lambda ab: canonical(read(*ab))  # noqa: E731
-    chunks = _chunks(shape)
-    if pool is None or len(chunks) == 1:
-        for ab in chunks:
-            c = load(ab)
-            nbytes += c.numel() * c.element_size()
-            h.update(c.numpy().tobytes() if c.ndim == 0 else memoryview(c.numpy()).cast("B"))
-        return h.hexdigest(), nbytes
-    nxt = pool.submit(load, chunks[0])
-    for i in range(len(chunks)):
-        c = nxt.result()
-        if i + 1 < len(chunks):
-            nxt = pool.submit(load, chunks[i + 1])
+    for a, b in _chunks(shape):
+        c = _canonical_into_buffer(read(a, b))
         nbytes += c.numel() * c.element_size()
-        h.update(memoryview(c.numpy()).cast("B"))
+        if c.numel():
+            h.update(memoryview(c.reshape(-1).numpy()).cast("B"))
     return h.hexdigest(), nbytes
 
 
@@ -215,14 +266,14 @@ def _bigg_entries(t: _Tensors, key: str, rest: str) -> Iterator[Entry]:
     # anything else (logit_scale, ...) is not part of diffusers' text encoder
 
 
-def hash_entries(entries: list[Entry], threads: int = 2) -> tuple[str, int]:
+def hash_entries(entries: list[Entry]) -> tuple[str, int]:
     """(fingerprint of named tensors, bytes hashed): sha256 over the sorted (name, shape, tensor digest)."""
     digests = {}
     nbytes = 0
-    with ThreadPoolExecutor(max(1, threads - 1)) as pool:
+    with _one_thread():
         for name, shape, read in entries:  # file order; the combination below is in name order
-            digests[name], n = tensor_digest(shape, read, pool if threads > 1 else None)
-            digests[name] = (list(shape), digests[name])
+            d, n = tensor_digest(shape, read)
+            digests[name] = (list(shape), d)
             nbytes += n
     h = hashlib.sha256()
     for name in sorted(digests):
@@ -281,7 +332,7 @@ def te_entries(path, allow_pickle: bool = False) -> list[Entry]:
 
 def te_fingerprint_of_state(state: dict[str, torch.Tensor]) -> str:
     """te_fingerprint of an original-layout state dict in memory (what a single file would give)."""
-    return hash_entries(list(_entries_single(_Tensors(state=state))), threads=1)[0]
+    return hash_entries(list(_entries_single(_Tensors(state=state))))[0]
 
 
 def te_fingerprint(path, allow_pickle: bool = False) -> str:
@@ -316,16 +367,15 @@ def component_digests(path, component: str, small_only: bool = False) -> tuple[s
         t = _Tensors(path=path)
         sources.append((t, [k for k in t.keys() if k.startswith(_COMPONENT_PREFIX[component])]))
     digests, nbytes = [], 0
-    with ThreadPoolExecutor(1) as pool:
+    with _one_thread():
         for t, keys in sources:
             for key in keys:
                 shape = t.shape(key)
                 if small_only and len(shape) > 1:
                     continue
-                numel = int(torch.tensor(shape).prod().item()) if shape else 1
                 # row chunks of any shape concatenate to the row-major bytes: the digest is shape-free
-                d, n = tensor_digest(shape, lambda a, b, key=key: t.rows(key, a, b), pool)
-                digests.append(f"{numel}:{d}")
+                d, n = tensor_digest(shape, lambda a, b, key=key: t.rows(key, a, b))
+                digests.append(f"{n}:{d}")
                 nbytes += n
     if not digests:
         raise ValueError(f"{path}: no {component} tensors")

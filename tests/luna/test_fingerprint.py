@@ -67,3 +67,7 @@ def test_canonical_rounding_of_fp32_fp16_and_bf16_releases(tmp_path, te_state):
     x = torch.tensor([1.0 + 2**-9, 1.0 + 3 * 2**-9, 0.1])
     assert torch.equal(canonical(x), x.to(torch.float16).to(torch.bfloat16).view(torch.int16))
     assert torch.equal(canonical(x.to(torch.float16)), canonical(x))
+    from luna.models.fingerprint import _canonical_into_buffer  # the fast path hashes the same bits
+
+    for t in (x, x.to(torch.float16), x.to(torch.bfloat16), torch.randn(5, 3).T):
+        assert torch.equal(_canonical_into_buffer(t), canonical(t))
