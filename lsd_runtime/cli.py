@@ -97,8 +97,11 @@ def build_conditioning(c: dict, components, prompt: str, negative):
 
         vault = open_vault(str(c["vault"]))
         embedder = _embedder(c, components, vault.info().get("vision_model"))
+        family = str(ret.get("family") or "same")
         source = VaultSource(vault, text, embedder, k=int(ret["k"]), weight=float(ret["weight"]),
-                             blend=str(ret["blend"]), category=ret["category"], weighting=str(ret["weighting"]))
+                             blend=str(ret["blend"]), category=ret["category"], weighting=str(ret["weighting"]),
+                             family=family,
+                             te_fingerprint=components.te_fingerprint if family in ("same", "any") else None)
     elif c["projector"]:
         import json
 
@@ -178,6 +181,9 @@ def run(c: dict) -> dict:
             components.pipe.unload_ip_adapter()
     result.record["input"] = {"image": c["image"], "checkpoint": c["checkpoint"], "preset": c["preset"],
                               "vault": c["vault"], "projector": c["projector"]}
+    inner = getattr(source, "source", source)
+    if hasattr(inner, "describe"):  # a vault source: its family filter, and the warning of retrieval.family=any
+        result.record["retrieval"] = inner.describe()
     return write_outputs(result, c["out"])
 
 

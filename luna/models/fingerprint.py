@@ -335,6 +335,16 @@ def te_fingerprint_of_state(state: dict[str, torch.Tensor]) -> str:
     return hash_entries(list(_entries_single(_Tensors(state=state))))[0]
 
 
+def te_fingerprint_of_encoders(text_encoder, text_encoder_2) -> str:
+    """te_fingerprint of loaded diffusers text encoders (any device or dtype): the same value as their
+    file's when loaded in the file's dtype, or in fp32, or in bf16 from an fp16 file (canonical rounding)."""
+    entries = []
+    for module, tag in ((text_encoder, "te1"), (text_encoder_2, "te2")):
+        state = {k: v.detach() for k, v in module.state_dict().items()}
+        entries += list(_entries_diffusers(_Tensors(state=state), tag))
+    return hash_entries(entries)[0]
+
+
 def te_fingerprint(path, allow_pickle: bool = False) -> str:
     """Fingerprint of every element of the two SDXL text encoders, equal across the single-file and diffusers formats."""
     return hash_entries(te_entries(path, allow_pickle))[0]
