@@ -44,7 +44,9 @@ class CondRow:
 
     def to_json(self) -> dict:
         nbs = [{"key": n.get("key"), "prompt": n.get("prompt"), "score": round(float(n.get("score", 0.0)), 6),
-                "weight": round(float(n.get("weight", 0.0)), 6)} for n in self.neighbours]
+                "weight": round(float(n.get("weight", 0.0)), 6),
+                **({"te_fingerprint": n["te_fingerprint"]} if n.get("te_fingerprint") else {})}  # whose encoders
+               for n in self.neighbours]
         return {"source": self.source, "strength": round(float(self.strength), 6), "blend": self.blend,
                 "tokens": int(self.cond.shape[0]), "neighbours": nbs}
 
