@@ -37,6 +37,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from factory.shards import STATS_SUFFIX  # noqa: E402
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
@@ -89,7 +92,7 @@ def check_dataset(shards_dir: Path, campaign_file: Path, models: dict[str, Path]
     from PIL import Image
 
     from factory import shards
-    from factory.campaign import load_campaign
+    from factory.campaign_file import load_campaign
     from factory.planner import sample_key
     from factory.quality import derive_seed
 
@@ -104,11 +107,11 @@ def check_dataset(shards_dir: Path, campaign_file: Path, models: dict[str, Path]
         problems.append(f"temporary files left: {temp}")
     no_stats = [t.name for t in tars if not shards.stats_path(t).exists()]
     if no_stats:
-        problems.append(f"tars without _stats.json: {no_stats}")
+        problems.append(f"tars without {shards.STATS_SUFFIX}: {no_stats}")
     found: list[str] = []
     samples: dict[str, dict] = {}
     for tar in shards.complete_shards(shards_dir, campaign.name):
-        stats = json.loads(shards.stats_path(tar).read_text())
+        stats = shards.read_stats(tar)
         keys = []
         for s in shards.read_shard(tar):
             key = s["__key__"]
@@ -124,9 +127,9 @@ def check_dataset(shards_dir: Path, campaign_file: Path, models: dict[str, Path]
                 problems.append(f"{where}: .txt differs from the json prompt")
             if key in expected:
                 job, index = expected[key]
-                planned = campaign.sample(job, index)
+                planned = campaign.draw(job, index)
                 if (meta.get("job"), meta.get("index")) != (job, index) or meta.get("prompt") != planned.prompt:
-                    problems.append(f"{where}: prompt/job/index are not the campaign's sample {job}[{index}]")
+                    problems.append(f"{where}: prompt/job/index are not the campaign's draw {job}[{index}]")
                 if meta.get("planned_seed") != planned.seed or meta.get("seed") not in {
                         derive_seed(planned.seed, a) for a in range(max_attempts)}:
                     problems.append(f"{where}: seed {meta.get('seed')} is not sample {job}[{index}]'s")
@@ -257,7 +260,7 @@ def scenario_node(work: Path, args) -> dict:
     def remover():
         shards_dir = out / "shards"
         while not stop.is_set():
-            if shards_dir.is_dir() and list(shards_dir.glob("*_stats.json")):  # pc3's actor is busy by now
+            if shards_dir.is_dir() and list(shards_dir.glob(f"*{STATS_SUFFIX}")):  # pc3's actor is busy by now
                 time.sleep(random.Random(args.seed).uniform(0.0, 0.5))
                 cluster.remove_node(pc3, allow_graceful=False)
                 removed.append(f"pc3@{time.time() - t0:.1f}s")
@@ -314,7 +317,7 @@ def scenario_driver(work: Path, args) -> dict:
         runs += 1
         log_path = work / f"driver-run-{runs}.log"
         log = open(log_path, "w")
-        before = set(shards_dir.glob("*_stats.json")) if shards_dir.is_dir() else set()
+        before = set(shards_dir.glob(f"*{STATS_SUFFIX}")) if shards_dir.is_dir() else set()
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         mode = modes[len(kills)] if len(kills) < args.driver_kills else None
         start = time.time()
@@ -324,13 +327,13 @@ def scenario_driver(work: Path, args) -> dict:
             if deadline is None and mode == "startup" and "generating" in log_path.read_text(errors="replace"):
                 deadline = time.time() + rng.uniform(0.5, 4.0)
             if deadline is None and mode == "after_shard" and shards_dir.is_dir() and \
-                    set(shards_dir.glob("*_stats.json")) - before:
+                    set(shards_dir.glob(f"*{STATS_SUFFIX}")) - before:
                 deadline = time.time() + rng.uniform(0.0, 1.5)
             if deadline is not None and time.time() >= deadline and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
                 proc.wait()
                 killed = True
-                on_disk = len(list(shards_dir.glob("*_stats.json"))) if shards_dir.is_dir() else 0
+                on_disk = len(list(shards_dir.glob(f"*{STATS_SUFFIX}"))) if shards_dir.is_dir() else 0
                 kills.append(f"run {runs} {mode} @{time.time() - start:.1f}s ({on_disk} shards on disk)")
                 break
             if time.time() - start > 900:

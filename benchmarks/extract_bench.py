@@ -67,7 +67,7 @@ def write_shards(folder: Path, ckpts: list[dict], n_images: int, n_shards: int, 
             meta = {"key": f"k{i:07d}", "prompt": prompt, "negative": "", "campaign": "bench", "category": "eyes",
                     "checkpoint": ck["name"], "checkpoint_fingerprint": ck["name"], "te_fingerprint": ck["te"],
                     "seed": i, "format_version": shards.FORMAT_VERSION}
-            samples.append(shards.Sample(f"k{i:07d}", image_png(rng, size), "png", prompt, meta))
+            samples.append(shards.ShardSample(f"k{i:07d}", image_png(rng, size), "png", prompt, meta))
         shards.write_shard(folder / f"{shards.shard_name('bench', 'pc1', 'w0', s)}.tar", samples,
                            {"count": len(samples), "successes": len(samples)})
 
@@ -125,10 +125,12 @@ def main(argv=None) -> int:
 
     import extraction.extract as ex
     from extraction.cli_info import pairs_info
-    from extraction.reader import decode_image, iter_tar_samples
+    from extraction.reader import decode_image
+    from factory.shards import iter_samples
     from luna.models.fingerprint import te_fingerprint
+    from luna.settings import resolve_device
 
-    device = ex.resolve_device(args.device)
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     root = Path(tempfile.mkdtemp(prefix="extract_bench-"))
     try:
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
         tower = random_tower(args.arch, device)
         ex.load_tower = lambda name, weights, dev: tower  # random weights for real architectures, no file needed
         pixels = torch.stack([tower.preprocess(decode_image(f)) for tar in sorted((root / "shards").glob("*.tar"))
-                              for _, f in iter_tar_samples(tar)])
+                              for _, f in iter_samples(tar)])
         bare = bare_forward(tower, pixels, args.batch_size, device, args.tokens)
         loader = loader_only(root / "shards", tower.preprocess, args.batch_size, args.workers)
 

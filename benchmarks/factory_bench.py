@@ -84,7 +84,7 @@ def main() -> int:
 
     import ray
 
-    from factory.campaign import load_campaign
+    from factory.campaign_file import load_campaign
     from factory.planner import plan
     from factory.run import run
     from luna.models import tiny
@@ -156,9 +156,9 @@ def main() -> int:
 
 def _first_unit(out: Path) -> dict:
     """The stats of the unit that finished first (its timings hold the actor's start/end clock)."""
-    import json
+    from factory import shards
 
-    stats = [json.loads(p.read_text()) for p in (out / "shards").glob("*_stats.json")]
+    stats = [shards.read_stats(tar) for tar in shards.complete_shards(out / "shards")]
     return min(stats, key=lambda s: s["timings"]["end"])
 
 

@@ -1,44 +1,48 @@
-"""`luna extract shards=DIR out=DIR [vision=...] [text=per_checkpoint|reference] [cluster=local|lan] [inspect=true]`."""
+"""`luna extract shards=DIR out=DIR [vision=...] [text=per_checkpoint|reference] [cluster=local|lan] [inspect=true]`.
+
+Exit codes (`luna.cli.run_stage`): 0 done, 2 a user error (one line), 3 some shards were corrupt (listed in
+the summary and the report; the others were extracted), 130 interrupted (written parts are kept).
+"""
 from __future__ import annotations
 
 import logging
 import sys
 
-from luna.cli import run_hydra
+from factory.shards import STATS_SUFFIX, CorruptShard
+
+PROG = "luna extract"
+EXIT_CORRUPT_SHARDS = 3
+
+
+def _task(cfg) -> None:
+    from extraction.extract import extract
+    from luna.cli import StageFailed
+
+    logging.getLogger("extraction").setLevel(logging.INFO)
+    result = extract(cfg)
+    print(summary(result))
+    if cfg.get("inspect"):
+        from extraction.cli_info import info_text
+
+        print(info_text(result.out))
+    if result.corrupt:
+        raise StageFailed(f"{len(result.corrupt)} corrupt shard(s) not extracted (listed above and in {result.report})",
+                          code=EXIT_CORRUPT_SHARDS)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from luna.cli import run_stage
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    code = {"rc": 0}
-
-    def task(cfg) -> None:
-        from extraction.extract import extract
-        from extraction.reader import CorruptShard
-
-        logging.getLogger("extraction").setLevel(logging.INFO)
-        try:
-            result = extract(cfg)
-        except (ValueError, CorruptShard) as e:
-            print(f"luna extract: error: {e}", file=sys.stderr)
-            code["rc"] = 2  # a user error: one line, exit 2 like every luna subcommand
-            return
-        print(summary(result))
-        if result.corrupt:
-            code["rc"] = 3
-        if cfg.get("inspect"):
-            from extraction.cli_info import info_text
-
-            print(info_text(result.out))
-
-    run_hydra(task, "extract", argv, prog="luna extract")
-    return code["rc"]
+    return run_stage(PROG, "extract", _task, argv, user_errors=(CorruptShard,),
+                     interrupted="written parts are kept, rerun the same command to resume")
 
 
 def summary(result) -> str:
     t = result.text or {}
     lines = [
         f"extracted {result.images} images into {len(result.written)} new part(s) in {result.out}",
-        f"  shards already done: {len(result.skipped_done)}, incomplete (no _stats.json): {len(result.incomplete)}, "
+        f"  shards already done: {len(result.skipped_done)}, incomplete (no {STATS_SUFFIX}): {len(result.incomplete)}, "
         f"corrupt: {len(result.corrupt)}, empty: {len(result.empty)}",
         f"  text encoder: {t.get('prompts_encoded', 0)} prompts encoded, {result.unique_prompts} unique "
         f"(prompt, encoder) pairs in the folder, encoder loads {t.get('encoder_loads', {})}",

@@ -1,4 +1,6 @@
-"""`luna pairs-info DIR`: counts, unique prompts, per-category counts and bytes per sample of a pairs folder."""
+"""`luna pairs-info DIR`: counts, unique prompts, per-category counts and bytes per sample of a pairs folder.
+
+A plain argparse command (one positional folder, no config to compose), with `luna.cli`'s exit codes."""
 from __future__ import annotations
 
 import argparse
@@ -49,15 +51,17 @@ def info_text(folder) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="luna pairs-info", description=__doc__)
-    ap.add_argument("folder", type=Path, help="a pairs folder (or one part file)")
-    args = ap.parse_args(argv)
+    from luna.cli import EXIT_OK, EXIT_USER_ERROR
+
+    parser = argparse.ArgumentParser(prog="luna pairs-info", description=__doc__)
+    parser.add_argument("folder", type=Path, help="a pairs folder (or one part file)")
+    args = parser.parse_args(argv)
     try:
         print(info_text(args.folder))
     except PairsFormatError as e:
         print(f"luna pairs-info: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USER_ERROR
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Each image actor loads the vision tower once and turns whole shards into `ShardImages` with the
 same reader and batching as the single-process path; the driver keeps the prompt store, so the text
 actor is asked only for (prompt, fingerprint) pairs never encoded before, and writes the parts.
+The driver (`extraction.extract`) imports this module, never the reverse.
 """
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ from typing import Iterator
 
 from extraction.image import ImageEncoder, ShardImages, collect_shards, load_tower
 from extraction.reader import Shard, iter_shard_batches
+from extraction.text import make_conditioner
+from luna.settings import get, plain, resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def _get(cfg, key, default=None):
-    from extraction.extract import _get as get
-
-    return get(cfg, key, default)
+def cluster_mode(cfg) -> str | None:
+    """None for a single-process run, else the `cluster` mode (`local` | `lan`)."""
+    c = get(cfg, "cluster")
+    if c in (None, "none", "null", False):
+        return None
+    return str(c) if isinstance(c, str) else str(get(c, "mode", "local"))
 
 
 class ShardEncoderWorker:
@@ -27,8 +32,6 @@ class ShardEncoderWorker:
 
     def __init__(self, vision_name: str, weights, device: str, tokens: bool, batch_size: int, dtype: str,
                  autocast: bool = True):
-        from extraction.extract import resolve_device
-
         device = resolve_device(device)
         self.tower = load_tower(vision_name, weights, device)
         self.encoder = ImageEncoder(self.tower, device, tokens=tokens, autocast=autocast)
@@ -44,8 +47,6 @@ class TextWorker:
     """Body of the text actor: the TextConditioner, called only with new prompts."""
 
     def __init__(self, cfg_text: dict, checkpoint_dirs: list, device: str):
-        from extraction.extract import make_conditioner, resolve_device
-
         self.cond = make_conditioner({"text": cfg_text, "checkpoints": {"dirs": checkpoint_dirs}}, resolve_device(device))
 
     def fingerprint(self, sample_fp: str, checkpoint: str) -> str:
@@ -89,52 +90,43 @@ class RemoteText:
         ray.kill(self.actor)
 
 
-def _plain(cfg) -> dict:
-    try:
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg or {})
-    except ImportError:
-        return dict(cfg or {})
-
-
 def connect_cluster(cfg):
-    """Connect to Ray as `cluster` says (factory.cluster), or reuse this process's connection."""
+    """Connect to Ray as `cluster` says (luna.cluster), or reuse this process's connection."""
     import ray
 
     if ray.is_initialized():
         return None
-    from factory.cluster import connect
+    from luna.cluster import connect
 
-    c = _get(cfg, "cluster")
-    return connect({"mode": c} if isinstance(c, str) else _plain(c))
+    c = get(cfg, "cluster")
+    return connect({"mode": c} if isinstance(c, str) else plain(c))
 
 
 def actor_resources(cfg) -> dict:
     import ray
 
-    ray_cfg = _get(cfg, "ray", {})
+    ray_cfg = get(cfg, "ray", {})
     gpus_total = ray.cluster_resources().get("GPU", 0)
-    gpa = _get(ray_cfg, "gpus_per_actor", "auto")
+    gpa = get(ray_cfg, "gpus_per_actor", "auto")
     if gpa == "auto":
         gpa = 1 if gpus_total else 0
     if float(gpa) > gpus_total:  # would wait forever for a GPU that no node has
         raise ValueError(f"ray.gpus_per_actor={gpa}: the Ray cluster has {gpus_total} GPUs")
-    return {"num_cpus": float(_get(ray_cfg, "cpus_per_actor", 1)), "num_gpus": float(gpa)}
+    return {"num_cpus": float(get(ray_cfg, "cpus_per_actor", 1)), "num_gpus": float(gpa)}
 
 
 def make_text_actor(cfg):
     import ray
 
-    ray_cfg = _get(cfg, "ray", {})
+    ray_cfg = get(cfg, "ray", {})
     gpus = ray.cluster_resources().get("GPU", 0)
-    text_gpus = _get(ray_cfg, "text_gpus", "auto")
+    text_gpus = get(ray_cfg, "text_gpus", "auto")
     text_gpus = (0.25 if gpus else 0.0) if text_gpus == "auto" else float(text_gpus)
     if text_gpus > gpus:
         raise ValueError(f"ray.text_gpus={text_gpus}: the Ray cluster has {gpus} GPUs")
     actor = ray.remote(TextWorker).options(num_cpus=0.5, num_gpus=text_gpus, max_restarts=1).remote(
-        _plain(_get(cfg, "text", {})), list(_get(_get(cfg, "checkpoints", {}), "dirs", []) or []),
-        str(_get(cfg, "device", "auto")),
+        plain(get(cfg, "text", {})), list(get(get(cfg, "checkpoints", {}), "dirs", []) or []),
+        str(get(cfg, "device", "auto")),
     )
     return RemoteText(actor)
 
@@ -143,28 +135,26 @@ def ray_image_results(shards: list[Shard], cfg) -> Iterator[ShardImages]:
     """ShardImages of `shards` from a pool of image actors, in completion order."""
     import ray
 
-    ray_cfg = _get(cfg, "ray", {})
+    ray_cfg = get(cfg, "ray", {})
     res = actor_resources(cfg)
-    n = _get(ray_cfg, "actors")
+    n = get(ray_cfg, "actors")
     if n in (None, "auto"):
         total = ray.cluster_resources()
         n = int(total.get("GPU", 0) // res["num_gpus"]) if res["num_gpus"] else 2
     n = max(1, min(int(n), len(shards) or 1))
-    vision = _get(cfg, "vision", {})
+    vision = get(cfg, "vision", {})
     worker_cls = ray.remote(ShardEncoderWorker).options(**res, max_restarts=1, max_task_retries=1,
                                                           scheduling_strategy="SPREAD")
     actors = [
-        worker_cls.remote(str(_get(vision, "name", "tiny")), _get(vision, "weights"), str(_get(cfg, "device", "auto")),
-                          bool(_get(cfg, "tokens", False)), int(_get(cfg, "batch_size", 64)),
-                          str(_get(cfg, "dtype", "float16")), bool(_get(cfg, "autocast", True)))
+        worker_cls.remote(str(get(vision, "name", "tiny")), get(vision, "weights"), str(get(cfg, "device", "auto")),
+                          bool(get(cfg, "tokens", False)), int(get(cfg, "batch_size", 64)),
+                          str(get(cfg, "dtype", "float16")), bool(get(cfg, "autocast", True)))
         for _ in range(n)
     ]
-    send_bytes = _get(ray_cfg, "send_bytes", "auto")
+    send_bytes = get(ray_cfg, "send_bytes", "auto")
     if send_bytes == "auto":  # LAN nodes may not see the driver's shards folder; a local cluster does
-        from extraction.extract import cluster_mode
-
         send_bytes = cluster_mode(cfg) == "lan"
-    per_actor = max(1, int(_get(ray_cfg, "inflight_per_actor", 2)))
+    per_actor = max(1, int(get(ray_cfg, "inflight_per_actor", 2)))
 
     def src(s: Shard):
         return Path(s.path).read_bytes() if send_bytes else str(Path(s.path).resolve())

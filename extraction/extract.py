@@ -12,15 +12,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import numpy as np
 
 from extraction import pairs as pairs_fmt
+from extraction.distributed import cluster_mode, connect_cluster, make_text_actor, ray_image_results
 from extraction.image import ImageEncoder, ShardImages, collect_shards, load_tower
 from extraction.reader import Shard, check_format_version, find_shards, stream_batches
-from extraction.text import PromptStore, TextConditioner
+from extraction.text import PromptStore, TextConditioner, make_conditioner
 from luna.files import write_json_atomic
+from luna.settings import get, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -65,31 +67,6 @@ class ExtractResult:
 
 def part_path(out: Path, shard: Shard) -> Path:
     return out / f"{PART_PREFIX}{shard.stem}.h5"
-
-
-def _get(cfg: Any, key: str, default=None):
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
-        v = cfg.get(key, default)
-    else:
-        v = getattr(cfg, key, default)
-    return default if v is None else v
-
-
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
-def cluster_mode(cfg) -> str | None:
-    c = _get(cfg, "cluster")
-    if c in (None, "none", "null", False):
-        return None
-    return str(c) if isinstance(c, str) else str(_get(c, "mode", "local"))
 
 
 # --- checks before any work ------------------------------------------------------------------
@@ -168,9 +145,9 @@ def in_shard_order(results: Iterator[ShardImages]) -> Iterator[ShardImages]:
 
 # --- the image side, single process ---------------------------------------------------------------
 def local_image_results(shards: list[Shard], encoder: ImageEncoder, preprocess, cfg) -> Iterator[ShardImages]:
-    items = stream_batches([s.path for s in shards], preprocess, int(_get(cfg, "batch_size", 64)),
-                           int(_get(cfg, "workers", 2)))
-    yield from collect_shards(items, encoder, str(_get(cfg, "dtype", "float16")))
+    items = stream_batches([s.path for s in shards], preprocess, int(get(cfg, "batch_size", 64)),
+                           int(get(cfg, "workers", 2)))
+    yield from collect_shards(items, encoder, str(get(cfg, "dtype", "float16")))
 
 
 # --- the whole run ------------------------------------------------------------------------------
@@ -187,16 +164,16 @@ def _progress(total: int | None, enabled: bool):
 def extract(cfg, text: TextConditioner | None = None) -> ExtractResult:
     """Run extraction as `cfg` (conf/extract.yaml) says. `text` overrides the text conditioner
     (a remote one on Ray, a counting one in tests)."""
-    out = Path(str(_get(cfg, "out"))).expanduser()
+    out = Path(str(get(cfg, "out"))).expanduser()
     started = time.time()
-    shards, incomplete = find_shards(_get(cfg, "shards"), force=bool(_get(cfg, "force", False)))
+    shards, incomplete = find_shards(get(cfg, "shards"), force=bool(get(cfg, "force", False)))
     for s in shards:
         check_format_version(s)
-    vision_cfg = _get(cfg, "vision", {})
-    device = resolve_device(_get(cfg, "device", "auto"))
-    tokens = bool(_get(cfg, "tokens", False))
-    dtype = str(_get(cfg, "dtype", "float16"))
-    tower = load_tower(str(_get(vision_cfg, "name", "tiny")), _get(vision_cfg, "weights"), device)
+    vision_cfg = get(cfg, "vision", {})
+    device = resolve_device(get(cfg, "device", "auto"))
+    tokens = bool(get(cfg, "tokens", False))
+    dtype = str(get(cfg, "dtype", "float16"))
+    tower = load_tower(str(get(vision_cfg, "name", "tiny")), get(vision_cfg, "weights"), device)
     existing = check_output(out, tower.model_id, tower.dim, tokens)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -204,13 +181,11 @@ def extract(cfg, text: TextConditioner | None = None) -> ExtractResult:
     todo = []
     for s in shards:
         (result.skipped_done.append(s.path.name) if part_path(out, s).exists() else todo.append(s))
-    text_cfg = _get(cfg, "text", {})
+    text_cfg = get(cfg, "text", {})
     given_text = text
     mode = cluster_mode(cfg)
     cluster = None
     if mode is not None:
-        from extraction.distributed import connect_cluster, make_text_actor, ray_image_results
-
         cluster = connect_cluster(cfg)
         if text is None:
             text = make_text_actor(cfg)
@@ -220,17 +195,17 @@ def extract(cfg, text: TextConditioner | None = None) -> ExtractResult:
     store = PromptStore.from_parts(existing)
     prior_dims = pairs_fmt.read_attrs(existing[0]) if existing else {}
     report_extra = {"started": started, "vision_model": tower.model_id, "vision_dim": tower.dim,
-                    "text_mode": str(_get(text_cfg, "mode", "per_checkpoint")), "device": device}
+                    "text_mode": str(get(text_cfg, "mode", "per_checkpoint")), "device": device}
 
     if mode is None:
-        encoder = ImageEncoder(tower, device, tokens=tokens, autocast=bool(_get(cfg, "autocast", True)))
+        encoder = ImageEncoder(tower, device, tokens=tokens, autocast=bool(get(cfg, "autocast", True)))
         results = local_image_results(todo, encoder, tower.preprocess, cfg)
     else:
         del tower  # the actors load their own
         results = ray_image_results(todo, cfg) if todo else iter(())
     result.seconds["setup"] = round(time.time() - started, 3)
     total = sum(s.expected_count or 0 for s in todo) or None
-    bar = _progress(total, bool(_get(cfg, "progress", True)))
+    bar = _progress(total, bool(get(cfg, "progress", True)))
     # Text encoding and writing of shard k run in one background thread (in shard order, so the
     # result does not depend on timing) while the vision tower goes on with shard k+1.
     finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-writer")
@@ -303,19 +278,3 @@ def part_attrs(extra: dict, dtype: str, text, prior: dict) -> dict:
         "text_mode": extra["text_mode"],
         "dtype": dtype,
     }
-
-
-def make_conditioner(cfg, device: str) -> TextConditioner:
-    text_cfg = _get(cfg, "text", {})
-    tdtype = str(_get(text_cfg, "dtype", "auto"))
-    if tdtype == "auto":
-        tdtype = "float16" if str(device).startswith("cuda") else "float32"
-    return TextConditioner(
-        mode=str(_get(text_cfg, "mode", "per_checkpoint")),
-        checkpoint_dirs=list(_get(_get(cfg, "checkpoints", {}), "dirs", []) or []),
-        reference=_get(text_cfg, "checkpoint"),
-        device=device,
-        dtype=tdtype,
-        batch_size=int(_get(text_cfg, "batch_size", 64)),
-        keep_loaded=int(_get(text_cfg, "keep_loaded", 4)),
-    )

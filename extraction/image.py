@@ -1,10 +1,13 @@
-"""The image side: an open_clip vision tower (through luna.models.vision), batched, autocast on GPU."""
+"""The image side: an open_clip vision tower over batches of shard pixels, through `luna.models.vision.embed`
+(the one image -> embedding path, with its precision policy: fp16 autocast on CUDA, fp32 on CPU)."""
 from __future__ import annotations
 
 import time
 
 import numpy as np
 import torch
+
+from luna.models.vision import embed
 
 
 class VisionModelError(ValueError):
@@ -29,7 +32,7 @@ class ImageEncoder:
 
     def __init__(self, tower, device: str = "cpu", tokens: bool = False, autocast: bool = True):
         self.tower, self.device, self.tokens = tower, torch.device(device), bool(tokens)
-        self.autocast = bool(autocast) and self.device.type == "cuda"
+        self.autocast = bool(autocast) and self.device.type == "cuda"  # embed's policy: never on CPU
         self.images = 0
         self.seconds = 0.0  # in the forward (incl. host<->device copies)
         self.wait_seconds = 0.0  # waiting for decoded batches (collect_shards)
@@ -44,31 +47,12 @@ class ImageEncoder:
 
     def __call__(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         t = time.perf_counter()
-        pixels = pixels.to(self.device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast):
-            if self.tokens and hasattr(getattr(self.tower, "visual", None), "forward_intermediates"):
-                embed, tokens = embed_and_tokens(self.tower, pixels)
-            else:
-                embed = self.tower.encode(pixels)
-                tokens = self.tower.encode_tokens(pixels) if self.tokens else None
+        out = embed(self.tower, pixels, tokens=self.tokens, autocast=self.autocast)
         self.images += len(pixels)
-        embed = embed.float().cpu().numpy()
-        tokens = tokens.float().cpu().numpy() if tokens is not None else None
+        embeds = out.embed.numpy()
+        tokens = out.tokens.numpy() if out.tokens is not None else None
         self.seconds += time.perf_counter() - t
-        return embed, tokens
-
-
-def embed_and_tokens(tower, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The projected embedding and the penultimate tokens (class token first) from one forward pass,
-    equal to `tower.encode` and `tower.encode_tokens` run separately."""
-    visual = tower.visual
-    depth = len(visual.transformer.resblocks)
-    out = visual.forward_intermediates(
-        pixels.to(tower.device, next(tower.model.parameters()).dtype), indices=[depth - 2],
-        intermediates_only=False, output_fmt="NLC", output_extra_tokens=True,
-    )
-    tokens = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
-    return out["image_features"], tokens
+        return embeds, tokens
 
 
 class ShardImages:

@@ -1,8 +1,8 @@
-"""Reading the factory's WebDataset shards: discovery, completeness, safe tar streaming, worker decoding.
+"""Extraction's input: shard discovery by folders, globs and brace patterns, sample metadata, and
+decoded batches for the vision tower in DataLoader workers.
 
-A shard is `{campaign}-{node}-{worker}-{seq:06d}.tar`; its `{stem}_stats.json`, written after the
-tar was closed, marks it complete. Tar members are read into memory only: a member name is split
-into (key, extension) like webdataset does and never used as a file path.
+The tars are read through `factory.shards` (the one reader of the shard contract: completeness by
+the stats marker, safe in-memory tar streaming, CorruptShard on a cut tar).
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import re
 import logging
 import os
 import sys
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,25 +20,19 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-log = logging.getLogger(__name__)
+from factory.shards import IMAGE_EXTS, READABLE_FORMAT_VERSIONS, STATS_SUFFIX, CorruptShard, iter_samples, read_stats
 
-SHARD_FORMAT_VERSIONS = (1,)  # shard (sample json) format versions this reader understands
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-_TAR_END = b"\0" * (2 * tarfile.BLOCKSIZE)
+log = logging.getLogger(__name__)
 
 
 class ShardError(ValueError):
     """Bad shard input a user can fix (no shards, wrong format version); names the path at fault."""
 
 
-class CorruptShard(Exception):
-    """A shard whose tar cannot be read to its end (truncated, bad header, short member)."""
-
-
 @dataclass
 class Shard:
     path: Path
-    stats: dict | None  # the parsed `_stats.json`, None when missing (incomplete shard)
+    stats: dict | None  # the parsed stats marker, None when missing (incomplete shard)
 
     @property
     def stem(self) -> str:
@@ -56,11 +49,6 @@ class Shard:
 
 
 # --- discovery ----------------------------------------------------------------------------
-def stats_path(tar: Path) -> Path:
-    stem = tar.name[: -len(".tar")] if tar.name.endswith(".tar") else tar.stem
-    return tar.with_name(f"{stem}_stats.json")
-
-
 def expand_patterns(spec) -> list[Path]:
     """Shard tars named by folders, globs and brace patterns (`a-{000000..000009}.tar`), sorted, unique."""
     from braceexpand import braceexpand
@@ -89,69 +77,20 @@ def find_shards(spec, force: bool = False) -> tuple[list[Shard], list[Path]]:
         raise ShardError(f"{spec}: no shard tars (*.tar) found")
     shards, skipped = [], []
     for p in paths:
-        sp = stats_path(p)
-        stats = None
-        if sp.is_file():
-            try:
-                stats = json.loads(sp.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ShardError(f"{sp}: unreadable stats marker ({e})") from e
+        try:
+            stats = read_stats(p)
+        except ValueError as e:
+            raise ShardError(str(e)) from None
         if stats is None and not force:
             skipped.append(p)
             continue
         shards.append(Shard(p, stats))
     if skipped:
         log.warning(
-            "%d shard(s) have no _stats.json marker (still being written, or interrupted) and are skipped; "
-            "pass force=true to read them anyway: %s", len(skipped), ", ".join(p.name for p in skipped[:5]),
+            "%d shard(s) have no %s marker (still being written, or interrupted) and are skipped; "
+            "pass force=true to read them anyway: %s", len(skipped), STATS_SUFFIX, ", ".join(p.name for p in skipped[:5]),
         )
     return shards, skipped
-
-
-# --- tar streaming -------------------------------------------------------------------------
-def split_member(name: str) -> tuple[str, str]:
-    """(key, extension) the webdataset way: the extension starts at the first dot of the basename."""
-    d, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{d}/{stem}" if d else stem), ext.lower()
-
-
-def iter_tar_samples(src: str | os.PathLike | bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for each sample of one tar, in order. Raises CorruptShard when the tar
-    does not reach its end-of-archive marker or a member is short. Non-file members are ignored."""
-    fh = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else open(src, "rb")
-    try:
-        try:
-            tf = tarfile.open(fileobj=fh, mode="r:")
-        except tarfile.TarError as e:
-            raise CorruptShard(f"not a tar archive ({e})") from e
-        key, files = None, {}
-        try:
-            while True:
-                m = tf.next()
-                if m is None:
-                    break
-                if not m.isfile():
-                    continue
-                data = tf.extractfile(m).read()
-                if len(data) != m.size:
-                    raise CorruptShard(f"member {m.name!r} is truncated ({len(data)} of {m.size} bytes)")
-                k, ext = split_member(m.name)
-                if k != key:
-                    if key is not None:
-                        yield key, files
-                    key, files = k, {}
-                files[ext] = data
-        except tarfile.TarError as e:
-            raise CorruptShard(f"unreadable tar ({e})") from e
-        # tarfile stops silently on a missing or short header: require the end-of-archive blocks
-        fh.seek(tf.offset)
-        if fh.read(len(_TAR_END)) != _TAR_END:
-            raise CorruptShard(f"truncated: no end-of-archive marker at byte {tf.offset}")
-        if key is not None:
-            yield key, files
-    finally:
-        fh.close()
 
 
 # --- samples --------------------------------------------------------------------------------
@@ -173,7 +112,8 @@ class SampleMeta:
 _KEY = re.compile(r"[A-Za-z0-9_-]+")  # DESIGN §2: dot-free keys; "../x" or "/tmp/x" never pass
 
 
-def _get(meta: dict, *names, default=None):
+def _meta_field(meta: dict, *names, default=None):
+    """The first of `names` (dotted paths into nested objects) present in a sample's json."""
     for n in names:
         cur = meta
         for part in n.split("."):
@@ -194,29 +134,29 @@ def parse_meta(key: str, files: dict[str, bytes]) -> SampleMeta:
     meta = json.loads(files["json"].decode("utf-8"))
     if not isinstance(meta, dict):
         raise ValueError(".json is not an object")
-    prompt = _get(meta, "prompt")
+    prompt = _meta_field(meta, "prompt")
     if prompt is None and "txt" in files:
         prompt = files["txt"].decode("utf-8")
     if prompt is None:
         raise ValueError("no prompt in .json or .txt")
     if not isinstance(prompt, str):
         raise ValueError(f"prompt is a {type(prompt).__name__}, not text")
-    ckpt = _get(meta, "checkpoint", "checkpoint.name", default="")
+    ckpt = _meta_field(meta, "checkpoint", "checkpoint.name", default="")
     if isinstance(ckpt, dict):
         ckpt = ckpt.get("name", "")
-    category = _get(meta, "category", "category_path", default="")
+    category = _meta_field(meta, "category", "category_path", default="")
     if isinstance(category, (list, tuple)):
         category = "/".join(map(str, category))
     return SampleMeta(
         key=key,
         prompt=str(prompt),
-        te_fingerprint=str(_get(meta, "te_fingerprint", "checkpoint.te_fingerprint", "text_encoder_fingerprint", default="")),
+        te_fingerprint=str(_meta_field(meta, "te_fingerprint", "checkpoint.te_fingerprint", "text_encoder_fingerprint", default="")),
         checkpoint=str(ckpt),
-        checkpoint_fingerprint=str(_get(meta, "checkpoint_fingerprint", "fingerprint", "checkpoint.fingerprint", default="")),
+        checkpoint_fingerprint=str(_meta_field(meta, "checkpoint_fingerprint", "fingerprint", "checkpoint.fingerprint", default="")),
         category=str(category),
-        campaign=str(_get(meta, "campaign", default="")),
-        seed=int(_get(meta, "seed", default=-1)),
-        format_version=_get(meta, "format_version"),
+        campaign=str(_meta_field(meta, "campaign", default="")),
+        seed=int(_meta_field(meta, "seed", default=-1)),
+        format_version=_meta_field(meta, "format_version"),
     )
 
 
@@ -236,14 +176,14 @@ def check_format_version(shard: Shard) -> int | None:
     version = (shard.stats or {}).get("format_version")
     if version is None:
         try:
-            for key, files in iter_tar_samples(shard.path):
+            for key, files in iter_samples(shard.path):
                 version = parse_meta(key, files).format_version
                 break
         except (CorruptShard, ValueError):
             return None  # reported when the shard is read
-    if version is not None and version not in SHARD_FORMAT_VERSIONS:
+    if version is not None and version not in READABLE_FORMAT_VERSIONS:
         raise ShardError(
-            f"{shard.path}: shard format_version {version!r}, this extraction reads {list(SHARD_FORMAT_VERSIONS)}"
+            f"{shard.path}: shard format_version {version!r}, this extraction reads {list(READABLE_FORMAT_VERSIONS)}"
         )
     return version
 
@@ -273,7 +213,7 @@ def iter_shard_batches(
     with ShardEnd.error set."""
     pix, metas, bad, count = [], [], [], 0
     try:
-        for key, files in iter_tar_samples(src):
+        for key, files in iter_samples(src):
             try:
                 meta = parse_meta(key, files)
                 pixels = preprocess(decode_image(files))

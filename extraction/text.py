@@ -16,6 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from luna.settings import get
+
 log = logging.getLogger(__name__)
 
 PromptKey = tuple[str, str]  # (prompt text, text-encoder fingerprint)
@@ -257,3 +259,20 @@ def text_widths(enc, total: int) -> tuple[int, int]:
     if total == 2048:
         return 768, 1280
     raise ValueError(f"cannot tell the CLIP-L / bigG widths of a {total}-wide conditioning")
+
+
+def make_conditioner(cfg, device: str) -> TextConditioner:
+    """The TextConditioner that `cfg` (conf/extract.yaml: `text.*`, `checkpoints.dirs`) describes, on `device`."""
+    text_cfg = get(cfg, "text", {})
+    tdtype = str(get(text_cfg, "dtype", "auto"))
+    if tdtype == "auto":
+        tdtype = "float16" if str(device).startswith("cuda") else "float32"
+    return TextConditioner(
+        mode=str(get(text_cfg, "mode", "per_checkpoint")),
+        checkpoint_dirs=list(get(get(cfg, "checkpoints", {}), "dirs", []) or []),
+        reference=get(text_cfg, "checkpoint"),
+        device=device,
+        dtype=tdtype,
+        batch_size=int(get(text_cfg, "batch_size", 64)),
+        keep_loaded=int(get(text_cfg, "keep_loaded", 4)),
+    )

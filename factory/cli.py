@@ -2,41 +2,31 @@
 
 Errors the user can fix (campaign, checkpoints, output folder, overrides) print one line and exit 2;
 a unit failing on every retry prints one line and exits 1; Ctrl-C kills the actors, keeps every
-finished shard and exits 130.
+finished shard and exits 130 (exit codes and messages: `luna.cli.run_stage`).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-EXIT_RUN_FAILED = 1
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+PROG = "luna factory"
 
 
-def _task(cfg, outcome: dict) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
+def _task(cfg) -> None:
+    from factory.errors import FactoryRunError
     from factory.run import run
-    from factory.worker import FactoryRunError
+    from luna.cli import StageFailed
 
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    # `campaign=NAME` selects conf/campaign/NAME.yaml as a config group; the campaign module
-    # reads that file itself (with line numbers for its errors), so only the name is passed on
-    plain.pop("campaign", None)
-    plain["campaign_name"] = HydraConfig.get().runtime.choices.get("campaign")
     try:
-        outcome["report"] = run(plain)
-    except ValueError as e:  # campaign, inventory, planner, output folder: the user's to fix
-        outcome["error"] = str(e)
-    except FactoryRunError as e:  # units failed on every retry: shards so far are kept
-        outcome["failure"] = str(e)
+        run(cfg)  # `campaign` is a name or a path: the campaign file is read once, by factory.campaign_file
+    except FactoryRunError as e:  # units failed on every retry: the shards so far are kept
+        raise StageFailed(f"run failed: {e}; finished shards are kept, rerun to resume") from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from factory.run import FactoryError, check_writable
-    from luna.cli import override_value, run_hydra
+    from factory.errors import FactoryError
+    from factory.run import check_writable
+    from luna.cli import EXIT_USER_ERROR, override_value, run_stage
 
     argv = list(sys.argv[1:] if argv is None else argv)
     out = override_value(argv, "out")
@@ -44,25 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         try:  # before Hydra, which creates its own folder inside `out`
             check_writable(Path(out).expanduser())
         except FactoryError as e:
-            print(f"luna factory: error: {e}", file=sys.stderr)
+            print(f"{PROG}: error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
-    outcome: dict = {}
-    try:
-        run_hydra(lambda cfg: _task(cfg, outcome), "factory", argv, prog="luna factory")
-    except KeyboardInterrupt:
-        print("\nluna factory: interrupted; finished shards are kept, rerun the same command to resume",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except SystemExit as e:  # Hydra printed what was wrong with the overrides or the config
-        return EXIT_USER_ERROR if e.code not in (0, None) else 0
-    if "error" in outcome:
-        print(f"luna factory: error: {outcome['error']}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    if "failure" in outcome:
-        print(f"luna factory: run failed: {outcome['failure']}; finished shards are kept, rerun to resume",
-              file=sys.stderr)
-        return EXIT_RUN_FAILED
-    return 0
+    return run_stage(PROG, "factory", _task, argv,
+                     interrupted="finished shards are kept, rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
-from factory.campaign import Campaign, CampaignError, Sampler
+from factory.campaign import Campaign, Sampler
+from factory.errors import CampaignError
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
 
@@ -37,7 +38,8 @@ def sample_key(campaign: str, job: str, index: int) -> str:
 
 
 @dataclass
-class UnitSample:
+class PlannedSample:
+    """A campaign draw placed in a work unit, under its shard key."""
     index: int
     key: str
     prompt: str
@@ -59,7 +61,7 @@ class WorkUnit:
     te_fingerprint: str
     family: str | None
     nodes: list
-    samples: list  # of UnitSample
+    samples: list  # of PlannedSample
     sampler: Sampler
 
     def __len__(self) -> int:
@@ -75,14 +77,14 @@ class WorkUnit:
     @classmethod
     def from_dict(cls, d: dict) -> "WorkUnit":
         d = dict(d)
-        d["samples"] = [UnitSample(**s) for s in d["samples"]]
+        d["samples"] = [PlannedSample(**s) for s in d["samples"]]
         d["sampler"] = Sampler(**d["sampler"])
         d["nodes"] = list(d["nodes"])
         return cls(**d)
 
 
 def unit_id(campaign: str, job: str, fingerprint: str, te_fingerprint: str, sampler: Sampler,
-            samples: Iterable[UnitSample]) -> str:
+            samples: Iterable[PlannedSample]) -> str:
     """Content hash: same campaign/job/checkpoint/samples/settings -> same id, in any process."""
     payload = {
         "v": 1, "campaign": campaign, "job": job, "fingerprint": fingerprint,
@@ -268,10 +270,10 @@ def plan(campaign: Campaign, checkpoints: Iterable, *, seconds_per_image: float 
             for b in range(start, stop, bs):
                 samples = []
                 for i in range(b, min(b + bs, stop)):
-                    s = campaign.sample(job_name, i)
-                    samples.append(UnitSample(index=i, key=sample_key(campaign.name, job_name, i),
-                                              prompt=s.prompt, negative=s.negative, seed=s.seed,
-                                              template=s.template, choices=s.choices))
+                    drawn = campaign.draw(job_name, i)
+                    samples.append(PlannedSample(index=i, key=sample_key(campaign.name, job_name, i),
+                                                 prompt=drawn.prompt, negative=drawn.negative, seed=drawn.seed,
+                                                 template=drawn.template, choices=drawn.choices))
                 fp, te = str(ckpt.fingerprint), str(getattr(ckpt, "te_fingerprint", "") or "")
                 units.append(WorkUnit(
                     id=unit_id(campaign.name, job_name, fp, te, sampler, samples),

@@ -1,6 +1,6 @@
 """The factory driver: campaign -> inventory -> plan -> actors -> shards. It only wires the pieces.
 
-Everything a user can get wrong is checked before any model loads: the campaign (factory.campaign),
+Everything a user can get wrong is checked before any model loads: the campaign (factory.campaign_file),
 the output folder (a probe file), the checkpoint folders and files (factory.inventory), the
 checkpoint selection (factory.planner). Shards are written here, in the driver, from the results
 the actors send back, so one folder holds the whole dataset even on a LAN cluster without shared
@@ -21,16 +21,15 @@ from typing import Any, Callable, Mapping
 
 from factory import inventory as inv_mod
 from factory import shards
-from factory.campaign import load_campaign
-from factory.cluster import connect, list_nodes
+from factory.campaign_file import load_campaign
+from factory.errors import FactoryError
 from factory.planner import plan as make_plan
-from factory.worker import SDXLGenerator, Scheduler, actor_specs, ray_actor_factory
+from factory.scheduler import Scheduler, actor_specs
+from factory.worker import SDXLGenerator, ray_actor_factory
+from luna.cluster import connect, list_nodes
+from luna.settings import plain
 
 log = logging.getLogger(__name__)
-
-
-class FactoryError(ValueError):
-    """A setting the user gave cannot work (output folder, missing campaign, ...)."""
 
 
 @dataclass
@@ -58,17 +57,6 @@ class RunReport:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def _to_plain(cfg: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return cfg
-
-
 def check_writable(folder: Path) -> None:
     """Create `folder` and write + remove a probe file there, or raise FactoryError naming it."""
     probe = folder / f".write-probe-{os.getpid()}"
@@ -84,11 +72,14 @@ def check_writable(folder: Path) -> None:
 
 
 def campaign_source(cfg: Mapping) -> str:
-    name, path = cfg.get("campaign_name"), cfg.get("campaign_file")
+    """The campaign a config names: `campaign` (a name in campaigns/ or a path) or `campaign_file`."""
+    name, path = cfg.get("campaign"), cfg.get("campaign_file")
     if name and path:
-        raise FactoryError("give campaign=NAME or campaign_file=PATH, not both")
+        raise FactoryError("give campaign=NAME_OR_PATH or campaign_file=PATH, not both")
     if not (name or path):
-        raise FactoryError("no campaign: give campaign_file=PATH or campaign=NAME (a file in conf/campaign/)")
+        raise FactoryError("no campaign: give campaign=NAME (a file in campaigns/) or campaign=PATH")
+    if not isinstance(path or name, (str, Path)):
+        raise FactoryError(f"campaign must be a name or a path to a campaign YAML, got {path or name!r}")
     return str(path or name)
 
 
@@ -139,8 +130,8 @@ class ShardSink:
         unit = self.units[task["unit_id"]]
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         by_key = {s.key: s for s in unit.samples}
-        samples = [shards.Sample(key=k["key"], image=k["image"], ext=k["ext"], prompt=by_key[k["key"]].prompt,
-                                 meta=sample_meta(unit, by_key[k["key"]], result, k, now))
+        samples = [shards.ShardSample(key=k["key"], image=k["image"], ext=k["ext"], prompt=by_key[k["key"]].prompt,
+                                      meta=sample_meta(unit, by_key[k["key"]], result, k, now))
                    for k in result["samples"]]
         who = (result["node"], result["worker"])
         group = self.groups.setdefault(who, [])
@@ -194,7 +185,7 @@ def _progress(total: int, enabled: bool):
 def run(cfg: Any, *, make_generator: Callable[[], Any] | None = None, echo: Callable[[str], None] = print,
         scheduler_hook: Callable[[Scheduler], None] | None = None) -> RunReport:
     """Run (or with dry_run only plan) a campaign. `make_generator` replaces the SDXL generator (tests)."""
-    cfg = _to_plain(cfg)
+    cfg = plain(cfg)
     t_start = time.time()
     report = RunReport(dry_run=bool(cfg.get("dry_run", False)))
     campaign = load_campaign(campaign_source(cfg))

@@ -1,11 +1,16 @@
-"""WebDataset shards in img2dataset's conventions (DESIGN.md §2).
+"""WebDataset shards in img2dataset's conventions (DESIGN.md §2): the one reader and writer of shard tars.
 
 A shard is `{campaign}-{node}-{worker}-{seq:06d}.tar` in `out/shards/`, holding per sample
 `key.<png|jpg|webp>`, `key.txt` (the prompt) and `key.json` (metadata), members of one sample
-contiguous. The tar is written to a hidden temporary name, fsynced and renamed; then
+contiguous. The tar is written to a hidden temporary name, fsynced and renamed (luna.files); then
 `{stem}_stats.json` is written (also temporary + rename): the stats file is the completion marker.
 One shard holds one work unit, so a unit is done iff a stats file lists its id; a tar without
 its stats file is an interrupted write, ignored and removed on the next run.
+
+Writing: `write_shard` (tar + stats, atomically), `encode_image`, `shard_name`. Finding: `scan`,
+`complete_shards`, `clean_incomplete`, `stats_path`, `read_stats`. Reading: `iter_samples` (strict:
+CorruptShard on a truncated tar), `read_shard` (webdataset-style dicts of safe keys),
+`find_samples` (samples by key across folders). Member names are parsed, never used as paths.
 """
 from __future__ import annotations
 
@@ -21,11 +26,14 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from luna.files import atomic_path
+from luna.files import atomic_path, fsync_dir
 
-FORMAT_VERSION = 1
-IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+FORMAT_VERSION = 1  # written into every sample's json and every stats file
+READABLE_FORMAT_VERSIONS = (1,)  # shard format versions the readers understand
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}  # written
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # read
 STATS_SUFFIX = "_stats.json"
+_TAR_END = b"\0" * (2 * tarfile.BLOCKSIZE)
 _TMP_PREFIX = ".tmp-"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _NAME_RE = re.compile(r"[^A-Za-z0-9_]+")
@@ -35,9 +43,13 @@ class ShardWriteError(OSError):
     """A shard could not be written (disk full, permission); nothing of it was kept."""
 
 
+class CorruptShard(Exception):
+    """A shard whose tar cannot be read to its end (truncated, bad header, short member)."""
+
+
 @dataclass
-class Sample:
-    """One generated sample, ready to write."""
+class ShardSample:
+    """One generated sample as a shard stores it, ready to write."""
 
     key: str
     image: bytes
@@ -75,7 +87,10 @@ def shard_name(campaign: str, node: str, worker: str, seq: int) -> str:
 
 
 def stats_path(tar_path: Path) -> Path:
-    return tar_path.with_name(tar_path.name[: -len(".tar")] + STATS_SUFFIX)
+    """`{stem}_stats.json` beside `{stem}.tar`: the shard's completion marker."""
+    tar_path = Path(tar_path)
+    stem = tar_path.name[: -len(".tar")] if tar_path.name.endswith(".tar") else tar_path.stem
+    return tar_path.with_name(stem + STATS_SUFFIX)
 
 
 def encode_image(image: np.ndarray, ext: str = "png", quality: int = 95) -> bytes:
@@ -101,25 +116,12 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: Path, obj: dict) -> None:
     with atomic_path(path, tmp=path.with_name(f"{_TMP_PREFIX}{path.name}")) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
 
 
-def write_tar(path: Path, samples: Iterable[Sample]) -> int:
+def write_tar(path: Path, samples: Iterable[ShardSample]) -> int:
     """Write `samples` to `path` through a temporary file; on any error nothing is left behind."""
     n = 0
     now = time.time()
@@ -134,7 +136,7 @@ def write_tar(path: Path, samples: Iterable[Sample]) -> int:
     return n
 
 
-def write_shard(path: Path, samples: list[Sample], stats: dict) -> Path:
+def write_shard(path: Path, samples: list[ShardSample], stats: dict) -> Path:
     """Write the tar, then its stats file (the completion marker). Returns the stats path.
 
     Raises ShardWriteError (after removing whatever was written) when the disk is full or the
@@ -143,11 +145,11 @@ def write_shard(path: Path, samples: list[Sample], stats: dict) -> Path:
     path = Path(path)
     try:
         write_tar(path, samples)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         stats = dict(stats, format_version=FORMAT_VERSION, shard=path.name)
         sp = stats_path(path)
         _write_json_atomic(sp, stats)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:
         path.unlink(missing_ok=True)
         raise ShardWriteError(e.errno, f"could not write shard {path}: {e.strerror or e}") from e
@@ -178,8 +180,10 @@ def scan(shards_dir: Path, campaign: str | None = None) -> ShardIndex:
             continue
         if not name.endswith(".tar"):
             continue
-        sp = stats_path(p)
-        stats = _read_stats(sp)
+        try:
+            stats = read_stats(p)
+        except ValueError:  # a stats file cut short: the shard is an interrupted write
+            stats = None
         if stats is None:
             index.incomplete.append(p)
             continue
@@ -191,12 +195,19 @@ def scan(shards_dir: Path, campaign: str | None = None) -> ShardIndex:
     return index
 
 
-def _read_stats(path: Path) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+def read_stats(tar_path: str | os.PathLike) -> dict | None:
+    """The parsed stats file of a shard; None when it has none (not finished). ValueError naming the
+    file when it exists but cannot be read."""
+    sp = stats_path(Path(tar_path))
+    if not sp.is_file():
         return None
+    try:
+        stats = json.loads(sp.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{sp}: unreadable stats marker ({e})") from None
+    if not isinstance(stats, dict):
+        raise ValueError(f"{sp}: unreadable stats marker (not a JSON object)")
+    return stats
 
 
 def clean_incomplete(index: ShardIndex) -> list[Path]:
@@ -212,30 +223,81 @@ def clean_incomplete(index: ShardIndex) -> list[Path]:
     return removed
 
 
-def read_shard(path: str | os.PathLike) -> Iterator[dict]:
-    """Iterate the samples of a shard as {"__key__": key, ext: bytes, ...} without touching the disk.
+def split_member(name: str) -> tuple[str, str]:
+    """(key, extension) the webdataset way: the extension starts at the first dot of the basename."""
+    folder, sep, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return f"{folder}{sep}{stem}", ext.lower()
 
-    Member names are parsed, never used as paths: members that are not regular files or whose
-    names hold a directory part are skipped.
-    """
-    current: dict | None = None
-    with tarfile.open(path, mode="r:") as tar:
-        for m in tar:
-            if not m.isfile() or "/" in m.name or "\\" in m.name or m.name.startswith("."):
+
+def iter_samples(src: str | os.PathLike | bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for each sample of one tar (a path or its bytes), in order, read into memory.
+    Raises CorruptShard when the tar does not reach its end-of-archive marker or a member is short.
+    Non-file members are ignored; keys are returned as written (check them before any other use)."""
+    fh = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else open(src, "rb")
+    try:
+        try:
+            tf = tarfile.open(fileobj=fh, mode="r:")
+        except tarfile.TarError as e:
+            raise CorruptShard(f"not a tar archive ({e})") from e
+        key, files = None, {}
+        try:
+            while True:
+                m = tf.next()
+                if m is None:
+                    break
+                if not m.isfile():
+                    continue
+                data = tf.extractfile(m).read()
+                if len(data) != m.size:
+                    raise CorruptShard(f"member {m.name!r} is truncated ({len(data)} of {m.size} bytes)")
+                k, ext = split_member(m.name)
+                if k != key:
+                    if key is not None:
+                        yield key, files
+                    key, files = k, {}
+                files[ext] = data
+        except tarfile.TarError as e:
+            raise CorruptShard(f"unreadable tar ({e})") from e
+        # tarfile stops silently on a missing or short header: require the end-of-archive blocks
+        fh.seek(tf.offset)
+        if fh.read(len(_TAR_END)) != _TAR_END:
+            raise CorruptShard(f"truncated: no end-of-archive marker at byte {tf.offset}")
+        if key is not None:
+            yield key, files
+    finally:
+        fh.close()
+
+
+def read_shard(path: str | os.PathLike) -> Iterator[dict]:
+    """The samples of a shard as webdataset dicts {"__key__": key, ext: bytes, ...}, read into memory.
+
+    Samples whose key is not a shard key (a directory part, a dot, `..`) are skipped: member names
+    are parsed, never used as paths. CorruptShard when the tar is cut short."""
+    for key, files in iter_samples(path):
+        if _KEY_RE.match(key):
+            yield {"__key__": key, **files}
+
+
+def find_samples(keys: Iterable[str], folders: Iterable[str | os.PathLike]) -> dict[str, dict[str, bytes]]:
+    """{key: {ext: bytes}} of the wanted `keys` found in the shard tars of `folders` (finished or not;
+    missing keys are absent; a folder that is gone or a tar that cannot be read is passed over)."""
+    wanted, found = set(keys), {}
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for tar_path in sorted(folder.glob("*.tar")):
+            if tar_path.name.startswith(".") or not wanted - set(found):
                 continue
-            key, dot, ext = m.name.partition(".")
-            if not dot or not _KEY_RE.match(key):
+            try:
+                for sample in read_shard(tar_path):
+                    key = sample.pop("__key__")
+                    if key in wanted and key not in found:
+                        found[key] = sample
+            except (OSError, CorruptShard):
                 continue
-            f = tar.extractfile(m)
-            data = f.read() if f is not None else b""
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key}
-            current[ext] = data
-    if current is not None:
-        yield current
+    return found
 
 
 def complete_shards(shards_dir: str | os.PathLike, campaign: str | None = None) -> list[Path]:

@@ -6,7 +6,7 @@
   (`vault.query.Vault`) or the service (`vault.service.VaultClient`), via `vault.open_vault`.
 - `ProjectorSource`: each crop's image embedding -> the exported projector -> mixed with text.
 
-Image embeddings come from `CropEmbedder` (luna.models.vision); the tower must be the one the
+Image embeddings come from `CropEmbedder` (`luna.models.vision.embed`); the tower must be the one the
 vault / projector was built on, else `VisionModelMismatch`. Every row records its source, its
 strength and (for the vault) the neighbours' keys, prompts and scores.
 """
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
+
+from luna.models.vision import embed
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +112,7 @@ class CropEmbedder:
         return int(self.tower.dim)
 
     def __call__(self, crops: list[Image.Image]) -> torch.Tensor:
-        batch = torch.stack([self.tower.preprocess(c.convert("RGB")) for c in crops])
-        with torch.no_grad():
-            return self.tower.encode(batch).float().cpu()
+        return embed(self.tower, crops).embed
 
 
 def _mix(text: TextSource, cond: torch.Tensor, pooled: torch.Tensor, blend: str, weight: float):

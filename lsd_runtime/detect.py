@@ -11,7 +11,7 @@ Every detector has `detect(image: PIL.Image, prompts: list[str]) -> list[Detecti
 - `Sam3Detector`: transformers' SAM 3 from a local folder: boxes and masks for any text
   prompt.
 
-`make_detector(name, **cfg)` builds one from config (`detect.name=cascade`, ...).
+`luna refine detect=NAME` builds one from conf/detect/NAME.yaml (`_target_`); `make_detector(name, **cfg)` in Python.
 See docs/runtime-detection.md.
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from PIL import Image
+
+from luna.settings import resolve_device
 
 
 FILE_FORMAT_VERSION = 1
@@ -104,7 +106,9 @@ class FileDetector:
     With prompts, only detections whose label is one of them are returned.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path | None):
+        if path is None:
+            raise DetectionFileError("detector 'file' needs detect.path=/path/to/detections.json")
         self.path = Path(path)
         if not self.path.is_file():
             raise DetectionFileError(f"{self.path}: no such detections file")
@@ -280,12 +284,6 @@ def _local_folder(weights, what: str, hint: str) -> Path:
     return path
 
 
-def _device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class ZeroShotDetector:
     """Text-prompted boxes with OWLv2 / OWL-ViT / Grounding DINO from a local transformers folder."""
 
@@ -297,7 +295,7 @@ class ZeroShotDetector:
         import torch
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        self.device = _device(device)
+        self.device = resolve_device(device)
         try:
             self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
             self.model = AutoModelForZeroShotObjectDetection.from_pretrained(path, local_files_only=True)
@@ -354,7 +352,7 @@ class Sam3Detector:
             raise DetectorUnavailable(f"Sam3Detector: this transformers has no Sam3Model; pip install 'transformers>=5' ({exc})") from exc
         import torch
 
-        self.device = _device(device)
+        self.device = resolve_device(device)
         try:
             self.processor = Sam3Processor.from_pretrained(path, local_files_only=True)
             self.model = Sam3Model.from_pretrained(path, local_files_only=True)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -24,10 +24,11 @@ from lsd_runtime.blend import resize_lanczos
 from lsd_runtime.detailer import DetailSettings, crop_json, detail
 from lsd_runtime.geometry import pad_to_multiple, unpad
 from lsd_runtime.refiner import RefineTileSettings, refine_tiles
-from lsd_runtime.sampler import DenoiseItem, Sampler, SamplerSettings, sampler_denoiser, time_ids
+from lsd_runtime.sampler import DenoiseItem, Sampler, SamplerSettings, auto_batch_size, sampler_denoiser, time_ids
 from lsd_runtime.scaffold import NoiseScaffold
+from luna.settings import resolve_device
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: record.settings shaped as conf/refine.yaml (detail, refine, draft)
 
 
 class ImageReadError(ValueError):
@@ -60,8 +61,7 @@ class Components:
 
 def pick_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
     """cuda with bf16 (fp16 where bf16 is missing) when there is a GPU; cpu with fp32 otherwise."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if dtype == "auto":
         if str(device).startswith("cuda"):
             return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -85,7 +85,8 @@ def tiny_components(vision: bool = True) -> Components:
 
 def load_components(checkpoint=None, preset: str | None = None, device: str = "auto", dtype: str = "auto",
                     vision_name: str | None = None, vision_weights=None) -> Components:
-    """A checkpoint (single file or diffusers folder; SDXL only: NotSDXLError otherwise) or preset=tiny."""
+    """A checkpoint (single file or diffusers folder; SDXL only: NotSDXLError otherwise), or preset=tiny
+    (in-memory deterministic weights; any other preset names its checkpoint file)."""
     if preset == "tiny":
         comps = tiny_components(vision=False)
         if vision_name or vision_weights:
@@ -96,8 +97,8 @@ def load_components(checkpoint=None, preset: str | None = None, device: str = "a
         else:
             comps = tiny_components(vision=True)
         return comps
-    if preset not in (None, "", "none"):
-        raise ValueError(f"preset={preset!r}: the only preset is 'tiny'")
+    if checkpoint is None and preset not in (None, "", "none"):
+        raise ValueError(f"preset={preset!r} names no checkpoint (its conf/preset/{preset}.yaml sets `checkpoint:`)")
     if checkpoint is None:
         raise ValueError("give checkpoint=PATH (an SDXL .safetensors or diffusers folder) or preset=tiny")
     from luna.models.sdxl import load_sdxl
@@ -117,6 +118,7 @@ def load_components(checkpoint=None, preset: str | None = None, device: str = "a
 
 @dataclass
 class DraftSettings:
+    """`draft.*`: from_draft=true builds the canvas from a 1K draft before detailing."""
     canvas: int = 4096  # longer side of the canvas the draft is upscaled to
     draft: int = 1024  # longer side of the draft
     smooth: int = 1536  # longer side of the smoothing pass
@@ -126,30 +128,71 @@ class DraftSettings:
 
 
 @dataclass
+class DetailStage(SamplerSettings, DetailSettings):
+    """`detail.*`: where the crops go (DetailSettings) and how they are sampled (SamplerSettings)."""
+    batch_size: Any = "auto"  # crops per batch; auto: by free GPU memory (4 on CPU)
+
+    def check(self) -> None:
+        DetailSettings.check(self)
+        SamplerSettings.check(self)
+
+
+@dataclass
+class RefineStage(SamplerSettings, RefineTileSettings):
+    """`refine.*`: the global tiled pass: its tiles (RefineTileSettings) and sampler (SamplerSettings)."""
+    strength: float = 0.2
+    batch_size: Any = "auto"  # tiles per batch; auto: by free GPU memory (4 on CPU)
+    enabled: bool = True
+    conditioning: str = "text"  # text | same (the crops' source, per tile)
+
+    def check(self) -> None:
+        RefineTileSettings.check(self)
+        SamplerSettings.check(self)
+
+
+@dataclass
 class RefineSettings:
+    """Everything `refine` is told, shaped as conf/refine.yaml's keys (see `settings_from_config`)."""
     seed: int = 0
     detect_prompts: list = field(default_factory=lambda: ["face"])
-    detail_sampler: SamplerSettings = field(default_factory=lambda: SamplerSettings(steps=20, strength=0.35, cfg=5.0))
-    refine_sampler: SamplerSettings = field(default_factory=lambda: SamplerSettings(steps=20, strength=0.2, cfg=5.0))
-    detail: DetailSettings = field(default_factory=DetailSettings)
-    tiles: RefineTileSettings = field(default_factory=RefineTileSettings)
-    global_refine: bool = True
-    refine_conditioning: str = "text"  # text | same (the crops' source, per tile)
+    detail: DetailStage = field(default_factory=DetailStage)
+    refine: RefineStage = field(default_factory=RefineStage)
     from_draft: bool = False
     draft: DraftSettings = field(default_factory=DraftSettings)
-    final_size: int | None = None  # longer side of the written image; None = the canvas
+    final_size: Optional[int] = None  # longer side of the written image; None = the canvas
 
-    @classmethod
-    def tiny(cls, **kw) -> "RefineSettings":
-        """Settings at the tiny preset's scale: working size 128, tiles 256, 3 steps."""
-        s = cls(detail_sampler=SamplerSettings(steps=3, strength=0.5, cfg=3.0),
-                refine_sampler=SamplerSettings(steps=3, strength=0.3, cfg=3.0),
-                detail=DetailSettings(working_size=128, min_crop=32, feather=8.0, batch_size=4),
-                tiles=RefineTileSettings(tile=256, batch_size=4),
-                draft=DraftSettings(canvas=512, draft=128, smooth=192, steps=3))
-        for k, v in kw.items():
-            setattr(s, k, v)
-        return s
+
+def settings_from_config(cfg, **values) -> RefineSettings:
+    """RefineSettings from a composed refine config (conf/refine.yaml + preset + overrides): its keys
+    that are RefineSettings fields, type-checked by OmegaConf against the dataclasses (a wrong type
+    or unknown key is a ValueError naming it); `values` win (e.g. detect_prompts)."""
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from luna.settings import plain
+
+    names = {f.name for f in fields(RefineSettings)}
+    node = {k: v for k, v in (plain(cfg) or {}).items() if k in names}
+    node.update(values)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RefineSettings), node))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ValueError(f"{key + ': ' if key else ''}{str(e).splitlines()[0]}") from e
+
+
+def _resolve_batches(settings: RefineSettings, sampler: Sampler) -> RefineSettings:
+    """batch_size=auto of the crops and the tiles, by the sampler's free memory."""
+    def size(value, working: int, cfg: float) -> int:
+        return auto_batch_size(sampler, working, cfg > 1.0) if value in (None, "auto") else int(value)
+
+    detail = replace(settings.detail, batch_size=size(settings.detail.batch_size, settings.detail.working_size,
+                                                       settings.detail.cfg))
+    tiles = replace(settings.refine, batch_size=size(settings.refine.batch_size, settings.refine.tile,
+                                                     settings.refine.cfg))
+    return replace(settings, detail=detail, refine=tiles)
 
 
 @dataclass
@@ -221,14 +264,13 @@ def draft_canvas(components: Components, image: Image.Image | None, text, scaffo
     else:
         start = resize_lanczos(image, (dw, dh))
     row = text.rows([start])[0]
-    ss = SamplerSettings(steps=d.steps, strength=strength, cfg=settings.detail_sampler.cfg,
-                         sampler=settings.detail_sampler.sampler)
+    ss = SamplerSettings(steps=d.steps, strength=strength, cfg=settings.detail.cfg, sampler=settings.detail.sampler)
     draft = _whole_image_pass(components, start, scaffold.latent_for_size(dw, dh), row, negative, ss, settings.seed)
     timings["draft"] = time.perf_counter() - t
     t = time.perf_counter()
     sw, sh = _fit((cw, ch), d.smooth)
-    ss = SamplerSettings(steps=d.steps, strength=d.smooth_strength, cfg=settings.detail_sampler.cfg,
-                         sampler=settings.detail_sampler.sampler)
+    ss = SamplerSettings(steps=d.steps, strength=d.smooth_strength, cfg=settings.detail.cfg,
+                         sampler=settings.detail.sampler)
     smooth_in = resize_lanczos(draft, (sw, sh))
     smooth = _whole_image_pass(components, smooth_in, scaffold.latent_for_size(sw, sh), text.rows([smooth_in])[0],
                                negative, ss, settings.seed + 1)
@@ -272,7 +314,7 @@ def refine(image, prompt: str, *, components: Components, detector=None, detecti
     """
     from lsd_runtime.conditioning import TextSource, WithImageEmbeds
 
-    settings = settings or RefineSettings()
+    settings = _resolve_batches(settings or RefineSettings(), components.sampler)
     t_all = time.perf_counter()
     timings: dict = {}
     force = components.sampler.force_zeros_for_empty_prompt
@@ -325,7 +367,7 @@ def refine(image, prompt: str, *, components: Components, detector=None, detecti
     record["detections"] = [d.to_json() for d in detections]
 
     injected = denoise
-    denoise = denoise or sampler_denoiser(components.sampler, settings.detail_sampler, text.negative_row)
+    denoise = denoise or sampler_denoiser(components.sampler, settings.detail, text.negative_row)
     t = time.perf_counter()
     canvas, crops, skipped = detail(canvas, detections, scaffold, source, denoise, settings.detail, settings.seed)
     timings["detail"] = time.perf_counter() - t
@@ -342,12 +384,12 @@ def refine(image, prompt: str, *, components: Components, detector=None, detecti
         masks[f"crop_{c.index:03d}"] = full[:orig_wh[1], :orig_wh[0]]
 
     tiles = []
-    if settings.global_refine:
+    if settings.refine.enabled:
         t = time.perf_counter()
-        tile_source = source if settings.refine_conditioning == "same" else plain
-        tile_denoise = tile_denoise or injected or sampler_denoiser(components.sampler, settings.refine_sampler,
+        tile_source = source if settings.refine.conditioning == "same" else plain
+        tile_denoise = tile_denoise or injected or sampler_denoiser(components.sampler, settings.refine,
                                                                     text.negative_row)
-        canvas, tiles = refine_tiles(canvas, scaffold, tile_source, tile_denoise, settings.tiles, settings.seed)
+        canvas, tiles = refine_tiles(canvas, scaffold, tile_source, tile_denoise, settings.refine, settings.seed)
         timings["global_refine"] = time.perf_counter() - t
     record["tiles"] = tiles
 

@@ -13,16 +13,10 @@ import os
 import sys
 from pathlib import Path
 
+from luna.settings import plain
+
 log = logging.getLogger("luna.train")
 RUN_ID_FILE = "wandb_run_id"
-
-
-def _plain(node):
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(node, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
 
 
 def run_dir(cfg) -> Path:
@@ -112,22 +106,23 @@ def train(cfg) -> float | None:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     module = ProjectorModule(
-        net=_plain(cfg.model), dims=datamodule.dims, pooled_head=_plain(cfg.get("pooled_head")),
-        optim=_plain(cfg.optim), loss=_plain(cfg.loss),
+        net=plain(cfg.model), dims=datamodule.dims, pooled_head=plain(cfg.get("pooled_head")),
+        optim=plain(cfg.optim), loss=plain(cfg.loss),
     )
     module.projector.set_stats(datamodule.stats)
     log.info("projector %s: %d parameters", cfg.model._target_, count_parameters(module.projector))
 
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), workdir)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node and "_target_" in node]
     loggers = make_loggers(cfg, workdir, resuming=ckpt is not None)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(workdir))
-    for lg in loggers:
-        lg.log_hyperparams({"parameters": count_parameters(module.projector), "dims": datamodule.dims})
+    for logger in loggers:
+        logger.log_hyperparams({"parameters": count_parameters(module.projector), "dims": datamodule.dims})
     _argv_for_ddp_children()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
 
-    found = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float)) and k.startswith("val")}
+    found = {name: float(value) for name, value in trainer.callback_metrics.items()
+             if isinstance(value, (torch.Tensor, float)) and name.startswith("val")}
     if cfg.get("export", True) and trainer.is_global_zero:
         save_projector(module.projector, workdir, meta={
             "te_fingerprints": datamodule.te_fingerprints,
@@ -136,13 +131,13 @@ def train(cfg) -> float | None:
         })
         log.info("exported %s", workdir / "projector.json")
         _log_artifact(loggers, workdir, found)
-    for lg in loggers:
-        if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
-            lg.experiment.finish()
+    for logger in loggers:
+        if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()
     return found.get(cfg.optimized_metric)
 
 
-_LAUNCHED_AS: list[str] = []  # sys.argv[0] of the process, before run_hydra replaced it
+_LAUNCHED_AS: list[str] = []  # sys.argv[0] of the process, before run_stage replaced it
 
 
 def _argv_for_ddp_children() -> None:
@@ -166,23 +161,15 @@ def _argv_for_ddp_children() -> None:
 
 def _log_artifact(loggers: list, workdir: Path, metrics: dict) -> None:
     """Online W&B runs also get the export as a `projector` artifact (load it as `wandb:ENTITY/PROJECT/NAME:latest`)."""
-    for lg in loggers:
-        if type(lg).__name__ != "WandbLogger" or getattr(lg, "_offline", True):
+    for logger in loggers:
+        if type(logger).__name__ != "WandbLogger" or getattr(logger, "_offline", True):
             continue
         import wandb
 
-        artifact = wandb.Artifact(f"projector-{lg.experiment.id}", type="projector", metadata=metrics)
+        artifact = wandb.Artifact(f"projector-{logger.experiment.id}", type="projector", metadata=metrics)
         artifact.add_file(str(workdir / "projector.json"))
         artifact.add_file(str(workdir / "projector.safetensors"))
-        lg.experiment.log_artifact(artifact)
-
-
-def _task(cfg):
-    try:
-        return train(cfg)
-    except (ValueError, FileNotFoundError) as e:  # a user's error: one line, no traceback
-        print(f"luna train: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        logger.experiment.log_artifact(artifact)
 
 
 def _make_out_dir(argv: list[str]) -> None:
@@ -195,7 +182,7 @@ def _make_out_dir(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from luna.cli import run_hydra
+    from luna.cli import run_stage
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _LAUNCHED_AS[:] = sys.argv[:1]
@@ -203,14 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     # attached to a parent's service would leave its run id "in use" there and block the resume
     os.environ.pop("WANDB_SERVICE", None)
     _make_out_dir(argv)
-    try:
-        run_hydra(_task, "train", argv, prog="luna train")
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
-        print(f"luna train: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # Hydra reports a failed job itself, then exits
-        return int(e.code or 0) if not isinstance(e.code, str) else 1
-    return 0
+    return run_stage("luna train", "train", train, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LUNA_CACHE_DIR", tempfile.mkdtemp(prefix="luna-cache-"))
 
 # Two simulated PCs. Each node advertises a custom resource naming it, the way `ray start
-# --resources='{"luna_node:pc2": 1}'` does on a real LAN node (see factory/cluster.py).
+# --resources='{"luna_node:pc2": 1}'` does on a real LAN node (see luna/cluster.py).
 NODE_NAMES = ("pc1", "pc2")
 
 

@@ -7,14 +7,13 @@ crash leaves the last committed vault intact.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from extraction.pairs import Pairs, PairsFormatError, list_parts
+from luna.files import atomic_dir
 from vault import index as vindex
 from vault.manifest import MANIFEST, MODES, Manifest, VaultError
 from vault.store import Metadata, read_prompts, write_cond_file, write_prompts
@@ -54,10 +53,7 @@ def build_vault(pairs, out, index: str | None = None, mode: str = "stored", memo
     if (out / MANIFEST).exists() and not rebuild:
         return add_pairs(out, pairs, shards=shards)
     parts = _collect_parts(pairs)
-    tmp = out.with_name(f".{out.name}.build-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:  # an existing vault is replaced only once the new one is complete
         first = Pairs(parts[0])
         manifest = Manifest(
             vision_model=str(first.vision_model), vision_dim=first.vision_dim, text_dims=list(first.text_dims),
@@ -68,16 +64,6 @@ def build_vault(pairs, out, index: str | None = None, mode: str = "stored", memo
         first.close()
         _add(tmp, manifest, None, parts, index_override=index, categories=categories,
              tune_recall=tune_recall, seed=seed)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

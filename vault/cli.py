@@ -1,4 +1,4 @@
-"""`luna vault build | query | serve`: a Hydra app over conf/vault.yaml.
+"""`luna vault build | query | serve`: Hydra apps over conf/vault_build.yaml, vault_query.yaml, vault_serve.yaml.
 
 Errors the user can fix print one line on stderr and exit 2. `query format=json` prints exactly
 one JSON object on stdout; everything else (warnings, Ray and model logs) goes to stderr.
@@ -13,145 +13,129 @@ import time
 from pathlib import Path
 
 ACTIONS = ("build", "query", "serve")
-EXIT_USER_ERROR = 2
 USAGE = """usage: luna vault build pairs=DIR out=DIR [index=FACTORY_STRING] [mode=stored|prompts] [memory_budget=4G]
        luna vault query vault=DIR|ray:NAME image=PATH [k=10] [format=text|json] [category=auto|NAME] [sheet=PATH]
        luna vault serve vault=DIR [name=luna-vault] [ray_address=...]"""
 JSON_FIELDS = ("key", "prompt", "score", "category", "checkpoint")
 
 
-def _plain(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
-def _build(c: dict) -> None:
+def _build(config: dict) -> None:
     from vault.build import build_vault
 
-    if not c["pairs"] or not c["out"]:
+    if not config["pairs"] or not config["out"]:
         raise ValueError("build needs pairs=DIR and out=DIR")
     t0 = time.perf_counter()
-    m = build_vault(c["pairs"], c["out"], index=c["index"], mode=c["mode"], memory_budget=c["memory_budget"],
-                    categories=c["categories"], tune_recall=c["tune_recall"], shards=c["shards"], rebuild=c["rebuild"])
-    size = sum(f.stat().st_size for f in Path(c["out"]).rglob("*") if f.is_file())
-    print(f"vault {c['out']}: {m.count} images, {m.num_prompts} prompts, mode {m.mode}, "
-          f"index {m.index_spec} ({m.search_params or 'exact'}, recall@10 {m.tuned_recall:.3f}), "
-          f"categories {sorted(m.categories) or '-'}, {size / max(1, m.count):.0f} B/image, "
+    options = ("index", "mode", "memory_budget", "categories", "tune_recall", "shards", "rebuild")
+    manifest = build_vault(config["pairs"], config["out"], **{key: config[key] for key in options})
+    size = sum(path.stat().st_size for path in Path(config["out"]).rglob("*") if path.is_file())
+    print(f"vault {config['out']}: {manifest.count} images, {manifest.num_prompts} prompts, mode {manifest.mode}, "
+          f"index {manifest.index_spec} ({manifest.search_params or 'exact'}, recall@10 {manifest.tuned_recall:.3f}), "
+          f"categories {sorted(manifest.categories) or '-'}, {size / max(1, manifest.count):.0f} B/image, "
           f"{time.perf_counter() - t0:.1f} s")
 
 
 def _table(neighbours: list[dict]) -> str:
     rows = [("#", "score", "key", "category", "checkpoint", "prompt")]
-    rows += [(str(i + 1), f"{n['score']:.4f}", n["key"], n["category"], n["checkpoint"], n["prompt"][:70])
-             for i, n in enumerate(neighbours)]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(5)) + "  " + r[5] for r in rows)
+    rows += [(str(rank + 1), f"{found['score']:.4f}", found["key"], found["category"], found["checkpoint"],
+              found["prompt"][:70]) for rank, found in enumerate(neighbours)]
+    widths = [max(len(row[col]) for row in rows) for col in range(5)]
+    return "\n".join("  ".join(row[col].ljust(widths[col]) for col in range(5)) + "  " + row[5] for row in rows)
 
 
-def _query(c: dict) -> str:
+def _query(config: dict) -> str:
     from PIL import Image, UnidentifiedImageError
 
     from vault.contact_sheet import contact_sheet
     from vault.service import open_vault
 
-    if not c["vault"] or not c["image"]:
+    if not config["vault"] or not config["image"]:
         raise ValueError("query needs vault=DIR (or ray:NAME) and image=PATH")
-    if c["format"] not in ("text", "json"):
-        raise ValueError(f"format={c['format']!r}: expected text or json")
-    path = Path(c["image"])
+    if config["format"] not in ("text", "json"):
+        raise ValueError(f"format={config['format']!r}: expected text or json")
+    path = Path(config["image"])
     try:
         image = Image.open(path).convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"image={path}: not a readable image ({e})") from e
-    is_dir = Path(str(c["vault"])).is_dir()
-    vault = open_vault(c["vault"], **({"vision_weights": c["vision_weights"], "device": c["device"]} if is_dir else {}))
-    filters = {key: v for key, v in (c["filters"] or {}).items() if v is not None}
-    found = vault.search(vault.embed_images([image]), k=c["k"], category=c["category"], filters=filters or None,
-                         weighting=c["weighting"], temperature=c["temperature"])
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"image={path}: not a readable image ({error})") from error
+    is_dir = Path(str(config["vault"])).is_dir()
+    local = {"vision_weights": config["vision_weights"], "device": config["device"]} if is_dir else {}
+    vault = open_vault(config["vault"], **local)
+    filters = {key: value for key, value in (config["filters"] or {}).items() if value is not None}
+    found = vault.search(vault.embed_images([image]), k=config["k"], category=config["category"],
+                         filters=filters or None, weighting=config["weighting"], temperature=config["temperature"])
     neighbours = found.neighbours[0]
-    if c["sheet"] != "":
-        sheet = Path(c["sheet"]) if c["sheet"] else path.with_name(f"{path.stem}_vault.png")
+    if config["sheet"] != "":
+        sheet = Path(config["sheet"]) if config["sheet"] else path.with_name(f"{path.stem}_vault.png")
         shards = vault.info().get("shard_folders", [])
         sheet, n_real = contact_sheet(image, neighbours, shards, sheet)
         print(f"contact sheet: {sheet} ({n_real}/{len(neighbours)} images found in the shards)", file=sys.stderr)
-    if c["format"] == "json":
-        return json.dumps({"neighbours": [{k: n[k] for k in JSON_FIELDS} for n in neighbours]})
+    if config["format"] == "json":
+        return json.dumps({"neighbours": [{field: found[field] for field in JSON_FIELDS} for found in neighbours]})
     return _table(neighbours)
 
 
-def _serve(c: dict) -> None:
+def _serve(config: dict) -> None:
     import ray
 
     from vault.service import serve, stop
 
-    if not c["vault"]:
+    if not config["vault"]:
         raise ValueError("serve needs vault=DIR")
     started_here = False
     if not ray.is_initialized():
-        if c["ray_address"]:
-            ray.init(address=c["ray_address"], namespace=c["namespace"])
+        if config["ray_address"]:
+            ray.init(address=config["ray_address"], namespace=config["namespace"])
         else:
             try:
-                ray.init(address="auto", namespace=c["namespace"])
+                ray.init(address="auto", namespace=config["namespace"])
             except ConnectionError:
                 # no dashboard; the service opens no port of its own, it is reached through Ray only
-                ray.init(namespace=c["namespace"], include_dashboard=False)
+                ray.init(namespace=config["namespace"], include_dashboard=False)
                 started_here = True
-    _, info = serve(c["vault"], name=c["name"], namespace=c["namespace"], device=c["device"],
-                    vision_weights=c["vision_weights"], num_cpus=c["num_cpus"], resources=c["resources"] or None,
-                    replace=c["replace"])
-    print(f"vault service {c['name']!r} ready: {info['count']} images, mode {info['mode']}, "
+    _, info = serve(config["vault"], name=config["name"], namespace=config["namespace"], device=config["device"],
+                    vision_weights=config["vision_weights"], num_cpus=config["num_cpus"],
+                    resources=config["resources"] or None, replace=config["replace"])
+    print(f"vault service {config['name']!r} ready: {info['count']} images, mode {info['mode']}, "
           f"vision {info['vision_model']}{' (not loaded: ' + info['vision_error'] + ')' if info['vision_error'] else ''}; "
-          f"use vault.address=ray:{c['name']}", flush=True)
-    if not (c["block"] or started_here):
+          f"use vault=ray:{config['name']}", flush=True)
+    if not (config["block"] or started_here):
         return
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        stop(c["name"], c["namespace"])
-        print(f"vault service {c['name']!r} stopped", file=sys.stderr)
+        stop(config["name"], config["namespace"])
+        print(f"vault service {config['name']!r} stopped", file=sys.stderr)
 
 
-def _task(cfg, outcome: dict) -> None:
-    from vault.manifest import VaultError
+def run(cfg) -> None:
+    """One action (`cfg.action`, conf/vault_<action>.yaml); `query format=json` prints only its JSON on stdout."""
+    from luna.settings import plain
 
-    c = _plain(cfg)
+    config = plain(cfg)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        with contextlib.redirect_stdout(sys.stderr) if c["action"] == "query" else contextlib.nullcontext():
-            if c["action"] == "build":
-                _build(c)
-            elif c["action"] == "query":
-                outcome["stdout"] = _query(c)
-            else:
-                _serve(c)
-    except (VaultError, ValueError, FileNotFoundError) as e:
-        outcome["error"] = str(e)
+    if config["action"] == "build":
+        _build(config)
+    elif config["action"] == "query":
+        with contextlib.redirect_stdout(sys.stderr):  # model and Ray chatter must not mix with the answer
+            answer = _query(config)
+        print(answer)
+    else:
+        _serve(config)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from luna.cli import run_hydra
+    from luna.cli import EXIT_USER_ERROR, run_stage
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    if argv[0] not in ACTIONS:
-        print(f"luna vault: unknown action {argv[0]!r}\n{USAGE}", file=sys.stderr)
+    action = argv[0]
+    if action not in ACTIONS:
+        print(f"luna vault: unknown action {action!r}\n{USAGE}", file=sys.stderr)
         return EXIT_USER_ERROR
-    outcome: dict = {}
-    try:
-        run_hydra(lambda cfg: _task(cfg, outcome), "vault", [f"action={argv[0]}", *argv[1:]], prog=f"luna vault {argv[0]}")
-    except SystemExit as e:  # Hydra printed what was wrong with the overrides
-        return EXIT_USER_ERROR if e.code not in (0, None) else 0
-    if "error" in outcome:
-        print(f"luna vault {argv[0]}: error: {outcome['error']}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    if "stdout" in outcome:
-        print(outcome["stdout"])
-    return 0
+    return run_stage(f"luna vault {action}", f"vault_{action}", run, argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,47 +1,32 @@
 """Contact sheet: the query crop beside its matched images, read from the factory's shard tars.
 
-Images are looked up by key in the shard folders the manifest records (tar member names are
-parsed, never used as paths). A neighbour whose image cannot be found gets a labelled tile
+Images are looked up by key in the shard folders the manifest records, through factory.shards
+(the one reader of shard tars: member names are parsed, never used as paths). A neighbour whose image cannot be found gets a labelled tile
 with its prompt instead, so the sheet always shows every neighbour.
 """
 from __future__ import annotations
 
 import io
-import tarfile
 import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from vault.manifest import atomic_path
-
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+from factory.shards import IMAGE_EXTS, find_samples
+from luna.files import atomic_path
 
 
 def find_images(keys: list[str], shard_folders: list[str]) -> dict[str, Image.Image]:
     """PIL images of `keys` found in the *.tar files of `shard_folders` (missing keys are absent)."""
-    wanted, found = set(keys), {}
-    for folder in shard_folders:
-        folder = Path(folder)
-        if not folder.is_dir():
+    found = {}
+    for key, files in find_samples(keys, shard_folders).items():
+        ext = next((e for e in IMAGE_EXTS if e in files), None)
+        if ext is None:
             continue
-        for tar_path in sorted(folder.glob("*.tar")):
-            if tar_path.name.startswith(".") or not wanted - set(found):
-                continue
-            try:
-                with tarfile.open(tar_path, mode="r:") as tar:
-                    for m in tar:
-                        if not m.isfile() or "/" in m.name or "\\" in m.name:
-                            continue
-                        key, _, ext = m.name.partition(".")
-                        if key in wanted and key not in found and ext.lower() in IMAGE_EXTS:
-                            f = tar.extractfile(m)
-                            try:
-                                found[key] = Image.open(io.BytesIO(f.read())).convert("RGB")
-                            except (OSError, ValueError):
-                                pass
-            except (OSError, tarfile.TarError):
-                continue  # unreadable shard: its neighbours fall back to labelled tiles
+        try:
+            found[key] = Image.open(io.BytesIO(files[ext])).convert("RGB")
+        except (OSError, ValueError):
+            pass  # an unreadable image: its neighbour falls back to a labelled tile
     return found
 
 

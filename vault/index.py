@@ -11,7 +11,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from vault.manifest import VaultError, atomic_path
+from luna.files import atomic_path
+from vault.manifest import VaultError
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 

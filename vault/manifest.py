@@ -1,4 +1,4 @@
-"""The vault folder's manifest (DESIGN.md §2) and atomic file writes.
+"""The vault folder's manifest (DESIGN.md §2); files are written through `luna.files.atomic_path`.
 
 A vault folder holds
   manifest.json           this file's `Manifest` (format_version, vision model, metric, index specs, ...)
@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from luna.files import atomic_path  # noqa: F401 - re-exported for vault modules
+from luna.files import atomic_path
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from luna.models.vision import embed
 from vault import index as vindex
 from vault.blend import neighbour_weights, weighted_rows
 from vault.manifest import Manifest, VaultError
@@ -273,7 +274,7 @@ class Vault:
         tower = self.vision
         if not same_model(getattr(tower, "model_id", self.manifest.vision_model), self.manifest.vision_model):
             raise VaultError(f"vision tower {tower.model_id!r} is not the vault's {self.manifest.vision_model!r}")
-        return embed_with(tower, images)
+        return embed(tower, images).embed.numpy()
 
     def query_images(self, images, k: int = 10, **kw) -> QueryResult:
         return self.query(self.embed_images(images), k, **kw)
@@ -285,16 +286,6 @@ def same_model(a: str, b: str) -> bool:
         x = str(x).removeprefix("open_clip:")
         return "luna-tiny-vit" if x == "tiny" else x
     return norm(a) == norm(b)
-
-
-def embed_with(tower, images) -> np.ndarray:
-    """[B,D] float32 embeddings of PIL images through a VisionTower (preprocess + encode)."""
-    batch = torch.stack([tower.preprocess(im) for im in images])
-    with torch.no_grad():
-        out = tower.encode(batch)
-    if isinstance(out, torch.Tensor):
-        out = out.detach().float().cpu().numpy()
-    return np.asarray(out, dtype=np.float32)
 
 
 def encode_and_blend(found: Retrieval, encode: Encode) -> QueryResult:

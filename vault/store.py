@@ -7,7 +7,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vault.manifest import VaultError, atomic_path
+from luna.files import atomic_path
+from vault.manifest import VaultError
 
 _STR = h5py.string_dtype(encoding="utf-8")
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from luna.files import atomic_path
+from luna.files import atomic_dir, atomic_path
 from luna.models.configs import SDXL_TINY
 
 FAMILIES = ("base", "pony")
@@ -130,12 +128,6 @@ def checkpoint_name(index: int, family: str) -> str:
     return f"tiny-{family}-{index}"
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 def write_single_file(pipe, path: Path) -> Path:
     """Write `pipe` as one fp16 .safetensors in the original SDXL key layout (temporary name, then rename)."""
     from safetensors.torch import save_file
@@ -151,22 +143,16 @@ def write_single_file(pipe, path: Path) -> Path:
 
 
 def write_diffusers(pipe, folder: Path) -> Path:
-    """Write `pipe` as an fp16 diffusers folder (temporary name, then rename)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    """Write `pipe` as an fp16 diffusers folder (built beside it, then swapped in: `luna.files.atomic_dir`)."""
     from luna.models.sdxl import _quiet
 
-    with _quiet():
+    with atomic_dir(folder) as tmp, _quiet():
         pipe.to(torch.float16)
         try:
             pipe.save_pretrained(tmp, safe_serialization=True)
         finally:
             pipe.to(torch.float32)
-    _replace_dir(tmp, folder)
-    return folder
+    return Path(folder)
 
 
 def write_checkpoints(out_dir, n: int = 2, families=FAMILIES) -> list[CheckpointFiles]:

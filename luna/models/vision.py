@@ -1,4 +1,11 @@
-"""open_clip vision towers from local weight files (never a download), plus the tiny preset's tower."""
+"""open_clip vision towers from local weight files (never a download), plus the tiny preset's tower,
+and `embed`: the one image -> embedding path of extraction, the vault and the runtime.
+
+Precision policy of `embed`: the tower keeps its own weights' dtype (float32 as `load_vision` makes
+it); on CUDA the forward runs under float16 autocast, on CPU in float32; results are float32 on the
+CPU. Extraction, vault queries and runtime crops all go through it, so a query embeds a crop with
+the same arithmetic that embedded the pairs the vault was built from.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +14,7 @@ import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -274,3 +281,39 @@ def load_vision(name: str = "tiny", weights=None, device="cpu", dtype=torch.floa
     model = model.to(device=device, dtype=dtype).eval()
     dim = int(getattr(model.visual, "output_dim", 0) or model.visual.proj.shape[1])
     return VisionTower(model_id=f"open_clip:{arch}", dim=dim, preprocess=model.luna_preprocess, model=model)
+
+
+class Embedded(NamedTuple):
+    embed: torch.Tensor  # [B, D] projected embeddings (open_clip encode_image, not normalised), float32 on CPU
+    tokens: torch.Tensor | None  # [B, T, W] penultimate-block tokens, class token first (tokens=True), else None
+
+
+def embed(tower: VisionTower, images: Sequence | torch.Tensor, *, tokens: bool = False,
+          autocast: bool = True) -> Embedded:
+    """Embeddings of `images` (PIL images, preprocessed here with the tower's own transform, or a
+    [B,3,H,W] tensor already preprocessed) and, with tokens=True, the penultimate tokens from the same
+    forward pass. autocast=False runs CUDA in the tower's dtype too (see the module's precision policy)."""
+    if isinstance(images, torch.Tensor):
+        pixels = images
+    else:
+        pixels = torch.stack([tower.preprocess(im.convert("RGB")) for im in images])
+    pixels = pixels.to(tower.device, next(tower.model.parameters()).dtype, non_blocking=True)
+    use_autocast = autocast and tower.device.type == "cuda"
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=use_autocast):
+        if tokens and hasattr(tower.visual, "forward_intermediates"):
+            emb, tok = _embed_and_tokens(tower, pixels)
+        else:
+            emb = tower.encode(pixels)
+            tok = tower.encode_tokens(pixels) if tokens else None
+    return Embedded(emb.float().cpu(), tok.float().cpu() if tok is not None else None)
+
+
+def _embed_and_tokens(tower: VisionTower, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projected embedding and the penultimate tokens from one forward pass (equal to `encode`
+    and `encode_tokens` run separately)."""
+    visual = tower.visual
+    depth = len(visual.transformer.resblocks)
+    out = visual.forward_intermediates(pixels, indices=[depth - 2], intermediates_only=False,
+                                       output_fmt="NLC", output_extra_tokens=True)
+    tok = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+    return out["image_features"], tok

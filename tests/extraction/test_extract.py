@@ -1,7 +1,11 @@
-"""Extraction end to end on the tiny preset: equality with diffusers and open_clip, dedup, bad input."""
+"""Extraction end to end on the tiny preset: equality with diffusers and open_clip, dedup, bad input, resume."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import h5py
@@ -12,9 +16,12 @@ import torch
 from extraction.extract import OutputMismatch, extract
 from extraction.image import VisionModelError
 from extraction.pairs import Pairs
-from extraction.reader import ShardError, iter_tar_samples
-from tests.extraction.conftest import extract_cfg
+from extraction.reader import ShardError
+from factory.shards import iter_samples
+from tests.extraction.conftest import assert_same_parts, extract_cfg
 from tests.extraction.extraction_shards import PROMPTS, shard_metas, write_shard
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _sdxl_pipeline(family: str):
@@ -57,7 +64,7 @@ def test_image_embeddings_equal_open_clip_encode_image(extracted, shards_dir):
     model = create_open_clip(TINY_NAME)
     images, keys = [], []
     for tar in sorted(shards_dir.glob("*.tar")):
-        for key, files in iter_tar_samples(tar):
+        for key, files in iter_samples(tar):
             keys.append(key)
             images.append(model.luna_preprocess(Image.open(__import__("io").BytesIO(files["png"])).convert("RGB")))
     with torch.no_grad():
@@ -71,7 +78,7 @@ def test_image_embeddings_equal_open_clip_encode_image(extracted, shards_dir):
 
 def test_each_unique_prompt_encoded_once_across_parts_and_runs(extracted, shards_dir, tiny_checkpoints, tmp_path):
     out, result = extracted
-    metas = [json.loads(f["json"]) for t in sorted(shards_dir.glob("*.tar")) for _, f in iter_tar_samples(t)]
+    metas = [json.loads(f["json"]) for t in sorted(shards_dir.glob("*.tar")) for _, f in iter_samples(t)]
     unique = {(m["prompt"], m["te_fingerprint"]) for m in metas}
     assert len(unique) < len(metas)  # prompts repeat: dedup has something to do
     assert result.text["prompts_encoded"] == len(unique) == result.unique_prompts
@@ -106,7 +113,7 @@ def test_tokens_and_fp16_storage(shards_dir, tiny_checkpoints, tmp_path):
     extract(extract_cfg(str(shards_dir / "faces-pc1-w0-000000.tar"), out, tiny_checkpoints, "tokens=true",
                         "workers=0"))
     tower = load_vision("tiny")
-    files = [f for _, f in iter_tar_samples(shards_dir / "faces-pc1-w0-000000.tar")]
+    files = [f for _, f in iter_samples(shards_dir / "faces-pc1-w0-000000.tar")]
     pixels = torch.stack([tower.preprocess(decode_image(f)) for f in files])
     with Pairs(out) as p:
         assert p.has_tokens and p.embed.dtype == np.float16
@@ -173,3 +180,48 @@ def test_corrupt_shard_is_reported_and_the_rest_extracted(shards_dir, tiny_check
     assert [Path(c["shard"]).name for c in report["corrupt"]] == [bad.name]
     assert sorted(p.name for p in out.glob("*.h5")) == ["pairs-faces-pc1-w0-000000.h5", "pairs-faces-pc1-w0-000002.h5"]
     assert r.images == 8 and report["images"] == 8
+
+
+# --- resume after a crash ------------------------------------------------------------------------
+
+# The child runs `luna extract` and SIGKILLs itself when the second part is about to be written,
+# leaving a half-written temporary file behind as a real crash would.
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    import extraction.pairs as pairs
+
+    real, calls = pairs.write_part, []
+
+    def write_then_die(path, part, dtype="float16"):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}").write_bytes(b"half a part")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, part, dtype=dtype)
+
+    pairs.write_part = write_then_die
+    from extraction.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_resume_after_kill_gives_the_uninterrupted_result(extracted, shards_dir, tiny_checkpoints, tmp_path):
+    reference, full = extracted
+    out = tmp_path / "pairs"
+    args = [f"shards={shards_dir}", f"out={out}", f"checkpoints.dirs=[{tiny_checkpoints[0]['dir']}]",
+            "progress=false", "batch_size=3", "dtype=float32", "workers=2"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    child = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == -9, child.stderr[-2000:]
+    assert [p.name for p in out.glob("*.h5")] == ["pairs-faces-pc1-w0-000000.h5"]
+
+    resumed = extract(extract_cfg(shards_dir, out, tiny_checkpoints, "dtype=float32", "workers=2"))
+    assert resumed.skipped_done == ["faces-pc1-w0-000000.tar"] and len(resumed.written) == 2
+    # prompts of the first part were not encoded again
+    assert resumed.text["prompts_encoded"] < full.text["prompts_encoded"]
+    assert resumed.unique_prompts == full.unique_prompts
+    assert_same_parts(reference, out)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from factory.campaign import CampaignError, load_campaign
+from factory.campaign_file import load_campaign
+from factory.errors import CampaignError
 from factory.planner import WorkUnit, balance, plan, sample_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,7 +99,7 @@ def test_plan_covers_every_index_once_in_contiguous_checkpoint_blocks(tmp_path, 
         assert u.category == f"multi/{u.job}" and u.sampler == c.sampler_for(u.job)
         # a unit holds exactly the campaign's samples for its indices
         for s in u.samples:
-            ref = c.sample(u.job, s.index)
+            ref = c.draw(u.job, s.index)
             assert (s.prompt, s.negative, s.seed, s.choices) == (ref.prompt, ref.negative, ref.seed, ref.choices)
 
 
@@ -149,7 +150,7 @@ def test_unit_ids_are_stable_across_runs_and_processes(tmp_path):
         import json, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_planner import ckpts
-        from factory.campaign import load_campaign
+        from factory.campaign_file import load_campaign
         from factory.planner import plan
         print(json.dumps([u.id for u in plan(load_campaign(sys.argv[1]), ckpts(3)).units]))
     """)

@@ -1,4 +1,4 @@
-"""Shards: atomic writes, the stats marker, resume index, safe reading; the quality gate's checks."""
+"""Shards: atomic writes, the stats marker, resume index, safe reading."""
 from __future__ import annotations
 
 import errno
@@ -10,15 +10,16 @@ import tarfile
 import numpy as np
 import pytest
 
-from factory import quality, shards
+from factory import shards
+from tests.extraction.extraction_shards import sample_meta, write_shard
 
 
-def _samples(n: int, ext: str = "png") -> list[shards.Sample]:
+def _samples(n: int, ext: str = "png") -> list[shards.ShardSample]:
     rng = np.random.default_rng(0)
     out = []
     for i in range(n):
         img = shards.encode_image(rng.random((8, 8, 3), dtype=np.float32), ext)
-        out.append(shards.Sample(key=f"camp_job_{i:06d}", image=img, ext=ext, prompt=f"prompt {i}",
+        out.append(shards.ShardSample(key=f"camp_job_{i:06d}", image=img, ext=ext, prompt=f"prompt {i}",
                                  meta={"key": f"camp_job_{i:06d}", "prompt": f"prompt {i}"}))
     return out
 
@@ -96,18 +97,62 @@ def test_read_shard_never_uses_member_paths(tmp_path):
     assert list(shards.read_shard(path)) == [{"__key__": "good", "txt": b"ok", "json": b"{}"}]
 
 
-def test_quality_gate_checks():
-    rng = np.random.default_rng(1)
-    good = rng.random((16, 16, 3)).astype(np.float32)
-    assert quality.check_image(good) == []
-    assert quality.check_image(np.zeros((16, 16, 3))) == ["black"]
-    assert quality.check_image(np.full((16, 16, 3), 0.5)) == ["flat"]
-    nan = good.copy()
-    nan[3, 3, 1] = np.nan
-    assert quality.check_image(nan) == ["nan"]
-    assert quality.check_finite(np.array([1.0, np.inf])) == ["nan"]
-    assert quality.check_image((good * 255).astype(np.uint8)) == []
-    assert quality.check_image(np.zeros((4, 4, 3)), quality.QualityConfig(enabled=False)) == []
-    seeds = [quality.derive_seed(7, a) for a in range(4)]
-    assert seeds[0] == 7 and len(set(seeds)) == 4 and all(0 <= s < 2**32 for s in seeds)
-    assert seeds == [quality.derive_seed(7, a) for a in range(4)]
+def test_samples_grouped_by_key_and_truncation_detected(tmp_path):
+    metas = [sample_meta(f"prompt {i}", {"name": "ck", "fingerprint": "f", "te_fingerprint": "te"}, seed=i,
+                         category="eyes") for i in range(5)]
+    path = write_shard(tmp_path, "c-pc1-w0-000000", metas)  # stock webdataset.TarWriter
+    samples = list(shards.iter_samples(path))
+    assert len(samples) == 5 and all(set(f) == {"png", "txt", "json"} for _, f in samples)
+    data = path.read_bytes()
+    # cut in the middle of a member, and exactly at a member boundary (tarfile alone misses the latter)
+    with tarfile.open(path) as tf:
+        boundary = tf.getmembers()[6].offset
+    for cut in (len(data) // 2 + 7, boundary):
+        with pytest.raises(shards.CorruptShard):
+            list(shards.iter_samples(data[:cut]))
+
+
+def test_member_names_never_become_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in (("../evil.png", b"x"), ("/abs/evil.json", b"{}"), ("ok.txt", b"hi")):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    keys = [k for k, _ in shards.iter_samples(buf.getvalue())]
+    assert keys == ["../evil", "/abs/evil", "ok"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [] and not (tmp_path.parent / "evil.png").exists()
+    assert shards.split_member("a/b.c.json") == ("a/b", "c.json")
+
+
+def test_reads_a_shard_written_by_the_format_v1_writer_and_writes_the_same_members(tmp_path):
+    """tests/fixtures/format_v1: a shard written before the redesign is found, read by every reader
+    (ours, extraction's, stock webdataset), and today's writer stores the same members and bytes."""
+    from pathlib import Path
+
+    import webdataset as wds
+
+    from extraction.reader import check_format_version, find_shards
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "format_v1"
+    tar = fixture / "fixture-node0-w0-000000.tar"
+    assert shards.FORMAT_VERSION == 1 and shards.READABLE_FORMAT_VERSIONS == (1,)
+    index = shards.scan(fixture, "fixture")
+    assert index.complete == [tar] and index.done_units == {"u0"} and index.next_seq == 1
+    stats = shards.read_stats(tar)
+    assert stats["format_version"] == 1 and stats["keys"] == [f"fixture_job_{i:06d}" for i in range(3)]
+    samples = list(shards.read_shard(tar))
+    assert [s["__key__"] for s in samples] == stats["keys"] and all(set(s) == {"__key__", "png", "txt", "json"}
+                                                                     for s in samples)
+    (found,), _ = find_shards(str(fixture))
+    assert check_format_version(found) == 1 and found.expected_count == 3
+    stock = list(wds.WebDataset(str(tar), shardshuffle=False))
+    assert [(s["__key__"], s["png"], s["txt"]) for s in stock] == [(s["__key__"], s["png"], s["txt"]) for s in samples]
+    again = [shards.ShardSample(s["__key__"], s["png"], "png", s["txt"].decode(), json.loads(s["json"]))
+             for s in samples]
+    shards.write_shard(tmp_path / tar.name, again, {k: v for k, v in stats.items() if k not in ("format_version", "shard")})
+    with tarfile.open(tar) as old, tarfile.open(tmp_path / tar.name) as new:
+        assert [(m.name, m.size, m.mode) for m in old] == [(m.name, m.size, m.mode) for m in new]
+        assert [old.extractfile(m).read() for m in old] == [new.extractfile(m).read() for m in new]
+    assert shards.read_stats(tmp_path / tar.name) == stats

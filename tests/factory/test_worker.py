@@ -1,29 +1,11 @@
-"""The actor pool and scheduler on the two-node test cluster, with a fake generator (no model)."""
+"""The actor body (FactoryWorker) with a fake generator: quality gate, derived retry seeds, pipeline reuse."""
 from __future__ import annotations
 
 import functools
 
-import pytest
-
 from factory import quality
-from factory.cluster import connect
-from factory.worker import ActorSpec, FactoryRunError, FactoryWorker, Scheduler, actor_specs, ray_actor_factory
-
-SAMPLER = {"steps": 2, "cfg": 5.0, "scheduler": "euler", "width": 16, "height": 16, "batch_size": 2}
-
-
-def make_tasks(checkpoints: dict[str, list[str]], units_per_ckpt: int, per_unit: int = 2) -> list[dict]:
-    tasks = []
-    for c, nodes in checkpoints.items():
-        for u in range(units_per_ckpt):
-            tasks.append({
-                "unit_id": f"{c}-u{u}",
-                "checkpoint": {"name": c, "paths": {n: f"/models/{n}/{c}.safetensors" for n in nodes}},
-                "samples": [{"key": f"{c}_{u}_{i}", "prompt": f"p{i}", "negative": "", "seed": 100 * u + i}
-                            for i in range(per_unit)],
-                "sampler": SAMPLER, "image": {"format": "png"}, "quality": {"max_attempts": 3},
-            })
-    return tasks
+from factory.worker import FactoryWorker
+from tests.factory.tasks import make_tasks
 
 
 def test_actor_gate_regenerates_with_derived_seed_and_rejects_with_reason(fakes):
@@ -44,93 +26,3 @@ def test_actor_gate_regenerates_with_derived_seed_and_rejects_with_reason(fakes)
     assert r["loads"] == 1
     w.run(task)
     assert w.loads == 1  # same checkpoint: the pipeline stays loaded
-
-
-def test_scheduler_places_units_on_holding_nodes_and_bounds_loads(ray_cluster, fakes):
-    cluster = connect()
-    assert {"pc1", "pc2"} <= set(cluster.nodes)
-    ckpts = {"a": ["pc1"], "b": ["pc2"], "c": ["pc1", "pc2"]}
-    tasks = make_tasks(ckpts, 3)
-    specs = actor_specs(cluster.nodes, ["pc1", "pc2"], {"cpus_per_actor": 1})
-    assert [s.node for s in specs] == ["pc1", "pc2"]
-    make = ray_actor_factory(cluster, functools.partial(fakes.FakeGenerator))
-    results = {}
-
-    def on_result(task, result):
-        assert task["unit_id"] not in results
-        results[task["unit_id"]] = result
-
-    stats = Scheduler(specs, make, max_retries=1).run(tasks, on_result)
-    assert set(results) == {t["unit_id"] for t in tasks}
-    for uid, r in results.items():
-        assert r["node"] in ckpts[uid.split("-")[0]]
-        assert len(r["samples"]) == 2
-    assert stats.images == 18 and stats.rejected == 0
-    assert stats.loads <= len(ckpts) + len(specs)
-
-
-def test_dead_actor_unit_is_retried_elsewhere_without_duplicates(ray_cluster, fakes, tmp_path):
-    cluster = connect()
-    flag = tmp_path / "die"
-    flag.write_text("1")
-    tasks = make_tasks({"a": ["pc1", "pc2"]}, 6)
-    specs = [ActorSpec("w0", "pc1"), ActorSpec("w1", "pc2")]
-    make = ray_actor_factory(cluster, functools.partial(fakes.FakeGenerator, die_flag=str(flag)))
-    seen = []
-    stats = Scheduler(specs, make, max_retries=2, max_actor_restarts=0).run(tasks, lambda t, r: seen.append(r))
-    assert stats.actors_died == 1 and stats.retries >= 1
-    ids = [r["unit_id"] for r in seen]
-    assert sorted(ids) == sorted(t["unit_id"] for t in tasks)  # every unit exactly once
-    keys = [s["key"] for r in seen for s in r["samples"]]
-    assert len(keys) == len(set(keys)) == 12
-    # no replacement actor was allowed: everything after the death ran on the survivor
-    assert {r["worker"] for r in seen} <= {"w0", "w1"}
-    assert stats.loads <= 1 + len(specs) + stats.retries
-
-
-def test_actor_specs_fractional_gpus():
-    from factory.cluster import NodeInfo
-
-    nodes = {"big": NodeInfo("big", "id", "h", 16, 2.0, True), "cpu": NodeInfo("cpu", "id2", "h2", 4, 0, True)}
-    specs = actor_specs(nodes, ["big", "cpu"], {"gpus_per_actor": 0.5, "cpus_per_actor": 2})
-    assert [s.node for s in specs].count("big") == 4 and all(s.num_gpus == 0.5 for s in specs if s.node == "big")
-    cpu = [s for s in specs if s.node == "cpu"]
-    assert len(cpu) == 1 and cpu[0].num_gpus == 0 and cpu[0].num_cpus == 2
-    assert len({s.worker for s in specs}) == len(specs)
-    with pytest.raises(KeyError):
-        actor_specs(nodes, ["nope"], {})
-
-
-def test_unit_failing_every_retry_stops_the_run_with_its_error(ray_cluster, fakes):
-    cluster = connect()
-    tasks = make_tasks({"a": ["pc1"]}, 2)
-    tasks[1]["samples"][0]["prompt"] = "poison"
-    make = ray_actor_factory(cluster, functools.partial(fakes.FakeGenerator, fail_prompts=["poison"]))
-    done = []
-    with pytest.raises(FactoryRunError, match=r"a-u1 failed 2 times.*cannot render this prompt"):
-        Scheduler([ActorSpec("w0", "pc1")], make, max_retries=1).run(tasks, lambda t, r: done.append(t["unit_id"]))
-    assert done == ["a-u0"]  # the good unit was delivered before the run stopped
-
-
-def test_lost_node_gets_no_replacement_and_its_units_move(ray_cluster, fakes):
-    import ray
-
-    cluster = connect()
-    tasks = make_tasks({"a": ["pc1", "pc2"]}, 6)
-    dead: set = set()
-    sched = Scheduler([ActorSpec("w0", "pc1"), ActorSpec("w1", "pc2")],
-                      ray_actor_factory(cluster, functools.partial(fakes.FakeGenerator, delay_s=0.05)),
-                      max_retries=3, node_alive=lambda node: node not in dead)
-    seen = []
-
-    def on_result(task, result):
-        seen.append(result)
-        if not dead:  # "pc2 goes away": its actor dies and the cluster no longer lists the node
-            dead.add("pc2")
-            victim = next(a for a in sched.actors if a.spec.node == "pc2")
-            ray.kill(victim.handle, no_restart=True)
-
-    stats = sched.run(tasks, on_result)
-    assert sorted(r["unit_id"] for r in seen) == sorted(t["unit_id"] for t in tasks)
-    assert stats.actors_started == 2 and sched.dead_nodes == {"pc2"}  # no replacement on the lost node
-    assert {r["worker"] for r in seen} <= {"w0", "w1"} and stats.retries >= 1

@@ -1,4 +1,4 @@
-"""`luna refine` end to end on the astronaut (tiny preset), the refine() API, and bad input."""
+"""`luna refine` end to end on the astronaut (tiny preset), and bad input."""
 from __future__ import annotations
 
 import json
@@ -104,42 +104,32 @@ def test_vault_of_another_vision_model_is_refused(tmp_path, astronaut, capsys):
     pairs = write_synthetic_pairs(tmp_path / "pairs", 60, 10, 32, text_dims=(32, 64), pooled_dim=64,
                                   vision_model="open_clip:ViT-L-14-336")
     build_vault(pairs, tmp_path / "vault", index="Flat", categories=False)
-    rc = main([f"image={astronaut}", f"out={tmp_path / 'o'}", "preset=tiny", f"vault.address={tmp_path / 'vault'}",
+    rc = main([f"image={astronaut}", f"out={tmp_path / 'o'}", "preset=tiny", f"vault={tmp_path / 'vault'}",
                "vision.name=tiny"])
     assert rc == 2
     assert "ViT-L-14-336" in capsys.readouterr().err
 
 
-def test_refine_api_pads_odd_sizes_and_keeps_pixels_outside_masks(tmp_path):
-    from lsd_runtime.detailer import identity_denoiser
-    from lsd_runtime.detect import Detection
-    from lsd_runtime.workflow import RefineSettings, refine, tiny_components
-
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (203, 301, 3), dtype=np.uint8)
-
-    def brighten(items):
-        return [np.clip(it.image + 40.0, 0, 255) for it in items]
-
-    res = refine(img, "x", components=tiny_components(), detections=[Detection(box=(0.4, 0.3, 0.6, 0.6))],
-                 settings=RefineSettings.tiny(global_refine=False), denoise=brighten)
-    out = np.asarray(res.image)
-    assert out.shape == img.shape
-    assert res.record["canvas_size"] == [304, 208] and res.record["padded"] == [3, 5]
-    mask = res.masks["crop_000"]
-    assert mask.shape == img.shape[:2]
-    assert np.array_equal(out[mask == 0], img[mask == 0])
-    assert (out[mask > 0.5].astype(int) - img[mask > 0.5]).mean() > 10
-    same = refine(img, "x", components=tiny_components(), detections=[], settings=RefineSettings.tiny(),
-                  denoise=identity_denoiser)
-    assert np.array_equal(np.asarray(same.image), img)  # identity everywhere: nothing moves, no seams
+def test_wrong_setting_types_and_unknown_detector_keys_are_user_errors(astronaut, tmp_path, capsys):
+    assert main([f"image={astronaut}", f"out={tmp_path / 'o'}", "preset=tiny", "detail.steps=many"]) == 2
+    assert "detail.steps" in capsys.readouterr().err
+    assert main([f"image={astronaut}", f"out={tmp_path / 'o'}", "preset=tiny", "+detect.radius=3"]) == 2
+    assert "radius" in capsys.readouterr().err
+    assert main([f"image={astronaut}", f"out={tmp_path / 'o'}", "preset=tiny", "detect=file"]) == 2
+    assert "detect.path" in capsys.readouterr().err
 
 
-def test_from_draft_runs_draft_smoothing_and_upscale():
-    from lsd_runtime.workflow import RefineSettings, refine, tiny_components
+def test_every_detector_config_names_a_detector_class():
+    from hydra.utils import get_class
 
-    settings = RefineSettings.tiny(from_draft=True, global_refine=False)
-    res = refine(None, "a red planet", components=tiny_components(), detections=[], settings=settings)
-    assert res.image.size == (512, 512)
-    assert res.record["draft"] == {"draft_size": [128, 128], "smooth_size": [192, 192]}
-    assert np.asarray(res.image).std() > 1.0
+    from lsd_runtime.cli import make_detector_from
+    from lsd_runtime.detect import CascadeFaceDetector
+    from luna import CONF_DIR
+    from luna.cli import compose
+
+    names = sorted(p.stem for p in (CONF_DIR / "detect").glob("*.yaml"))
+    assert {"cascade", "file", "owlv2", "sam3"} <= set(names)
+    for name in names:
+        detect = compose("refine", [f"detect={name}"]).detect
+        assert callable(getattr(get_class(detect._target_), "detect", None)), name
+    assert isinstance(make_detector_from(compose("refine").detect), CascadeFaceDetector)

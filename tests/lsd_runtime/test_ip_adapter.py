@@ -77,13 +77,15 @@ def test_refine_gives_every_crop_its_own_image_embedding(ip):
 
     from lsd_runtime.conditioning import CropEmbedder, TextSource, WithImageEmbeds
     from lsd_runtime.detect import Detection
-    from lsd_runtime.workflow import Components, RefineSettings, refine, tiny_components
+    from lsd_runtime.workflow import Components, refine, settings_from_config, tiny_components
+    from luna.cli import compose
 
     comps = Components.from_pipeline(ip["pipe"], vision=tiny_components().vision)
     source = WithImageEmbeds(TextSource(comps.encoders, "a face"), CropEmbedder(comps.vision))
     img = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     dets = [Detection(box=(0.1, 0.1, 0.3, 0.3)), Detection(box=(0.6, 0.6, 0.8, 0.8))]
-    settings = RefineSettings.tiny(global_refine=False, detail_sampler=SamplerSettings(steps=2, strength=0.5, cfg=2.0))
+    settings = settings_from_config(compose("refine", ["preset=tiny", "refine.enabled=false", "detail.steps=2",
+                                                      "detail.strength=0.5", "detail.cfg=2.0"]))
     res = refine(img, "a face", components=comps, detections=dets, conditioning=source, settings=settings)
     assert len(res.record["crops"]) == 2 and res.record["crops"][0]["batch"] == res.record["crops"][1]["batch"]
     assert not np.array_equal(np.asarray(res.image), img)

@@ -10,3 +10,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session")
+def files(tiny_dir):
+    """The session's tiny checkpoints by name: (single file, diffusers folder)."""
+    single = sorted((tiny_dir / "single").glob("*.safetensors"))
+    folders = sorted(p for p in (tiny_dir / "diffusers").iterdir() if p.is_dir())
+    assert [p.stem for p in single] == [p.name for p in folders] == ["tiny-base-0", "tiny-pony-1"]
+    return dict(zip([p.stem for p in single], zip(single, folders)))

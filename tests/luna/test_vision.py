@@ -134,3 +134,26 @@ def test_vision_configs_name_their_weights_and_openai_uses_quickgelu():
         assert cfg.get("weights_for"), f"{path.name} does not say which weight files it is for"
         if "OpenAI" in cfg["weights_for"]:
             assert open_clip.get_model_config(cfg["name"]).get("quick_gelu") is True, path.name
+
+
+def test_embed_gives_what_each_earlier_path_gave():
+    """`embed` replaced three paths (vault query, runtime crops, extraction); on CPU every one of
+    them must give the same numbers as before, to 1e-6 (the fixture was written by the old code)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    old = np.load(Path(__file__).parents[1] / "fixtures" / "vision" / "tiny_embeds_v1.npz")
+    rng = np.random.default_rng(11)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for h, w in ((96, 128), (224, 224), (300, 180))]
+    tower = vision.load_vision("tiny")
+    got = vision.embed(tower, images)
+    assert got.tokens is None and got.embed.dtype == torch.float32 and got.embed.device.type == "cpu"
+    for path in ("vault", "runtime", "extraction"):
+        np.testing.assert_allclose(got.embed.numpy(), old[path], rtol=0, atol=1e-6)
+    pixels = torch.stack([tower.preprocess(im) for im in images])  # extraction's reader preprocesses itself
+    with_tokens = vision.embed(tower, pixels, tokens=True)
+    np.testing.assert_allclose(with_tokens.embed.numpy(), old["extraction"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(with_tokens.tokens.numpy(), old["extraction_tokens"], rtol=0, atol=1e-6)
+    assert torch.allclose(with_tokens.tokens, tower.encode_tokens(pixels), atol=1e-6)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -115,3 +116,15 @@ def test_optuna_sweep_persists_its_study(tiny_pairs, tmp_path, fast):
     study = optuna.load_study(study_name="projector", storage=f"sqlite:///{out}/optuna.db")
     values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(values) == 3 and all(np.isfinite(v) for v in values)
+
+
+@pytest.mark.parametrize("debug", ["default", "fdr"])
+def test_debug_group_runs_quickly_and_writes_no_export(tiny_pairs, tmp_path, fast, small_queries, debug):
+    from luna.cli import compose
+
+    cfg = compose("train", [f"debug={debug}"], {"pairs": str(tiny_pairs), "out": str(tmp_path)})
+    assert cfg.trainer.accelerator == "cpu" and not cfg.logger and cfg.export is False
+    assert cfg.trainer.get("fast_dev_run", False) == (debug == "fdr")
+    out = tmp_path / debug
+    assert main([f"pairs={tiny_pairs}", f"out={out}", f"debug={debug}", *small_queries, "pooled_head.hidden=16"]) == 0
+    assert not (out / "projector.safetensors").exists() and not (out / "wandb").exists()

@@ -92,7 +92,8 @@ def test_factory_disk_full_then_rerun_then_extraction_pairs_exactly_the_quota(ra
     from extraction.extract import extract
     from extraction.pairs import Pairs
     from factory import shards as shards_mod
-    from factory.run import FactoryError, run
+    from factory.errors import FactoryError
+    from factory.run import run
 
     quota = 10
     camp = tmp_path / "diskcamp.yaml"

@@ -189,8 +189,8 @@ def test_demo_sample_sheet_and_factory_reader_write_nothing_outside(te_checkpoin
     report samples (writes files, named from sanitised keys only)."""
     import shutil
 
+    from demo.run import read_shards
     from factory.shards import read_shard
-    from luna.demo import read_shards
 
     monkeypatch.chdir(tmp_path)
     shards = tmp_path / "shards"
@@ -212,7 +212,7 @@ def test_truncated_tar_at_every_kind_of_cut_is_reported_not_half_read(te_checkpo
     import shutil
 
     from extraction.extract import extract
-    from extraction.reader import CorruptShard, iter_tar_samples
+    from factory.shards import CorruptShard, iter_samples
 
     ckpt, te = te_checkpoint
     src = tmp_path / "src"
@@ -229,7 +229,7 @@ def test_truncated_tar_at_every_kind_of_cut_is_reported_not_half_read(te_checkpo
     cuts = sorted({0, 100, 512 + 10, offsets[2], offsets[3] + 700, offsets[-1], end, end + 512})
     for cut in cuts:
         with pytest.raises(CorruptShard):
-            list(iter_tar_samples(data[:cut]))
+            list(iter_samples(data[:cut]))
     shards = tmp_path / "shards"
     shards.mkdir()
     for i, cut in enumerate((offsets[2], offsets[3] + 700, end + 512, len(data))):
@@ -463,7 +463,7 @@ def test_campaign_nested_ten_thousand_deep_exits_2_in_bounded_memory(tmp_path):
 
 
 def test_billion_combination_template_plans_in_bounded_time_and_memory(tmp_path):
-    from factory.campaign import load_campaign
+    from factory.campaign_file import load_campaign
     from factory.planner import plan
 
     words = [f"w{i}" for i in range(40)]

@@ -116,7 +116,7 @@ class _FakeRay:
 def test_ray_dashboard_is_off_or_on_the_loopback_unless_configured(monkeypatch):
     from omegaconf import OmegaConf
 
-    from factory.cluster import connect
+    from luna.cluster import connect
     from luna import CONF_DIR
 
     local = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "cluster" / "local.yaml"))

@@ -1,0 +1,39 @@
+"""Config plumbing shared by every stage: read a key, turn a config into plain data, pick a device.
+
+A stage receives its settings as an OmegaConf node (from Hydra), a dict (from Python callers and
+tests) or a dataclass; these three helpers read all three the same way.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def get(cfg: Any, key: str, default: Any = None) -> Any:
+    """`cfg[key]` of a mapping / OmegaConf node, or `cfg.key` of an object; `default` when `cfg` is
+    None, the key is missing, or its value is None (a YAML `null` means "not set")."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping) or (hasattr(cfg, "get") and not isinstance(cfg, type)):
+        value = cfg.get(key, default)
+    else:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def plain(cfg: Any) -> Any:
+    """An OmegaConf node as plain dicts/lists (interpolations resolved); anything else unchanged."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def resolve_device(name: str | None) -> str:
+    """`auto` (or None / "") -> "cuda" when a GPU is visible, else "cpu"; any other name unchanged."""
+    if name in (None, "", "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(name)

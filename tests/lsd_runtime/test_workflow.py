@@ -1,0 +1,57 @@
+"""lsd_runtime.workflow: refine() at the tiny preset's sizes (conf/preset/tiny.yaml), settings from the config."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def tiny_settings(*overrides: str):
+    """RefineSettings of the tiny preset (conf/preset/tiny.yaml) with `overrides`, as `luna refine` builds them."""
+    from lsd_runtime.workflow import settings_from_config
+    from luna.cli import compose
+
+    return settings_from_config(compose("refine", ["preset=tiny", *overrides]))
+
+
+def test_tiny_preset_is_one_config_group_and_overrides_win():
+    s = tiny_settings("detail.steps=5")
+    assert (s.detail.working_size, s.detail.steps, s.refine.tile, s.draft.canvas) == (128, 5, 256, 512)
+    from luna.cli import compose
+
+    cfg = compose("refine", ["preset=tiny", "detect=file", "detect.path=/x.json"])
+    assert cfg.preset == "tiny" and cfg.checkpoint is None
+    assert cfg.detect._target_ == "lsd_runtime.detect.FileDetector" and cfg.detect.path == "/x.json"
+
+
+def test_refine_api_pads_odd_sizes_and_keeps_pixels_outside_masks(tmp_path):
+    from lsd_runtime.detailer import identity_denoiser
+    from lsd_runtime.detect import Detection
+    from lsd_runtime.workflow import refine, tiny_components
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (203, 301, 3), dtype=np.uint8)
+
+    def brighten(items):
+        return [np.clip(it.image + 40.0, 0, 255) for it in items]
+
+    res = refine(img, "x", components=tiny_components(), detections=[Detection(box=(0.4, 0.3, 0.6, 0.6))],
+                 settings=tiny_settings("refine.enabled=false"), denoise=brighten)
+    out = np.asarray(res.image)
+    assert out.shape == img.shape
+    assert res.record["canvas_size"] == [304, 208] and res.record["padded"] == [3, 5]
+    mask = res.masks["crop_000"]
+    assert mask.shape == img.shape[:2]
+    assert np.array_equal(out[mask == 0], img[mask == 0])
+    assert (out[mask > 0.5].astype(int) - img[mask > 0.5]).mean() > 10
+    same = refine(img, "x", components=tiny_components(), detections=[], settings=tiny_settings(),
+                  denoise=identity_denoiser)
+    assert np.array_equal(np.asarray(same.image), img)  # identity everywhere: nothing moves, no seams
+
+
+def test_from_draft_runs_draft_smoothing_and_upscale():
+    from lsd_runtime.workflow import refine, tiny_components
+
+    settings = tiny_settings("from_draft=true", "refine.enabled=false")
+    res = refine(None, "a red planet", components=tiny_components(), detections=[], settings=settings)
+    assert res.image.size == (512, 512)
+    assert res.record["draft"] == {"draft_size": [128, 128], "smooth_size": [192, 192]}
+    assert np.asarray(res.image).std() > 1.0

@@ -1,0 +1,36 @@
+"""luna.settings: one way to read a key, turn a config into plain data and pick a device."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import OmegaConf
+
+from luna.settings import get, plain, resolve_device
+
+
+@dataclass
+class Ray:
+    actors: int | None = None
+    cpus: int = 2
+
+
+def test_get_reads_dicts_omegaconf_and_objects_alike():
+    for cfg in ({"actors": None, "cpus": 2}, OmegaConf.create({"actors": None, "cpus": 2}), Ray()):
+        assert get(cfg, "cpus", 1) == 2
+        assert get(cfg, "actors", 4) == 4  # null means "not set"
+        assert get(cfg, "missing", "d") == "d"
+    assert get(None, "cpus", 3) == 3
+
+
+def test_plain_resolves_interpolations_and_leaves_plain_data():
+    cfg = OmegaConf.create({"out": "/x", "shards": "${out}/shards", "list": [1, {"a": "${out}"}]})
+    assert plain(cfg) == {"out": "/x", "shards": "/x/shards", "list": [1, {"a": "/x"}]}
+    assert type(plain(cfg)) is dict
+    assert plain({"a": 1}) == {"a": 1} and plain(None) is None
+
+
+def test_resolve_device():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == resolve_device(None) == resolve_device("") == expected
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"

@@ -1,0 +1,97 @@
+"""vault.build: persistence readable by stock FAISS, incremental add, prompts mode, broken files."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from extraction.pairs import Pairs
+from extraction.synthetic import synthetic_encode, write_synthetic_pairs
+from tests.vault.conftest import DIM, _queries
+from vault.build import add_pairs, build_vault, drop_conditionings
+from vault.manifest import FORMAT_VERSION, VaultError
+from vault.query import Vault
+
+
+def test_persistence_round_trip_with_stock_faiss(vault_dir, pairs):
+    manifest = json.loads((vault_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["vision_dim"] == DIM
+    assert manifest["count"] == len(pairs) and manifest["mode"] == "stored"
+    index = faiss.read_index(str(vault_dir / manifest["files"]["global"]))
+    assert index.ntotal == len(pairs) and index.d == DIM
+    q = pairs.embed[:5].astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    _, ids = index.search(q, 1)
+    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
+    for info in manifest["categories"].values():
+        assert faiss.read_index(str(vault_dir / info["file"])).ntotal == info["count"]
+    a = Vault.open(vault_dir).query(q, k=5)
+    b = Vault.open(vault_dir).query(q, k=5)
+    assert a.neighbours == b.neighbours and bool((a.cond == b.cond).all())
+
+
+def test_incremental_add_of_new_parts(tmp_path):
+    src = tmp_path / "pairs"
+    write_synthetic_pairs(src, 600, 60, 16, parts=1, seed=3)
+    build_vault(src, tmp_path / "v", index="HNSW16")
+    first = Vault.open(tmp_path / "v")
+    # a second, later part: other seed (other prompts), same model; written under a new name
+    more = write_synthetic_pairs(tmp_path / "more", 300, 30, 16, parts=1, seed=4)
+    (more / "part-00000.h5").rename(src / "part-00001.h5")
+    m = build_vault(src, tmp_path / "v")  # existing vault: adds only the new part
+    assert m.count == 900 and m.num_prompts == 90 and m.generation == 2 and len(m.cond_files) == 2
+    assert m.index_spec == first.manifest.index_spec  # no rebuild
+    vault = Vault.open(tmp_path / "v")
+    new = Pairs(src / "part-00001.h5")
+    res = vault.query(new.embed[:3], k=2)
+    assert [nb[0]["key"] for nb in res.neighbours] == new.key[:3]
+    cond, _ = synthetic_encode([new.prompt_text[new.prompt_id[0]]], seed=4)
+    assert res.neighbours[0][0]["prompt"] == new.prompt_text[new.prompt_id[0]]
+    np.testing.assert_allclose(vault.query(new.embed[:1], k=1).cond[0].numpy(), cond[0], atol=2e-3)
+    assert add_pairs(tmp_path / "v", src).count == 900  # nothing new: unchanged
+    assert sorted(p.name for p in (tmp_path / "v" / "index").iterdir()) == sorted(
+        [m.files["global"].split("/")[1]] + [i["file"].split("/")[1] for i in m.categories.values()])
+
+
+def test_prompts_mode_matches_stored_mode(pairs_dir, vault_dir, tmp_path, pairs):
+    build_vault(pairs_dir, tmp_path / "p", index="HNSW32", mode="prompts")
+    small, big = Vault.open(tmp_path / "p"), Vault.open(vault_dir)
+    assert not list((tmp_path / "p").glob("cond-*"))
+    q = _queries(pairs, 4)
+    with pytest.raises(VaultError, match="encode="):
+        small.query(q, k=3)
+    a = small.query(q, k=3, encode=synthetic_encode)
+    b = big.query(q, k=3)
+    assert [[n["key"] for n in nb] for nb in a.neighbours] == [[n["key"] for n in nb] for nb in b.neighbours]
+    np.testing.assert_allclose(a.cond.numpy(), b.cond.numpy(), atol=2e-3)
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
+    assert size(tmp_path / "p") < size(vault_dir)
+    # a stored vault shrunk in place answers like the one built prompts-only
+    shutil.copytree(vault_dir, tmp_path / "shrunk")
+    assert drop_conditionings(tmp_path / "shrunk").mode == "prompts"
+    assert not list((tmp_path / "shrunk").glob("cond-*"))
+    c = Vault.open(tmp_path / "shrunk").query(q, k=3, encode=synthetic_encode)
+    assert c.neighbours == a.neighbours and torch.equal(c.cond, a.cond)
+
+
+def test_broken_vault_files_are_clear_errors(pairs_dir, tmp_path):
+    out = tmp_path / "v"
+    write_synthetic_pairs(tmp_path / "p", 200, 20, 8)
+    build_vault(tmp_path / "p", out, categories=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    index_file = out / manifest["files"]["global"]
+    index_file.write_bytes(index_file.read_bytes()[:50])
+    with pytest.raises(VaultError, match="corrupted"):
+        Vault.open(out)
+    index_file.unlink()
+    with pytest.raises(VaultError, match="missing"):
+        Vault.open(out)
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(VaultError, match="newer"):
+        Vault.open(out)
+    with pytest.raises(VaultError, match="not a vault"):
+        Vault.open(tmp_path / "p")
