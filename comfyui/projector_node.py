@@ -1,12 +1,14 @@
-"""ComfyUI "Luna Vision Translator" node: an image embedding -> SDXL conditioning through a trained projector.
+"""ComfyUI "Luna Vision Translator" node: image embeddings -> SDXL conditioning through a trained projector.
 
-Inputs: a projector folder (`luna train` output), and either a CLIP_VISION_OUTPUT (from ComfyUI's
-"CLIP Vision Encode") or an IMAGE with a vision tower (ComfyUI's CLIP_VISION, or a luna open_clip
-tower named by `vision_model` + `vision_weights`). The projected conditioning is blended into an
-optional CONDITIONING: (1 - strength) * yours + strength * projected; without one, the output is
-strength * projected (SDXL's empty prompt is all zeros). Returns ComfyUI CONDITIONING
-`[[cond [B,77,C], {"pooled_output": [B,P], width, height, crop_w, crop_h, target_width, target_height}]]`.
-This module imports nothing from ComfyUI, so it loads (and is tested) without it.
+Inputs: a projector (dropdown of models/luna_projectors/, or a typed folder), and either a
+CLIP_VISION_OUTPUT (from ComfyUI's "CLIP Vision Encode") or an IMAGE with a vision tower
+(ComfyUI's CLIP_VISION, or a luna open_clip tower named by `vision_model` + `vision_weights`).
+The projected conditioning is blended into an optional CONDITIONING row by row:
+(1 - strength) * yours + strength * projected, one row per input image; strength 0 returns yours
+unchanged. Without one, the output is strength * projected (SDXL's empty prompt is all zeros)
+with the given width/height as SDXL size conditioning; a user's entries keep their own size keys.
+Returns ComfyUI CONDITIONING `[[cond [B,77,C], {"pooled_output": [B,P], ...}]]`.
+Projectors and towers stay loaded in the model host and reload when their files change.
 """
 from __future__ import annotations
 
@@ -15,21 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_PROJECTORS: dict[tuple, object] = {}
-_TOWERS: dict[tuple, object] = {}
+from .paths import NONE, choices as folder_choices, resolve as resolve_folder
+from .host import HOST, fingerprint
 
 
-def _projector(path: str, dim: int):
-    """One loaded projector per (folder, modification time, input width), kept across prompts."""
-    from projector.export import CONFIG_NAME, load_projector
+def _projector(path: str, dim: int | None):
+    """One loaded projector per (folder, file fingerprint, input width), kept across prompts."""
+    from projector.export import load_projector
 
     folder = Path(path).expanduser()
     folder = folder if folder.is_dir() else folder.parent
-    stamp = (folder / CONFIG_NAME).stat().st_mtime if (folder / CONFIG_NAME).is_file() else None
-    key = (str(folder), stamp, dim)
-    if key not in _PROJECTORS:
-        _PROJECTORS[key] = load_projector(folder, expect_dim=dim)
-    return _PROJECTORS[key]
+    return HOST.get("projector", str(folder), lambda: load_projector(folder, expect_dim=dim), (dim,))
 
 
 def _field(output, name: str):
@@ -46,10 +44,8 @@ def _field(output, name: str):
 def _luna_tower(name: str, weights: str):
     from luna.models.vision import load_vision
 
-    key = (name, weights)
-    if key not in _TOWERS:
-        _TOWERS[key] = load_vision(name, weights=weights or None)
-    return _TOWERS[key]
+    return HOST.get("vision", weights or f"open_clip:{name}", lambda: load_vision(name, weights=weights or None),
+                    (name,))
 
 
 def _image_to_pixels(image: torch.Tensor, preprocess) -> torch.Tensor:
@@ -94,69 +90,101 @@ def _match_length(cond: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def blend(conditioning, cond: torch.Tensor, pooled: torch.Tensor, strength: float, size: dict):
-    """(1 - strength) * each CONDITIONING entry + strength * projected; strength * projected without one."""
+    """(1 - strength) * each CONDITIONING entry + strength * projected, row by row; strength * projected without one."""
     if conditioning is None:
         return [[cond * strength, {"pooled_output": pooled * strength, **size}]]
+    if strength == 0.0:
+        return conditioning
+    b = cond.shape[0]
     out = []
     for c, extra in conditioning:
         if c.shape[-1] != cond.shape[-1]:
             raise ValueError(
-                f"Luna Vision Translator: CONDITIONING width {c.shape[-1]} differs from the projector's {cond.shape[-1]}"
-                " (an SDXL conditioning is 2048 wide)"
+                f"Luna Vision Translator: input 'conditioning' is {c.shape[-1]} wide, the projector gives "
+                f"{cond.shape[-1]} (a projector for another text-encoder family; an SDXL conditioning is 2048 wide)"
             )
+        if c.shape[0] not in (1, b):
+            raise ValueError(f"Luna Vision Translator: input 'conditioning' has a batch of {c.shape[0]}, "
+                             f"the images {b}")
         extra = dict(extra)
         p = cond.to(c.device, c.dtype)
-        new = (1 - strength) * c + strength * _match_length(p, c.shape[1])
+        new = (1 - strength) * c.expand(b, -1, -1) + strength * _match_length(p, c.shape[1])
         base_pooled = extra.get("pooled_output")
         q = pooled.to(c.device, c.dtype)
-        extra["pooled_output"] = q if base_pooled is None else (1 - strength) * base_pooled + strength * q
-        for k, v in size.items():
-            extra.setdefault(k, v)
+        extra["pooled_output"] = q if base_pooled is None else (1 - strength) * base_pooled.expand(b, -1) + strength * q
         out.append([new, extra])
     return out
 
 
 class LunaVisionTranslator:
-    """Translate what a vision model sees in a crop into SDXL conditioning, and blend it with yours."""
+    """Translate what a vision model sees in each crop into SDXL conditioning, and blend it with yours."""
 
-    CATEGORY = "conditioning/luna"
+    CATEGORY = "Luna/conditioning"
     FUNCTION = "translate"
     RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("one conditioning row per input image",)
     DESCRIPTION = ("A trained Luna projector maps the image embedding to an SDXL conditioning [77, 2048] + pooled; "
-                   "blended as (1-strength)*yours + strength*projected.")
+                   "blended as (1-strength)*yours + strength*projected. Strength 0 returns yours unchanged.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "projector": ("STRING", {"default": "", "tooltip": "folder with projector.safetensors + projector.json"}),
-                "strength": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.05}),
+                "projector": (folder_choices("luna_projectors", with_none=False) or [NONE], {"tooltip":
+                              "a projector folder in models/luna_projectors/ (projector.safetensors + projector.json)"}),
+                "strength": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                             "weight of the projected conditioning; 0 returns yours unchanged"}),
             },
             "optional": {
-                "clip_vision_output": ("CLIP_VISION_OUTPUT",),
-                "image": ("IMAGE",),
-                "clip_vision": ("CLIP_VISION",),
+                "projector_path": ("STRING", {"default": "", "tooltip": "instead of the dropdown: a projector folder"}),
+                "clip_vision_output": ("CLIP_VISION_OUTPUT", {"tooltip": "from CLIP Vision Encode (its image_embeds)"}),
+                "image": ("IMAGE", {"tooltip": "the crops, embedded by clip_vision or vision_model"}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "the vision model the projector was trained on"}),
                 "vision_model": ("STRING", {"default": "", "tooltip": "luna open_clip tower, e.g. ViT-H-14 (instead of CLIP_VISION)"}),
                 "vision_weights": ("STRING", {"default": "", "tooltip": "local weights file of vision_model"}),
-                "conditioning": ("CONDITIONING",),
-                "width": ("INT", {"default": 1024, "min": 64, "max": 16384, "step": 8}),
-                "height": ("INT", {"default": 1024, "min": 64, "max": 16384, "step": 8}),
+                "conditioning": ("CONDITIONING", {"tooltip": "yours (CLIPTextEncode); its size keys are kept"}),
+                "width": ("INT", {"default": 1024, "min": 64, "max": 16384, "step": 8, "tooltip":
+                          "SDXL size conditioning, only when there is no input conditioning"}),
+                "height": ("INT", {"default": 1024, "min": 64, "max": 16384, "step": 8, "tooltip":
+                           "SDXL size conditioning, only when there is no input conditioning"}),
             },
         }
 
-    def translate(self, projector, strength, clip_vision_output=None, image=None, clip_vision=None,
-                  vision_model="", vision_weights="", conditioning=None, width=1024, height=1024):
-        from projector.export import ProjectorMismatchError
+    @classmethod
+    def IS_CHANGED(cls, projector=NONE, projector_path="", **_):
+        try:
+            resolved = resolve_folder("luna_projectors", projector, projector_path, "projector")
+        except ValueError:
+            return "missing"
+        return fingerprint(resolved) if resolved else ""
 
-        folder = Path(projector).expanduser()
+    def translate(self, projector, strength, projector_path="", clip_vision_output=None, image=None, clip_vision=None,
+                  vision_model="", vision_weights="", conditioning=None, width=1024, height=1024):
+        from projector.export import ProjectorLoadError, ProjectorMismatchError
+
+        if conditioning is not None and float(strength) == 0.0:
+            return (conditioning,)
+        try:
+            resolved = resolve_folder("luna_projectors", projector, projector_path, "projector")
+        except ValueError as exc:
+            raise ValueError(f"Luna Vision Translator: {exc}") from exc
+        if resolved is None:
+            raise ValueError("Luna Vision Translator: input 'projector': choose a projector or set projector_path")
+        folder = Path(resolved)
         kind = _input_kind(folder)
         x, model_id = encode_inputs(kind, clip_vision_output, image, clip_vision, vision_model, vision_weights)
-        proj = _projector(str(folder), int(x.shape[-1]) if kind == "embed" else None)
+        try:
+            proj = _projector(str(folder), int(x.shape[-1]) if kind == "embed" else None)
+        except ProjectorMismatchError as exc:
+            raise ProjectorMismatchError(f"Luna Vision Translator: input 'projector': {exc}") from exc
+        except ProjectorLoadError as exc:
+            raise ProjectorLoadError(f"Luna Vision Translator: input 'projector': {exc}") from exc
         trained_on = proj.dims.get("vision_model")
         if model_id is not None and trained_on != model_id:
             raise ProjectorMismatchError(
-                f"Luna Vision Translator: {folder} was trained on {trained_on!r}, the image was encoded with {model_id!r}"
+                f"Luna Vision Translator: input 'projector': {folder} was trained on {trained_on!r}, the image was "
+                f"encoded with {model_id!r}"
             )
         with torch.no_grad():
             cond, pooled = proj(x.to(proj.input_mean.device))
@@ -173,7 +201,8 @@ def _input_kind(folder: Path) -> str:
 
     cfg = folder / CONFIG_NAME if folder.is_dir() else folder.parent / CONFIG_NAME
     if not cfg.is_file():
-        raise ProjectorLoadError(f"Luna Vision Translator: {folder} is not a projector folder (no {CONFIG_NAME})")
+        raise ProjectorLoadError(f"Luna Vision Translator: input 'projector': {folder} is not a projector folder "
+                                 f"(no {CONFIG_NAME})")
     return json.loads(cfg.read_text())["dims"].get("input", "embed")
 
 

@@ -1,8 +1,10 @@
-"""ComfyUI "Luna Vault Query" node: an image (crop) -> retrieved SDXL conditioning, optionally blended.
+"""ComfyUI "Luna Vault Query" node: images (crops) -> retrieved SDXL conditioning, one per image, optionally blended.
 
 ComfyUI types: IMAGE is a float tensor [B,H,W,C] in 0..1; CONDITIONING is a list of
-`[cond [1,T,2048], {"pooled_output": [1,1280], ...}]`. This module imports nothing from ComfyUI,
-so it loads (and is tested) without it.
+`[cond [B,T,2048], {"pooled_output": [B,1280], ...}]`. The output's batch is the image batch:
+image i gets the neighbours of image i (a conditioning batch equal to the latent batch conditions
+latent i with row i). Vaults come from the models/luna_vaults/ dropdown, or a typed folder or
+`ray:NAME` service address; they stay open in the model host and are reopened when their files change.
 """
 from __future__ import annotations
 
@@ -11,16 +13,19 @@ import json
 import numpy as np
 import torch
 
-_VAULTS: dict[str, object] = {}
+from .paths import NONE, choices as folder_choices, resolve as resolve_folder
+from .host import HOST, fingerprint
 
 
 def _open(path: str):
-    """One open vault (or service client) per path/address, kept across prompts."""
+    """One open vault (or service client) per path/address and file fingerprint, kept across prompts."""
+    from vault.service import VaultError
     from vault.service import open_vault
 
-    if path not in _VAULTS:
-        _VAULTS[path] = open_vault(path)
-    return _VAULTS[path]
+    try:
+        return HOST.get("vault", path, lambda: open_vault(path))
+    except (VaultError, ValueError, OSError, KeyError) as exc:
+        raise ValueError(f"Luna Vault Query: input 'vault': {path} is not a usable Luna vault ({exc})") from exc
 
 
 def image_to_pil(image: torch.Tensor) -> list:
@@ -46,7 +51,7 @@ def clip_encoder(clip):
 
 
 def _match_length(retrieved: torch.Tensor, length: int) -> torch.Tensor:
-    """Tile a [1,77,C] conditioning to a user's [1,77*n,C] (prompts longer than 77 tokens)."""
+    """Tile a [B,77,C] conditioning to a user's [B,77*n,C] (prompts longer than 77 tokens)."""
     if retrieved.shape[1] == length:
         return retrieved
     if length % retrieved.shape[1]:
@@ -54,64 +59,112 @@ def _match_length(retrieved: torch.Tensor, length: int) -> torch.Tensor:
     return retrieved.repeat(1, length // retrieved.shape[1], 1)
 
 
+def _to_batch(t: torch.Tensor, b: int, what: str) -> torch.Tensor:
+    if t.shape[0] == b:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(b, *t.shape[1:])
+    raise ValueError(f"Luna Vault Query: input 'conditioning' has a batch of {t.shape[0]} ({what}); "
+                     f"the image batch is {b}")
+
+
 def blend_conditioning(conditioning, cond: torch.Tensor, pooled: torch.Tensor, strength: float, blend: str):
-    """Blend retrieved (cond [1,77,C], pooled [1,P]) into every entry of a ComfyUI CONDITIONING."""
+    """Blend retrieved rows (cond [B,77,C], pooled [B,P]) into every entry of a ComfyUI CONDITIONING, row by row."""
     from vault.blend import blend_concat, blend_linear
 
     if conditioning is None:
         return [[cond, {"pooled_output": pooled}]]
+    b = cond.shape[0]
     out = []
     for c, extra in conditioning:
+        if c.shape[-1] != cond.shape[-1]:
+            raise ValueError(f"Luna Vault Query: input 'conditioning' is {c.shape[-1]} wide, the vault's conditioning "
+                             f"{cond.shape[-1]} (a vault built for another text-encoder family)")
         extra = dict(extra)
+        user = _to_batch(c, b, "cond")
+        r = cond.to(c.device, c.dtype)
         if blend == "concat":
-            new = blend_concat(c, cond)
+            new = blend_concat(user, r)
         else:
-            new = blend_linear(c, _match_length(cond, c.shape[1]), strength)
+            new = blend_linear(user, _match_length(r, c.shape[1]), strength)
             if extra.get("pooled_output") is not None:
-                extra["pooled_output"] = blend_linear(extra["pooled_output"], pooled, strength)
+                base = _to_batch(extra["pooled_output"], b, "pooled_output")
+                extra["pooled_output"] = blend_linear(base, pooled.to(base.device, base.dtype), strength)
         if extra.get("pooled_output") is None:
             extra["pooled_output"] = pooled.to(c.dtype)
+        elif extra["pooled_output"].shape[0] != b:
+            extra["pooled_output"] = _to_batch(extra["pooled_output"], b, "pooled_output")
         out.append([new, extra])
     return out
 
 
 class LunaVaultQuery:
-    """Retrieve the conditioning of the vault images nearest to IMAGE and blend it with CONDITIONING."""
+    """Retrieve the conditioning of the vault images nearest to each IMAGE and blend it with CONDITIONING."""
 
-    CATEGORY = "conditioning/luna"
+    CATEGORY = "Luna/conditioning"
     FUNCTION = "query"
     RETURN_TYPES = ("CONDITIONING", "STRING")
     RETURN_NAMES = ("conditioning", "neighbours")
-    DESCRIPTION = ("k nearest vault images of the crop -> their prompts' SDXL conditioning (weighted), blended "
-                   "linearly ((1-strength)*yours + strength*retrieved) or appended as extra tokens (concat).")
+    OUTPUT_TOOLTIPS = ("one conditioning row per input image", "the neighbours (key, prompt, score) of every image, JSON")
+    DESCRIPTION = ("k nearest vault images of each crop -> their prompts' SDXL conditioning (weighted), blended "
+                   "linearly ((1-strength)*yours + strength*retrieved) or appended as extra tokens (concat). "
+                   "Strength 0 returns your conditioning unchanged.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vault": ("STRING", {"default": "", "tooltip": "vault folder, or service address ray:NAME"}),
-                "image": ("IMAGE",),
-                "k": ("INT", {"default": 8, "min": 1, "max": 256}),
-                "strength": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05}),
+                "vault": (folder_choices("luna_vaults", with_none=False) or [NONE], {"tooltip":
+                          "a vault folder in models/luna_vaults/ (extra_model_paths.yaml: luna_vaults)"}),
+                "image": ("IMAGE", {"tooltip": "the crops; one conditioning row per image"}),
+                "k": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "neighbours per image"}),
+                "strength": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                             "weight of the retrieved conditioning; 0 returns yours unchanged"}),
             },
             "optional": {
-                "conditioning": ("CONDITIONING",),
-                "clip": ("CLIP", {"tooltip": "text encoders, needed for prompts-only vaults"}),
-                "blend": (["linear", "concat"], {"default": "linear"}),
-                "weighting": (["softmax", "mean"], {"default": "softmax"}),
-                "temperature": ("FLOAT", {"default": 0.05, "min": 0.001, "max": 10.0, "step": 0.01}),
-                "category": ("STRING", {"default": "", "tooltip": "empty: whole vault; auto; or a category name"}),
+                "vault_path": ("STRING", {"default": "", "tooltip": "instead of the dropdown: a vault folder, or the "
+                               "shared service ray:NAME (luna vault serve)"}),
+                "conditioning": ("CONDITIONING", {"tooltip": "yours (CLIPTextEncode); without it the output is the "
+                                 "retrieved conditioning alone"}),
+                "clip": ("CLIP", {"tooltip": "your text encoders: used only by prompts-only vaults, which store "
+                                  "prompts and encode them with the caller's encoders"}),
+                "blend": (["linear", "concat"], {"default": "linear", "tooltip": "linear mix, or append the "
+                          "retrieved tokens after yours"}),
+                "weighting": (["softmax", "mean"], {"default": "softmax", "tooltip": "how neighbours are weighted"}),
+                "temperature": ("FLOAT", {"default": 0.05, "min": 0.001, "max": 10.0, "step": 0.01, "tooltip":
+                                "softmax temperature over the neighbours' scores"}),
+                "category": ("STRING", {"default": "", "tooltip": "empty: whole vault; auto: the nearest category; "
+                             "or a category name (faces, hands, ...)"}),
             },
         }
 
-    def query(self, vault, image, k, strength, conditioning=None, clip=None, blend="linear", weighting="softmax",
-              temperature=0.05, category=""):
-        v = _open(vault)
+    @classmethod
+    def IS_CHANGED(cls, vault=NONE, vault_path="", **_):
+        try:
+            resolved = resolve_folder("luna_vaults", vault, vault_path, "vault")
+        except ValueError:
+            return "missing"
+        return fingerprint(resolved) if resolved else ""
+
+    def query(self, vault, image, k, strength, vault_path="", conditioning=None, clip=None, blend="linear",
+              weighting="softmax", temperature=0.05, category=""):
+        if conditioning is not None and float(strength) == 0.0:
+            return (conditioning, "[]")
+        try:
+            path = resolve_folder("luna_vaults", vault, vault_path, "vault")
+        except ValueError as exc:
+            raise ValueError(f"Luna Vault Query: {exc}") from exc
+        if path is None:
+            raise ValueError("Luna Vault Query: input 'vault': choose a vault (models/luna_vaults/) or set vault_path")
+        v = _open(path)
+        stored = v.info().get("mode", "stored") == "stored"
+        if not stored and clip is None:
+            raise ValueError("Luna Vault Query: input 'clip': this vault stores prompts only; connect your "
+                             "checkpoint's CLIP to encode the neighbours' prompts")
         result = v.query_images(image_to_pil(image), k=int(k), category=category or None, weighting=weighting,
-                                temperature=float(temperature), encode=clip_encoder(clip) if clip is not None else None)
-        # several images in the batch: one conditioning, their mean
-        cond = result.cond.float().mean(0, keepdim=True)
-        pooled = result.pooled.float().mean(0, keepdim=True)
+                                temperature=float(temperature), encode=None if stored else clip_encoder(clip))
+        cond = torch.as_tensor(result.cond).float()
+        pooled = torch.as_tensor(result.pooled).float()
         neighbours = json.dumps([[{k_: n[k_] for k_ in ("key", "prompt", "score", "category", "checkpoint")}
                                   for n in nbs] for nbs in result.neighbours], indent=1)
         return (blend_conditioning(conditioning, cond, pooled, float(strength), blend), neighbours)

@@ -305,7 +305,8 @@ def _stat_cards(items: list[tuple[str, object]]) -> str:
 
 def _neighbours_table(neighbours: list[dict]) -> str:
     cols = [("score", lambda n: f"{float(n.get('score', 0)):.3f}"), ("weight", lambda n: f"{float(n['weight']):.2f}"),
-            ("checkpoint", lambda n: _esc(n["checkpoint"])), ("prompt", lambda n: _esc(n.get("prompt", "")))]
+            ("checkpoint", lambda n: _esc(n["checkpoint"])), ("prompt", lambda n: _esc(n.get("prompt", ""))),
+            ("attributes", lambda n: _esc(n["attributes"]))]  # toy: the query's attributes the neighbour shares
     cols = [(h, f) for h, f in cols if h in ("score", "prompt") or any(n.get(h) not in (None, "") for n in neighbours)]
     rows = [(str(i + 1), *[f(n) if h in ("score", "prompt") or n.get(h) not in (None, "") else "" for h, f in cols])
             for i, n in enumerate(neighbours)]
@@ -336,6 +337,11 @@ def _campaign_section(page: _Page, c: dict, per_cell: int) -> None:
         first = {}
         for s in samples:
             first.setdefault((s["job"], s["checkpoint"]), s)
+        if c.get("preset") == "toy":
+            from demo.toy import sample_sheet
+
+            body.append("<h3>Samples with their prompts and the oracle's reading</h3>")
+            body.append(page.image(sample_sheet(samples), "samples_oracle", "samples read by the oracle", "max-width:100%"))
         body.append("<details><summary>prompts of the first sample in each cell</summary>" + _table(
             [(_esc(j), _esc(k), _esc(s.get("prompt", ""))) for (j, k), s in sorted(first.items())],
             ("job", "checkpoint", "prompt")) + "</details>")
@@ -399,7 +405,78 @@ def _training_section(page: _Page, t: dict) -> None:
     page.section("training", "5 · Projector training", "\n".join(body))
 
 
+def _toy_refine_section(page: _Page, r: dict) -> None:
+    st = r.get("settings") or {}
+    body = [f"<p>{_fmt(st.get('n'))} held-out scenes of the toy world, rendered, then damaged on purpose "
+            f"(Gaussian blur σ={_fmt(st.get('blur'), 1)} px, faded {_fmt(100 * float(st.get('fade', 0)), 0)}% towards grey) "
+            f"and refined by img2img (the runtime's denoiser, {_fmt(st.get('steps'))} steps, strength "
+            f"{_fmt(st.get('strength'), 2)}, cfg {_fmt(st.get('cfg'), 1)}, checkpoint {_esc(r.get('checkpoint', ''))}) "
+            f"with the generic prompt <q>{_esc(st.get('prompt', ''))}</q> alone (text only), or blended "
+            f"(weight {_fmt(st.get('weight'), 2)}) with the vault's {_fmt(st.get('k'))} neighbours or the projector's row "
+            "for the damaged crop's embedding. The same noise for every arm. Under each image: the oracle's "
+            "verdict on shape, colour, background, size and position.</p>"]
+    if r.get("grid"):
+        body.append(page.image(r["grid"], "toy_refinement", "degraded crops refined with each conditioning", "max-width:100%"))
+    rows = [("clean render", r.get("clean", {}).get("accuracy")), ("degraded", r.get("degraded", {}).get("accuracy"))]
+    rows += [(f"refined · {name}", arm.get("accuracy")) for name, arm in (r.get("arms") or {}).items()]
+    body.append(_accuracy_table(rows))
+    if r.get("vs_text"):
+        body.append(_table([(f"{_esc(name)} − text only", _pct(d["diff"]), f"[{_pct(d['ci95'][0])}, {_pct(d['ci95'][1])}]",
+                             _fmt(d["n"])) for name, d in r["vs_text"].items()],
+                           ("joint accuracy, paired difference", "points", "bootstrap 95% CI", "crops")))
+    page.section("refine", "6 · Refinement of degraded crops", "\n".join(body))
+
+
+def _pct(x) -> str:
+    return "–" if x is None or _isnan(x) else f"{100 * float(x):+.1f}" if float(x) < 0 else f"{100 * float(x):.1f}"
+
+
+def _accuracy_table(rows: list[tuple[str, dict | None]], attributes=("shape", "color", "background", "size", "position")) -> str:
+    """Rows of per-attribute and joint oracle accuracy (percent)."""
+    shown = [a for a in attributes if any(acc and a in acc for _, acc in rows)]
+    cells = [(_esc(name), *[_pct(acc.get(a)) if acc else "–" for a in shown],
+              f"<b>{_pct(acc.get('joint'))}</b>" if acc else "–", _fmt(acc.get("n")) if acc and "n" in acc else "")
+             for name, acc in rows]
+    return _table(cells, ("", *shown, "joint", "n"))
+
+
+def _quality_section(page: _Page, q: dict) -> None:
+    body = ["<p>Every number below is read from pixels by the toy world's oracle "
+            "(<code>luna/models/toy/oracle.py</code>, written from the world's rendering rules), on images "
+            "and prompts the stage under test did not see, unless said otherwise. Percent.</p>"]
+    gen = q.get("generation") or {}
+    if gen:
+        body.append("<h3>Generation: the factory's images against their prompts</h3>")
+        rows = [(f"checkpoint {k}", v) for k, v in (gen.get("per_checkpoint") or {}).items()]
+        rows.append(("all", gen.get("all")))
+        body.append(_accuracy_table(rows))
+    if q.get("vision_nn"):
+        body.append("<h3>Vision tower: does an image's nearest neighbour (cosine) share its attributes?</h3>")
+        body.append(_accuracy_table([("held-out renders, both styles", q["vision_nn"])],
+                                    ("shape", "color", "background", "size", "position", "mark")))
+    if q.get("vault"):
+        v = q["vault"]
+        body.append(f"<h3>Vault: precision@{_fmt(v.get('k'))} of the neighbours' prompt attributes for held-out renders</h3>")
+        body.append(_accuracy_table([("held-out renders (prompts not in the vault)", v)]))
+    if q.get("projector"):
+        pr = q["projector"]
+        body.append("<h3>Projector: images generated from the projected conditioning of held-out prompts' renders</h3>")
+        body.append(_accuracy_table([(f"projected ({_esc(pr.get('model') or 'projector')})", dict(pr["projected"], n=pr.get("n"))),
+                                     ("the prompt itself (upper bound)", dict(pr["prompt"], n=pr.get("n")))]))
+        if pr.get("val_cos_content") is not None:
+            body.append(_kv([("val cosine (content tokens, held-out prompts)", pr["val_cos_content"])]))
+    ref = q.get("refinement")
+    if ref:
+        body.append("<h3>Refinement of degraded crops (section 6): joint accuracy per conditioning</h3>")
+        rows = [("degraded", ref.get("degraded"))] + [(f"refined · {k}", v) for k, v in ref["arms"].items()]
+        body.append(_accuracy_table(rows))
+    page.section("quality", "7 · Meaning, measured by the oracle", "\n".join(body))
+
+
 def _refine_section(page: _Page, r: dict) -> None:
+    if r.get("kind") == "toy":
+        _toy_refine_section(page, r)
+        return
     body = []
     if r.get("prompt"):
         body.append(f"<p>Prompt: <q>{_esc(r['prompt'])}</q>"
@@ -437,7 +514,7 @@ def _timing_section(page: _Page, timings: dict, resumed) -> None:
     rows = [(_esc(k), f"{float(v):.1f} s", "earlier run" if k in resumed else "") for k, v in timings.items()]
     rows.append(("<b>total</b>", f"<b>{sum(float(v) for v in timings.values()):.1f} s</b>", ""))
     body.append(_table(rows, ("stage", "wall time", "")))
-    page.section("timings", "7 · Time per stage", "\n".join(body))
+    page.section("timings", "8 · Time per stage", "\n".join(body))
 
 
 CSS = """
@@ -494,6 +571,8 @@ def build_report(results: dict, out_dir) -> Path:
         _training_section(page, results["training"])
     if results.get("refine"):
         _refine_section(page, results["refine"])
+    if results.get("quality"):
+        _quality_section(page, results["quality"])
     if results.get("timings"):
         _timing_section(page, results["timings"], set(results.get("resumed") or ()))
 
@@ -508,7 +587,7 @@ def build_report(results: dict, out_dir) -> Path:
         sub.append(f"<code style='background:rgba(255,255,255,.15);color:#fff'>{_esc(results['command'])}</code>")
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (
         ("campaign", "campaign"), ("pairs", "pairs"), ("vault", "vault"), ("retrieval", "retrieval"),
-        ("training", "training"), ("refine", "refinement"), ("timings", "timings"))
+        ("training", "training"), ("refine", "refinement"), ("quality", "quality"), ("timings", "timings"))
         if f'id="{a}"' in "".join(page.parts))
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>

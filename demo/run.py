@@ -1,12 +1,15 @@
-"""`luna demo out=DIR`: the whole loop on the tiny preset, then DIR/report.html.
+"""`luna demo out=DIR [preset=toy|tiny]`: the whole loop, then DIR/report.html.
 
-    models   tiny SDXL checkpoints of two text-encoder families      DIR/models/single/*.safetensors
-    factory  the demo campaign across them on local Ray               DIR/factory/shards/*.tar
+    models   two SDXL checkpoints of two text-encoder families       DIR/models/single/*.safetensors
+             (toy: the committed toy weights; tiny: random weights)
+    factory  the toy (tiny: demo) campaign across them on local Ray   DIR/factory/shards/*.tar
     extract  image embeddings + SDXL conditionings                    DIR/pairs/pairs-*.h5
-    vault    FAISS vault, contact sheets for a few generated crops    DIR/vault/, DIR/demo/retrieval/
+    vault    FAISS vault, contact sheets for a few crops              DIR/vault/, DIR/demo/retrieval/
     train    a projector, briefly (W&B offline run + Lightning CSV)   DIR/projector/
-    refine   skimage's astronaut photo: LBP face cascade, then the    DIR/refine/{vault,projector}/
-             face detailed with vault and with projector conditioning
+    refine   toy: held-out crops degraded on purpose, refined with    DIR/refine/
+             text-only, vault and projector conditioning, oracle verdicts
+             tiny: skimage's astronaut photo, face detailed (vault, projector)
+    quality  toy: the oracle's measures of every stage (demo/toy_quality.py)
     report   DIR/report.html (self-contained) + DIR/report/*.png
 
 Each stage calls the Python entry point behind its subcommand with the config `luna SUB` would
@@ -28,7 +31,8 @@ from pathlib import Path
 
 from luna.files import atomic_path, write_json_atomic
 
-STAGES = ("models", "factory", "extract", "vault", "train", "refine", "report")
+STAGES = ("models", "factory", "extract", "vault", "train", "refine", "quality", "report")
+PRESETS = ("toy", "tiny")
 RECORD_DIR = "demo"
 
 
@@ -49,6 +53,27 @@ def _hash(obj) -> str:
 
 def _banner(number: int, stage: str, text: str) -> None:
     print(f"\n== [{number}/{len(STAGES)}] {stage}: {text}", file=sys.stderr, flush=True)
+
+
+def preset_of(cfg: dict) -> str:
+    preset = str(cfg.get("preset") or "toy")
+    if preset not in PRESETS:
+        raise DemoError(f"preset={preset!r}: the demo runs one of {list(PRESETS)}")
+    return preset
+
+
+def toy_weights(cfg: dict) -> Path:
+    """The folder of the toy checkpoints and vision tower (models.toy_dir, else the committed ones)."""
+    from luna.models.toy import models as toy_models
+
+    folder = (cfg.get("models") or {}).get("toy_dir")
+    return Path(str(folder)).expanduser().resolve() if folder else toy_models.WEIGHTS_DIR
+
+
+def toy_tower(cfg: dict):
+    from luna.models.toy import models as toy_models
+
+    return toy_models.load_vision(weights=toy_weights(cfg) / toy_models.VISION_FILE.name)
 
 
 def _compose(command: str, overrides=(), values=None):
@@ -80,9 +105,25 @@ class Paths:
 
 
 def stage_models(cfg: dict, paths: Paths) -> dict:
-    """Tiny checkpoints as single .safetensors files (the community format), families cycling."""
-    from luna.models import tiny
+    """The checkpoints as single .safetensors files (the community format): the toy weights copied
+    (every stage then loads them as it loads a user's files), or tiny ones written, families cycling."""
     from luna.models.fingerprint import te_fingerprint
+
+    if preset_of(cfg) == "toy":
+        from luna.models.toy import models as toy_models
+
+        written = []
+        for name, src in toy_models.checkpoint_paths(toy_weights(cfg)).items():
+            family, style = toy_models.CHECKPOINTS[name]
+            dest = paths.single / src.name
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(src, tmp)
+            written.append({"name": name, "family": family, "style": style, "path": str(dest),
+                            "te_fingerprint": te_fingerprint(dest)})
+            print(f"   {name}: family {family}, {style} shapes, te {written[-1]['te_fingerprint'][:12]}",
+                  file=sys.stderr)
+        return {"checkpoints": written, "source": str(toy_weights(cfg))}
+    from luna.models import tiny
 
     models = cfg["models"]
     families = tuple(models["families"])
@@ -107,7 +148,11 @@ def write_campaign(cfg: dict, dest: Path) -> dict:
 
     from luna import CAMPAIGNS_DIR
 
-    campaign = cfg["campaign"]
+    campaign = dict(cfg["campaign"])
+    toy = preset_of(cfg) == "toy"
+    campaign["name"] = campaign.get("name") or ("toy" if toy else "demo")
+    if toy and campaign.get("quota") is None:
+        campaign["quota"] = (cfg.get("toy") or {}).get("quota")
     src = CAMPAIGNS_DIR / f"{campaign['name']}.yaml"
     if not src.is_file():
         raise DemoError(f"campaign.name={campaign['name']!r}: no {src}")
@@ -183,7 +228,7 @@ def stage_factory(cfg: dict, paths: Paths) -> dict:
     except FactoryRunError as error:
         raise DemoError(f"stage factory: {error}") from error
     stats = read_shards(paths.shards, int(cfg["report"]["samples_per_cell"]), paths.samples)
-    stats.update(name=doc.get("campaign", cfg["campaign"]["name"]), steps=doc["sampler"].get("steps"),
+    stats.update(name=doc.get("campaign"), steps=doc["sampler"].get("steps"),
                  size=f"{doc['sampler'].get('width')}x{doc['sampler'].get('height')}")
     if stats["images"] == 0:
         raise DemoError(f"stage factory: no finished shard in {paths.shards}")
@@ -195,10 +240,15 @@ def stage_extract(cfg: dict, paths: Paths) -> dict:
     from extraction.extract import extract
 
     settings = cfg["extract"]
-    result = extract(_compose("extract", ["vision=tiny", "text=per_checkpoint"], {
-        "shards": str(paths.shards), "out": str(paths.pairs), "checkpoints": {"dirs": [str(paths.single)]},
-        "batch_size": int(settings["batch_size"]), "workers": int(settings["workers"]),
-        "progress": bool(cfg.get("progress", True))}))
+    values = {"shards": str(paths.shards), "out": str(paths.pairs), "checkpoints": {"dirs": [str(paths.single)]},
+              "batch_size": int(settings["batch_size"]), "workers": int(settings["workers"]),
+              "progress": bool(cfg.get("progress", True))}
+    toy = preset_of(cfg) == "toy"
+    if toy:
+        from luna.models.toy import models as toy_models
+
+        values["vision"] = {"weights": str(toy_weights(cfg) / toy_models.VISION_FILE.name)}
+    result = extract(_compose("extract", [f"vision={'toy' if toy else 'tiny'}", "text=per_checkpoint"], values))
     if result.corrupt:
         raise DemoError(f"stage extract: corrupt shard(s): {[bad['shard'] for bad in result.corrupt]}")
     info = pairs_info(paths.pairs)
@@ -233,6 +283,9 @@ def stage_vault(cfg: dict, paths: Paths, samples: list[dict]) -> dict:
             "index": manifest.get("index_spec"),
             "mode": manifest.get("mode"), "categories": sorted(manifest.get("categories") or {}),
             "bytes": size, "bytes_per_image": size / count}
+    if preset_of(cfg) == "toy":
+        info["retrieval"] = toy_retrieval(cfg, paths, Vault.open(paths.vault, use_gpu=False, vision=toy_tower(cfg)))
+        return info
     # contact sheets for a few generated crops: one sample of each job, centre-cropped
     vault = Vault.open(paths.vault, use_gpu=False)
     picks, seen = [], set()
@@ -256,6 +309,44 @@ def stage_vault(cfg: dict, paths: Paths, samples: list[dict]) -> dict:
                               "sheet": str(sheet), "neighbours": _plain_neighbours(nbs)})
     info["retrieval"] = retrieval
     return info
+
+
+def toy_retrieval(cfg: dict, paths: Paths, vault) -> list[dict]:
+    """Contact sheets for held-out renders of the toy world (scenes and jitter no image of the vault
+    was generated from): each neighbour's prompt against the query's attributes."""
+    from PIL import Image
+
+    from demo import toy_quality
+    from luna.models.toy import world
+    from vault.contact_sheet import contact_sheet
+
+    n = int(cfg["retrieval"]["samples"])
+    scenes = toy_quality.held_out_scenes(n, seed=1)
+    images = [world.render(s, toy_quality.SIZE, toy_quality.HELD_OUT_SEED + i, world.STYLES[i % 2])
+              for i, s in enumerate(scenes)]
+    res = vault.query_images(toy_quality.to_pil(images), k=int(cfg["retrieval"]["k"]))
+    paths.retrieval.mkdir(parents=True, exist_ok=True)
+    out = []
+    for number, (scene, image, nbs) in enumerate(zip(scenes, images, res.neighbours)):
+        sheet, _ = contact_sheet(Image.fromarray(image), list(nbs), [str(paths.shards)],
+                                 paths.retrieval / f"toy_{number}.png", tile=128)
+        plain = _plain_neighbours(nbs)
+        for found, parsed in zip(plain, toy_quality.neighbour_scenes(nbs)):
+            found["attributes"] = _shared(scene, parsed)
+        out.append({"title": f"held-out render ({world.STYLES[number % 2]}): {world.prompt(scene)}",
+                    "sheet": str(sheet), "neighbours": plain})
+    return out
+
+
+def _shared(scene, other) -> str:
+    """'5/5' when `other` has every scene attribute of `scene`, else '4/5: colour blue' (what differs)."""
+    from luna.models.toy import world
+
+    if other is None:
+        return "not a toy prompt"
+    differ = [f"{a} {getattr(other, a)}" for a in world.SCENE_ATTRIBUTES if getattr(other, a) != getattr(scene, a)]
+    n = len(world.SCENE_ATTRIBUTES)
+    return f"{n - len(differ)}/{n}" + (f": {', '.join(differ)}" if differ else "")
 
 
 def _plain_neighbours(nbs) -> list[dict]:
@@ -425,13 +516,23 @@ def _run_stages(cfg: dict, out: Path, paths: Paths) -> dict:
         "extract": lambda cfg, paths, state: stage_extract(cfg, paths),
         "vault": lambda cfg, paths, state: stage_vault(cfg, paths, state["factory"]["samples"]),
         "train": lambda cfg, paths, state: stage_train(cfg, paths),
-        "refine": lambda cfg, paths, state: stage_refine(cfg, paths, state["models"]["checkpoints"]),
+        "refine": lambda cfg, paths, state: (toy_stages.stage_refine if toy else stage_refine)(
+            cfg, paths, state["models"]["checkpoints"]),
+        "quality": lambda cfg, paths, state: toy_stages.stage_quality(cfg, paths, state) if toy else {},
     }
-    results: dict = {"title": "Luna Foundry · demo", "subtitle": "the whole loop on the tiny preset",
-                     "command": "luna demo " + f"out={out}", "timings": {}, "resumed": [],
-                     "report": dict(cfg.get("report") or {})}
-    sections = {"models": ("models",), "factory": ("campaign", "cluster", "report"), "extract": ("extract",),
-                "vault": ("retrieval",), "train": ("train",), "refine": ("refine",), "report": ()}
+    preset = preset_of(cfg)
+    toy = preset == "toy"
+    from demo import toy as toy_stages
+
+    subtitle = ("the whole loop on the toy preset: trained checkpoints of a procedural world, read by its oracle"
+                if toy else "the whole loop on the tiny preset (random weights: the plumbing, not the pictures)")
+    results: dict = {"title": "Luna Foundry · demo", "subtitle": subtitle, "preset": preset,
+                     "command": "luna demo " + f"out={out}" + ("" if toy else " preset=tiny"), "timings": {},
+                     "resumed": [], "report": dict(cfg.get("report") or {})}
+    # every stage's key covers the preset and the settings it reads (and, chained, every earlier stage's)
+    sections = {"models": ("preset", "models"), "factory": ("campaign", "cluster", "report", "toy"),
+                "extract": ("extract",), "vault": ("retrieval",), "train": ("train",), "refine": ("refine", "toy"),
+                "quality": ("toy",), "report": ()}
     key = ""
     state: dict = {}
     t_all = time.perf_counter()
@@ -445,9 +546,11 @@ def _run_stages(cfg: dict, out: Path, paths: Paths) -> dict:
             results["timings"][stage] = done["seconds"]
             results["resumed"].append(stage)
             continue
-        _banner(number, stage, {"models": "tiny checkpoints", "factory": "campaign on Ray", "extract": "pairs",
-                           "vault": "FAISS vault + retrieval", "train": "projector", "refine": "astronaut photo",
-                           "report": "report.html"}[stage])
+        _banner(number, stage, {"models": f"{preset} checkpoints", "factory": "campaign on Ray", "extract": "pairs",
+                                "vault": "FAISS vault + retrieval", "train": "projector",
+                                "refine": "degraded toy crops" if toy else "astronaut photo",
+                                "quality": "the oracle's measures" if toy else "nothing to measure (random weights)",
+                                "report": "report.html"}[stage])
         t0 = time.perf_counter()
         if stage == "report":  # the page shows the stages before it; its own time is in results.json
             result = {"report": str(_build(_assemble(results, state), out))}
@@ -467,8 +570,9 @@ def _run_stages(cfg: dict, out: Path, paths: Paths) -> dict:
 
 def _assemble(results: dict, state: dict) -> dict:
     factory, models = state["factory"], state["models"]
-    results["campaign"] = dict(factory, checkpoints=[{key: ckpt[key] for key in ("name", "family", "te_fingerprint")}
-                                                      for ckpt in models["checkpoints"]])
+    results["campaign"] = dict(factory, preset=results.get("preset"),
+                               checkpoints=[{key: ckpt[key] for key in ("name", "family", "te_fingerprint")}
+                                            for ckpt in models["checkpoints"]])
     results["pairs"] = state["extract"]
     results["vault"] = {key: value for key, value in state["vault"].items() if key != "retrieval"}
     retrieval = list(state["vault"].get("retrieval") or [])
@@ -477,6 +581,8 @@ def _assemble(results: dict, state: dict) -> dict:
     results["retrieval"] = retrieval
     results["training"] = state["train"]
     results["refine"] = {key: value for key, value in state["refine"].items() if key != "retrieval"}
+    if state.get("quality"):
+        results["quality"] = state["quality"]
     results["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return results
 

@@ -39,17 +39,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(result) -> str:
-    t = result.text or {}
+    text_stats = result.text or {}
     lines = [
         f"extracted {result.images} images into {len(result.written)} new part(s) in {result.out}",
         f"  shards already done: {len(result.skipped_done)}, incomplete (no {STATS_SUFFIX}): {len(result.incomplete)}, "
         f"corrupt: {len(result.corrupt)}, empty: {len(result.empty)}",
-        f"  text encoder: {t.get('prompts_encoded', 0)} prompts encoded, {result.unique_prompts} unique "
-        f"(prompt, encoder) pairs in the folder, encoder loads {t.get('encoder_loads', {})}",
+        f"  text encoder: {text_stats.get('prompts_encoded', 0)} prompts encoded, {result.unique_prompts} unique "
+        f"(prompt, encoder) pairs in the folder, encoder loads {text_stats.get('encoder_loads', {})}",
         f"  report: {result.report}",
     ]
     if result.corrupt:
-        lines += [f"  CORRUPT {c['shard']}: {c['error']}" for c in result.corrupt]
+        lines += [f"  CORRUPT {bad['shard']}: {bad['error']}" for bad in result.corrupt]
     return "\n".join(lines)
 
 

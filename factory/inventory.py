@@ -182,16 +182,20 @@ def folders_per_node(checkpoints_cfg: Any, nodes: Iterable[str]) -> dict[str, li
     return out
 
 
-def scan(cluster, checkpoints_cfg: Any) -> Inventory:
-    """Scan every node's folders with one Ray task per node; raise InventoryError if nothing is usable."""
-    import ray
-
+def scan(cluster, checkpoints_cfg: Any, local: bool = False) -> Inventory:
+    """Scan every node's folders with one Ray task per node (`local`: this process scans the one
+    node's folders itself, no Ray); raise InventoryError if nothing is usable."""
     plan = folders_per_node(checkpoints_cfg, cluster.nodes)
     families, cache = _get(checkpoints_cfg, "families"), _get(checkpoints_cfg, "cache")
-    remote = ray.remote(scan_folders)
-    refs = [remote.options(num_cpus=0, **cluster.placement(node)).remote(dirs, node, families, cache)
-            for node, dirs in plan.items()]
-    inv = merge(ray.get(refs))
+    if local:
+        inv = merge([scan_folders(dirs, node, families, cache) for node, dirs in plan.items()])
+    else:
+        import ray
+
+        remote = ray.remote(scan_folders)
+        refs = [remote.options(num_cpus=0, **cluster.placement(node)).remote(dirs, node, families, cache)
+                for node, dirs in plan.items()]
+        inv = merge(ray.get(refs))
     inv.scanned = plan
     if not inv.checkpoints:
         where = "; ".join(f"{n}: {ds}" for n, ds in plan.items())

@@ -6,7 +6,7 @@
 
 Settings come from the composed config: `RefineSettings` is built from its keys by OmegaConf
 (`settings_from_config`), the detector by `_target_` instantiation of `detect` (conf/detect/),
-the tiny sizes from conf/preset/tiny.yaml. Errors a user can fix (unreadable image, not an SDXL
+the preset sizes (and, for toy, the checkpoint and vision tower files) from conf/preset/. Errors a user can fix (unreadable image, not an SDXL
 checkpoint, a vault or projector of another vision model, ...) print one line and exit 2.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-USAGE = """usage: luna refine image=PATH prompt=TEXT out=DIR [checkpoint=PATH | preset=tiny]
+USAGE = """usage: luna refine image=PATH prompt=TEXT out=DIR [checkpoint=PATH | preset=toy | preset=tiny]
                    [vault=DIR|ray:NAME] [projector=DIR] [detect=cascade|file|owlv2|sam3 detect.prompts=[face,hand]]
                    [from_draft=true] [seed=0] [detail.working_size=1024] [refine.tile=1024] ...
 See docs/runtime.md."""

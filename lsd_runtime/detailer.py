@@ -113,7 +113,9 @@ def detail(canvas: np.ndarray, detections: Sequence, scaffold, conditioner, deno
         for c in group:
             x0, y0, x1, y1 = c.box
             views.append(resize_lanczos(Image.fromarray(canvas[y0:y1, x0:x1]), (ws, ws)))
-        rows = conditioner.rows(views)
+        # a source that routes by label (the ComfyUI detailer's faces -> faces vault) sees the detections too
+        rows = (conditioner.rows_for(views, [c.detection for c in group]) if hasattr(conditioner, "rows_for")
+                else conditioner.rows(views))
         items = []
         for c, view, row in zip(group, views, rows):
             c.row, c.batch = row, b

@@ -206,11 +206,25 @@ class Sampler:
         if self.has_ip_adapter and cond.image_embeds is None:
             raise SamplerError("the UNet has an IP-Adapter loaded: give one image embedding per batch item")
 
+    @staticmethod
+    def fit_noise(noise: torch.Tensor, latents: torch.Tensor, seeds=None) -> torch.Tensor:
+        """The scaffold's noise lives on SDXL's 8 px latent grid; a VAE with another factor (the toy
+        preset's 4x) gets it resampled to its own grid, still white and the same for the same seed."""
+        if noise.dim() != 4 or latents.dim() != 4 or noise.shape[:2] != latents.shape[:2] \
+                or noise.shape[-2:] == latents.shape[-2:]:
+            return noise
+        from lsd_runtime.scaffold import derived_generator, resample_noise
+
+        size = tuple(int(v) for v in latents.shape[-2:])
+        return torch.stack([resample_noise(n, size, derived_generator("vae_grid", int(seeds[i]) if seeds is not None else i,
+                                                                      size)) for i, n in enumerate(noise)])
+
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, noise: torch.Tensor, cond: CondBatch, settings: SamplerSettings,
                 seeds=None) -> torch.Tensor:
         """Clean latents [B,4,h,w] + injected noise [B,4,h,w] -> denoised latents (float32)."""
         settings.check()
+        noise = self.fit_noise(noise, latents, seeds)
         self._check(cond, noise, latents)
         b = latents.shape[0]
         dev, dt = self.device, self.dtype

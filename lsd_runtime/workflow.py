@@ -24,7 +24,8 @@ from lsd_runtime.blend import resize_lanczos
 from lsd_runtime.detailer import DetailSettings, crop_json, detail
 from lsd_runtime.geometry import pad_to_multiple, unpad
 from lsd_runtime.refiner import RefineTileSettings, refine_tiles
-from lsd_runtime.sampler import DenoiseItem, Sampler, SamplerSettings, auto_batch_size, sampler_denoiser, time_ids
+from lsd_runtime.denoiser import DiffusersDenoiser
+from lsd_runtime.sampler import DenoiseItem, Sampler, SamplerSettings, auto_batch_size, time_ids
 from lsd_runtime.scaffold import NoiseScaffold
 from luna.settings import resolve_device
 
@@ -242,7 +243,7 @@ def _whole_image_pass(components: Components, image: Image.Image, noise: torch.T
     w, h = image.size
     item = DenoiseItem(image=np.asarray(image, dtype=np.float32), noise=noise, row=row, seed=seed,
                        time_ids=time_ids((h, w))[0])
-    out = sampler_denoiser(components.sampler, settings, negative)([item])[0]
+    out = DiffusersDenoiser(components.sampler, settings, negative)([item])[0]
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
 
 
@@ -367,7 +368,7 @@ def refine(image, prompt: str, *, components: Components, detector=None, detecti
     record["detections"] = [d.to_json() for d in detections]
 
     injected = denoise
-    denoise = denoise or sampler_denoiser(components.sampler, settings.detail, text.negative_row)
+    denoise = denoise or DiffusersDenoiser(components.sampler, settings.detail, text.negative_row)
     t = time.perf_counter()
     canvas, crops, skipped = detail(canvas, detections, scaffold, source, denoise, settings.detail, settings.seed)
     timings["detail"] = time.perf_counter() - t
@@ -387,8 +388,8 @@ def refine(image, prompt: str, *, components: Components, detector=None, detecti
     if settings.refine.enabled:
         t = time.perf_counter()
         tile_source = source if settings.refine.conditioning == "same" else plain
-        tile_denoise = tile_denoise or injected or sampler_denoiser(components.sampler, settings.refine,
-                                                                    text.negative_row)
+        tile_denoise = tile_denoise or injected or DiffusersDenoiser(components.sampler, settings.refine,
+                                                                     text.negative_row)
         canvas, tiles = refine_tiles(canvas, scaffold, tile_source, tile_denoise, settings.refine, settings.seed)
         timings["global_refine"] = time.perf_counter() - t
     record["tiles"] = tiles

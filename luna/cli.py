@@ -20,6 +20,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 # subcommand -> (module, one-line help). Each module has `main(argv: list[str]) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("luna.models.make_tiny", "write tiny-preset SDXL checkpoints (single-file and diffusers)"),
+    "make-toy": ("luna.models.toy.make_toy", "train the toy preset's checkpoints on the procedural world (resumable)"),
     "inventory": ("luna.models.inventory_cli", "what every model file is (kind, family, prediction) and whether it is used"),
     "factory": ("factory.cli", "generate WebDataset shards from a campaign on Ray"),
     "extract": ("extraction.cli", "extract paired image embeddings and SDXL conditionings (HDF5)"),
@@ -27,7 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "vault": ("vault.cli", "build | query | serve FAISS vaults"),
     "train": ("projector.cli", "train an image-embedding -> conditioning projector"),
     "refine": ("lsd_runtime.cli", "the Luna Semantic Detailer: refine an image at 4K"),
-    "demo": ("demo.run", "the whole loop on the tiny preset, with report.html"),
+    "demo": ("demo.run", "the whole loop on the toy preset (preset=tiny: random weights), with report.html"),
 }
 
 

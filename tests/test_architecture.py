@@ -27,6 +27,7 @@ CONTRACTS = {
     "vault.service": "a vault folder or service, opened for queries (runtime, ComfyUI node)",
     "vault.blend": "how a vault answer's neighbours blend into one conditioning (runtime, ComfyUI node)",
     "projector.export": "an exported projector folder, loaded (runtime, ComfyUI node)",
+    "lsd_runtime.api": "the runtime's pure parts and denoiser interface (the ComfyUI nodes)",
 }
 
 

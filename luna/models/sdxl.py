@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from luna.models.configs import SDXL_BASE, SDXL_TINY
+from luna.models.configs import SDXL_BASE, SDXL_TINY, SDXL_TOY
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
@@ -50,7 +50,7 @@ class ArchInfo:
     path: Path
     format: str  # "single_file" | "diffusers" | "pickle" | "unknown"
     family: str  # "sdxl" | "sd15" | "unknown"
-    size: str | None  # "full" | "tiny" | "custom" (diffusers folders only) | None
+    size: str | None  # "full" | "tiny" | "toy" | "custom" (diffusers folders only) | None
     reason: str
 
     @property
@@ -60,7 +60,7 @@ class ArchInfo:
     @property
     def config_dir(self) -> Path | None:
         """The repo's diffusers config folder for this size (single files need one)."""
-        return {"full": SDXL_BASE, "tiny": SDXL_TINY}.get(self.size or "")
+        return {"full": SDXL_BASE, "tiny": SDXL_TINY, "toy": SDXL_TOY}.get(self.size or "")
 
 
 def read_safetensors_header(path) -> dict[str, dict]:
@@ -110,7 +110,7 @@ def classify_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str | None
     if channels != 4:
         return "unknown", None, f"SDXL UNet with {channels} input channels (inpainting/instruct variant), not text-to-image"
     cross = shapes[_CLIP_L_POS][-1] + shapes[_BIGG_POS][-1]
-    for size, cfg_dir in (("full", SDXL_BASE), ("tiny", SDXL_TINY)):
+    for size, cfg_dir in (("full", SDXL_BASE), ("tiny", SDXL_TINY), ("toy", SDXL_TOY)):
         cfg = json.loads((cfg_dir / "unet" / "config.json").read_text())
         if width == cfg["block_out_channels"][0] and cross == cfg["cross_attention_dim"]:
             return "sdxl", size, f"SDXL base layout ({size} size: UNet width {width}, cross-attention {cross})"
@@ -133,7 +133,7 @@ def _detect_folder(path: Path) -> ArchInfo:
         return ArchInfo(path, "diffusers", "unknown", None,
                         f"SDXL UNet with {cfg['in_channels']} input channels (inpainting/instruct variant), not text-to-image")
     size = "custom"
-    for name, cfg_dir in (("full", SDXL_BASE), ("tiny", SDXL_TINY)):
+    for name, cfg_dir in (("full", SDXL_BASE), ("tiny", SDXL_TINY), ("toy", SDXL_TOY)):
         ref = json.loads((cfg_dir / "unet" / "config.json").read_text())
         if all(cfg.get(k) == ref[k] for k in ("block_out_channels", "cross_attention_dim", "transformer_layers_per_block")):
             size = name

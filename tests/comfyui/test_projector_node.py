@@ -18,11 +18,12 @@ DIMS = {"input": "embed", "in_dim": 12, "vision_dim": 12, "vision_model": "synth
 
 
 def _load_node_module():
-    spec = importlib.util.spec_from_file_location("luna_comfy_projector_node", ROOT / "comfyui" / "projector_node.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    spec = importlib.util.spec_from_file_location("luna_comfy_nodes_pn", ROOT / "comfyui" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "comfyui")])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package
+    spec.loader.exec_module(package)
+    return sys.modules[spec.name + ".projector_node"]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,10 @@ def test_node_follows_comfyui_conventions(node_module):
     assert node_module.NODE_DISPLAY_NAME_MAPPINGS["LunaVisionTranslator"] == "Luna Vision Translator"
     types = cls.INPUT_TYPES()
     assert set(types["required"]) == {"projector", "strength"}
-    assert {"clip_vision_output", "image", "clip_vision", "conditioning"} <= set(types["optional"])
-    assert types["optional"]["clip_vision_output"] == ("CLIP_VISION_OUTPUT",)
+    assert {"projector_path", "clip_vision_output", "image", "clip_vision", "conditioning"} <= set(types["optional"])
+    assert types["optional"]["clip_vision_output"][0] == "CLIP_VISION_OUTPUT"
+    for section in types.values():  # every input has a tooltip
+        assert all(spec[1].get("tooltip") for spec in section.values())
     assert cls.RETURN_TYPES == ("CONDITIONING",) and callable(getattr(cls, cls.FUNCTION)) and cls.CATEGORY
 
 
@@ -62,7 +65,7 @@ def test_package_registers_the_node():
 def test_clip_vision_output_gives_comfyui_conditioning(node_module, projector_dir):
     folder, projector = projector_dir
     embeds = torch.randn(2, 12)
-    (result,) = node_module.LunaVisionTranslator().translate(str(folder), 1.0, clip_vision_output=SimpleNamespace(image_embeds=embeds))
+    (result,) = node_module.LunaVisionTranslator().translate("none", 1.0, projector_path=str(folder), clip_vision_output=SimpleNamespace(image_embeds=embeds))
     assert isinstance(result, list) and len(result) == 1
     cond, extra = result[0]
     want_cond, want_pooled = projector(embeds)
@@ -79,10 +82,10 @@ def test_blending_with_a_users_conditioning(node_module, projector_dir):
     user_pooled = torch.randn(1, 10)
     conditioning = [[user, {"pooled_output": user_pooled, "width": 832}]]
     node = node_module.LunaVisionTranslator()
-    (zero,) = node.translate(str(folder), 0.0, clip_vision_output={"image_embeds": embeds}, conditioning=conditioning)
+    (zero,) = node.translate("none", 0.0, projector_path=str(folder), clip_vision_output={"image_embeds": embeds}, conditioning=conditioning)
     torch.testing.assert_close(zero[0][0], user)
     assert zero[0][1]["width"] == 832  # the user's own size keys are kept
-    (half,) = node.translate(str(folder), 0.5, clip_vision_output={"image_embeds": embeds}, conditioning=conditioning)
+    (half,) = node.translate("none", 0.5, projector_path=str(folder), clip_vision_output={"image_embeds": embeds}, conditioning=conditioning)
     proj_cond, proj_pooled = projector(embeds)
     want = 0.5 * user + 0.5 * proj_cond.detach().repeat(1, 2, 1)
     torch.testing.assert_close(half[0][0], want)
@@ -100,7 +103,7 @@ def test_image_with_a_vision_tower(node_module, projector_dir):
             return SimpleNamespace(image_embeds=embeds)
 
     image = torch.rand(3, 64, 64, 3)
-    (result,) = node_module.LunaVisionTranslator().translate(str(folder), 1.0, image=image, clip_vision=FakeClipVision())
+    (result,) = node_module.LunaVisionTranslator().translate("none", 1.0, projector_path=str(folder), image=image, clip_vision=FakeClipVision())
     assert seen["shape"] == (3, 64, 64, 3)
     torch.testing.assert_close(result[0][0], projector(embeds)[0].detach())
 
@@ -109,8 +112,8 @@ def test_mismatched_or_missing_inputs_are_clear_errors(node_module, projector_di
     folder, _ = projector_dir
     node = node_module.LunaVisionTranslator()
     with pytest.raises(ProjectorMismatchError, match="12-d"):
-        node.translate(str(folder), 1.0, clip_vision_output=SimpleNamespace(image_embeds=torch.randn(1, 1024)))
+        node.translate("none", 1.0, projector_path=str(folder), clip_vision_output=SimpleNamespace(image_embeds=torch.randn(1, 1024)))
     with pytest.raises(ValueError, match="connect a CLIP_VISION_OUTPUT"):
-        node.translate(str(folder), 1.0)
+        node.translate("none", 1.0, projector_path=str(folder))
     with pytest.raises(ValueError, match="not a projector folder"):
-        node.translate(str(tmp_path), 1.0, clip_vision_output=SimpleNamespace(image_embeds=torch.randn(1, 12)))
+        node.translate("none", 1.0, projector_path=str(tmp_path), clip_vision_output=SimpleNamespace(image_embeds=torch.randn(1, 12)))

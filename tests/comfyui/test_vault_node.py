@@ -52,34 +52,48 @@ def _images(b=2):
     return torch.rand(b, 40, 48, 3, generator=torch.Generator().manual_seed(0))
 
 
+def _distinct():
+    """Two images the tiny tower embeds far apart (a dark and a light one)."""
+    return torch.stack([torch.zeros(40, 48, 3), torch.ones(40, 48, 3)])
+
+
 def test_node_follows_comfyui_conventions(nodes):
     cls = nodes.NODE_CLASS_MAPPINGS["LunaVaultQuery"]
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["LunaVaultQuery"] == "Luna Vault Query"
     inputs = cls.INPUT_TYPES()
-    assert inputs["required"]["image"] == ("IMAGE",) and inputs["optional"]["conditioning"] == ("CONDITIONING",)
-    assert {"vault", "k", "strength"} <= set(inputs["required"])
+    assert inputs["required"]["image"][0] == "IMAGE" and inputs["optional"]["conditioning"][0] == "CONDITIONING"
+    assert {"vault", "k", "strength"} <= set(inputs["required"]) and "vault_path" in inputs["optional"]
+    for section in inputs.values():  # every input has a tooltip
+        assert all(spec[1].get("tooltip") for spec in section.values())
     assert cls.RETURN_TYPES[0] == "CONDITIONING" and callable(getattr(cls(), cls.FUNCTION)) and cls.CATEGORY
 
 
 def test_node_returns_comfyui_conditioning(nodes, vaults):
     node = nodes.NODE_CLASS_MAPPINGS["LunaVaultQuery"]()
-    conditioning, neighbours = node.query(str(vaults / "stored"), _images(), k=4, strength=0.5)
+    conditioning, neighbours = node.query("none", vault_path=str(vaults / "stored"), image=_images(), k=4, strength=0.5)
     assert isinstance(conditioning, list) and len(conditioning) == 1
     cond, extra = conditioning[0]
-    assert tuple(cond.shape) == (1, 77, 2048) and tuple(extra["pooled_output"].shape) == (1, POOLED)
+    # one row per input image (the batch is not averaged into one)
+    assert tuple(cond.shape) == (2, 77, 2048) and tuple(extra["pooled_output"].shape) == (2, POOLED)
     assert torch.isfinite(cond).all() and float(cond.abs().sum()) > 0
     assert "prompt" in neighbours
+    for i in range(2):
+        (alone, _), = node.query("none", vault_path=str(vaults / "stored"), image=_images()[i:i + 1], k=4,
+                                 strength=0.5)[0]
+        torch.testing.assert_close(cond[i:i + 1], alone)
+    (pair, _), = node.query("none", vault_path=str(vaults / "stored"), image=_distinct(), k=4, strength=1.0)[0]
+    assert not torch.allclose(pair[0], pair[1])  # different images, different neighbours
 
 
 def test_node_blends_with_user_conditioning(nodes, vaults):
     node = nodes.NODE_CLASS_MAPPINGS["LunaVaultQuery"]()
-    (retrieved, r_extra), = node.query(str(vaults / "stored"), _images(1), k=3, strength=1.0)[0]
+    (retrieved, r_extra), = node.query("none", vault_path=str(vaults / "stored"), image=_images(1), k=3, strength=1.0)[0]
     user = [[torch.ones(1, 77, 2048), {"pooled_output": torch.zeros(1, POOLED), "area": "keep"}]]
-    (mixed, extra), = node.query(str(vaults / "stored"), _images(1), k=3, strength=0.25, conditioning=user)[0]
+    (mixed, extra), = node.query("none", vault_path=str(vaults / "stored"), image=_images(1), k=3, strength=0.25, conditioning=user)[0]
     torch.testing.assert_close(mixed, 0.75 * user[0][0] + 0.25 * retrieved)
     torch.testing.assert_close(extra["pooled_output"], 0.25 * r_extra["pooled_output"])
     assert extra["area"] == "keep" and float(user[0][0].min()) == 1.0  # the input is not modified
-    (long, extra), = node.query(str(vaults / "stored"), _images(1), k=3, strength=0.5, conditioning=user,
+    (long, extra), = node.query("none", vault_path=str(vaults / "stored"), image=_images(1), k=3, strength=0.5, conditioning=user,
                                 blend="concat")[0]
     assert tuple(long.shape) == (1, 154, 2048) and torch.equal(long[:, :77], user[0][0])
     torch.testing.assert_close(long[:, 77:], retrieved)
@@ -99,10 +113,8 @@ class _FakeClip:
 
 def test_prompts_only_vault_uses_the_clip_input(nodes, vaults):
     node = nodes.NODE_CLASS_MAPPINGS["LunaVaultQuery"]()
-    a = node.query(str(vaults / "prompts"), _images(), k=4, strength=1.0, clip=_FakeClip())[0][0][0]
-    b = node.query(str(vaults / "stored"), _images(), k=4, strength=1.0)[0][0][0]
+    a = node.query("none", vault_path=str(vaults / "prompts"), image=_images(), k=4, strength=1.0, clip=_FakeClip())[0][0][0]
+    b = node.query("none", vault_path=str(vaults / "stored"), image=_images(), k=4, strength=1.0)[0][0][0]
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-3)  # stored rows are fp16
-    from vault.manifest import VaultError
-
-    with pytest.raises(VaultError, match="encode="):
-        node.query(str(vaults / "prompts"), _images(), k=4, strength=1.0)
+    with pytest.raises(ValueError, match="input 'clip'"):
+        node.query("none", vault_path=str(vaults / "prompts"), image=_images(), k=4, strength=1.0)

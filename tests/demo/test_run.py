@@ -1,4 +1,4 @@
-"""`luna demo` at its smallest settings: every stage's files, a report whose images exist, a refined photo
+"""`luna demo preset=tiny` at its smallest settings: every stage's files, a report whose images exist, a refined photo
 changed only inside the detected face's crop, and a rerun that resumes instead of redoing."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import numpy as np
 from PIL import Image
 
-SMALL = ["campaign.quota=2", "campaign.steps=2", "campaign.batch_size=2", "train.epochs=1", "train.batch_size=8",
+SMALL = ["preset=tiny", "campaign.quota=2", "campaign.steps=2", "campaign.batch_size=2", "train.epochs=1", "train.batch_size=8",
          "retrieval.samples=1", "retrieval.k=3", "refine.k=3", "+refine.detail.steps=2", "report.samples_per_cell=1",
          "progress=false"]
 
@@ -30,7 +30,7 @@ def test_demo_runs_the_whole_loop_and_resumes(ray_cluster, tmp_path, capsys):
     families = {c["family"] for c in results["campaign"]["checkpoints"]}
     assert len(families) >= 2
     assert results["campaign"]["images"] == 6 and results["pairs"]["images"] == 6
-    assert set(results["timings"]) == {"models", "factory", "extract", "vault", "train", "refine", "report"}
+    assert set(results["timings"]) == {"models", "factory", "extract", "vault", "train", "refine", "quality", "report"}
 
     # the report: self-contained, and every inlined image is also a file beside it
     html = (out / "report.html").read_text()
@@ -68,7 +68,7 @@ def test_demo_runs_the_whole_loop_and_resumes(ray_cluster, tmp_path, capsys):
     mtime = (out / "projector" / "projector.safetensors").stat().st_mtime_ns
     assert main([f"out={out}", *SMALL]) == 0
     again = json.loads((out / "demo" / "results.json").read_text())
-    assert set(again["resumed"]) == {"models", "factory", "extract", "vault", "train", "refine"}
+    assert set(again["resumed"]) == {"models", "factory", "extract", "vault", "train", "refine", "quality"}
     assert all(again["timings"][s] == results["timings"][s] for s in again["resumed"])
     assert (out / "projector" / "projector.safetensors").stat().st_mtime_ns == mtime
     assert "skipped" in capsys.readouterr().err

@@ -127,7 +127,7 @@ def test_member_names_never_become_paths(tmp_path, monkeypatch):
 
 
 def test_reads_a_shard_written_by_the_format_v1_writer_and_writes_the_same_members(tmp_path):
-    """tests/fixtures/format_v1: a shard written before the redesign is found, read by every reader
+    """tests/fixtures/formats_v1: a shard written before the redesign is found, read by every reader
     (ours, extraction's, stock webdataset), and today's writer stores the same members and bytes."""
     from pathlib import Path
 
@@ -135,13 +135,13 @@ def test_reads_a_shard_written_by_the_format_v1_writer_and_writes_the_same_membe
 
     from extraction.reader import check_format_version, find_shards
 
-    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "format_v1"
-    tar = fixture / "fixture-node0-w0-000000.tar"
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "formats_v1" / "shards"
+    tar = fixture / "old-pc1-w0-000000.tar"
     assert shards.FORMAT_VERSION == 1 and shards.READABLE_FORMAT_VERSIONS == (1,)
-    index = shards.scan(fixture, "fixture")
+    index = shards.scan(fixture, "old")
     assert index.complete == [tar] and index.done_units == {"u0"} and index.next_seq == 1
     stats = shards.read_stats(tar)
-    assert stats["format_version"] == 1 and stats["keys"] == [f"fixture_job_{i:06d}" for i in range(3)]
+    assert stats["format_version"] == 1 and stats["keys"] == [f"old_{i:06d}" for i in range(3)]
     samples = list(shards.read_shard(tar))
     assert [s["__key__"] for s in samples] == stats["keys"] and all(set(s) == {"__key__", "png", "txt", "json"}
                                                                      for s in samples)

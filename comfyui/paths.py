@@ -1,0 +1,71 @@
+"""Model folders of the Luna nodes, registered with ComfyUI's folder_paths.
+
+    models/luna_vaults/<name>/manifest.json        (`luna vault build` output)
+    models/luna_projectors/<name>/projector.json   (`luna train` export)
+    models/luna_detectors/<name>/config.json       (a transformers OWLv2 / Grounding DINO / SAM 3 folder)
+
+Folders named in extra_model_paths.yaml under these keys are listed too. Dropdowns list the
+folder names; a widget `*_path` (an absolute folder, or `ray:NAME` for vaults) still wins.
+Without ComfyUI (tests of the pure parts) nothing is registered and only paths resolve.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+NONE = "none"
+KINDS = {"luna_vaults": "manifest.json", "luna_projectors": "projector.json", "luna_detectors": "config.json"}
+
+
+def register() -> bool:
+    """Add models/<kind> as a default folder of every kind (extra paths already registered are kept)."""
+    try:
+        import folder_paths
+    except ImportError:
+        return False
+    for kind in KINDS:
+        folder_paths.add_model_folder_path(kind, str(Path(folder_paths.models_dir) / kind), is_default=True)
+    return True
+
+
+def folders(kind: str) -> list[Path]:
+    try:
+        import folder_paths
+
+        return [Path(p) for p in folder_paths.get_folder_paths(kind)]
+    except (ImportError, KeyError):
+        return []
+
+
+def choices(kind: str, with_none: bool = True) -> list[str]:
+    """Names of the sub-folders (one level, or two: `group/name`) holding the kind's marker file."""
+    marker = KINDS[kind]
+    names: set[str] = set()
+    for root in folders(kind):
+        if not root.is_dir():
+            continue
+        for sub in root.iterdir():
+            if (sub / marker).is_file():
+                names.add(sub.name)
+            elif sub.is_dir():
+                names.update(f"{sub.name}/{s.name}" for s in sub.iterdir() if (s / marker).is_file())
+    return ([NONE] if with_none else []) + sorted(names)
+
+
+def resolve(kind: str, name: str, path: str = "", what: str = "") -> str | None:
+    """The folder (or ray: address) chosen by a dropdown `name` or a typed `path` (path wins); None for none."""
+    label = what or kind
+    if path and str(path).strip():
+        p = str(path).strip()
+        if p.startswith("ray:"):
+            return p
+        folder = Path(p).expanduser()
+        if not folder.exists():
+            raise ValueError(f"input '{label}_path': {folder} does not exist")
+        return str(folder)
+    if not name or name == NONE:
+        return None
+    for root in folders(kind):
+        cand = root / name
+        if cand.exists():
+            return str(cand)
+    raise ValueError(f"input '{label}': {name!r} is not in any {kind} folder ({', '.join(map(str, folders(kind))) or 'none registered'})")
