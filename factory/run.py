@@ -90,7 +90,8 @@ def _task(unit, ckpt: inv_mod.CheckpointInfo, cfg: Mapping) -> dict:
         "checkpoint": {"name": ckpt.name, "paths": dict(ckpt.paths)},
         "samples": [{"key": s.key, "prompt": s.prompt, "negative": s.negative, "seed": int(s.seed)}
                     for s in unit.samples],
-        "sampler": unit.sampler.to_dict(),
+        # the scheduler follows the checkpoint: v-prediction, zero terminal SNR, EDM (luna.models.sampling)
+        "sampler": {**unit.sampler.to_dict(), "prediction": getattr(ckpt, "prediction", "epsilon")},
         "image": dict(cfg.get("image") or {}),
         "quality": dict(cfg.get("quality") or {}),
     }

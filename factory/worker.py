@@ -54,23 +54,32 @@ class SDXLGenerator:
         self.pipe = load_sdxl(path, device=self.device, dtype=self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
         self._default_scheduler_config = dict(self.pipe.scheduler.config)
+        vae = self.pipe.vae.config
+        self._default_vae_config = {k: vae.get(k) for k in ("scaling_factor", "latents_mean", "latents_std")}
         self._scheduler = None
 
-    def _set_scheduler(self, name: str) -> None:
-        if name == self._scheduler:
+    def _set_scheduler(self, name: str, prediction: str = "epsilon", timestep_spacing: str | None = None) -> None:
+        """The scheduler `name` in the form the checkpoint's prediction type needs (luna.models.sampling)."""
+        if (name, prediction, timestep_spacing) == self._scheduler:
             return
         import diffusers
+
+        from luna.models.sampling import sampling_plan
 
         cls_name = SCHEDULERS.get(name)
         if cls_name is None:
             raise ValueError(f"sampler.scheduler={name!r} is not one of {sorted(SCHEDULERS)}")
-        self.pipe.scheduler = getattr(diffusers, cls_name).from_config(self._default_scheduler_config)
-        self._scheduler = name
+        plan = sampling_plan(self._default_scheduler_config, cls_name, prediction, timestep_spacing)
+        self.pipe.scheduler = getattr(diffusers, plan.scheduler_class).from_config(plan.scheduler_config)
+        vae_config = plan.vae_config or self._default_vae_config  # EDM latent statistics, or the file's own
+        self.pipe.vae.register_to_config(**vae_config)
+        self._scheduler = (name, prediction, timestep_spacing)
 
     def generate(self, prompts: list[str], negatives: list[str], seeds: list[int], sampler: dict) -> list[np.ndarray]:
         import torch
 
-        self._set_scheduler(str(sampler.get("scheduler", "euler")))
+        self._set_scheduler(str(sampler.get("scheduler", "euler")), str(sampler.get("prediction") or "epsilon"),
+                            sampler.get("timestep_spacing"))
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         with torch.inference_mode():
             out = self.pipe(

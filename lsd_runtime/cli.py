@@ -56,9 +56,11 @@ def build_conditioning(config: dict, components, prompt: str, negative):
 
         vault = open_vault(str(config["vault"]))
         embedder = _embedder(config, components, vault.info().get("vision_model"))
+        family = str(retrieval.get("family") or "same")
         source = VaultSource(vault, text, embedder, k=int(retrieval["k"]), weight=float(retrieval["weight"]),
                              blend=str(retrieval["blend"]), category=retrieval["category"],
-                             weighting=str(retrieval["weighting"]))
+                             weighting=str(retrieval["weighting"]), family=family,
+                             te_fingerprint=components.te_fingerprint if family in ("same", "any") else None)
     elif config["projector"]:
         import json
 
@@ -125,6 +127,9 @@ def run(cfg) -> dict:
             components.pipe.unload_ip_adapter()
     result.record["input"] = {"image": config["image"], "checkpoint": config["checkpoint"], "preset": config["preset"],
                               "vault": config["vault"], "projector": config["projector"]}
+    inner = getattr(source, "source", source)
+    if hasattr(inner, "describe"):  # a vault source: its family filter, and the warning of retrieval.family=any
+        result.record["retrieval"] = inner.describe()
     return write_outputs(result, config["out"])
 
 

@@ -30,6 +30,28 @@ def test_actor_gate_regenerates_with_derived_seed_and_rejects_with_reason(fakes)
     assert w.loads == 1  # same checkpoint: the pipeline stays loaded
 
 
+def test_v_prediction_checkpoint_is_sampled_with_a_v_prediction_scheduler(tmp_path):
+    """The inventory reads v_pred/ztsnr from the file; the worker builds the scheduler that needs."""
+    from factory.worker import SDXLGenerator
+    from luna.models import inventory as inv
+    from tests.luna.model_kinds import META, save, tiny_state
+
+    state = tiny_state(0, "base")
+    state.update(v_pred=__import__("torch").tensor([]), ztsnr=__import__("torch").tensor([]))
+    path = save(tmp_path / "vpredMerge.safetensors", state, META)
+    row = inv.scan([tmp_path], cache=None)[0]
+    assert (row.status, row.prediction) == ("used", "v+ztsnr")
+    gen = SDXLGenerator(device="cpu", dtype="float32", threads=1)
+    gen.load(str(path))
+    images = gen.generate(["a red fox"], [""], [1], {"scheduler": "euler", "steps": 2, "cfg": 2.0, "width": 64,
+                                                      "height": 64, "prediction": row.prediction})
+    cfg = gen.pipe.scheduler.config
+    assert (cfg.prediction_type, cfg.rescale_betas_zero_snr, cfg.timestep_spacing) == ("v_prediction", True, "trailing")
+    assert images[0].shape == (64, 64, 3)
+    gen.generate(["a red fox"], [""], [1], {"scheduler": "euler", "steps": 2, "width": 64, "height": 64})
+    assert gen.pipe.scheduler.config.prediction_type == "epsilon"  # the next checkpoint's own needs
+
+
 def _legacy_run(gen, task) -> dict:
     """What the actor returned before encoding was overlapped: every attempt generated and gated in
     line, the kept images encoded after the last attempt with PIL's defaults (the reference bytes)."""
