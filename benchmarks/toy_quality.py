@@ -29,7 +29,7 @@ def _fmt(d: dict) -> str:
 def main() -> int:
     import torch
 
-    from factory.campaign import load_campaign
+    from factory.campaign_file import load_campaign
     from factory.worker import SDXLGenerator
     from luna.models.toy import models, oracle, quality, world
 
@@ -49,7 +49,7 @@ def main() -> int:
         sampler["steps"] = args.steps
     if args.cfg is not None:
         sampler["cfg"] = args.cfg
-    samples = list(campaign.samples("scenes", 0, args.n))
+    samples = list(campaign.draws("scenes", 0, args.n))
     prompts = [s.prompt for s in samples]
     scenes = [world.parse_prompt(p) for p in prompts]
     print(f"toy quality: n={args.n} sampler={sampler} weights={args.weights}")

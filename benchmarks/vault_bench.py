@@ -1,24 +1,31 @@
-"""Vault benchmark on synthetic clustered vectors (CPU): latency, recall, speed-up, build time, bytes.
+"""Vault benchmark on synthetic clustered vectors (CPU): recall on held-out queries, latency, build,
+bytes, and autofaiss side by side on the same data.
 
     python benchmarks/vault_bench.py --sizes 100000 500000 [--index auto IVF1024,Flat] [--work DIR]
+        [--no-autofaiss] [--out benchmarks/results/vault_NNN.md]
 
-For each size N: write a synthetic pairs folder (N x dim embeddings, N/10 prompts with real SDXL
-conditionings [77,2048] + [1280] by default), build a stored vault with the index chosen as
-autofaiss would (or --index), then measure single-query latency of
-  exact      brute-force inner product over all N (faiss IndexFlatIP), the baseline
-  search     the vault's index alone (category=None)
-  query      the vault's index + neighbour weighting + the conditioning fetch and blend (stored mode),
-             first with the conditionings cold (first touch), then again warm (page cache)
-  auto       the same with routing to the nearest category index
-and recall@10 of the vault against exact search, on noisy copies of stored items (new "images"
-of the same prompts). With --work DIR the synthetic pairs are kept there and reused by later runs.
-Then the vault is shrunk to prompts-only (drop_conditionings) and its bytes
-counted. Ratios are against the exact search measured in the same run. faiss runs on 1 thread.
+For each size N: write a synthetic pairs folder (N x dim embeddings stored in fp16, N/10 prompts,
+clustered: extraction/synthetic.py), build a stored vault with the index chosen as autofaiss
+would (or --index), its search tuned by the vault's own tuner (held-out vectors, `tune_recall`
+within `tune_latency_ms`), then measure against exact search (faiss IndexFlatIP, same run):
+  recall@10 on --queries **held-out queries**: new images of the stored prompts (same generator,
+             other offsets, rounded to fp16), none of them in the index; for comparison also
+             recall on stored vectors plus small noise (what the tuner used to measure)
+  latency    single queries (batch 1) on ONE faiss thread, p50/p99: the bare index (`index`),
+             the vault's search with its bookkeeping (`search`), and with the conditioning
+             fetch and blend (`query+cond`, cold first touch then warm)
+  autofaiss  `autofaiss.build_index` on the same vectors with the same memory budget (it picks
+             the index and tunes its search to its default 10 ms query budget); its build time,
+             parameters, held-out recall and bare-index latency, and the ratio of the two p50s.
+Then the vault is shrunk to prompts-only (drop_conditionings) and its bytes counted. Builds use
+every core; every latency is measured on one thread. autofaiss is a benchmark-only dependency
+(`pip install -e .[bench]`; see BENCHMARKS.md), never imported by the package.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -33,23 +40,36 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from extraction.pairs import Pairs  # noqa: E402
-from extraction.synthetic import write_synthetic_pairs  # noqa: E402
+from extraction.synthetic import synthetic_queries, write_synthetic_pairs  # noqa: E402
 from vault.build import build_vault, drop_conditionings  # noqa: E402
-from vault.index import normalize, recall_at  # noqa: E402
+from vault.index import normalize, read_index, recall_at  # noqa: E402
 from vault.query import Vault  # noqa: E402
+
+CATEGORIES = ("eyes", "hands", "faces", "hair", "skin")
 
 
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+@contextlib.contextmanager
+def one_thread():
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
 def latencies(fn, queries: np.ndarray) -> np.ndarray:
-    fn(queries[:1])  # warm up
-    out = np.empty(len(queries))
-    for i in range(len(queries)):
-        t = time.perf_counter()
-        fn(queries[i : i + 1])
-        out[i] = time.perf_counter() - t
+    with one_thread():
+        fn(queries[:1])  # warm up
+        out = np.empty(len(queries))
+        for i in range(len(queries)):
+            t = time.perf_counter()
+            fn(queries[i : i + 1])
+            out[i] = time.perf_counter() - t
     return out * 1000.0
 
 
@@ -57,6 +77,10 @@ def pct(ms: np.ndarray | None) -> str:
     if ms is None:
         return "n/a"
     return f"{np.percentile(ms, 50):.3f} / {np.percentile(ms, 99):.3f}"
+
+
+def p50(ms: np.ndarray) -> float:
+    return float(np.percentile(ms, 50))
 
 
 def pairs_for(n: int, args, work: Path) -> tuple[Path, int, float]:
@@ -69,9 +93,35 @@ def pairs_for(n: int, args, work: Path) -> tuple[Path, int, float]:
         shutil.rmtree(pairs_dir, ignore_errors=True)
         write_synthetic_pairs(pairs_dir, n, n_prompts, args.dim, text_dims=tuple(args.text_dims),
                               pooled_dim=args.pooled_dim, n_clusters=args.clusters, parts=max(1, n // 50_000),
-                              prompt_order="blocks", categories=("eyes", "hands", "faces", "hair", "skin"))
+                              prompt_order="blocks", categories=CATEGORIES)
         done.write_text("ok")
     return pairs_dir, n_prompts, time.perf_counter() - t
+
+
+def index_params(index: faiss.Index) -> str:
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return f"efSearch={inner.hnsw.efSearch}"
+    with contextlib.suppress(RuntimeError):
+        return f"nprobe={faiss.extract_index_ivf(index).nprobe}"
+    return "exact"
+
+
+def run_autofaiss(base: np.ndarray, q: np.ndarray, truth: np.ndarray, args) -> dict:
+    from autofaiss import build_index  # benchmark-only dependency
+
+    logging.getLogger("autofaiss").setLevel(logging.WARNING)
+    t = time.perf_counter()
+    index, infos = build_index(embeddings=base, max_index_memory_usage=args.memory_budget, metric_type="ip",
+                           save_on_disk=False, min_nearest_neighbors_to_retrieve=10, verbose=logging.WARNING,
+                           index_path=None, index_infos_path=None)
+    build_s = time.perf_counter() - t
+    _, found = index.search(q, 10)
+    ms = latencies(lambda x: index.search(x, 10), q[: args.latency_queries])
+    key = (infos or {}).get("index_key") or type(faiss.downcast_index(index)).__name__
+    return dict(spec=key, params=index_params(index), build_s=build_s, recall=recall_at(found, truth), index=ms)
 
 
 def run_size(n: int, spec: str | None, args, work: Path) -> dict:
@@ -80,69 +130,87 @@ def run_size(n: int, spec: str | None, args, work: Path) -> dict:
     shutil.rmtree(vault_dir, ignore_errors=True)
     t = time.perf_counter()
     m = build_vault(pairs_dir, vault_dir, index=spec, memory_budget=args.memory_budget,
-                    categories=not args.no_categories)
+                    categories=not args.no_categories, tune_recall=args.tune_recall,
+                    tune_latency_ms=args.tune_latency_ms)
     build_s = time.perf_counter() - t
     with Pairs(pairs_dir) as p:
         base = normalize(p.embed)
+    q, _ = synthetic_queries(args.queries, n_prompts, args.dim, args.clusters, categories=CATEGORIES)
+    q = normalize(q)
     rng = np.random.default_rng(1)
-    q = base[rng.choice(n, args.queries, replace=False)]
-    q = normalize(q + rng.standard_normal(q.shape, dtype=np.float32) * (args.noise / np.sqrt(args.dim)))
+    qs = base[rng.choice(n, args.queries, replace=False)]
+    qs = normalize(qs + rng.standard_normal(qs.shape, dtype=np.float32) * (0.05 / np.sqrt(args.dim)))
 
+    _, truth = faiss.knn(q, base, 10, faiss.METRIC_INNER_PRODUCT)
+    _, truth_s = faiss.knn(qs, base, 10, faiss.METRIC_INNER_PRODUCT)
     vault = Vault.open(vault_dir, use_gpu=False)
-    flat = faiss.IndexFlatIP(args.dim)
-    flat.add(base)
-    _, truth = flat.search(q, 10)
-    found = vault.search(q, k=10)
-    ids = np.array([[int(x["key"]) for x in nb] for nb in found.neighbours])  # synthetic keys are row numbers
-    recall = recall_at(ids, truth)
-    del base
+    keys = lambda found: np.array([[int(x["key"]) for x in nb] for nb in found.neighbours])  # noqa: E731 - keys are row numbers
+    recall = recall_at(keys(vault.search(q, k=10)), truth)
+    recall_stored = recall_at(keys(vault.search(qs, k=10)), truth_s)
 
     lq = q[: args.latency_queries]
-    exact_ms = latencies(lambda x: flat.search(x, 10), lq)
+    flat = faiss.IndexFlatIP(args.dim)
+    flat.add(base)
+    exact_ms = latencies(lambda x: flat.search(x, 10), lq[: max(20, args.latency_queries // 5)])
     del flat
+    index = read_index(vault_dir / m.files["global"])
+    faiss.ParameterSpace().set_index_parameters(index, m.search_params) if m.search_params else None
+    index_ms = latencies(lambda x: index.search(x, 10), lq)
+    del index
     search_ms = latencies(lambda x: vault.search(x, k=10), lq)
     cold_ms = latencies(lambda x: vault.query(x, k=10), lq)  # first touch of these prompts' conditionings
     query_ms = latencies(lambda x: vault.query(x, k=10), lq)  # the same queries again: page cache warm
-    auto_ms = latencies(lambda x: vault.query(x, k=10, category="auto"), lq) if vault.categories else None
     stored_b = folder_bytes(vault_dir)
-    cond_b = sum((vault_dir / c).stat().st_size for c in m.cond_files)
     del vault
     drop_conditionings(vault_dir)
     prompts_b = folder_bytes(vault_dir)
     index_b = sum(f.stat().st_size for f in (vault_dir / "index").iterdir())
     shutil.rmtree(vault_dir)
-    return dict(n=n, prompts=n_prompts, spec=m.index_spec, params=m.search_params, gen_s=gen_s, build_s=build_s,
-                recall=recall, exact=exact_ms, search=search_ms, query=query_ms, cold=cold_ms, auto=auto_ms,
-                stored_b=stored_b / n, prompts_b=prompts_b / n, index_b=index_b / n, cond_b=cond_b / n_prompts,
-                categories=len(m.categories),
+    return dict(n=n, prompts=n_prompts, spec=m.index_spec, params=m.search_params, tuning=m.tuning, gen_s=gen_s,
+                build_s=build_s, recall=recall, recall_stored=recall_stored, exact=exact_ms, index=index_ms,
+                search=search_ms, query=query_ms, cold=cold_ms, auto=None, data=(base, q, truth), stored_b=stored_b / n,
+                prompts_b=prompts_b / n, index_b=index_b / n, categories=len(m.categories),
                 cat_params=sorted({i["search_params"] or "exact" for i in m.categories.values()}))
 
 
 def report(rows: list[dict], args) -> str:
     lines = [
-        f"dim {args.dim}, {args.clusters} clusters, prompts = {args.prompts_per_image} x images, "
-        f"text dims {args.text_dims} + pooled {args.pooled_dim}, faiss threads 1, "
-        f"{args.latency_queries} single queries (latency), {args.queries} queries (recall)",
+        f"dim {args.dim} (stored fp16), {args.clusters} clusters, prompts = {args.prompts_per_image} x images, "
+        f"text dims {args.text_dims} + pooled {args.pooled_dim}; {args.queries} held-out queries (recall), "
+        f"{args.latency_queries} single queries on 1 faiss thread (latency); tune_recall {args.tune_recall}, "
+        f"tune_latency_ms {args.tune_latency_ms}; memory budget {args.memory_budget}",
         "",
-        "| N | index (params) | build s | recall@10 | exact p50/p99 ms | search p50/p99 ms "
-        "| query+cond cold p50/p99 ms | query+cond p50/p99 ms | auto-routed p50/p99 ms "
-        "| speed-up (exact p50 / query p50) | B/sample stored | B/sample prompts-only |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N | Luna index (params) | tuner: recall / p50 ms / target met | build s | recall@10 held-out "
+        "| recall@10 stored+noise | exact p50 ms | index p50/p99 ms | search p50/p99 ms | query+cond cold p50/p99 ms "
+        "| query+cond warm p50/p99 ms | B/sample stored | B/sample prompts-only |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        speed = np.percentile(r["exact"], 50) / np.percentile(r["query"], 50)
+        t = r["tuning"] or {}
+        tuner = (f"{t.get('recall', float('nan')):.3f} / {t.get('latency_ms') or float('nan'):.2f} / "
+                 f"{'yes' if t.get('met') else 'NO'}")
+        cats = (f"; +{r['categories']} category indices: {'/'.join(r['cat_params'])}" if r["categories"]
+                else "; no category indices")
         lines.append(
-            f"| {r['n']:,} | {r['spec']} ({r['params'] or 'exact'}; +{r['categories']} category indices: "
-            f"{'/'.join(r['cat_params']) or '-'}) "
-            f"| {r['build_s']:.1f} | {r['recall']:.3f} | {pct(r['exact'])} | {pct(r['search'])} | {pct(r['cold'])} "
-            f"| {pct(r['query'])} "
-            f"| {pct(r['auto'])} | {speed:.1f}x | {r['stored_b']:,.0f} | {r['prompts_b']:,.0f} |"
+            f"| {r['n']:,} | {r['spec']} ({r['params'] or 'exact'}{cats}) | {tuner} | {r['build_s']:.1f} "
+            f"| {r['recall']:.3f} | {r['recall_stored']:.3f} | {p50(r['exact']):.2f} | {pct(r['index'])} "
+            f"| {pct(r['search'])} | {pct(r['cold'])} | {pct(r['query'])} | {r['stored_b']:,.0f} | {r['prompts_b']:,.0f} |"
         )
+    autos = [r for r in rows if r["auto"]]
+    if autos:
+        lines += ["", "| N | autofaiss index (params) | build s | recall@10 held-out | index p50/p99 ms "
+                  "| Luna index p50 / autofaiss p50 | Luna recall - autofaiss recall |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in autos:
+            a = r["auto"]
+            lines.append(f"| {r['n']:,} | {a['spec']} ({a['params']}) | {a['build_s']:.1f} | {a['recall']:.3f} "
+                         f"| {pct(a['index'])} | {p50(a['index']) / p50(r['index']):.1f}x faster "
+                         f"| {r['recall'] - a['recall']:+.3f} |")
     lines.append("")
     for r in rows:
-        lines.append(f"- N={r['n']:,}: {r['prompts']:,} prompts; indices {r['index_b']:,.0f} B/sample (global + "
-                     f"categories); conditioning store {r['cond_b']:,.0f} B/prompt; synthetic data written in "
-                     f"{r['gen_s']:.1f} s (not part of the build)")
+        lines.append(f"- N={r['n']:,}: {r['prompts']:,} prompts; indices {r['index_b']:,.0f} B/sample; synthetic "
+                     f"data written in {r['gen_s']:.1f} s (not part of the build); speed-up of the vault search "
+                     f"over exact search {p50(r['exact']) / p50(r['search']):.0f}x (p50)")
     return "\n".join(lines)
 
 
@@ -158,13 +226,15 @@ def main(argv=None) -> int:
                     help="faiss index_factory strings to compare; auto = chosen by size and memory")
     ap.add_argument("--memory-budget", default="8G")
     ap.add_argument("--no-categories", action="store_true")
-    ap.add_argument("--noise", type=float, default=0.3, help="query offset from a stored item (relative norm)")
+    ap.add_argument("--no-autofaiss", action="store_true")
+    ap.add_argument("--tune-recall", type=float, default=0.97)
+    ap.add_argument("--tune-latency-ms", type=float, default=1.0)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--latency-queries", type=int, default=500)
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = ap.parse_args(argv)
-    faiss.omp_set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
     torch.set_num_threads(1)
@@ -177,6 +247,12 @@ def main(argv=None) -> int:
                 rows.append(run_size(n, None if spec == "auto" else spec, args, work))
                 load.append(os.getloadavg()[0])
                 print(report(rows, args), flush=True)
+                data = rows[-1].pop("data")
+                if not args.no_autofaiss and spec == args.index[0]:  # once per size, on the same vectors
+                    rows[-1]["auto"] = run_autofaiss(*data, args)
+                    load.append(os.getloadavg()[0])
+                    print(report(rows, args), flush=True)
+                del data
     text = report(rows, args) + f"\n- 1-minute load average during the run: {', '.join(f'{x:.1f}' for x in load)} " \
         f"on {os.cpu_count()} CPUs (shared machine)"
     if args.out:

@@ -338,7 +338,7 @@ def _campaign_section(page: _Page, c: dict, per_cell: int) -> None:
         for s in samples:
             first.setdefault((s["job"], s["checkpoint"]), s)
         if c.get("preset") == "toy":
-            from demo.toy import sample_sheet
+            from demo.toy_figures import sample_sheet
 
             body.append("<h3>Samples with their prompts and the oracle's reading</h3>")
             body.append(page.image(sample_sheet(samples), "samples_oracle", "samples read by the oracle", "max-width:100%"))

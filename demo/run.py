@@ -62,20 +62,6 @@ def preset_of(cfg: dict) -> str:
     return preset
 
 
-def toy_weights(cfg: dict) -> Path:
-    """The folder of the toy checkpoints and vision tower (models.toy_dir, else the committed ones)."""
-    from luna.models.toy import models as toy_models
-
-    folder = (cfg.get("models") or {}).get("toy_dir")
-    return Path(str(folder)).expanduser().resolve() if folder else toy_models.WEIGHTS_DIR
-
-
-def toy_tower(cfg: dict):
-    from luna.models.toy import models as toy_models
-
-    return toy_models.load_vision(weights=toy_weights(cfg) / toy_models.VISION_FILE.name)
-
-
 def _compose(command: str, overrides=(), values=None):
     """The config `luna COMMAND overrides...` would run with, the demo's `values` merged on top."""
     from luna.cli import compose
@@ -102,6 +88,18 @@ class Paths:
 
 
 # ----------------------------------------------------------------------------- stages
+
+
+def toy_weights(cfg: dict) -> Path:
+    from demo.toy import toy_weights as folder
+
+    return folder(cfg)
+
+
+def toy_tower(cfg: dict):
+    from demo.toy import toy_tower as tower
+
+    return tower(cfg)
 
 
 def stage_models(cfg: dict, paths: Paths) -> dict:

@@ -17,63 +17,30 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-ARM_TITLES = {"clean": "clean render", "degraded": "degraded", "text": "text only",
-              "vault": "vault", "projector": "projector"}
+from luna.files import save_png_atomic
 
+def toy_weights(cfg: dict) -> Path:
+    """The folder of the toy checkpoints and vision tower (models.toy_dir, else the committed ones)."""
+    from luna.models.toy import models as toy_models
 
-def _verdict_line(image, scene) -> tuple[str, bool]:
-    from demo import toy_quality
-    from luna.models.toy import world
-
-    v = toy_quality.verdict(image, scene, world.SCENE_ATTRIBUTES)
-    if not v["wrong"]:
-        return "oracle: all right", True
-    return "wrong: " + ", ".join(f"{a} {v['reading'][a]}" for a in v["wrong"]), False
+    folder = (cfg.get("models") or {}).get("toy_dir")
+    return Path(str(folder)).expanduser().resolve() if folder else toy_models.WEIGHTS_DIR
 
 
-def verdict_grid(images: dict[str, list[np.ndarray]], scenes, shown: int, tile: int = 112) -> Image.Image:
-    """Rows = crops, columns = clean / degraded / each arm; the oracle's verdict under each tile."""
-    from demo.report import _font
-    from luna.models.toy import world
+def toy_tower(cfg: dict):
+    from luna.models.toy import models as toy_models
 
-    cols = [c for c in ("clean", "degraded", "text", "vault", "projector") if c in images]
-    label_h, head_h, prompt_h = 30, 22, 16
-    w = len(cols) * (tile + 8) + 8
-    h = head_h + shown * (prompt_h + tile + label_h + 6)
-    sheet = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(sheet)
-    font, small = _font(13), _font(10)
-    for c, name in enumerate(cols):
-        draw.text((8 + c * (tile + 8), 4), ARM_TITLES[name], fill=(29, 43, 90), font=font)
-    y = head_h
-    for r in range(min(shown, len(scenes))):
-        draw.text((8, y), world.prompt(scenes[r]), fill=(60, 60, 60), font=small)
-        y += prompt_h
-        for c, name in enumerate(cols):
-            x = 8 + c * (tile + 8)
-            im = Image.fromarray(np.asarray(images[name][r])).resize((tile, tile), Image.NEAREST)
-            sheet.paste(im, (x, y))
-            text, ok = _verdict_line(images[name][r], scenes[r])
-            words, lines = text.split(" "), [""]
-            for word in words:  # wrap to the tile's width
-                if draw.textlength((lines[-1] + " " + word).strip(), font=small) > tile and lines[-1]:
-                    lines.append(word)
-                else:
-                    lines[-1] = (lines[-1] + " " + word).strip()
-            draw.multiline_text((x, y + tile + 2), "\n".join(lines[:2]), fill=(30, 130, 60) if ok else (190, 40, 40),
-                                font=small, spacing=1)
-        y += tile + label_h + 6
-    return sheet
+    return toy_models.load_vision(weights=toy_weights(cfg) / toy_models.VISION_FILE.name)
 
 
 def _refine_settings(checkpoint: dict) -> dict:
     """conf/preset/toy.yaml's detail.* and retrieval.*, composed as `luna refine preset=toy` does."""
-    from demo.run import _compose
+    from luna.cli import compose
     from luna.settings import plain
 
-    cfg = plain(_compose("refine", ["preset=toy"], {"checkpoint": checkpoint["path"]}))
+    cfg = plain(compose("refine", ["preset=toy"], {"checkpoint": checkpoint["path"]}))
     return {"steps": int(cfg["detail"]["steps"]), "strength": float(cfg["detail"]["strength"]),
             "cfg": float(cfg["detail"]["cfg"]), "weight": float(cfg["retrieval"]["weight"]),
             "k": int(cfg["retrieval"]["k"])}
@@ -81,8 +48,7 @@ def _refine_settings(checkpoint: dict) -> dict:
 
 def stage_refine(cfg: dict, paths, checkpoints: list[dict]) -> dict:
     from demo import toy_quality
-    from demo.report import _save_png
-    from demo.run import toy_tower
+    from demo.toy_figures import verdict_grid
     from lsd_runtime.conditioning import CropEmbedder, open_projector
     from lsd_runtime.workflow import load_components
     from vault import Vault
@@ -99,7 +65,7 @@ def stage_refine(cfg: dict, paths, checkpoints: list[dict]) -> dict:
     res = toy_quality.refinement(comps, tower, scenes, vault, projector, arms, style=ckpt.get("style", "flat"),
                                  filters={"te_fingerprint": ckpt["te_fingerprint"]})
     paths.refine.mkdir(parents=True, exist_ok=True)
-    grid = _save_png(verdict_grid(res["images"], scenes, int(toy["shown"])), paths.refine / "toy_refinement.png")
+    grid = save_png_atomic(verdict_grid(res["images"], scenes, int(toy["shown"])), paths.refine / "toy_refinement.png")
     for name, acc in res["arms"].items():
         print(f"   {name}: joint oracle accuracy {acc['accuracy']['joint']:.2f}", file=sys.stderr)
     return {"kind": "toy", "checkpoint": ckpt["name"], "grid": str(grid), "settings": res["settings"],
@@ -143,7 +109,6 @@ def shard_generation_accuracy(shards_dir: Path) -> dict:
 
 def stage_quality(cfg: dict, paths, state: dict) -> dict:
     from demo import toy_quality
-    from demo.run import toy_tower
     from extraction.pairs import Pairs
     from lsd_runtime.conditioning import CropEmbedder, open_projector
     from luna.models.sdxl import load_sdxl
@@ -178,31 +143,3 @@ def stage_quality(cfg: dict, paths, state: dict) -> dict:
                              "settings": refine["settings"]}
     return out
 
-
-def sample_sheet(samples: list[dict], per_row: int = 6, tile: int = 112) -> Image.Image:
-    """The factory's samples, each with its prompt's attributes and the oracle's reading of it."""
-    from demo.report import _font, _open_rgb
-    from luna.models.toy import world
-
-    items = []
-    for s in samples:
-        try:
-            items.append((s, world.parse_prompt(str(s.get("prompt", "")))))
-        except ValueError:
-            continue
-    rows = max(1, -(-len(items) // per_row))
-    text_h = 44
-    sheet = Image.new("RGB", (8 + per_row * (tile + 8), 8 + rows * (tile + text_h + 8)), "white")
-    draw = ImageDraw.Draw(sheet)
-    small = _font(10)
-    for i, (s, scene) in enumerate(items):
-        x, y = 8 + (i % per_row) * (tile + 8), 8 + (i // per_row) * (tile + text_h + 8)
-        image = _open_rgb(s["image"])
-        sheet.paste(image.resize((tile, tile), Image.NEAREST), (x, y))
-        prompt = f"{scene.size} {scene.color} {scene.shape}, {scene.position}, {scene.background} bg ({s['checkpoint']})"
-        verdict, ok = _verdict_line(np.asarray(image), scene)
-        lines = [prompt[i: i + 22] for i in range(0, len(prompt), 22)][:2] + [verdict[:24]]
-        for j, line in enumerate(lines):
-            draw.text((x, y + tile + 2 + 12 * j), line, font=small,
-                      fill=(60, 60, 60) if j < len(lines) - 1 else ((30, 130, 60) if ok else (190, 40, 40)))
-    return sheet

@@ -91,7 +91,9 @@ def check_output(out: Path, vision_model: str, vision_dim: int, tokens: bool) ->
 # --- the part of one shard ---------------------------------------------------------------------
 def build_part(shard: Shard, images: ShardImages, store: PromptStore, text: TextConditioner | Any,
                attrs: dict) -> tuple[pairs_fmt.PairsPart, list[tuple[str, str]]]:
-    """Arrays of a shard's part; encodes the shard's prompts the store does not know yet."""
+    """Arrays of a shard's part and the prompts whose conditionings it stores (rows 0.. of its
+    /prompts/cond): those no part written before holds, so the folder stores each prompt once.
+    Encodes the shard's prompts the store does not know yet."""
     metas = images.metas
     keys = [(m.prompt, text.fingerprint(m.te_fingerprint, m.checkpoint)) for m in metas]
     order: dict[tuple[str, str], int] = {}
@@ -108,8 +110,10 @@ def build_part(shard: Shard, images: ShardImages, store: PromptStore, text: Text
     for fp in sorted(by_fp):
         ks = by_fp[fp]
         encoded = text.encode(fp, [k[0] for k in ks], hint.get(fp, ""))
-        store.add(ks, encoded[0], encoded[1], **getattr(encoded, "extra", {}))
-    cond, pooled = store.get(unique) if unique else (np.zeros((0, 77, 1)), np.zeros((0, 1)))
+        store.add(ks, encoded[0], encoded[1], **(getattr(encoded, "extra", None) or {}))
+    stored = [k for k in unique if not store.on_disk(k)]
+    cond, pooled = store.get(stored) if stored else (np.zeros((0, 77, 1)), np.zeros((0, 1)))
+    row = {k: i for i, k in enumerate(stored)}
     images_cols = {
         "key": np.array([m.key for m in metas], dtype=object),
         "embed": images.embed,
@@ -126,9 +130,10 @@ def build_part(shard: Shard, images: ShardImages, store: PromptStore, text: Text
         "cond": cond,
         "pooled": pooled,
         "te_fingerprint": np.array([k[1] for k in unique], dtype=object),
-        **(store.extras(unique) if unique else {}),  # optional clip_l_cond / clip_l_pooled
+        "cond_row": np.array([row.get(k, -1) for k in unique], dtype=np.int64),
+        **(store.extras(stored) if stored else {}),  # optional clip_l_cond / clip_l_pooled, rows as cond's
     }
-    return pairs_fmt.PairsPart(images_cols, prompts, dict(attrs, source_shard=shard.path.name)), unique
+    return pairs_fmt.PairsPart(images_cols, prompts, dict(attrs, source_shard=shard.path.name)), stored
 
 
 def in_shard_order(results: Iterator[ShardImages]) -> Iterator[ShardImages]:

@@ -2,10 +2,14 @@
 
 One part file holds
   /images/{key, embed, prompt_id, checkpoint, category, campaign, seed}  (+ optional /images/tokens)
-  /prompts/{text, cond, pooled, te_fingerprint}     one row per unique (prompt, text-encoder fingerprint)
+  /prompts/{text, te_fingerprint, cond_row}  one row per unique (prompt, text-encoder fingerprint) its images use
+  /prompts/{cond, pooled}   the conditionings this part stores: row `cond_row[i]` of prompt i, or none
+                            (cond_row -1) when an earlier part of the folder already stores it
   attrs: format_version, vision_model, vision_dim, text_dims (CLIP-L width, bigG width), pooled_dim
 `prompt_id` indexes the part's own /prompts. A pairs folder is any number of parts (`*.h5`);
 `Pairs` presents them as one dataset with prompts deduplicated across parts by (text, fingerprint).
+Each (prompt, fingerprint) conditioning is stored once per folder whatever the number of parts
+(format_version 2; version 1 parts, which store every prompt they use, are still read).
 
 Optional datasets (format_version stays 1: a reader that does not know them reads the file as
 before; a reader that needs one checks `has_*` and names the part that lacks it):
@@ -26,7 +30,9 @@ import numpy as np
 
 from luna.files import atomic_path
 
-FORMAT_VERSION = 1
+SEQ_LEN = 77
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 PART_GLOB = "*.h5"
 _STR = h5py.string_dtype(encoding="utf-8")
 IMAGE_COLUMNS = ("key", "embed", "prompt_id", "checkpoint", "category", "campaign", "seed")
@@ -43,7 +49,7 @@ class PairsPart:
     """The arrays of one part, in memory, ready to write."""
 
     images: dict[str, np.ndarray]  # IMAGE_COLUMNS (+ "tokens")
-    prompts: dict[str, np.ndarray]  # PROMPT_COLUMNS
+    prompts: dict[str, np.ndarray]  # PROMPT_COLUMNS (+ "cond_row": cond/pooled hold only rows >= 0)
     attrs: dict = field(default_factory=dict)  # vision_model, vision_dim, text_dims, pooled_dim, extra
 
 
@@ -57,9 +63,14 @@ def write_part(path: str | os.PathLike, part: PairsPart, dtype: str = "float16")
     for k, v in part.images.items():
         if len(v) != n:
             raise PairsFormatError(f"{path}: /images/{k} has {len(v)} rows, expected {n}")
+    cond_row = np.asarray(part.prompts.get("cond_row", np.arange(p)), dtype=np.int64)
+    stored = int((cond_row >= 0).sum())
+    if len(cond_row) != p or not np.array_equal(cond_row[cond_row >= 0], np.arange(stored)):
+        raise PairsFormatError(f"{path}: /prompts/cond_row must give the stored prompts rows 0..{stored - 1} in order")
     for k, v in part.prompts.items():
-        if len(v) != p:
-            raise PairsFormatError(f"{path}: /prompts/{k} has {len(v)} rows, expected {p}")
+        want = stored if k in ("cond", "pooled") else p
+        if len(v) != want:
+            raise PairsFormatError(f"{path}: /prompts/{k} has {len(v)} rows, expected {want}")
     pid = np.asarray(part.images["prompt_id"], dtype=np.int64)
     if n and (pid.min() < 0 or pid.max() >= p):
         raise PairsFormatError(f"{path}: prompt_id out of range [0, {p})")
@@ -77,15 +88,20 @@ def write_part(path: str | os.PathLike, part: PairsPart, dtype: str = "float16")
                 img.create_dataset("tokens", data=tok, chunks=(1, *tok.shape[1:]) if n else None)
             for k in ("text", "te_fingerprint"):
                 pr.create_dataset(k, data=np.asarray(part.prompts[k], dtype=object), dtype=_STR)
+            pr.create_dataset("cond_row", data=cond_row)
             cond = np.asarray(part.prompts["cond"], dtype=dtype)
             pooled = np.asarray(part.prompts["pooled"], dtype=dtype)
+            if not stored:  # shapes of an empty store: [0, 77, C] / [0, Pd] from the part's attrs
+                width = sum(part.attrs.get("text_dims") or [cond.shape[-1] if cond.ndim == 3 else 0])
+                cond = cond.reshape(0, SEQ_LEN, width)
+                pooled = pooled.reshape(0, int(part.attrs.get("pooled_dim") or (pooled.shape[-1] if pooled.ndim == 2 else 0)))
             # one prompt per chunk: random reads of a single conditioning touch one chunk
-            pr.create_dataset("cond", data=cond, chunks=(1, *cond.shape[1:]) if p else None)
-            pr.create_dataset("pooled", data=pooled, chunks=(1, pooled.shape[1]) if p else None)
+            pr.create_dataset("cond", data=cond, chunks=(1, *cond.shape[1:]) if stored else None)
+            pr.create_dataset("pooled", data=pooled, chunks=(1, pooled.shape[1]) if stored else None)
             for k in OPTIONAL_PROMPT_COLUMNS:
                 if k in part.prompts:
                     arr = np.asarray(part.prompts[k], dtype=dtype)
-                    pr.create_dataset(k, data=arr, chunks=(1, *arr.shape[1:]) if p else None)
+                    pr.create_dataset(k, data=arr, chunks=(1, *arr.shape[1:]) if len(arr) else None)
             attrs = {"format_version": FORMAT_VERSION, **part.attrs}
             for k, v in attrs.items():
                 f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
@@ -103,16 +119,20 @@ def read_attrs(path: str | os.PathLike) -> dict:
     with f:
         attrs = {k: _decode_attr(v) for k, v in f.attrs.items()}
         version = attrs.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise PairsFormatError(
-                f"{path}: pairs format_version {version!r}, this code reads {FORMAT_VERSION}"
+                f"{path}: pairs format_version {version!r}, this code reads {list(READ_VERSIONS)}"
             )
         missing = [f"/images/{c}" for c in IMAGE_COLUMNS if f"images/{c}" not in f]
         missing += [f"/prompts/{c}" for c in PROMPT_COLUMNS if f"prompts/{c}" not in f]
+        if version >= 2 and "prompts/cond_row" not in f:
+            missing.append("/prompts/cond_row")
         if missing:
             raise PairsFormatError(f"{path}: missing datasets {missing}")
         attrs["has_tokens"] = "images/tokens" in f
-        attrs["has_clip_l"] = all(f"prompts/{c}" in f for c in OPTIONAL_PROMPT_COLUMNS)
+        # a part that stores no conditioning (all in earlier parts) has nothing to hold them for
+        attrs["has_clip_l"] = (all(f"prompts/{c}" in f for c in OPTIONAL_PROMPT_COLUMNS)
+                               or ("prompts/cond" in f and f["prompts/cond"].shape[0] == 0))
     return attrs
 
 
@@ -142,6 +162,13 @@ def _strings(ds) -> list[str]:
     return [s.decode() if isinstance(s, bytes) else str(s) for s in ds[()]]
 
 
+def read_prompt_table(f: h5py.File) -> tuple[list[str], list[str], np.ndarray]:
+    """(texts, fingerprints, cond_row) of an open part; version 1 parts store every row (cond_row = i)."""
+    texts, fps = _strings(f["prompts/text"]), _strings(f["prompts/te_fingerprint"])
+    rows = f["prompts/cond_row"][()] if "prompts/cond_row" in f else np.arange(len(texts))
+    return texts, fps, np.asarray(rows, dtype=np.int64)
+
+
 class Pairs:
     """All parts of a pairs folder as one dataset.
 
@@ -158,7 +185,7 @@ class Pairs:
         prompt_id: list[np.ndarray] = []
         self.prompt_text: list[str] = []
         self.te_fingerprint: list[str] = []
-        self._prompt_loc: list[tuple[int, int]] = []  # global prompt id -> (part index, row)
+        self._prompt_loc: list[tuple[int, int]] = []  # global prompt id -> (part index, cond row); (-1, -1): unknown
         index: dict[tuple[str, str], int] = {}
         for pi, path in enumerate(self.parts):
             attrs = read_attrs(path)
@@ -171,14 +198,16 @@ class Pairs:
                             f"{path}: {k}={attrs.get(k)!r} differs from {self.parts[0].name} ({self.attrs.get(k)!r})"
                         )
             with h5py.File(path, "r") as f:
-                texts, fps = _strings(f["prompts/text"]), _strings(f["prompts/te_fingerprint"])
+                texts, fps, cond_rows = read_prompt_table(f)
                 remap = np.empty(len(texts), dtype=np.int64)
                 for row, tk in enumerate(zip(texts, fps)):
                     if tk not in index:
                         index[tk] = len(self.prompt_text)
                         self.prompt_text.append(tk[0])
                         self.te_fingerprint.append(tk[1])
-                        self._prompt_loc.append((pi, row))
+                        self._prompt_loc.append((-1, -1))
+                    if cond_rows[row] >= 0 and self._prompt_loc[index[tk]][0] < 0:
+                        self._prompt_loc[index[tk]] = (pi, int(cond_rows[row]))
                     remap[row] = index[tk]
                 local = f["images/prompt_id"][()]
                 prompt_id.append(remap[local] if len(local) else local.astype(np.int64))
@@ -192,6 +221,31 @@ class Pairs:
         self.seed = np.concatenate(cols["seed"])
         self.prompt_id = np.concatenate(prompt_id)
         self._handles: dict[int, h5py.File] = {}
+        self._files = list(self.parts)  # the parts, then siblings holding conditionings they use
+        if any(loc[0] < 0 for loc in self._prompt_loc):
+            self._find_in_siblings(index)
+
+    def _find_in_siblings(self, index: dict[tuple[str, str], int]) -> None:
+        """Conditionings stored by parts of the same folders that were not opened (a part opened alone)."""
+        mine = {p.resolve() for p in self._files}
+        for path in (s for d in sorted({p.resolve().parent for p in self.parts}) for s in list_parts(d)):
+            if path.resolve() in mine:
+                continue
+            try:
+                with h5py.File(path, "r") as f:
+                    texts, fps, cond_rows = read_prompt_table(f)
+            except (OSError, KeyError):
+                continue  # not a pairs part: it cannot hold what is missing
+            fi = None
+            for tk, r in zip(zip(texts, fps), cond_rows):
+                g = index.get(tk)
+                if g is not None and r >= 0 and self._prompt_loc[g][0] < 0:
+                    if fi is None:
+                        fi = len(self._files)
+                        self._files.append(path)
+                    self._prompt_loc[g] = (fi, int(r))
+            if all(loc[0] >= 0 for loc in self._prompt_loc):
+                return
 
     # --- sizes and identity -------------------------------------------------------------
     def __len__(self) -> int:
@@ -220,13 +274,41 @@ class Pairs:
     # --- lazy reads ----------------------------------------------------------------------
     def _file(self, pi: int) -> h5py.File:
         if pi not in self._handles:
-            self._handles[pi] = h5py.File(self.parts[pi], "r")
+            # reads here are whole chunks (a prompt, an image's tokens): without a chunk cache HDF5
+            # reads them straight into the caller's buffer (twice the bandwidth at [77, 2048])
+            self._handles[pi] = h5py.File(self._files[pi], "r", rdcc_nbytes=0)
         return self._handles[pi]
 
+    def prompt_locations(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """(file index, row in its /prompts/cond) of global prompt ids; a clear error for a prompt
+        whose conditioning no part of the folder stores (a part was removed)."""
+        loc = np.asarray(self._prompt_loc, dtype=np.int64).reshape(-1, 2)[np.atleast_1d(np.asarray(ids, dtype=np.int64))]
+        if len(loc) and loc[:, 0].min() < 0:
+            i = int(np.atleast_1d(np.asarray(ids))[np.flatnonzero(loc[:, 0] < 0)[0]])
+            raise PairsFormatError(
+                f"{self.parts[0].parent}: the conditioning of prompt {self.prompt_text[i]!r} "
+                f"({self.te_fingerprint[i]}) is stored in no part of the folder (was a part removed? "
+                "extract the missing shards again)")
+        return loc[:, 0], loc[:, 1]
+
+    def read_rows(self, name: str, file: int, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows lo..hi-1 of /prompts/`name` (cond or pooled) of one file: one contiguous read,
+        into `out` (hi - lo rows) when given."""
+        ds = self._file(int(file))[f"prompts/{name}"]
+        if out is None:
+            return ds[int(lo) : int(hi)]
+        ds.read_direct(out, source_sel=np.s_[int(lo) : int(hi)])
+        return out
+
+    def row_shape(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape of one row, dtype) of /prompts/`name` as stored."""
+        ds = self._file(0)[f"prompts/{name}"]
+        return ds.shape[1:], ds.dtype
+
     def _read_prompts(self, name: str, ids) -> np.ndarray:
-        ids = np.atleast_1d(np.asarray(ids, dtype=np.int64))
-        rows = [self._file(self._prompt_loc[i][0])[f"prompts/{name}"][self._prompt_loc[i][1]] for i in ids]
-        return np.stack(rows) if rows else np.zeros((0,), np.float16)
+        files, rows = self.prompt_locations(ids)
+        out = [self._file(fi)[f"prompts/{name}"][r] for fi, r in zip(files, rows)]
+        return np.stack(out) if out else np.zeros((0,), np.float16)
 
     def cond(self, prompt_ids) -> np.ndarray:
         """Conditionings `[len(ids), 77, sum(text_dims)]` of global prompt ids."""

@@ -54,6 +54,36 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def _prompts(n_prompts: int, dim: int, n_clusters: int, seed: int, categories, spread: float):
+    """(rng, cluster, text, latent, unit centre) of every prompt; the rng continues for the images."""
+    rng = np.random.default_rng([seed, 2])
+    centres = _normalize(rng.standard_normal((n_clusters, dim), dtype=np.float32))
+    b = rng.standard_normal((LATENT_DIM, dim), dtype=np.float32) / np.sqrt(dim)
+    prompt_cluster = np.arange(n_prompts) % n_clusters
+    texts = [
+        f"synthetic {categories[c % len(categories)]} prompt {i} (cluster {c})"
+        for i, c in enumerate(prompt_cluster)
+    ]
+    z = np.stack([_prompt_latent(t, seed) for t in texts])
+    return rng, prompt_cluster, texts, z, _normalize(centres[prompt_cluster] + spread * _normalize(z @ b))
+
+
+def synthetic_queries(n_queries: int, n_prompts: int, dim: int, n_clusters: int = 8, seed: int = 0,
+                      categories=("eyes", "hands", "faces"), spread: float = 0.6, noise: float = 0.3,
+                      query_seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """New images of the prompts of `write_synthetic_pairs(..., n_prompts, dim, n_clusters, seed)`:
+    (embeds [n_queries, dim] float32 rounded to fp16 as stored embeds are, prompt of each).
+
+    Drawn like the stored images (prompt centre + offset of relative norm `noise`) with other
+    offsets, so none of them is in a vault of those pairs: what a user's new crops look like.
+    """
+    _, _, _, _, centre = _prompts(n_prompts, dim, n_clusters, seed, categories, spread)
+    rng = np.random.default_rng([seed, 5, query_seed])
+    prompt = rng.integers(0, n_prompts, n_queries)
+    offset = rng.standard_normal((n_queries, dim), dtype=np.float32) * (noise / np.sqrt(dim))
+    return _normalize(centre[prompt] + offset).astype(np.float16).astype(np.float32), prompt
+
+
 def write_synthetic_pairs(
     folder: str | os.PathLike,
     n_images: int,
@@ -82,24 +112,15 @@ def write_synthetic_pairs(
     and campaign; `prompt_order="blocks"` gives image j prompt `j * n_prompts // n_images`
     instead, so each part holds only its own prompts (large benchmarks). `noise` is the norm of an image's offset from its prompt centre
     relative to the unit centre. Images are split into `parts` part files
-    (`part-00000.h5`, ...), each with the prompts its images use.
+    (`part-00000.h5`, ...), each with the prompts its images use; each prompt's conditioning is
+    stored once, by the first part that uses it.
     """
     if n_images < 1 or n_prompts < 1 or dim < 1:
         raise ValueError("write_synthetic_pairs: n_images, n_prompts and dim must be >= 1")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fingerprint = te_fingerprint or synthetic_fingerprint(seed)
-    rng = np.random.default_rng([seed, 2])
-    centres = _normalize(rng.standard_normal((n_clusters, dim), dtype=np.float32))
-    b = rng.standard_normal((LATENT_DIM, dim), dtype=np.float32) / np.sqrt(dim)
-
-    prompt_cluster = np.arange(n_prompts) % n_clusters
-    texts = [
-        f"synthetic {categories[c % len(categories)]} prompt {i} (cluster {c})"
-        for i, c in enumerate(prompt_cluster)
-    ]
-    z = np.stack([_prompt_latent(t, seed) for t in texts])
-    prompt_centre = _normalize(centres[prompt_cluster] + spread * _normalize(z @ b))
+    rng, prompt_cluster, texts, z, prompt_centre = _prompts(n_prompts, dim, n_clusters, seed, categories, spread)
     a, p = _cond_weights(tuple(text_dims), pooled_dim, seed)
 
     if prompt_order == "cycle":
@@ -111,6 +132,7 @@ def write_synthetic_pairs(
     image_ckpt = rng.integers(0, len(checkpoints), n_images)
     image_camp = rng.integers(0, len(campaigns), n_images)
     bounds = np.linspace(0, n_images, parts + 1).astype(int)
+    stored = np.zeros(0, dtype=np.int64)
     for pi in range(parts):
         lo, hi = int(bounds[pi]), int(bounds[pi + 1])
         gp = image_prompt[lo:hi]
@@ -118,9 +140,11 @@ def write_synthetic_pairs(
         part_rng = np.random.default_rng([seed, 3, pi])
         offset = part_rng.standard_normal((hi - lo, dim), dtype=np.float32) * (noise / np.sqrt(dim))
         embed = _normalize(prompt_centre[gp] + offset)
-        zu = z[used]
-        cond = np.empty((len(used), SEQ_LEN, sum(text_dims)), np.float16)
-        for lo_p in range(0, len(used), 256):  # chunked: real SDXL widths are 600 KB a prompt in fp32
+        new = ~np.isin(used, stored)  # a prompt's conditioning is stored by the first part using it
+        stored = np.union1d(stored, used)
+        zu = z[used[new]]
+        cond = np.empty((len(zu), SEQ_LEN, sum(text_dims)), np.float16)
+        for lo_p in range(0, len(zu), 256):  # chunked: real SDXL widths are 600 KB a prompt in fp32
             cond[lo_p : lo_p + 256] = np.tanh(zu[lo_p : lo_p + 256] @ a).reshape(-1, SEQ_LEN, sum(text_dims))
         images = {
             "key": np.array([f"{seed:03d}{j:09d}" for j in range(lo, hi)], dtype=object),
@@ -136,6 +160,7 @@ def write_synthetic_pairs(
             "cond": cond,
             "pooled": np.tanh(zu @ p),
             "te_fingerprint": np.array([fingerprint] * len(used), dtype=object),
+            "cond_row": np.where(new, np.cumsum(new) - 1, -1),
         }
         attrs = {
             "vision_model": vision_model,

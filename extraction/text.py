@@ -65,13 +65,15 @@ class PromptStore:
 
     @classmethod
     def from_parts(cls, parts: list[Path]) -> "PromptStore":
+        from extraction.pairs import read_prompt_table
+
         store = cls()
         for path in parts:
             with h5py.File(path, "r") as f:
-                texts = [t.decode() if isinstance(t, bytes) else str(t) for t in f["prompts/text"][()]]
-                fps = [t.decode() if isinstance(t, bytes) else str(t) for t in f["prompts/te_fingerprint"][()]]
-            for row, key in enumerate(zip(texts, fps)):
-                store._disk.setdefault(key, (Path(path), row))
+                texts, fps, rows = read_prompt_table(f)
+            for key, row in zip(zip(texts, fps), rows):
+                if row >= 0:  # -1: stored by another part
+                    store._disk.setdefault(key, (Path(path), int(row)))
         return store
 
     def __len__(self) -> int:
@@ -87,6 +89,10 @@ class PromptStore:
                 seen.add(k)
                 out.append(k)
         return out
+
+    def on_disk(self, key: PromptKey) -> bool:
+        """Stored in a part already written (a new part need not store it again)."""
+        return key in self._disk
 
     def add(self, keys: list[PromptKey], cond: np.ndarray, pooled: np.ndarray, **extra: np.ndarray) -> None:
         for i, k in enumerate(keys):
@@ -131,7 +137,7 @@ class PromptStore:
         return np.stack(conds), np.stack(pooled)
 
     def written(self, path: Path, keys: list[PromptKey]) -> None:
-        """`keys` are rows 0.. of the part at `path`: drop them from memory, read them from there."""
+        """`keys` are conditioning rows 0.. of the part at `path`: drop them from memory, read them from there."""
         for row, k in enumerate(keys):
             if k in self._mem:
                 del self._mem[k]

@@ -1,17 +1,14 @@
-"""Checkpoint inventory: scan model folders on every node of the cluster (headers only).
+"""Checkpoint inventory of the cluster: luna.models.inventory on every node, merged by fingerprint.
 
 Each node runs `scan_folders` as a Ray task pinned to it, over `checkpoints.dirs` (scanned on
-every node) plus its own `checkpoints.node_dirs[<node>]`. It finds single-file `.safetensors`
-and diffusers folders (`model_index.json`), checks the architecture from tensor names and shapes
-(luna.models.sdxl.detect_architecture) and fingerprints the file and its text encoders
-(luna.models.fingerprint). The driver merges the nodes' findings by fingerprint: one
-`CheckpointInfo` per model, with its path on each node that holds it. Anything that is not a
-loadable SDXL checkpoint is listed with the reason; it only stops a run when nothing usable is
-found at all.
+every node) plus its own `checkpoints.node_dirs[<node>]`, with its own facts cache. What each file
+is (kind, family, prediction type, distillation, text-encoder fingerprint) and why a file is
+skipped come from luna.models.inventory, the same rows `luna inventory` prints. The driver merges
+the nodes' findings by fingerprint: one `CheckpointInfo` per model, with its path on each node
+that holds it. A skipped file only stops a run when nothing usable is found at all.
 """
 from __future__ import annotations
 
-import os
 import re
 import socket
 from collections import defaultdict
@@ -19,14 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-# fine-tune families whose text encoders differ from SDXL base; found in names and folders
-KNOWN_FAMILIES = ("pony", "illustrious", "noobai", "animagine", "playground", "base")
+from luna.models.inventory import InventoryError  # noqa: F401 - re-exported: the factory's error for bad folders
+
 _TOKEN_RE = re.compile(r"[A-Za-z0-9]+")
-
-
-class InventoryError(ValueError):
-    """No usable checkpoint, or a folder setting that names nothing (message says which)."""
 
 
 @dataclass
@@ -41,6 +33,9 @@ class CheckpointInfo:
     tags: list[str]
     format: str  # single_file | diffusers
     size: str | None = None  # full | tiny | custom
+    prediction: str = "epsilon"  # epsilon | v | v+ztsnr | edm (luna.models.sampling builds its scheduler)
+    distillation: str = "none"  # none | few-step (needs a campaign sampler_overrides rule)
+    evidence: dict = field(default_factory=dict)  # family / prediction / distillation -> where it came from
 
     @property
     def nodes(self) -> list[str]:
@@ -69,8 +64,9 @@ class Inventory:
     def format(self) -> str:
         lines = [f"inventory: {len(self.checkpoints)} SDXL checkpoint(s) on {len(self.scanned)} node(s)"]
         for c in self.checkpoints:
-            lines.append(f"  {c.name:<32} {c.family:<14} {c.format:<11} fp {c.fingerprint[:12]} "
-                         f"te {c.te_fingerprint[:12]} on {','.join(c.nodes)}")
+            lines.append(f"  {c.name:<32} {c.family:<14} {c.prediction:<8} {c.format:<11} fp {c.fingerprint[:12]} "
+                         f"te {c.te_fingerprint[:12]} on {','.join(c.nodes)}"
+                         + (" (few-step)" if c.distillation == "few-step" else ""))
         if self.rejected:
             lines.append(f"not usable ({len(self.rejected)}):")
             lines += [f"  [{r.node}] {r.path}: {r.reason}" for r in self.rejected]
@@ -81,6 +77,7 @@ class Inventory:
 
 
 def _tags(path: Path, root: Path) -> list[str]:
+    """Words of the path below root, for campaign selection by tag (never used as a family)."""
     try:
         rel = path.relative_to(root)
     except ValueError:
@@ -93,66 +90,41 @@ def _tags(path: Path, root: Path) -> list[str]:
     return sorted(set(tags))
 
 
-def find_candidates(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """(single files and diffusers folders under root, [(path, reason)] for other model files)."""
-    found: list[Path] = []
-    odd: list[tuple[Path, str]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        d = Path(dirpath)
-        if "model_index.json" in filenames:
-            found.append(d)
-            dirnames[:] = []  # its component files are not checkpoints of their own
-            continue
-        # hidden and temporary folders are half-written copies (tiny.write_* uses `name.tmp`)
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and not n.endswith(".tmp"))
-        for f in sorted(filenames):
-            if f.startswith("."):
-                continue
-            low = f.lower()
-            if low.endswith(".safetensors"):
-                found.append(d / f)
-            elif low.endswith(PICKLE_SUFFIXES):
-                odd.append((d / f, "pickle checkpoint (.ckpt/.pt/.bin): convert it to .safetensors to use it"))
-    return found, odd
+def scan_folders(dirs: Iterable[str], node: str = "", families: str | None = None, cache: Any = None) -> dict:
+    """Scan folders on this machine; plain-data result: {"node", "host", "found": [...], "rejected": [...]}.
 
+    families: a families.yaml (None: the shipped one); cache: a facts-cache path, None for the
+    default, False for none."""
+    from luna.models import inventory as inv
 
-def scan_folders(dirs: Iterable[str], node: str = "") -> dict:
-    """Scan folders on this machine; plain-data result: {"node", "host", "found": [...], "rejected": [...]}."""
-    from luna.models.fingerprint import file_fingerprint, te_fingerprint
-    from luna.models.sdxl import detect_architecture
-
+    fams = inv.Families.load(families)
+    facts_cache = None if cache is False else inv.FactsCache(cache)
     found, rejected = [], []
+    roots = []
     for d in dirs:
         root = Path(str(d)).expanduser()
-        if not root.is_dir():
+        if root.is_dir():
+            roots.append(root)
+        else:
             rejected.append({"path": str(root), "reason": "no such folder on this node"})
+    rows = inv.scan(roots, families=fams, cache=facts_cache)
+    for row in rows:
+        if not row.used:
+            plain = row.kind in ("sdxl", "unreadable", "pickle")
+            rejected.append({"path": row.path, "reason": row.reason if plain else f"not SDXL base: {row.reason}"})
             continue
-        cands, odd = find_candidates(root)
-        rejected += [{"path": str(p), "reason": r} for p, r in odd]
-        for p in cands:
-            try:
-                arch = detect_architecture(p)
-                if not arch.is_sdxl:
-                    rejected.append({"path": str(p), "reason": f"not SDXL: {arch.reason}"})
-                    continue
-                found.append({
-                    "path": str(p), "name": p.stem if p.is_file() else p.name,
-                    "fingerprint": str(file_fingerprint(p)), "te_fingerprint": str(te_fingerprint(p)),
-                    "format": arch.format, "size": arch.size, "tags": _tags(p, root),
-                })
-            except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the scan
-                rejected.append({"path": str(p), "reason": f"unreadable: {type(e).__name__}: {e}"})
+        root = next(r for r in roots if Path(row.path).is_relative_to(r))
+        found.append({
+            "path": row.path, "name": row.name, "fingerprint": row.fingerprint, "te_fingerprint": row.te_fingerprint,
+            "format": row.format, "size": row.size, "tags": _tags(Path(row.path), root), "family": row.family,
+            "prediction": row.prediction, "distillation": row.distillation,
+            "evidence": {"family": row.family_evidence, "prediction": row.prediction_evidence,
+                         "distillation": row.distillation_evidence},
+        })
     return {"node": node, "host": socket.gethostname(), "found": found, "rejected": rejected}
 
 
 # --------------------------------------------------------------------------- the whole cluster
-
-
-def _family(tags_of_members: list[list[str]], te_fp: str) -> str:
-    for fam in KNOWN_FAMILIES:
-        if any(fam in tags for tags in tags_of_members):
-            return fam
-    return f"te-{te_fp[:8]}"
 
 
 def merge(results: list[dict]) -> Inventory:
@@ -171,21 +143,17 @@ def merge(results: list[dict]) -> Inventory:
         for node, x in items:
             paths.setdefault(node, x["path"])  # one copy per node is enough
         tags = sorted(set().union(*(x["tags"] for _, x in items)))
-        entries.append(dict(name=first["name"], paths=paths, fingerprint=fp, te_fingerprint=first["te_fingerprint"],
-                            tags=tags, format=first["format"], size=first["size"]))
-    # the family is shared by all checkpoints with the same text encoders
-    by_te: dict[str, list[dict]] = defaultdict(list)
-    for e in entries:
-        by_te[e["te_fingerprint"]].append(e)
-    fam_of = {te: _family([e["tags"] for e in es], te) for te, es in by_te.items()}
+        entries.append(dict(first, paths=paths, fingerprint=fp, tags=tags))
     names = defaultdict(int)
     for e in entries:
         names[e["name"]] += 1
     for e in sorted(entries, key=lambda e: (e["name"], e["fingerprint"])):
         name = e["name"] if names[e["name"]] == 1 else f"{e['name']}-{e['fingerprint'][:8]}"
-        inv.checkpoints.append(CheckpointInfo(name=name, paths=e["paths"], fingerprint=e["fingerprint"],
-                                              te_fingerprint=e["te_fingerprint"], family=fam_of[e["te_fingerprint"]],
-                                              tags=e["tags"], format=e["format"], size=e["size"]))
+        inv.checkpoints.append(CheckpointInfo(
+            name=name, paths=e["paths"], fingerprint=e["fingerprint"], te_fingerprint=e["te_fingerprint"],
+            family=e.get("family", "unknown"), tags=e["tags"], format=e["format"], size=e["size"],
+            prediction=e.get("prediction", "epsilon"), distillation=e.get("distillation", "none"),
+            evidence=e.get("evidence", {})))
     return inv
 
 
@@ -214,14 +182,20 @@ def folders_per_node(checkpoints_cfg: Any, nodes: Iterable[str]) -> dict[str, li
     return out
 
 
-def scan(cluster, checkpoints_cfg: Any) -> Inventory:
-    """Scan every node's folders with one Ray task per node; raise InventoryError if nothing is usable."""
-    import ray
-
+def scan(cluster, checkpoints_cfg: Any, local: bool = False) -> Inventory:
+    """Scan every node's folders with one Ray task per node (`local`: this process scans the one
+    node's folders itself, no Ray); raise InventoryError if nothing is usable."""
     plan = folders_per_node(checkpoints_cfg, cluster.nodes)
-    remote = ray.remote(scan_folders)
-    refs = [remote.options(num_cpus=0, **cluster.placement(node)).remote(dirs, node) for node, dirs in plan.items()]
-    inv = merge(ray.get(refs))
+    families, cache = _get(checkpoints_cfg, "families"), _get(checkpoints_cfg, "cache")
+    if local:
+        inv = merge([scan_folders(dirs, node, families, cache) for node, dirs in plan.items()])
+    else:
+        import ray
+
+        remote = ray.remote(scan_folders)
+        refs = [remote.options(num_cpus=0, **cluster.placement(node)).remote(dirs, node, families, cache)
+                for node, dirs in plan.items()]
+        inv = merge(ray.get(refs))
     inv.scanned = plan
     if not inv.checkpoints:
         where = "; ".join(f"{n}: {ds}" for n, ds in plan.items())

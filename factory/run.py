@@ -13,6 +13,7 @@ import errno
 import itertools
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from factory.errors import FactoryError
 from factory.planner import plan as make_plan
 from factory.scheduler import Scheduler, actor_specs
 from factory.worker import SDXLGenerator, ray_actor_factory
-from luna.cluster import connect, list_nodes
+from luna.cluster import Cluster, NodeInfo, connect, list_nodes
 from luna.settings import plain
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ def _task(unit, ckpt: inv_mod.CheckpointInfo, cfg: Mapping) -> dict:
         "checkpoint": {"name": ckpt.name, "paths": dict(ckpt.paths)},
         "samples": [{"key": s.key, "prompt": s.prompt, "negative": s.negative, "seed": int(s.seed)}
                     for s in unit.samples],
-        "sampler": unit.sampler.to_dict(),
+        # the scheduler follows the checkpoint: v-prediction, zero terminal SNR, EDM (luna.models.sampling)
+        "sampler": {**unit.sampler.to_dict(), "prediction": getattr(ckpt, "prediction", "epsilon")},
         "image": dict(cfg.get("image") or {}),
         "quality": dict(cfg.get("quality") or {}),
     }
@@ -182,6 +184,21 @@ def _progress(total: int, enabled: bool):
     return bar
 
 
+def _this_machine(cfg: Mapping) -> Cluster | None:
+    """This machine as the one node of a local cluster, without starting Ray (None: a LAN cluster,
+    or a Ray connection this process already has)."""
+    ccfg = cfg.get("cluster") or {}
+    if str(ccfg.get("mode", "local")) != "local" or ("ray" in sys.modules and sys.modules["ray"].is_initialized()):
+        return None
+    gpus = ccfg.get("num_gpus")
+    if gpus is None:  # the device files, not torch: importing torch costs seconds
+        gpus = len([p for p in Path("/dev").glob("nvidia[0-9]*")])
+    name = str(ccfg.get("node_name") or "local")
+    node = NodeInfo(name=name, node_id="", hostname=socket.gethostname(), num_cpus=float(ccfg.get("num_cpus") or os.cpu_count() or 1),
+                    num_gpus=float(gpus), via_resource=True)
+    return Cluster(nodes={name: node}, owned=False, address=None)
+
+
 def run(cfg: Any, *, make_generator: Callable[[], Any] | None = None, echo: Callable[[str], None] = print,
         scheduler_hook: Callable[[Scheduler], None] | None = None) -> RunReport:
     """Run (or with dry_run only plan) a campaign. `make_generator` replaces the SDXL generator (tests)."""
@@ -194,9 +211,10 @@ def run(cfg: Any, *, make_generator: Callable[[], Any] | None = None, echo: Call
     shards_dir = out / "shards"
     if not report.dry_run:
         check_writable(shards_dir)
-    cluster = connect(cfg.get("cluster"))
+    here = _this_machine(cfg) if report.dry_run else None  # a dry run over local folders needs no Ray
+    cluster = here or connect(cfg.get("cluster"))
     try:
-        inv = inv_mod.scan(cluster, cfg.get("checkpoints") or {})
+        inv = inv_mod.scan(cluster, cfg.get("checkpoints") or {}, local=here is not None)
         echo(inv.format())
         workers = dict(cfg.get("workers") or {})
         n_actors = len(actor_specs(cluster.nodes, sorted(inv.scanned), workers))
@@ -279,4 +297,5 @@ def run(cfg: Any, *, make_generator: Callable[[], Any] | None = None, echo: Call
                  "they are listed in their shards' _stats.json (see docs/factory.md)")
         return report
     finally:
-        cluster.close()
+        if here is None:
+            cluster.close()

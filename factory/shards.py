@@ -93,17 +93,23 @@ def stats_path(tar_path: Path) -> Path:
     return tar_path.with_name(stem + STATS_SUFFIX)
 
 
-def encode_image(image: np.ndarray, ext: str = "png", quality: int = 95) -> bytes:
-    """uint8 HxWx3 (or float in [0, 1]) -> encoded bytes."""
+def encode_image(image: np.ndarray, ext: str = "png", quality: int = 95, png_level: int | None = None) -> bytes:
+    """uint8 HxWx3 (or float in [0, 1]) -> encoded bytes. `png_level` 0-9 is zlib's effort
+    (None: PIL's default, 6: ~27 ms for a 336 px image on one core; 1: ~15 ms, ~10% more bytes)."""
     from PIL import Image
 
     if ext not in IMAGE_FORMATS:
         raise ValueError(f"image format {ext!r} is not one of {sorted(IMAGE_FORMATS)}")
+    if png_level is not None and not (isinstance(png_level, int) and 0 <= png_level <= 9):
+        raise ValueError(f"image.png_level={png_level!r}: expected an integer 0-9 (or null for the default)")
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         arr = (np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     buf = io.BytesIO()
-    kw = {} if ext == "png" else {"quality": int(quality)}
+    if ext == "png":
+        kw = {} if png_level is None else {"compress_level": int(png_level)}
+    else:
+        kw = {"quality": int(quality)}
     Image.fromarray(arr).save(buf, format=IMAGE_FORMATS[ext], **kw)
     return buf.getvalue()
 

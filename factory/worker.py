@@ -11,10 +11,12 @@ quality}, quality: {...}}. A generator is any object with `load(path)` and
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -52,23 +54,32 @@ class SDXLGenerator:
         self.pipe = load_sdxl(path, device=self.device, dtype=self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
         self._default_scheduler_config = dict(self.pipe.scheduler.config)
+        vae = self.pipe.vae.config
+        self._default_vae_config = {k: vae.get(k) for k in ("scaling_factor", "latents_mean", "latents_std")}
         self._scheduler = None
 
-    def _set_scheduler(self, name: str) -> None:
-        if name == self._scheduler:
+    def _set_scheduler(self, name: str, prediction: str = "epsilon", timestep_spacing: str | None = None) -> None:
+        """The scheduler `name` in the form the checkpoint's prediction type needs (luna.models.sampling)."""
+        if (name, prediction, timestep_spacing) == self._scheduler:
             return
         import diffusers
+
+        from luna.models.sampling import sampling_plan
 
         cls_name = SCHEDULERS.get(name)
         if cls_name is None:
             raise ValueError(f"sampler.scheduler={name!r} is not one of {sorted(SCHEDULERS)}")
-        self.pipe.scheduler = getattr(diffusers, cls_name).from_config(self._default_scheduler_config)
-        self._scheduler = name
+        plan = sampling_plan(self._default_scheduler_config, cls_name, prediction, timestep_spacing)
+        self.pipe.scheduler = getattr(diffusers, plan.scheduler_class).from_config(plan.scheduler_config)
+        vae_config = plan.vae_config or self._default_vae_config  # EDM latent statistics, or the file's own
+        self.pipe.vae.register_to_config(**vae_config)
+        self._scheduler = (name, prediction, timestep_spacing)
 
     def generate(self, prompts: list[str], negatives: list[str], seeds: list[int], sampler: dict) -> list[np.ndarray]:
         import torch
 
-        self._set_scheduler(str(sampler.get("scheduler", "euler")))
+        self._set_scheduler(str(sampler.get("scheduler", "euler")), str(sampler.get("prediction") or "epsilon"),
+                            sampler.get("timestep_spacing"))
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         with torch.inference_mode():
             out = self.pipe(
@@ -95,6 +106,7 @@ class FactoryWorker:
         self.generator = make_generator()
         self.loaded: str | None = None
         self.loads = 0
+        self._encoders: ThreadPoolExecutor | None = None
 
     def ping(self) -> dict:
         return {"worker": self.worker, "node": self.node, "pid": os.getpid()}
@@ -111,48 +123,88 @@ class FactoryWorker:
         sampler, img = task["sampler"], task.get("image", {})
         qcfg = qgate.QualityConfig.from_cfg(task.get("quality"))
         ext, jpeg_q = str(img.get("format", "png")), int(img.get("quality", 95))
+        level = img.get("png_level")
+        gate = functools.partial(_gate_and_encode, qcfg=qcfg, ext=ext, quality=jpeg_q,
+                                 png_level=None if level is None else int(level))
+        pool = self._pool(int(img.get("encode_threads", 2)))
         batch = max(1, int(sampler.get("batch_size", 4)))
         samples = task["samples"]
         history: dict[str, list[list[str]]] = {s["key"]: [] for s in samples}
-        images: dict[str, np.ndarray] = {}
+        encoded: dict[str, bytes] = {}
         seeds_used: dict[str, int] = {}
         pending = list(samples)
-        t_gen = time.time()
+        gen_s = wait_s = enc_s = 0.0
         for attempt in range(max(1, qcfg.max_attempts)):
             if not pending:
                 break
-            failed = []
+            # each image's quality gate and encoding run on the pool while the next batch generates
+            jobs = []
             for i in range(0, len(pending), batch):
                 chunk = pending[i : i + batch]
                 seeds = [qgate.derive_seed(s["seed"], attempt) for s in chunk]
+                t = time.time()
                 outs = self.generator.generate(
                     [s["prompt"] for s in chunk], [s.get("negative", "") for s in chunk], seeds, sampler
                 )
+                gen_s += time.time() - t
                 for s, seed, im in zip(chunk, seeds, outs):
-                    reasons = qgate.check_image(im, qcfg)
-                    history[s["key"]].append(reasons)
-                    if reasons:
-                        failed.append(s)
-                    else:
-                        images[s["key"]], seeds_used[s["key"]] = im, seed
+                    jobs.append((s, seed, pool.submit(gate, im) if pool else _Done(gate(im))))
+            t = time.time()
+            failed = []
+            for s, seed, job in jobs:  # in sample order: the result does not depend on timing
+                reasons, data, seconds = job.result()
+                enc_s += seconds
+                history[s["key"]].append(reasons)
+                if reasons:
+                    failed.append(s)
+                else:
+                    encoded[s["key"]], seeds_used[s["key"]] = data, seed
+            wait_s += time.time() - t
             pending = failed
-        gen_s = time.time() - t_gen
-        t_enc = time.time()
         out, rejected = [], []
         for s in samples:
             key = s["key"]
             flags = qgate.flags(history[key])
-            if key in images:
-                out.append({"key": key, "image": encode_image(images[key], ext, jpeg_q), "ext": ext,
-                            "seed": seeds_used[key], "quality": flags})
+            if key in encoded:
+                out.append({"key": key, "image": encoded[key], "ext": ext, "seed": seeds_used[key], "quality": flags})
             else:
                 rejected.append({"key": key, "reasons": flags["rejected_attempts"]})
         return {
             "unit_id": task["unit_id"], "worker": self.worker, "node": self.node, "loads": self.loads,
             "samples": out, "rejected": rejected,
-            "timings": {"load_s": load_s, "generate_s": gen_s, "encode_s": time.time() - t_enc,
+            # encode_s: gate + encoding time (on the pool, mostly hidden); wait_s: what generation waited for it
+            "timings": {"load_s": load_s, "generate_s": gen_s, "encode_s": enc_s, "wait_s": wait_s,
                         "total_s": time.time() - t0, "start": t0, "end": time.time()},
         }
+
+    def _pool(self, threads: int) -> ThreadPoolExecutor | None:
+        """The actor's encoding threads (0: gate and encode in line, after each image)."""
+        if threads <= 0:
+            return None
+        if self._encoders is None or self._encoders._max_workers != threads:
+            if self._encoders is not None:
+                self._encoders.shutdown(wait=True)
+            self._encoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="luna-encode")
+        return self._encoders
+
+
+class _Done:
+    """A finished job, for the in-line path (the same interface as a Future)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def _gate_and_encode(image: np.ndarray, qcfg, ext: str, quality: int, png_level: int | None):
+    """(gate reasons, encoded bytes or None, seconds) of one generated image; PIL and zlib release
+    the GIL, so this runs beside the generator's next batch."""
+    t = time.perf_counter()
+    reasons = qgate.check_image(image, qcfg)
+    data = None if reasons else encode_image(image, ext, quality, png_level)
+    return reasons, data, time.perf_counter() - t
 
 
 # --------------------------------------------------------------------------- actors on the cluster

@@ -185,7 +185,8 @@ def table_from_config(ret: dict) -> CategoryTable | None:
     return table
 
 
-def memory_source(ret: dict, text, embedder, *, vault=None, projector=None, hybrid: dict | None = None):
+def memory_source(ret: dict, text, embedder, *, vault=None, projector=None, hybrid: dict | None = None,
+                  family: str = "same", te_fingerprint: str | None = None):
     """The crops' source from plain config: vault, projector or both (hybrid), routed by label when
     `ret` asks for it (`category: route`, `settings: FILE`, `per_category`); None without memory."""
     from lsd_runtime.conditioning import ProjectorSource, VaultSource
@@ -201,7 +202,8 @@ def memory_source(ret: dict, text, embedder, *, vault=None, projector=None, hybr
 
     def make(cat, s: CategorySettings):
         vs = VaultSource(vault, text, embedder, k=s.k, weight=s.weight, blend=blend, category=cat,
-                         weighting=s.weighting, temperature=s.temperature)
+                         weighting=s.weighting, temperature=s.temperature, family=family,
+                         te_fingerprint=te_fingerprint)
         if projector is None:
             return vs
         ps = ProjectorSource(projector, text, embedder, weight=s.weight, blend=blend)

@@ -6,7 +6,7 @@
 
 Settings come from the composed config: `RefineSettings` is built from its keys by OmegaConf
 (`settings_from_config`), the detector by `_target_` instantiation of `detect` (conf/detect/),
-the tiny sizes from conf/preset/tiny.yaml. Errors a user can fix (unreadable image, not an SDXL
+the preset sizes (and, for toy, the checkpoint and vision tower files) from conf/preset/. Errors a user can fix (unreadable image, not an SDXL
 checkpoint, a vault or projector of another vision model, ...) print one line and exit 2.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-USAGE = """usage: luna refine image=PATH prompt=TEXT out=DIR [checkpoint=PATH | preset=tiny]
+USAGE = """usage: luna refine image=PATH prompt=TEXT out=DIR [checkpoint=PATH | preset=toy | preset=tiny]
                    [vault=DIR|ray:NAME] [projector=DIR] [detect=cascade|file|owlv2|sam3 detect.prompts=[face,hand]]
                    [from_draft=true] [seed=0] [detail.working_size=1024] [refine.tile=1024] ...
 See docs/runtime.md."""
@@ -64,8 +64,10 @@ def build_conditioning(config: dict, components, prompt: str, negative):
     if vault is not None or projector is not None:  # both: hybrid (hybrid.policy); routed per category on request
         from lsd_runtime.categories import memory_source
 
+        family = str(config["retrieval"].get("family") or "same")
         source = memory_source(config["retrieval"], text, embedder, vault=vault, projector=projector,
-                               hybrid=config.get("hybrid"))
+                               hybrid=config.get("hybrid"), family=family,
+                               te_fingerprint=components.te_fingerprint if family in ("same", "any") else None)
     if config["ip_adapter"]["weights"]:
         from lsd_runtime.ip_adapter import IPAdapterError, load_ip_adapter
 
@@ -122,6 +124,9 @@ def run(cfg) -> dict:
             components.pipe.unload_ip_adapter()
     result.record["input"] = {"image": config["image"], "checkpoint": config["checkpoint"], "preset": config["preset"],
                               "vault": config["vault"], "projector": config["projector"]}
+    inner = getattr(source, "source", source)
+    if hasattr(inner, "describe"):  # a vault source: its family filter, and the warning of retrieval.family=any
+        result.record["retrieval"] = inner.describe()
     return write_outputs(result, config["out"])
 
 

@@ -12,12 +12,16 @@ strength and (for the vault) the neighbours' keys, prompts and scores.
 """
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from luna.models.vision import embed
+
+log = logging.getLogger(__name__)
 
 BLENDS = ("linear", "concat")
 
@@ -43,7 +47,9 @@ class CondRow:
 
     def to_json(self) -> dict:
         nbs = [{"key": n.get("key"), "prompt": n.get("prompt"), "score": round(float(n.get("score", 0.0)), 6),
-                "weight": round(float(n.get("weight", 0.0)), 6)} for n in self.neighbours]
+                "weight": round(float(n.get("weight", 0.0)), 6),
+                **({"te_fingerprint": n["te_fingerprint"]} if n.get("te_fingerprint") else {})}  # whose encoders
+               for n in self.neighbours]
         return {"source": self.source, "strength": round(float(self.strength), 6), "blend": self.blend,
                 "tokens": int(self.cond.shape[0]), "neighbours": nbs, **self.extra}
 
@@ -136,7 +142,10 @@ class VaultSource:
 
     def __init__(self, vault, text: TextSource, embedder: CropEmbedder, *, k: int = 8, weight: float = 0.5,
                  blend: str = "linear", category: str | None = None, filters: dict | None = None,
-                 weighting: str = "mean", temperature: float = 0.05):
+                 weighting: str = "mean", temperature: float = 0.05, family: str = "same", te_fingerprint: str | None = None):
+        """family: "same" keeps neighbours whose conditionings come from `te_fingerprint` (the refining
+        checkpoint's text encoders; computed from `text`'s encoders when not given), "any" keeps every family (with a warning in the record), any
+        other value is a family name or fingerprint (vault filters.family)."""
         if blend not in BLENDS:
             raise ConditioningError(f"vault blend={blend!r}: choose one of {BLENDS}")
         if not 0.0 <= float(weight) <= 1.0:
@@ -150,9 +159,37 @@ class VaultSource:
                 f"embeds crops with {embedder.model_id!r} ({embedder.dim}-d); set vision.name/vision.weights to the "
                 "vault's model")
         self.k, self.weight, self.blend = int(k), float(weight), blend
-        self.category, self.filters, self.weighting = category, filters or None, weighting
+        self.category, self.filters, self.weighting = category, dict(filters or {}), weighting
         self.temperature = float(temperature)
         self.mode = info.get("mode", "stored")
+        self.family, self.te_fingerprint, self.warning = str(family), te_fingerprint, None
+        held = list(info.get("te_fingerprints") or [])
+        if self.family == "any":
+            others = [fp for fp in held if fp != te_fingerprint]
+            if others:
+                self.warning = (f"retrieval.family=any: neighbours may come from other text encoders ({others}) than "
+                                f"this checkpoint's ({te_fingerprint}); their conditionings do not fit its encoders")
+                log.warning(self.warning)
+        elif self.family == "same":
+            if not te_fingerprint:
+                from luna.models.fingerprint import te_fingerprint_of_encoders
+
+                enc = text.encoders
+                self.te_fingerprint = te_fingerprint = te_fingerprint_of_encoders(enc.text_encoder, enc.text_encoder_2)
+            if held and te_fingerprint not in held:
+                raise ConditioningError(
+                    f"the vault holds no conditionings of this checkpoint's text encoders ({te_fingerprint}); it holds "
+                    f"{held}: refine with a checkpoint of the vault's family, use a vault built from this family, or "
+                    "set retrieval.family=any (other encoders' conditionings, recorded as a warning)")
+            self.filters["te_fingerprint"] = te_fingerprint
+        else:
+            self.filters["family"] = self.family
+        self.filters = self.filters or None
+
+    def describe(self) -> dict:
+        """What the record says about retrieval: the family filter and any warning."""
+        return {"family": self.family, "te_fingerprint": self.te_fingerprint, "filters": self.filters,
+                "warning": self.warning}
 
     def rows(self, crops: list[Image.Image]) -> list[CondRow]:
         embeds = self.embedder(crops)

@@ -46,6 +46,13 @@ class Components:
     vision: object | None = None  # luna.models.vision.VisionTower (vault / projector / IP-Adapter)
     name: str = ""
 
+    @functools.cached_property
+    def te_fingerprint(self) -> str:
+        """The loaded text encoders' fingerprint (equal to their file's; luna.models.fingerprint)."""
+        from luna.models.fingerprint import te_fingerprint_of_encoders
+
+        return te_fingerprint_of_encoders(self.encoders.text_encoder, self.encoders.text_encoder_2)
+
     @classmethod
     def from_pipeline(cls, pipe, vision=None, name: str = "", **sampler_kw) -> "Components":
         from luna.models.sdxl import TextEncoders

@@ -21,6 +21,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("luna.models.make_tiny", "write tiny-preset SDXL checkpoints (single-file and diffusers)"),
     "make-toy": ("luna.models.toy.make_toy", "train the toy preset's checkpoints on the procedural world (resumable)"),
+    "inventory": ("luna.models.inventory_cli", "what every model file is (kind, family, prediction) and whether it is used"),
     "factory": ("factory.cli", "generate WebDataset shards from a campaign on Ray"),
     "extract": ("extraction.cli", "extract paired image embeddings and SDXL conditionings (HDF5)"),
     "pairs-info": ("extraction.cli_info", "print statistics of a pairs folder"),

@@ -4,7 +4,12 @@
   under every text-encoder fingerprint); a second validation set holds out whole checkpoints
   (their images of training prompts). Training sees neither.
 - Conditionings are deduplicated per prompt; they are loaded into RAM when they fit in
-  `max_ram_gb`, otherwise read per batch from the HDF5 chunks (one prompt per chunk).
+  `max_ram_gb`, otherwise read per batch from disk. From disk, training batches are
+  **chunk-shuffled** (`ChunkShuffleSampler`): images are ordered by where their prompt's
+  conditioning is stored, cut into chunks of `chunk_rows` consecutive images, the chunks are
+  shuffled, then the images within a window of one batch of chunks; a batch's conditionings are
+  then a few contiguous runs of rows, each read in one call (`_Source.cond`), by `num_workers`
+  processes. Every image is still seen once per epoch, in an order fixed by the seed and epoch.
 - Statistics per channel over the training prompts: conditioning mean/std over tokens 1..76
   (CLIP-L and bigG channels each standardised on their own), the BOS state, pooled and input
   mean/std.
@@ -22,7 +27,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from extraction.pairs import Pairs
 from projector import metrics
@@ -31,6 +36,8 @@ from projector.targets import target_view
 
 log = logging.getLogger(__name__)
 SEQ_LEN = 77
+_TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+RUN_GAP = 4  # rows between two wanted conditionings that one contiguous read still spans
 
 
 class PairsDataError(ValueError):
@@ -78,14 +85,45 @@ class _Source:
     def cond(self, prompt_ids: np.ndarray) -> np.ndarray:
         if self.in_memory:
             return self._cond[self.cond_rows[prompt_ids]]
-        uniq, inv = np.unique(prompt_ids, return_inverse=True)
-        return self.pairs.cond(uniq)[inv]
+        return self._read_runs("cond", prompt_ids).numpy()
 
     def pooled(self, prompt_ids: np.ndarray) -> np.ndarray:
         if self.in_memory:
             return self._pooled[self.cond_rows[prompt_ids]]
+        return self._read_runs("pooled", prompt_ids).numpy()
+
+    def _read_runs(self, name: str, prompt_ids: np.ndarray, max_gap: int = RUN_GAP) -> torch.Tensor:
+        """Rows of `prompt_ids` read as contiguous runs: sorted by location, neighbours less than
+        `max_gap` rows apart share one read (a row per call is what starves a GPU). Rows asked
+        for in storage order, each once (the chunk sampler's batches), are read straight into the
+        returned tensor, in shared memory inside a loader worker: no copy on the way to training."""
+        prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
         uniq, inv = np.unique(prompt_ids, return_inverse=True)
-        return self.pairs.pooled(uniq)[inv]
+        files, rows = self.pairs.prompt_locations(uniq)
+        order = np.lexsort((rows, files))
+        f, r = files[order], rows[order]
+        shape, dtype = self.pairs.row_shape(name)
+        out = torch.empty((len(uniq), *shape), dtype=_TORCH_DTYPES[np.dtype(dtype)])
+        if torch.utils.data.get_worker_info() is not None:
+            out.share_memory_()
+        dst = out.numpy()
+        cut = np.flatnonzero((np.diff(f) != 0) | (np.diff(r) > max_gap)) + 1
+        for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(order)]):
+            if r[hi - 1] - r[lo] == hi - lo - 1:  # no gap: read into place
+                self.pairs.read_rows(name, f[lo], r[lo], r[hi - 1] + 1, out=dst[lo:hi])
+            else:
+                block = self.pairs.read_rows(name, f[lo], r[lo], r[hi - 1] + 1)
+                dst[lo:hi] = block[r[lo:hi] - r[lo]]
+        # out holds uniq[order]; the caller wants prompt_ids' order
+        pos = np.empty(len(uniq), dtype=np.int64)
+        pos[order] = np.arange(len(uniq))
+        want = pos[inv]
+        return out if np.array_equal(want, np.arange(len(uniq))) else out[torch.from_numpy(want)]
+
+    def storage_order(self, images: np.ndarray) -> np.ndarray:
+        """A sort key of image rows by where their conditioning is stored (file, row)."""
+        files, rows = self.pairs.prompt_locations(self.pairs.prompt_id[images])
+        return files * (int(rows.max(initial=0)) + 1) + rows
 
     def inputs(self, images: np.ndarray) -> np.ndarray:
         if self.use_tokens:
@@ -96,13 +134,70 @@ class _Source:
 
     def batch(self, images: np.ndarray) -> dict[str, torch.Tensor]:
         pid = self.pairs.prompt_id[images]
+        if self.in_memory:
+            cond, pooled = (torch.from_numpy(np.ascontiguousarray(a)) for a in (self.cond(pid), self.pooled(pid)))
+        else:
+            cond, pooled = self._read_runs("cond", pid), self._read_runs("pooled", pid)
         return {
             "x": torch.from_numpy(np.ascontiguousarray(self.inputs(images))),
-            "cond": torch.from_numpy(np.ascontiguousarray(self.cond(pid))),
-            "pooled": torch.from_numpy(np.ascontiguousarray(self.pooled(pid))),
+            "cond": cond,
+            "pooled": pooled,
             "n_content": torch.from_numpy(self.n_content[pid]),
             "prompt": torch.from_numpy(pid),
         }
+
+
+class ChunkShuffleSampler(Sampler):
+    """Batches of dataset positions for reads from disk: positions sorted by `key` (where their
+    data lies), cut into chunks of `chunk_rows` (boundaries shifted at random each epoch), chunks
+    shuffled, then the positions within each window of `window` batches' worth of chunks shuffled
+    and batched, each batch listed in storage order (the order within a batch does not matter to
+    training). Every position once per epoch; the order depends only on (seed, epoch). With
+    `batch_size` a multiple of `chunk_rows`, a batch is at most batch_size / chunk_rows + 1 runs."""
+
+    def __init__(self, key: np.ndarray, batch_size: int, chunk_rows: int = 32, window: int = 1, seed: int = 0,
+                 drop_last: bool = False):
+        if chunk_rows < 1 or batch_size < 1 or window < 1:
+            raise PairsDataError(f"chunk_rows={chunk_rows}, batch_size={batch_size}, window={window}: expected >= 1")
+        self.order = np.argsort(np.asarray(key), kind="stable")
+        self.batch_size, self.chunk_rows, self.window = batch_size, chunk_rows, window
+        self.seed, self.epoch, self.drop_last = seed, 0, drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.order)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        n = len(self.order)
+        c = self.chunk_rows
+        order = np.roll(self.order, -int(rng.integers(c)))  # chunk boundaries move between epochs
+        full = n // c
+        chunks = [order[i * c : (i + 1) * c] for i in rng.permutation(full)]
+        if n % c:  # the short chunk goes last, so windows of whole chunks stay batch-aligned
+            chunks.append(order[full * c :])
+        per_window = max(1, self.window * self.batch_size // self.chunk_rows)
+        rows = np.concatenate([rng.permutation(np.concatenate(chunks[i : i + per_window]))
+                               for i in range(0, len(chunks), per_window)]) if chunks else self.order
+        rank = np.empty(n, dtype=np.int64)
+        rank[self.order] = np.arange(n)
+        for i in range(0, n, self.batch_size):
+            batch = rows[i : i + self.batch_size]
+            if len(batch) == self.batch_size or not self.drop_last:
+                yield batch[np.argsort(rank[batch])].tolist()  # in storage order: read straight into the batch
+
+
+_STALE_HANDLES: list = []  # a forked worker must not close (or share) the parent's HDF5 handles
+
+
+def _reopen_files(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    pairs = info.dataset.source.pairs
+    _STALE_HANDLES.append(pairs._handles)
+    pairs._handles = {}
 
 
 class PairsDataset(Dataset):
@@ -140,6 +235,7 @@ class PairsDataModule(L.LightningDataModule):
         in_memory: str | bool = "auto",
         max_ram_gb: float = 8.0,
         num_workers: int = 0,
+        chunk_rows: int = 32,
         stats_prompts: int = 4096,
         knn_k: int = 8,
         knn_max_queries: int = 2048,
@@ -156,6 +252,7 @@ class PairsDataModule(L.LightningDataModule):
         self.input, self.te_fingerprint = input, te_fingerprint
         self.in_memory, self.max_ram_gb = in_memory, max_ram_gb
         self.num_workers, self.stats_prompts, self.seed = num_workers, stats_prompts, seed
+        self.chunk_rows = chunk_rows
         self.knn_k, self.knn_max_queries = knn_k, knn_max_queries
         self.val_combinations = [list(c) for c in (val_combinations or [])]  # interpolation split (projector/splits.py)
         self.targets = targets  # sdxl | clip_l (projector/targets.py; set from model.heads)
@@ -270,10 +367,14 @@ class PairsDataModule(L.LightningDataModule):
 
     # --- loaders -------------------------------------------------------------------------
     def _loader(self, rows: np.ndarray, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            PairsDataset(self.source, rows), batch_size=batch_size, shuffle=shuffle, collate_fn=_whole_batch,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=False,
-        )
+        dataset = PairsDataset(self.source, rows)
+        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
+                   "worker_init_fn": _reopen_files if self.num_workers > 0 else None}
+        if shuffle and not self.source.in_memory and self.chunk_rows > 0:
+            sampler = ChunkShuffleSampler(self.source.storage_order(rows), batch_size, self.chunk_rows, seed=self.seed)
+            return DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch, **workers)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=_whole_batch,
+                          drop_last=False, **workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.splits["train"], self.batch_size, shuffle=True)

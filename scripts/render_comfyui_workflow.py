@@ -8,7 +8,7 @@ project's comfyui/ linked into custom_nodes/) on CPU with its frontend (comfyui-
 opens it in headless Chromium (Debian's `chromium`), loads the API-format workflow through the
 frontend's own `app.loadApiJson`, fits the view and saves a screenshot over the DevTools protocol.
 Names the workflow refers to (checkpoint, vault, projector, images) get empty placeholder files so
-the dropdowns show them.
+the dropdowns show them. `--matplotlib` draws the graph from the JSON instead (no browser needed).
 """
 from __future__ import annotations
 
@@ -112,6 +112,8 @@ async def _shoot(ws_url: str, page_url: str, workflow: dict, name: str, out: Pat
             await js("""(async () => {
                 try { await window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); }
                 catch (e) { window.app.canvas.ds.scale = 0.6; }
+                // LiteGraph hides titles and widgets below 0.6 zoom ("low quality"): draw them anyway
+                window.app.canvas.low_quality_zoom_threshold = 0;
                 window.app.canvas.setDirty(true, true); return true; })()""")
             await js("document.querySelectorAll('.p-dialog-mask, .p-toast').forEach(e => e.remove())")
             await asyncio.sleep(2)
@@ -119,14 +121,64 @@ async def _shoot(ws_url: str, page_url: str, workflow: dict, name: str, out: Pat
             out.write_bytes(base64.b64decode(shot["data"]))
 
 
+def draw_graph(workflow: dict, out: Path) -> None:
+    """The workflow as a left-to-right graph (columns by longest path from the sources), with matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    links = [(src[0], nid, name) for nid, node in workflow.items() for name, src in node["inputs"].items()
+             if isinstance(src, list) and len(src) == 2 and str(src[0]) in workflow]
+    depth = {nid: 0 for nid in workflow}
+    for _ in workflow:
+        for a, b, _n in links:
+            depth[b] = max(depth[b], depth[a] + 1)
+    cols: dict[int, list[str]] = {}
+    for nid in sorted(workflow, key=int):
+        cols.setdefault(depth[nid], []).append(nid)
+    w, h, gx, gy = 3.2, 1.25, 1.0, 0.45
+    pos = {nid: (c * (w + gx), -r * (h + gy)) for c, ids in cols.items() for r, nid in enumerate(ids)}
+    fig, ax = plt.subplots(figsize=(2.2 + len(cols) * (w + gx) * 0.9, 1.5 + max(map(len, cols.values())) * 1.3))
+    for nid, node in workflow.items():
+        x, y = pos[nid]
+        luna = node["class_type"].startswith("Luna")
+        ax.add_patch(FancyBboxPatch((x, y - h), w, h, boxstyle="round,pad=0.04", lw=1.2,
+                                    fc="#2b2540" if luna else "#353535", ec="#b48cff" if luna else "#777"))
+        title = node.get("_meta", {}).get("title") or node["class_type"]
+        ax.text(x + 0.1, y - 0.22, title, color="white", fontsize=8.5, weight="bold", va="center")
+        widgets = [f"{k}: {v}" for k, v in node["inputs"].items() if not isinstance(v, list)][:5]
+        ax.text(x + 0.1, y - 0.42, "\n".join(widgets), color="#cfcfcf", fontsize=6.2, va="top", family="monospace")
+    for a, b, name in links:
+        (xa, ya), (xb, yb) = pos[str(a)], pos[b]
+        ax.add_patch(FancyArrowPatch((xa + w, ya - 0.3), (xb, yb - 0.3), arrowstyle="-|>", mutation_scale=8,
+                                     color="#8fb3ff", lw=0.9, connectionstyle="arc3,rad=0.08"))
+    xs = [p[0] for p in pos.values()]
+    ys = [p[1] for p in pos.values()]
+    ax.set_xlim(min(xs) - 0.3, max(xs) + w + 0.3)
+    ax.set_ylim(min(ys) - h - 0.3, max(ys) + 0.3)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    fig.patch.set_facecolor("#202020")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130, bbox_inches="tight", facecolor=fig.get_facecolor())
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workflow")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--width", type=int, default=2200)
-    ap.add_argument("--height", type=int, default=1100)
+    ap.add_argument("--width", type=int, default=2600)
+    ap.add_argument("--height", type=int, default=1000)
     ap.add_argument("--keep", action="store_true", help="keep the temporary ComfyUI folder")
+    ap.add_argument("--matplotlib", action="store_true", help="draw the graph from the JSON (no ComfyUI, no browser)")
     args = ap.parse_args(argv)
+    if args.matplotlib:
+        draw_graph(json.loads(Path(args.workflow).read_text()), Path(args.out))
+        print(f"wrote {args.out}")
+        return 0
 
     import comfy_env
 
@@ -154,7 +206,8 @@ def main(argv=None) -> int:
     settings.mkdir(parents=True, exist_ok=True)
     (settings / "comfy.settings.json").write_text(json.dumps({
         "Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
-        "Comfy.Workflow.ShowMissingNodesWarning": False, "Comfy.Minimap.Visible": False}))
+        "Comfy.Workflow.ShowMissingNodesWarning": False, "Comfy.Minimap.Visible": False,
+        "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.0}))
     port, dport = _free_port(), _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
@@ -162,7 +215,7 @@ def main(argv=None) -> int:
                               stderr=open(work / "server.log", "w"))
     browser = None
     try:
-        _wait_http(f"http://127.0.0.1:{port}/system_stats", 300, server, "ComfyUI")
+        _wait_http(f"http://127.0.0.1:{port}/system_stats", 900, server, "ComfyUI")  # minutes on a busy machine
         profile = work / "chromium-profile"
         browser = subprocess.Popen([chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                                     f"--remote-debugging-port={dport}", f"--user-data-dir={profile}",

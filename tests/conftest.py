@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -12,6 +13,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the inventory's facts cache: one per test session, never the user's ~/.cache/luna
+os.environ.setdefault("LUNA_CACHE_DIR", tempfile.mkdtemp(prefix="luna-cache-"))
 
 # Two simulated PCs. Each node advertises a custom resource naming it, the way `ray start
 # --resources='{"luna_node:pc2": 1}'` does on a real LAN node (see luna/cluster.py).

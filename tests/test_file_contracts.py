@@ -1,5 +1,5 @@
 """Files written before the redesign (tests/fixtures/formats_v1, written by commit a57b575's code) are
-read by today's contract modules, and the format versions are unchanged."""
+read by today's contract modules, and the format versions are unchanged (pairs: 2, reading 1)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,9 @@ def test_format_versions_are_unchanged():
     import projector.export
     import vault.manifest
 
-    assert factory.shards.FORMAT_VERSION == extraction.pairs.FORMAT_VERSION == 1
+    assert factory.shards.FORMAT_VERSION == 1
+    # pairs 2: a folder stores each prompt's conditioning once (/prompts/cond_row); version 1 still read
+    assert extraction.pairs.FORMAT_VERSION == 2 and extraction.pairs.READ_VERSIONS == (1, 2)
     assert vault.manifest.FORMAT_VERSION == projector.export.FORMAT_VERSION == 1
 
 

@@ -38,14 +38,16 @@ def _code(table: list[str], values: list[str]) -> np.ndarray:
 
 
 def build_vault(pairs, out, index: str | None = None, mode: str = "stored", memory_budget="4G",
-                categories: bool = True, tune_recall: float = 0.99, shards=None, rebuild: bool = False,
-                seed: int = 0) -> Manifest:
+                categories: bool = True, tune_recall: float = 0.97, shards=None, rebuild: bool = False,
+                seed: int = 0, tune_latency_ms: float | None = 1.0, tune_queries: int = 1000) -> Manifest:
     """Build `out` from the parts of `pairs` (a folder, a part file, or a list of them).
 
     If `out` already is a vault (and not `rebuild`), only parts it does not list yet are
     added (see `add_pairs`). `index` is a faiss index_factory string; None chooses by size
     and `memory_budget` as autofaiss does. `mode`: "stored" keeps fp16 conditionings,
-    "prompts" keeps only prompt texts for re-encoding at query time.
+    "prompts" keeps only prompt texts for re-encoding at query time. efSearch / nprobe are tuned
+    on held-out vectors to recall@10 >= `tune_recall` within `tune_latency_ms` per query (p50,
+    one thread); a target that cannot be met is a warning and is recorded in the manifest.
     """
     out = Path(out)
     if mode not in MODES:
@@ -63,11 +65,12 @@ def build_vault(pairs, out, index: str | None = None, mode: str = "stored", memo
         manifest.shard_folders = [str(s) for s in _as_list(shards) or _shards_of(first)]
         first.close()
         _add(tmp, manifest, None, parts, index_override=index, categories=categories,
-             tune_recall=tune_recall, seed=seed)
+             tune=_tune_args(tune_recall, tune_latency_ms, tune_queries), seed=seed)
     return manifest
 
 
-def add_pairs(vault_dir, pairs, shards=None, tune_recall: float = 0.99, seed: int = 0) -> Manifest:
+def add_pairs(vault_dir, pairs, shards=None, tune_recall: float = 0.97, seed: int = 0,
+              tune_latency_ms: float | None = 1.0, tune_queries: int = 1000) -> Manifest:
     """Add the parts of `pairs` that the vault does not hold yet (incremental, no rebuild)."""
     vault_dir = Path(vault_dir)
     manifest = Manifest.read(vault_dir)
@@ -80,8 +83,27 @@ def add_pairs(vault_dir, pairs, shards=None, tune_recall: float = 0.99, seed: in
         return manifest
     meta = Metadata.read(vault_dir / manifest.files["metadata"])
     _add(vault_dir, manifest, meta, new, index_override=None, categories=bool(manifest.categories),
-         tune_recall=tune_recall, seed=seed)
+         tune=_tune_args(tune_recall, tune_latency_ms, tune_queries), seed=seed)
     return manifest
+
+
+def _tune_args(recall: float, latency_ms: float | None, queries: int) -> dict:
+    if not 0.0 < float(recall) <= 1.0:
+        raise VaultError(f"tune_recall={recall!r}: expected a recall in (0, 1]")
+    if latency_ms is not None and float(latency_ms) <= 0:
+        raise VaultError(f"tune_latency_ms={latency_ms!r}: expected a positive number of milliseconds (or null)")
+    return {"target": float(recall), "budget_ms": None if latency_ms is None else float(latency_ms),
+            "n_queries": int(queries)}
+
+
+def _report_tuning(what: str, t: vindex.Tuning) -> None:
+    if t.met:
+        if t.method != "exact":
+            log.info("%s tuned: %s", what, t.describe())
+        return
+    budget = f" within the latency budget of {t.budget_ms:g} ms" if t.budget_ms is not None else ""
+    log.warning("%s: recall@%d target %.3f not met%s; using %s (raise tune_latency_ms, lower tune_recall, "
+                "or choose another index=)", what, t.k, t.target, budget, t.describe())
 
 
 def _shards_of(pairs: Pairs) -> list[str]:
@@ -112,7 +134,7 @@ def _collect_parts(pairs) -> list[Path]:
 
 
 def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Path], index_override,
-         categories, tune_recall: float, seed: int) -> None:
+         categories, tune: dict, seed: int) -> None:
     gen = manifest.generation + 1 if meta is not None else 1
     prompt_pos = {}
     text, fps = [], []
@@ -180,10 +202,11 @@ def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Pa
     if meta is None:
         spec = index_override or vindex.choose_index_spec(len(x), x.shape[1], manifest.memory_budget)
         log.info("building global index %s over %d x %d", spec, *x.shape)
-        g = vindex.build_index(x, spec, seed=seed)
+        g, tuning = vindex.build_tuned(x, spec, seed=seed, **tune)
+        _report_tuning(f"global index {spec}", tuning)
         manifest.index_spec = spec
-        manifest.search_params, recall = vindex.tune_search(g, x, spec, target=tune_recall, seed=seed)
-        manifest.tuned_recall = recall
+        manifest.search_params, manifest.tuned_recall = tuning.params, tuning.recall
+        manifest.tuning = tuning.as_dict()
     else:
         g = vindex.read_index(folder / manifest.files["global"])
         vindex.add_vectors(g, x)
@@ -208,13 +231,14 @@ def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Pa
                 if ivf and int(ivf.group(1)) * 39 > len(rows):  # too few points to train the override's clusters
                     spec = auto
                 try:
-                    ci = vindex.build_index(x[rows], spec, seed=seed)
+                    ci, tuning = vindex.build_tuned(x[rows], spec, seed=seed, **tune)
                 except (VaultError, RuntimeError) as e:  # e.g. too few vectors to train the override
                     log.warning("category %s: index %s failed (%s); using %s", name, spec, e, auto)
                     spec = auto
-                    ci = vindex.build_index(x[rows], spec, seed=seed)
-                params, _ = vindex.tune_search(ci, x[rows], spec, target=tune_recall, seed=seed)
-                info = {"count": 0, "index_spec": spec, "search_params": params}
+                    ci, tuning = vindex.build_tuned(x[rows], spec, seed=seed, **tune)
+                _report_tuning(f"category {name!r} index {spec}", tuning)
+                info = {"count": 0, "index_spec": spec, "search_params": tuning.params,
+                        "tuning": tuning.as_dict()}
             else:
                 ci = vindex.read_index(folder / info["file"])
                 vindex.add_vectors(ci, x[rows])

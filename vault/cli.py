@@ -25,11 +25,15 @@ def _build(config: dict) -> None:
     if not config["pairs"] or not config["out"]:
         raise ValueError("build needs pairs=DIR and out=DIR")
     t0 = time.perf_counter()
-    options = ("index", "mode", "memory_budget", "categories", "tune_recall", "shards", "rebuild")
-    manifest = build_vault(config["pairs"], config["out"], **{key: config[key] for key in options})
+    options = ("index", "mode", "memory_budget", "categories", "tune_recall", "tune_latency_ms", "tune_queries",
+               "shards", "rebuild")
+    manifest = build_vault(config["pairs"], config["out"], **{key: config[key] for key in options if key in config})
     size = sum(path.stat().st_size for path in Path(config["out"]).rglob("*") if path.is_file())
+    tuning = manifest.tuning or {}
+    missed = "" if tuning.get("met", True) else f", TARGET {tuning.get('target')} NOT MET"
     print(f"vault {config['out']}: {manifest.count} images, {manifest.num_prompts} prompts, mode {manifest.mode}, "
-          f"index {manifest.index_spec} ({manifest.search_params or 'exact'}, recall@10 {manifest.tuned_recall:.3f}), "
+          f"index {manifest.index_spec} ({manifest.search_params or 'exact'}, recall@10 {manifest.tuned_recall:.4f} on "
+          f"{tuning.get('method', 'held-in')} queries{missed}), "
           f"categories {sorted(manifest.categories) or '-'}, {size / max(1, manifest.count):.0f} B/image, "
           f"{time.perf_counter() - t0:.1f} s")
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import re
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
@@ -72,9 +74,8 @@ def _train_size(spec: str, n: int) -> int:
 HNSW_EF_CONSTRUCTION = 80  # faiss' default 40 leaves well-separated clusters poorly linked (efSearch 512 for 0.99)
 
 
-def build_index(vectors: np.ndarray, spec: str, seed: int = 0) -> faiss.Index:
-    """Train (on a random sample, up to 100 points per IVF cluster) and fill an IP index."""
-    x = normalize(vectors)
+def _new_index(x: np.ndarray, spec: str, seed: int) -> faiss.Index:
+    """An empty, trained IP index of `spec` (trained on a random sample, up to 100 points per IVF cluster)."""
     n, d = x.shape
     try:
         index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
@@ -88,8 +89,15 @@ def build_index(vectors: np.ndarray, spec: str, seed: int = 0) -> faiss.Index:
         raise VaultError(f"index={spec!r}: {m.group(1)} IVF clusters need at least as many vectors (have {n})")
     if not index.is_trained:
         rng = np.random.default_rng(seed)
-        sample = x[rng.choice(n, size=_train_size(spec, n), replace=False)] if n else x
+        sample = x[np.sort(rng.choice(n, size=_train_size(spec, n), replace=False))] if n else x
         index.train(sample)
+    return index
+
+
+def build_index(vectors: np.ndarray, spec: str, seed: int = 0) -> faiss.Index:
+    """Train (on a random sample, up to 100 points per IVF cluster) and fill an IP index."""
+    x = normalize(vectors)
+    index = _new_index(x, spec, seed)
     add_vectors(index, x)
     return index
 
@@ -115,40 +123,154 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth)]))
 
 
-def _tunable(spec: str) -> list[str]:
+EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+NPROBE = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096)
+MIN_HELD_OUT = 20  # fewer held-out queries than this: tune on stored vectors plus noise instead
+
+
+def _tunable(spec: str, k: int = 10) -> list[str]:
     if "IVF" in spec:
         nlist = int(re.search(r"IVF(\d+)", spec).group(1))
-        return [f"nprobe={p}" for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p <= nlist]
+        return [f"nprobe={p}" for p in NPROBE if p <= nlist]
     if spec.startswith("HNSW") or ",HNSW" in spec:
-        return [f"efSearch={e}" for e in (32, 48, 64, 96, 128, 192, 256, 384, 512)]
+        return [f"efSearch={e}" for e in EF_SEARCH if e >= k]
     return []
 
 
-def tune_search(index: faiss.Index, vectors: np.ndarray, spec: str, k: int = 10, target: float = 0.99,
-                n_queries: int = 200, seed: int = 0) -> tuple[str, float]:
-    """Smallest nprobe / efSearch reaching recall@k >= target on held-in sample queries.
+@dataclass
+class Tuning:
+    """How an index's search parameters were chosen, and what they reach (stored in the manifest)."""
 
-    Queries are stored vectors with small noise (so the nearest item is not trivially the
-    query itself). Returns (faiss ParameterSpace string, measured recall); ("", 1.0) for exact indices.
+    params: str  # faiss ParameterSpace string, "" for exact indices
+    recall: float  # recall@k of `params` on the tuning queries
+    met: bool  # recall >= target within the latency budget
+    target: float
+    latency_ms: float | None = None  # p50 of one query at a time on one thread at `params`
+    budget_ms: float | None = None
+    queries: int = 0
+    method: str = "exact"  # held-out | stored+noise | exact
+    k: int = 10
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        lat = f", p50 {self.latency_ms:.2f} ms" if self.latency_ms is not None else ""
+        return f"{self.params or 'exact'}: recall@{self.k} {self.recall:.4f}{lat} on {self.queries} {self.method} queries"
+
+
+def _p50_ms(index: faiss.Index, q: np.ndarray, k: int, n: int = 200) -> float:
+    """Median latency of single queries on one faiss thread (how a crop is looked up at run time)."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        q = q[:n]
+        index.search(q[:1], k)  # warm up
+        out = np.empty(len(q))
+        for i in range(len(q)):
+            t = time.perf_counter()
+            index.search(q[i : i + 1], k)
+            out[i] = time.perf_counter() - t
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return float(np.median(out) * 1000.0)
+
+
+def _sweep(index: faiss.Index, q: np.ndarray, truth: np.ndarray, options: list[str], target: float,
+           budget_ms: float | None, map_ids=None) -> tuple[str, float, float | None, bool]:
+    """Raise the search parameter until recall >= target or one query's p50 exceeds the budget.
+
+    Returns (params, recall, p50 ms, met). Over budget, the last setting within it is kept.
     """
-    options = _tunable(spec)
+    space = faiss.ParameterSpace()
+    k = truth.shape[1]
+    best = None
+    for opt in options:
+        space.set_index_parameters(index, opt)
+        _, found = index.search(q, k)
+        if map_ids is not None:
+            found = np.where(found >= 0, map_ids[np.clip(found, 0, None)], -1)
+        recall = recall_at(found, truth)
+        lat = _p50_ms(index, q, k) if budget_ms is not None else None
+        if lat is not None and lat > budget_ms and best is not None:
+            break  # this setting is too slow: keep the previous one
+        best = (opt, recall, lat, recall >= target and (lat is None or lat <= budget_ms))
+        if recall >= target or (lat is not None and lat > budget_ms):
+            break
+    space.set_index_parameters(index, best[0])
+    return best
+
+
+def tune_search(index: faiss.Index, vectors: np.ndarray, spec: str, k: int = 10, target: float = 0.99,
+                n_queries: int = 200, seed: int = 0, budget_ms: float | None = None) -> Tuning:
+    """Smallest nprobe / efSearch reaching recall@k >= target on stored vectors plus small noise.
+
+    These queries are easier than new images (the graph was built around them), so builds tune
+    on held-out vectors instead (`build_tuned`); this remains for indices too small to hold any out.
+    """
+    options = _tunable(spec, k)
     if not options or len(vectors) == 0:
-        return "", 1.0
+        return Tuning("", 1.0, True, target)
     rng = np.random.default_rng(seed)
     x = normalize(vectors)
     q = x[rng.choice(len(x), size=min(n_queries, len(x)), replace=False)]
     q = normalize(q + rng.standard_normal(q.shape, dtype=np.float32) * (0.05 / math.sqrt(x.shape[1])))
     k = min(k, len(x))
     _, truth = exact_search(x, q, k)
-    space = faiss.ParameterSpace()
-    recall = 0.0
-    for opt in options:
-        space.set_index_parameters(index, opt)
-        _, found = index.search(q, k)
-        recall = recall_at(found, truth)
-        if recall >= target:
-            return opt, recall
-    return options[-1], recall
+    params, recall, lat, met = _sweep(index, q, truth, options, target, budget_ms)
+    return Tuning(params, recall, met, target, lat, budget_ms, len(q), "stored+noise", k)
+
+
+def _exact_excluding(x: np.ndarray, q: np.ndarray, k: int, exclude: np.ndarray) -> np.ndarray:
+    """Exact top-k ids of `q` over the rows of `x` not in `exclude` (sorted ids)."""
+    extra = min(len(x), k + len(exclude))
+    _, ids = faiss.knn(q, x, min(extra, k + 64), faiss.METRIC_INNER_PRODUCT)
+    keep = ~np.isin(ids, exclude)
+    if (keep.sum(1) < k).any():  # rare: many held-out rows among a query's neighbours
+        _, ids = faiss.knn(q, x, extra, faiss.METRIC_INNER_PRODUCT)
+        keep = ~np.isin(ids, exclude)
+    return np.stack([row[m][:k] for row, m in zip(ids, keep)])
+
+
+def build_tuned(vectors: np.ndarray, spec: str, target: float = 0.97, budget_ms: float | None = 1.0,
+                n_queries: int = 1000, k: int = 10, seed: int = 0) -> tuple[faiss.Index, Tuning]:
+    """Build an index and tune its search on vectors held out of it (queries it has never seen).
+
+    A random slice of the vectors (up to `n_queries`, at most a tenth) is left out while the
+    others are added; efSearch / nprobe are raised until recall@k on the held-out slice reaches
+    `target` or one query's p50 exceeds `budget_ms`; then the slice is added too, and ids are row
+    numbers as with `build_index` (HNSW entries are permuted back, IVF entries carry their ids).
+    """
+    x = normalize(vectors)
+    n = len(x)
+    options = _tunable(spec, k)
+    n_hold = min(n_queries, n // 10)
+    if not options or n_hold < MIN_HELD_OUT:
+        index = build_index(x, spec, seed=seed)
+        return index, tune_search(index, x, spec, k=k, target=target, seed=seed, budget_ms=budget_ms)
+    index = _new_index(x, spec, seed)
+    rng = np.random.default_rng([seed, 7])
+    held = np.sort(rng.choice(n, size=n_hold, replace=False))
+    rest = np.setdiff1d(np.arange(n), held)
+    hnsw = isinstance(faiss.downcast_index(index), faiss.IndexHNSW)
+    _add_rows(index, x, rest, with_ids=not hnsw)
+    k = min(k, len(rest))
+    truth = _exact_excluding(x, x[held], k, held)
+    params, recall, lat, met = _sweep(index, x[held], truth, options, target, budget_ms,
+                                      map_ids=rest if hnsw else None)
+    _add_rows(index, x, held, with_ids=not hnsw)
+    if hnsw:  # entries are in (rest, held) order: permute them back to row order
+        index.permute_entries(np.argsort(np.concatenate([rest, held])).astype(np.int64))
+    return index, Tuning(params, recall, met, target, lat, budget_ms, n_hold, "held-out", k)
+
+
+def _add_rows(index: faiss.Index, x: np.ndarray, rows: np.ndarray, with_ids: bool, batch: int = 65536) -> None:
+    for i in range(0, len(rows), batch):
+        r = rows[i : i + batch]
+        if with_ids:
+            index.add_with_ids(x[r], r.astype(np.int64))
+        else:
+            index.add(x[r])
 
 
 def apply_search_params(index: faiss.Index, params: str) -> None:

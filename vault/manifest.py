@@ -47,7 +47,8 @@ class Manifest:
     shard_folders: list[str] = field(default_factory=list)
     cond_files: list[str] = field(default_factory=list)  # relative to the vault folder, in prompt-id order
     memory_budget: int = 0
-    tuned_recall: float = 1.0  # recall@10 of the global index's search params on held-in queries
+    tuned_recall: float = 1.0  # recall@10 of the global index's search params on its tuning queries
+    tuning: dict = field(default_factory=dict)  # vault.index.Tuning of the global index: target, met, latency, method
     files: dict = field(default_factory=dict)  # "global", "metadata", "prompts" -> path in the folder
     generation: int = 0  # bumped by every add; file names carry it
     format_version: int = FORMAT_VERSION

@@ -18,7 +18,7 @@ from vault.store import CondStore, Metadata, read_prompts
 
 log = logging.getLogger(__name__)
 
-FILTER_KEYS = ("checkpoint", "category", "campaign", "te_fingerprint")
+FILTER_KEYS = ("checkpoint", "category", "campaign", "te_fingerprint", "family")
 Encode = Callable[[list[str]], tuple]
 
 
@@ -42,7 +42,7 @@ class Vault:
     """An open vault folder; `query` is batched and thread-compatible for reads."""
 
     def __init__(self, folder: Path, manifest: Manifest, use_gpu: bool = True, vision=None,
-                 vision_weights: str | None = None, device: str = "cpu"):
+                 vision_weights: str | None = None, device: str = "cpu", families: str | None = None):
         self.folder, self.manifest = folder, manifest
         files = manifest.files
         if not files:
@@ -67,13 +67,14 @@ class Vault:
         self._fp_of_prompt = np.array([fp_codes[f] for f in self.prompt_fingerprint], dtype=np.int32)
         self._vision, self._vision_weights, self._device = vision, vision_weights, device
         self._masks: dict[str, np.ndarray] = {}
+        self._families, self._families_path = None, families
 
     @classmethod
     def open(cls, folder, use_gpu: bool = True, vision=None, vision_weights: str | None = None,
-             device: str = "cpu") -> "Vault":
+             device: str = "cpu", families: str | None = None) -> "Vault":
         folder = Path(folder)
         return cls(folder, Manifest.read(folder), use_gpu=use_gpu, vision=vision,
-                   vision_weights=vision_weights, device=device)
+                   vision_weights=vision_weights, device=device, families=families)
 
     def _open_index(self, rel: str, params: str, count: int, use_gpu: bool):
         index = vindex.read_index(self.folder / rel)
@@ -100,7 +101,7 @@ class Vault:
     def info(self) -> dict:
         return {"vision_model": self.manifest.vision_model, "vision_dim": self.manifest.vision_dim,
                 "mode": self.mode, "count": len(self), "categories": self.categories,
-                "shard_folders": list(self.manifest.shard_folders)}
+                "shard_folders": list(self.manifest.shard_folders), "te_fingerprints": list(self._fp_table)}
 
     # --- search -------------------------------------------------------------------------
     def _check(self, embeds, model: str | None) -> np.ndarray:
@@ -138,14 +139,36 @@ class Vault:
         tables = {"checkpoint": self.manifest.checkpoints, "category": self.cat_names,
                   "campaign": self.manifest.campaigns, "te_fingerprint": self._fp_table}
         for key, wanted in filters.items():
+            wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+            if key == "family":
+                wanted = self.family_fingerprints(wanted)
             key = "te_fingerprint" if key in ("family", "fingerprint") else key
             if key not in tables:
                 raise VaultError(f"filters: unknown key {key!r}; known {list(FILTER_KEYS)}")
-            wanted = [wanted] if isinstance(wanted, str) else list(wanted)
             codes = [i for i, name in enumerate(tables[key]) if name in set(wanted)]
             column = self._fp_of_prompt[self.meta.prompt_id] if key == "te_fingerprint" else getattr(self.meta, key)
             mask &= np.isin(column, codes)
         return mask
+
+    def family_fingerprints(self, wanted: list[str]) -> list[str]:
+        """Text-encoder fingerprints for `filters.family`: fingerprints as they are, family names through
+        families.yaml (luna.models.inventory); a name that matches none of this vault's encoders is an error."""
+        from luna.models.inventory import Families
+
+        out = []
+        for w in wanted:
+            if w in self._fp_table:
+                out.append(w)
+                continue
+            if self._families is None:
+                self._families = Families.load(self._families_path)
+            fps = [fp for fp in self._families.fingerprints_of(w) if fp in self._fp_table]
+            if not fps:
+                known = {fp: self._families.fingerprints.get(fp, "unknown") for fp in self._fp_table}
+                raise VaultError(f"filters.family={w!r}: no text encoder of this vault belongs to it (the vault holds "
+                                 f"{known}; family names come from {self._families.source})")
+            out += fps
+        return out
 
     def route(self, x: np.ndarray) -> list[str]:
         """Category of each (normalised) query: the nearest category centroid."""
@@ -229,7 +252,8 @@ class Vault:
         """Image embeddings [B,D] -> QueryResult(cond [B,77,C], pooled [B,P], neighbours).
 
         category: None (whole vault), "auto" (nearest category centroid per query) or a name.
-        filters: {"checkpoint"|"category"|"campaign"|"te_fingerprint": name or list of names}.
+        filters: {"checkpoint"|"category"|"campaign"|"te_fingerprint"|"family": name or list of names};
+        "family" takes text-encoder fingerprints or family names (families.yaml).
         k larger than the matching items is clamped with a warning.
         """
         found = self.search(embeds, k, category, filters, weighting, temperature, model)

@@ -25,6 +25,10 @@ _UNET_LABEL = "model.diffusion_model.label_emb.0.0.weight"
 _CLIP_L_POS = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
 _BIGG_POS = "conditioner.embedders.1.model.positional_embedding"
 _VAE_IN = "first_stage_model.encoder.conv_in.weight"
+# Key variant of some community files: the bigG projection stored as a Linear weight ([out, in])
+# instead of open_clip's `text_projection` ([in, out]); diffusers' converter leaves it on the meta device.
+_BIGG_PROJ = "conditioner.embedders.1.model.text_projection"
+_BIGG_PROJ_LINEAR = _BIGG_PROJ + ".weight"
 
 
 class NotSDXLError(ValueError):
@@ -247,9 +251,13 @@ def load_sdxl(path, device="cpu", dtype=torch.float32, allow_pickle: bool = Fals
             )
         else:
             tok, tok2 = sdxl_tokenizers()
+            encoders = {}
+            if info.format == "single_file" and _BIGG_PROJ_LINEAR in read_safetensors_header(info.path):
+                enc = load_text_encoders(info.path, dtype=dtype)  # our key normalisation, then diffusers' converter
+                encoders = dict(text_encoder=enc.text_encoder, text_encoder_2=enc.text_encoder_2)
             pipe = StableDiffusionXLPipeline.from_single_file(
                 str(info.path), config=str(info.config_dir), local_files_only=True, dtype=dtype,
-                tokenizer=tok, tokenizer_2=tok2,
+                tokenizer=tok, tokenizer_2=tok2, **encoders,
             )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -280,16 +288,25 @@ class TextEncoders:
         return cls(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2)
 
 
+def normalise_te_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text-encoder key variants real files use, in the layout diffusers' converter reads
+    (`text_projection.weight` -> transposed `text_projection`; position_ids/logit_scale are read as they are)."""
+    if _BIGG_PROJ_LINEAR in state:
+        linear = state.pop(_BIGG_PROJ_LINEAR)
+        state.setdefault(_BIGG_PROJ, linear.T.contiguous())
+    return state
+
+
 def _conditioner_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         state = load_pickle_state(path)
         while "state_dict" in state:
             state = state["state_dict"]
-        return {k: v for k, v in state.items() if k.startswith("conditioner.")}
+        return normalise_te_keys({k: v for k, v in state.items() if k.startswith("conditioner.")})
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if k.startswith("conditioner.")}
+        return normalise_te_keys({k: f.get_tensor(k) for k in f.keys() if k.startswith("conditioner.")})
 
 
 def load_text_encoders(path, device="cpu", dtype=torch.float32, allow_pickle: bool = False) -> TextEncoders:

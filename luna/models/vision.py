@@ -9,6 +9,7 @@ the same arithmetic that embedded the pairs the vault was built from.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import zlib
 from dataclasses import dataclass
@@ -155,6 +156,55 @@ def _check_matches(state: dict[str, torch.Tensor], model, path: Path, name: str)
     return {k: state[k] for k in expected}
 
 
+_OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")  # only OpenAI's own CLIP state dicts hold these
+
+
+def _activation(model) -> str:
+    return "quick_gelu" if any(type(m).__name__ == "QuickGELU" for m in model.visual.modules()) else "gelu"
+
+
+def declared_activation(path: Path, state_keys) -> tuple[str | None, str]:
+    """(activation the weights were trained with, evidence), or (None, "") when the file does not say.
+
+    QuickGELU and GELU weights have the same tensors and shapes: only a sibling config
+    (transformers config.json, open_clip_config.json), the safetensors metadata or OpenAI's own
+    key signature tell them apart."""
+    keys = set(state_keys)
+    if any(k in keys for k in _OPENAI_KEYS):
+        return "quick_gelu", "OpenAI CLIP key signature (input_resolution/context_length/vocab_size)"
+    for cfg_name in ("config.json", "open_clip_config.json"):
+        cfg_path = path.parent / cfg_name
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, ValueError):
+            continue
+        act = (cfg.get("vision_config") or {}).get("hidden_act") or cfg.get("hidden_act")
+        if act in ("quick_gelu", "gelu"):
+            return act, f"{cfg_path.name} hidden_act={act}"
+        qg = (cfg.get("model_cfg") or {}).get("quick_gelu")
+        if isinstance(qg, bool):
+            return ("quick_gelu" if qg else "gelu"), f"{cfg_path.name} model_cfg.quick_gelu={qg}"
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        act = meta.get("hidden_act") or ("quick_gelu" if meta.get("quick_gelu") == "true" else None)
+        if act in ("quick_gelu", "gelu"):
+            return act, f"safetensors metadata hidden_act={act}"
+    return None, ""
+
+
+def _check_activation(model, path: Path, name: str, state_keys) -> None:
+    act, evidence = declared_activation(path, state_keys)
+    want = _activation(model)
+    if act is not None and act != want:
+        fix = f"{name}-quickgelu" if act == "quick_gelu" else name.removesuffix("-quickgelu")
+        raise VisionWeightsError(
+            f"{path}: weights trained with {act} ({evidence}), but open_clip {name} uses {want}: every shape "
+            f"matches and the embeddings would be wrong; use the architecture {fix!r} (conf/vision/)")
+
+
 @dataclass
 class VisionTower:
     """An open_clip image encoder: projected embeddings and the penultimate token sequence."""
@@ -221,6 +271,7 @@ def load_vision(name: str = "tiny", weights=None, device="cpu", dtype=torch.floa
             raise FileNotFoundError(f"vision weights file {path} does not exist")
         state = read_state_dict(path)
         model = create_open_clip(arch, init=False)
+        _check_activation(model, path, arch, state.keys())
         state = _check_matches(state, model, path, arch)
         with torch.no_grad():
             for key, param in model.state_dict().items():

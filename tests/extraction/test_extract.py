@@ -86,10 +86,15 @@ def test_each_unique_prompt_encoded_once_across_parts_and_runs(extracted, shards
     assert [w.name for w in result.written] == [f"pairs-{t.stem}.h5" for t in sorted(shards_dir.glob("*.tar"))]
     with Pairs(out) as p:
         assert len(p) == len(metas) and p.num_prompts == len(unique)
-        for part in p.parts:  # every part stores the prompts its images use, once each
+        stored = []
+        for part in p.parts:  # every part lists the prompts its images use, once each
             with h5py.File(part, "r") as f:
                 pairs = list(zip(f["prompts/text"].asstr()[()], f["prompts/te_fingerprint"].asstr()[()]))
                 assert len(pairs) == len(set(pairs)) and f["prompts/cond"].chunks[0] == 1
+                rows = f["prompts/cond_row"][()]
+                stored += [k for k, r in zip(pairs, rows) if r >= 0]
+                assert len(f["prompts/cond"]) == (rows >= 0).sum()
+        assert sorted(stored) == sorted(unique)  # the folder stores each conditioning once, whatever the parts
 
     # a later run over a copy of the folder with one more shard encodes only the prompt never seen
     import shutil

@@ -295,3 +295,20 @@ def test_driver_killed_mid_run_then_rerun(node_models, tmp_path):
     for t in shards.complete_shards(out / "shards", "tinytest"):
         with tarfile.open(t) as tf:
             assert len(tf.getnames()) % 3 == 0
+
+
+def test_dry_run_on_local_folders_needs_no_ray(tiny_dir, tmp_path):
+    camp = tmp_path / "tinytest.yaml"
+    camp.write_text(CAMPAIGN)
+    cfg = {"campaign_file": str(camp), "out": str(tmp_path / "out"), "dry_run": True, "progress": False,
+           "checkpoints": {"dirs": [str(tiny_dir / "single")]}, "cluster": {"mode": "local", "num_gpus": 2}}
+    code = ("import json, sys; from factory.run import run; r = run(json.loads(sys.argv[1])); "
+            "print('RAY_IMPORTED', 'ray' in sys.modules, r.planned_units, r.checkpoints)")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], cwd=root, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "unique prompts" in proc.stdout and "tiny-base-0" in proc.stdout
+    last = proc.stdout.strip().splitlines()[-1].split()
+    assert last[:2] == ["RAY_IMPORTED", "False"] and int(last[2]) > 0 and int(last[3]) >= 1
+    assert not (tmp_path / "out" / "shards").exists()

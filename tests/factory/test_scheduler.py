@@ -174,3 +174,29 @@ def test_lost_node_gets_no_replacement_and_its_units_move(ray_cluster, fakes):
     assert sorted(r["unit_id"] for r in seen) == sorted(t["unit_id"] for t in tasks)
     assert stats.actors_started == 2 and sched.dead_nodes == {"pc2"}  # no replacement on the lost node
     assert {r["worker"] for r in seen} <= {"w0", "w1"} and stats.retries >= 1
+
+
+def test_placement_on_a_simulated_cluster_finishes_every_unit_near_the_bound():
+    """benchmarks/scale_sim.py's virtual-clock cluster: the real planner and Placement, a node lost halfway."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "scale_sim.py"
+    spec = importlib.util.spec_from_file_location("luna_scale_sim", path)
+    sim = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("luna_scale_sim", sim)  # dataclasses look their module up there
+    spec.loader.exec_module(sim)
+    nodes = {"pc1": (1, 1.0), "pc2": (2, 0.8)}
+    ckpts = sim.checkpoints(6, list(nodes))
+    units = sim.plan(sim.campaign(480, 64, 4, 8), ckpts).units
+    by_name = {c.name: c for c in ckpts}
+    tasks = [sim._task(u, by_name[u.checkpoint], {}) for u in units]
+    full = sim.simulate(tasks, nodes, load_s=8.0, inflight=2)
+    assert full["units"] == len(tasks) and full["images"] == 480 and not full["left"]
+    assert full["loads"] <= len(ckpts) + full["actors"]
+    work = 480 * sim.seconds_per_image(tasks[0]["sampler"])
+    assert work / 2.6 <= full["makespan"]  # no faster than the total speed allows
+    lost = sim.simulate(tasks, nodes, load_s=8.0, inflight=2, lose=("pc2", full["makespan"] / 2))
+    assert lost["units"] == len(tasks) and lost["images"] == 480 and lost["requeued"] > 0
+    assert lost["alive"] == 1 and lost["makespan"] > full["makespan"]

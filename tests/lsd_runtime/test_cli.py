@@ -23,13 +23,16 @@ def astronaut(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vault_dir(tmp_path_factory):
+    """Conditionings of the tiny preset's own text encoders and of another family's."""
     from extraction.synthetic import write_synthetic_pairs
+    from lsd_runtime.workflow import tiny_components
     from vault.build import build_vault
 
-    pairs = write_synthetic_pairs(tmp_path_factory.mktemp("pairs"), 120, 30, 32, text_dims=(32, 64), pooled_dim=64,
-                                  vision_model=TINY_VISION)
+    parts = [write_synthetic_pairs(tmp_path_factory.mktemp("pairs"), 120, 30, 32, text_dims=(32, 64), pooled_dim=64,
+                                   vision_model=TINY_VISION, te_fingerprint=fp)
+             for fp in (tiny_components(vision=False).te_fingerprint, "other-family-te")]
     out = tmp_path_factory.mktemp("v") / "vault"
-    build_vault(pairs, out, index="Flat", categories=False)
+    build_vault(parts, out, index="Flat", categories=False)
     return out
 
 
@@ -51,6 +54,9 @@ def test_refine_astronaut_with_a_vault_writes_image_overlays_masks_and_record(as
     cond = face["conditioning"]
     assert cond["source"] == "vault" and cond["strength"] == 0.4 and len(cond["neighbours"]) == 3
     assert all(n["key"] and n["prompt"].startswith("synthetic") for n in cond["neighbours"])
+    own = record["retrieval"]["te_fingerprint"]
+    assert record["retrieval"]["family"] == "same" and record["retrieval"]["warning"] is None
+    assert all(n["te_fingerprint"] == own for n in cond["neighbours"])  # the other family's never blend in
     assert record["conditioning"]["vision_model"] == TINY_VISION
     assert len(record["tiles"]) == 9 and {t["pass"] for t in record["tiles"]} == {0, 1}  # two chessboard passes
     assert {"detect", "detail", "global_refine", "total"} <= set(record["timings"])
@@ -59,6 +65,15 @@ def test_refine_astronaut_with_a_vault_writes_image_overlays_masks_and_record(as
     mask = np.asarray(Image.open(out / "masks" / "crop_000.png"))
     assert mask.shape == (512, 512) and mask[y0:y1, x0:x1].max() == 255 and mask[:y0].max() == 0
     assert Image.open(out / "overlays" / "detections.png").size == (512, 512)
+
+
+def test_retrieval_family_any_is_recorded_as_a_warning(astronaut, vault_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main([f"image={astronaut}", "prompt=an astronaut", f"out={out}", "preset=tiny", f"vault={vault_dir}",
+               "retrieval.k=6", "retrieval.family=any", "detect.prompts=[face]", "refine.enabled=false"])
+    assert rc == 0, capsys.readouterr().err
+    record = json.loads((out / "record.json").read_text())
+    assert record["retrieval"]["family"] == "any" and "other-family-te" in record["retrieval"]["warning"]
 
 
 def test_unreadable_image_is_one_line_error(tmp_path, capsys):

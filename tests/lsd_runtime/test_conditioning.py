@@ -35,21 +35,22 @@ def crops():
     return [Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)) for _ in range(3)]
 
 
-def _vault(tmp_path_factory, vision_model):
+def _vault(tmp_path_factory, vision_model, te_fingerprint=None):
     from extraction.synthetic import write_synthetic_pairs
     from vault.build import build_vault
     from vault.query import Vault
 
     pairs = write_synthetic_pairs(tmp_path_factory.mktemp("pairs"), 120, 30, 32, text_dims=(32, 64), pooled_dim=64,
-                                  vision_model=vision_model)
+                                  vision_model=vision_model, te_fingerprint=te_fingerprint)
     out = tmp_path_factory.mktemp("v") / "vault"
     build_vault(pairs, out, index="Flat", categories=False)
     return Vault.open(out, use_gpu=False)
 
 
 @pytest.fixture(scope="module")
-def vault(tmp_path_factory):
-    return _vault(tmp_path_factory, TINY_VISION)
+def vault(tmp_path_factory, comps):
+    """Conditionings of the tiny base checkpoint's own text encoders (what retrieval.family=same keeps)."""
+    return _vault(tmp_path_factory, TINY_VISION, comps.te_fingerprint)
 
 
 def test_text_rows_are_the_checkpoint_encoding_and_negative_is_zeros(comps, text, crops):
@@ -116,3 +117,51 @@ def test_projector_of_another_vision_model_is_a_clear_error(tmp_path, text, embe
     proj = open_projector(folder, embedder)  # same width: only the model id tells them apart
     with pytest.raises(VisionModelMismatch, match="ViT-bigG-14"):
         ProjectorSource(proj, text, embedder)
+
+
+@pytest.fixture(scope="module")
+def mixed_vault(tmp_path_factory, comps):
+    """A vault of two text-encoder families: this checkpoint's and another's, the same images twice."""
+    from extraction.synthetic import write_synthetic_pairs
+    from vault.build import build_vault
+    from vault.query import Vault
+
+    parts = [write_synthetic_pairs(tmp_path_factory.mktemp(f"pairs_{fp[:4]}"), 120, 30, 32, text_dims=(32, 64),
+                                   pooled_dim=64, vision_model=TINY_VISION, te_fingerprint=fp, seed=0)
+             for fp in (comps.te_fingerprint, "0" * 24)]
+    out = tmp_path_factory.mktemp("mixed") / "vault"
+    build_vault(parts, out, index="Flat", categories=False)
+    return Vault.open(out, use_gpu=False)
+
+
+def test_refine_keeps_only_neighbours_of_its_own_text_encoders(mixed_vault, comps, text, embedder, crops):
+    fp = comps.te_fingerprint
+    unfiltered = mixed_vault.query(embedder(crops).numpy(), k=6)
+    assert {n["te_fingerprint"] for row in unfiltered.neighbours for n in row} == {fp, "0" * 24}  # the hazard
+    same = VaultSource(mixed_vault, text, embedder, k=6, te_fingerprint=fp)  # family="same" is the default
+    rows = same.rows(crops)
+    assert all(n["te_fingerprint"] == fp for r in rows for n in r.neighbours) and len(rows[0].neighbours) == 6
+    assert same.describe()["warning"] is None
+    anyf = VaultSource(mixed_vault, text, embedder, k=6, family="any", te_fingerprint=fp)
+    assert {n["te_fingerprint"] for r in anyf.rows(crops) for n in r.neighbours} == {fp, "0" * 24}
+    assert "retrieval.family=any" in anyf.describe()["warning"]
+
+
+def test_family_names_filter_the_vault(mixed_vault, comps, text, embedder, crops):
+    from vault.query import VaultError
+
+    # the shipped families.yaml names the tiny base encoders "base"
+    res = mixed_vault.query(embedder(crops).numpy(), k=6, filters={"family": "base"})
+    assert {n["te_fingerprint"] for row in res.neighbours for n in row} == {comps.te_fingerprint}
+    with pytest.raises(VaultError, match="filters.family='pony'"):
+        mixed_vault.query(embedder(crops).numpy(), k=6, filters={"family": "pony"})
+    named = VaultSource(mixed_vault, text, embedder, k=6, family="base")
+    assert all(n["te_fingerprint"] == comps.te_fingerprint for r in named.rows(crops) for n in r.neighbours)
+
+
+def test_vault_without_this_checkpoints_encoders_is_a_clear_error(tmp_path_factory, text, embedder):
+    from lsd_runtime.conditioning import ConditioningError
+
+    other = _vault(tmp_path_factory, TINY_VISION, "1" * 24)
+    with pytest.raises(ConditioningError, match="retrieval.family=any"):
+        VaultSource(other, text, embedder)  # the fingerprint comes from the text source's encoders

@@ -85,7 +85,7 @@ def test_bad_policy_is_a_clear_error():
 
 
 def test_hybrid_gate_picks_the_vault_exactly_when_top_similarity_reaches_tau(vault, projector, text, embedder, crops):
-    vs = VaultSource(vault, text, embedder, k=3, weight=0.6)
+    vs = VaultSource(vault, text, embedder, k=3, weight=0.6, family="any")
     ps = ProjectorSource(projector, text, embedder, weight=0.6)
     top = np.array([r.neighbours[0]["score"] for r in vs.rows(crops)])
     tau = float(np.sort(top)[len(top) // 2])  # some crops on each side, one exactly at tau
@@ -102,7 +102,7 @@ def test_hybrid_gate_picks_the_vault_exactly_when_top_similarity_reaches_tau(vau
 
 
 def test_hybrid_mix_lies_between_vault_and_projector(vault, projector, text, embedder, crops):
-    vs = VaultSource(vault, text, embedder, k=3, weight=1.0)
+    vs = VaultSource(vault, text, embedder, k=3, weight=1.0, family="any")
     ps = ProjectorSource(projector, text, embedder, weight=1.0)
     rows = HybridSource(vs, ps, settings=HybridSettings("mix", 0.5, 0.2), weight=1.0).rows(crops)
     for r, v, p in zip(rows, vs.rows(crops), ps.rows(crops)):
@@ -115,7 +115,7 @@ def test_face_detection_is_routed_to_the_faces_category(vault, text, embedder, c
     from lsd_runtime.detect import Detection
 
     ret = {"category": "route", "k": 4, "weight": 0.5, "per_category": {"hands": {"k": 2, "weight": 0.9}}}
-    source = memory_source(ret, text, embedder, vault=vault)
+    source = memory_source(ret, text, embedder, vault=vault, family="any")
     assert isinstance(source, CategoryRouter)
     dets = [Detection(box=(0, 0, 1, 1), label="face"), Detection(box=(0, 0, 1, 1), label="hand"),
             Detection(box=(0, 0, 1, 1), label="eyes")]
@@ -134,12 +134,12 @@ def test_settings_file_round_trips_and_unknown_category_is_named(tmp_path, vault
     path = table.write(tmp_path / "category_settings.json")
     again = CategoryTable.read(tmp_path)
     assert again.to_json() == table.to_json() == json.loads(path.read_text())
-    src = memory_source({"settings": str(path)}, text, embedder, vault=vault)
+    src = memory_source({"settings": str(path)}, text, embedder, vault=vault, family="any")
     assert src.table.settings_for("faces").temperature == 0.1
     bad = CategoryTable(routes={"face": "portraits"})
     bad.write(tmp_path / "bad.json")
     with pytest.raises(CategorySettingsError, match="portraits"):
-        memory_source({"settings": str(tmp_path / "bad.json")}, text, embedder, vault=vault)
+        memory_source({"settings": str(tmp_path / "bad.json")}, text, embedder, vault=vault, family="any")
     with pytest.raises(CategorySettingsError, match="unknown key"):
         CategoryTable.from_json({"format_version": 1, "default": {"strength": 1}})
 
@@ -154,10 +154,10 @@ def test_refine_config_with_vault_and_projector_builds_the_hybrid(vault, project
     from projector.export import save_projector
 
     save_projector(projector, tmp_path / "p")
-    c = plain(compose("refine", ["preset=tiny"], values=values))
+    c = plain(compose("refine", ["preset=tiny", "retrieval.family=any"], values=values))
     src = build_conditioning(c, comps, "a face", None)
     assert isinstance(src, HybridSource) and src.settings == HybridSettings("mix", 0.3, 0.05)
-    c = plain(compose("refine", ["preset=tiny", "retrieval.category=route"], values=values))
+    c = plain(compose("refine", ["preset=tiny", "retrieval.category=route", "retrieval.family=any"], values=values))
     src = build_conditioning(c, comps, "a face", None)
     assert isinstance(src, CategoryRouter) and src.name == "hybrid"
     assert isinstance(src.source_for("faces"), HybridSource)

@@ -14,8 +14,20 @@ STAGES = {name: train.StageConfig(steps=2, batch=2, lr=1e-3) for name in train.S
 CLI_STAGES = "stages={" + ",".join(f"{n}:{{steps:2,batch:2,lr:0.001}}" for n in train.STAGES) + "}"
 
 
+def _weights_hash(path) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes in name order (safetensors writes its
+    metadata map in an arbitrary order, so the file bytes may differ for equal weights)."""
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for name, t in sorted(load_file(str(path)).items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _hashes(folder) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+    return {p.name: _weights_hash(p) for p in sorted(folder.glob("*.safetensors"))}
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ def test_every_scene_round_trips_through_its_prompt():
 
 
 def test_campaign_prompts_are_world_prompts():
-    from factory.campaign import load_campaign
+    from factory.campaign_file import load_campaign
 
     campaign = load_campaign("toy")
     assert campaign.combinations("scenes") == len(world.all_scenes())
-    for sample in campaign.samples("scenes", 0, 50):
+    for sample in campaign.draws("scenes", 0, 50):
         scene = world.parse_prompt(sample.prompt)
         assert world.prompt(scene) == sample.prompt
 

@@ -101,6 +101,41 @@ def test_transformers_clip_vision_weights(tower, pixels, tmp_path):
     assert torch.equal(loaded.encode(pixels), tower.encode(pixels))
 
 
+def test_quickgelu_weights_are_refused_by_a_gelu_architecture(tower, pixels, tmp_path):
+    """QuickGELU and GELU weights share every tensor and shape: the file's config or OpenAI's key signature decides."""
+    import json
+
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in tower.model.state_dict().items()}
+    (tmp_path / "hf").mkdir()
+    save_file(state, str(tmp_path / "hf" / "model.safetensors"))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"vision_config": {"hidden_act": "quick_gelu"}}))
+    with pytest.raises(vision.VisionWeightsError, match="quick_gelu.*quickgelu"):
+        vision.load_vision("tiny", weights=tmp_path / "hf" / "model.safetensors")
+    openai = tmp_path / "openai.pt"
+    torch.save({**state, "input_resolution": torch.tensor(336), "vocab_size": torch.tensor(49408)}, openai)
+    with pytest.raises(vision.VisionWeightsError, match="OpenAI CLIP key signature"):
+        vision.load_vision("tiny", weights=openai)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"vision_config": {"hidden_act": "gelu"}}))
+    ok = vision.load_vision("tiny", weights=tmp_path / "hf" / "model.safetensors")  # declared GELU: loads
+    assert torch.equal(ok.encode(pixels), tower.encode(pixels))
+
+
+def test_vision_configs_name_their_weights_and_openai_uses_quickgelu():
+    import open_clip
+    import yaml
+
+    from luna import CONF_DIR
+
+    vision._register_configs()
+    for path in sorted((CONF_DIR / "vision").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg.get("weights_for"), f"{path.name} does not say which weight files it is for"
+        if "OpenAI" in cfg["weights_for"]:
+            assert open_clip.get_model_config(cfg["name"]).get("quick_gelu") is True, path.name
+
+
 def test_embed_gives_what_each_earlier_path_gave():
     """`embed` replaced three paths (vault query, runtime crops, extraction); on CPU every one of
     them must give the same numbers as before, to 1e-6 (the fixture was written by the old code)."""

@@ -87,3 +87,43 @@ def test_too_few_prompts_is_a_clear_error(tmp_path):
     pairs = write_closed_loop_pairs(tmp_path / "p", n_prompts=1, checkpoints=("a",), dim=4, text_dims=(2, 2), pooled_dim=2)
     with pytest.raises(PairsDataError, match="more prompts"):
         PairsDataModule(str(pairs)).setup()
+
+
+def test_chunk_shuffle_visits_every_row_once_and_is_deterministic():
+    from projector.data import ChunkShuffleSampler
+
+    key = np.random.default_rng(0).permutation(1003)  # storage position of each dataset row
+    s = ChunkShuffleSampler(key, batch_size=64, chunk_rows=16, seed=7)
+    epoch0 = list(s)
+    assert len(epoch0) == len(s) == 16 and all(len(b) == 64 for b in epoch0[:-1]) and len(epoch0[-1]) == 43
+    flat = np.concatenate(epoch0)
+    assert np.array_equal(np.sort(flat), np.arange(1003))  # every row exactly once
+    assert list(ChunkShuffleSampler(key, 64, 16, seed=7)) == epoch0  # same seed, same epoch: same batches
+    s.set_epoch(1)
+    epoch1 = list(s)
+    assert np.array_equal(np.sort(np.concatenate(epoch1)), np.arange(1003)) and epoch1 != epoch0
+    assert list(ChunkShuffleSampler(key, 64, 16, seed=8)) != epoch0
+    assert not np.array_equal(flat, np.argsort(key))  # shuffled, not storage order
+    # a batch is a few contiguous runs of storage: 64 rows = 4 chunks of 16 (+1 where a window splits)
+    for batch in epoch0[:-1]:
+        pos = np.sort(key[batch])
+        assert 1 + np.count_nonzero(np.diff(pos) > 1) <= 64 // 16 + 1
+    dropped = list(ChunkShuffleSampler(key, 64, 16, seed=7, drop_last=True))
+    assert len(dropped) == 15 and all(len(b) == 64 for b in dropped)
+
+
+def test_chunked_loader_from_disk_with_workers_reads_the_right_rows(tiny_pairs, dm):
+    disk = PairsDataModule(str(tiny_pairs), batch_size=8, val_prompts=0.25, val_checkpoints=1, in_memory=False,
+                           num_workers=2, chunk_rows=4)
+    disk.setup()
+    loader = disk.train_dataloader()
+    assert type(loader.batch_sampler).__name__ == "ChunkShuffleSampler"
+    batches = list(loader)
+    pids = torch.cat([b["prompt"] for b in batches]).numpy()
+    train = disk.splits["train"]
+    assert np.array_equal(np.sort(pids), np.sort(disk.pairs.prompt_id[train]))  # the epoch covers the split once
+    for b in batches:  # the values are those of the in-RAM source for the same prompts
+        ref = dm.source.batch(np.array([np.flatnonzero(dm.pairs.prompt_id == p)[0] for p in b["prompt"].numpy()]))
+        assert torch.equal(b["cond"], ref["cond"]) and torch.equal(b["pooled"], ref["pooled"])
+    again = torch.cat([b["prompt"] for b in disk.train_dataloader()]).numpy()
+    assert np.array_equal(again, pids)  # persistent workers, same epoch: the same order

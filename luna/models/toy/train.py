@@ -126,6 +126,8 @@ class Stage:
                 m.load_state_dict(state["ema"][k])
             self.opt.load_state_dict(state["opt"])
             self.step, self.done, self.log = state["step"], state["done"], state["log"]
+            if self.done and cfg.steps > self.step:  # more steps asked of a finished stage: continue it
+                self.done = False
 
     def save(self) -> None:
         from luna.files import atomic_path

@@ -1,0 +1,97 @@
+"""Search tuning on vectors held out of the index: honest recall, a latency budget, unmet targets said."""
+from __future__ import annotations
+
+import json
+import logging
+
+import faiss
+import numpy as np
+import pytest
+
+from extraction.synthetic import write_synthetic_pairs
+from vault import index as vindex
+from vault.build import build_vault
+
+
+@pytest.fixture
+def one_thread():
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # a deterministic HNSW graph
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+def test_held_out_tuning_needs_a_larger_ef_than_stored_vectors(one_thread):
+    # unclustered 64-d vectors: a new query's neighbours are far from it, a stored vector's are
+    # its own graph links, so stored-vector tuning overestimates recall at a given efSearch
+    x = np.random.default_rng(0).standard_normal((3000, 64)).astype(np.float32)
+    index, held = vindex.build_tuned(x, "HNSW8", target=0.99, budget_ms=None, n_queries=300)
+    stored = vindex.tune_search(vindex.build_index(x, "HNSW8"), x, "HNSW8", target=0.99, n_queries=300)
+    assert held.method == "held-out" and held.queries == 300 and held.met and held.recall >= 0.99
+    assert stored.method == "stored+noise" and stored.met
+    ef = lambda t: int(t.params.split("=")[1])  # noqa: E731
+    assert ef(held) > ef(stored)
+    # the held-out vectors were added afterwards: every row is in the index under its own id
+    assert index.ntotal == len(x)
+    q = vindex.normalize(x[::97])
+    faiss.ParameterSpace().set_index_parameters(index, "efSearch=512")
+    _, ids = index.search(q, 1)
+    assert ids[:, 0].tolist() == list(range(0, len(x), 97))
+
+
+def test_held_out_ivf_keeps_row_ids_and_recall_is_on_unseen_vectors():
+    x = np.random.default_rng(1).standard_normal((4000, 32)).astype(np.float32)
+    index, t = vindex.build_tuned(x, "IVF32,Flat", target=0.95, budget_ms=None, n_queries=200)
+    assert t.method == "held-out" and t.params.startswith("nprobe=") and t.met and t.recall >= 0.95
+    assert index.ntotal == len(x)
+    faiss.ParameterSpace().set_index_parameters(index, "nprobe=32")
+    _, ids = index.search(vindex.normalize(x[:50]), 1)
+    assert ids[:, 0].tolist() == list(range(50))
+
+
+def test_unreachable_target_warns_and_is_recorded(tmp_path, caplog):
+    pairs = write_synthetic_pairs(tmp_path / "pairs", 3000, 300, 32, n_clusters=6)
+    with caplog.at_level(logging.WARNING, logger="vault.build"):
+        # no setting answers a query within a nanosecond: the target cannot be met
+        m = build_vault(pairs, tmp_path / "v", index="HNSW16", tune_recall=0.999, tune_latency_ms=1e-6,
+                        tune_queries=200)
+    manifest = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    t = manifest["tuning"]
+    assert t["met"] is False and t["target"] == 0.999 and t["budget_ms"] == 1e-6 and t["method"] == "held-out"
+    assert t["latency_ms"] > 1e-6 and 0.0 < t["recall"] == manifest["tuned_recall"]
+    assert m.search_params == t["params"] == "efSearch=16"  # over budget at once: the cheapest setting
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "not met" in r.getMessage()]
+    assert any("global index HNSW16" in w and "0.999" in w and f"{t['recall']:.4f}" in w for w in warned)
+    assert all(not c["tuning"]["met"] for c in manifest["categories"].values())
+    assert len(warned) == 1 + len(manifest["categories"])
+
+
+def test_reachable_target_is_met_without_a_warning(tmp_path, caplog):
+    pairs = write_synthetic_pairs(tmp_path / "pairs", 3000, 300, 32, n_clusters=6)
+    with caplog.at_level(logging.WARNING, logger="vault.build"):
+        m = build_vault(pairs, tmp_path / "v", index="HNSW16", categories=False, tune_recall=0.9,
+                        tune_latency_ms=None)
+    assert m.tuning["met"] and m.tuning["recall"] >= 0.9 and m.tuning["latency_ms"] is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_tuning_settings_are_checked(tmp_path):
+    pairs = write_synthetic_pairs(tmp_path / "pairs", 200, 20, 8)
+    with pytest.raises(ValueError, match="tune_recall=1.5"):
+        build_vault(pairs, tmp_path / "v", tune_recall=1.5)
+    with pytest.raises(ValueError, match="tune_latency_ms=0"):
+        build_vault(pairs, tmp_path / "v", tune_latency_ms=0)
+
+
+def test_cli_build_says_when_the_target_is_not_met(tmp_path, capsys, caplog):
+    from vault.cli import main
+
+    pairs = write_synthetic_pairs(tmp_path / "p", 2000, 200, 16)
+    assert main(["build", f"pairs={pairs}", f"out={tmp_path / 'v'}", "index=HNSW16", "categories=false",
+                 "tune_recall=0.999", "tune_latency_ms=0.000001", "tune_queries=100"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out queries, TARGET 0.999 NOT MET" in out
+    assert any("not met within the latency budget" in r.getMessage() for r in caplog.records)
+    assert main(["build", f"pairs={pairs}", f"out={tmp_path / 'v2'}", "index=HNSW16", "categories=false",
+                 "tune_recall=0.5"]) == 0
+    assert "NOT MET" not in capsys.readouterr().out
