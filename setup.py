@@ -20,5 +20,6 @@ setup(
         "luna.conf": ["**/*.yaml"],
         "luna.campaigns": ["**/*.yaml", "**/*.txt"],
         "luna.models.configs": ["**/*.json"],
+        "luna.models.toy": ["weights/*.safetensors"],  # the toy preset's trained weights
     },
 )
