@@ -214,7 +214,7 @@ def build_source(positive, clip=None, clip_vision=None, vision_model="", vision_
         v = open_vault_checked(vault_dir, "vault_path" if vault_path else "vault")
         try:
             source = VaultSource(v, text, _EmbedderWithId(embedder, v), k=int(vault_k), weight=float(vault_strength),
-                                 weighting="softmax")
+                                 weighting="softmax", family="any")  # ComfyUI's CLIP has no luna fingerprint
         except ConditioningError as exc:
             raise InputError(f"input 'vault': {exc}") from exc
         routing = parse_routing(category_routing)
