@@ -1,4 +1,4 @@
-"""`luna demo out=DIR [preset=toy|tiny]`: the whole loop, then DIR/report.html.
+"""`luna demo out=DIR [models.preset=toy|tiny]`: the whole loop, then DIR/report.html.
 
     models   two SDXL checkpoints of two text-encoder families       DIR/models/single/*.safetensors
              (toy: the committed toy weights; tiny: random weights)
@@ -56,7 +56,7 @@ def _banner(number: int, stage: str, text: str) -> None:
 
 
 def preset_of(cfg: dict) -> str:
-    preset = str(cfg.get("preset") or "toy")
+    preset = str((cfg.get("models") or {}).get("preset") or "toy")
     if preset not in PRESETS:
         raise DemoError(f"preset={preset!r}: the demo runs one of {list(PRESETS)}")
     return preset
@@ -525,7 +525,7 @@ def _run_stages(cfg: dict, out: Path, paths: Paths) -> dict:
     subtitle = ("the whole loop on the toy preset: trained checkpoints of a procedural world, read by its oracle"
                 if toy else "the whole loop on the tiny preset (random weights: the plumbing, not the pictures)")
     results: dict = {"title": "Luna Foundry · demo", "subtitle": subtitle, "preset": preset,
-                     "command": "luna demo " + f"out={out}" + ("" if toy else " preset=tiny"), "timings": {},
+                     "command": "luna demo " + f"out={out}" + ("" if toy else " models.preset=tiny"), "timings": {},
                      "resumed": [], "report": dict(cfg.get("report") or {})}
     # every stage's key covers the preset and the settings it reads (and, chained, every earlier stage's)
     sections = {"models": ("preset", "models"), "factory": ("campaign", "cluster", "report", "toy"),

@@ -1,4 +1,4 @@
-"""`luna demo preset=tiny` at its smallest settings: every stage's files, a report whose images exist, a refined photo
+"""`luna demo models.preset=tiny` at its smallest settings: every stage's files, a report whose images exist, a refined photo
 changed only inside the detected face's crop, and a rerun that resumes instead of redoing."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import numpy as np
 from PIL import Image
 
-SMALL = ["preset=tiny", "campaign.quota=2", "campaign.steps=2", "campaign.batch_size=2", "train.epochs=1", "train.batch_size=8",
+SMALL = ["models.preset=tiny", "campaign.quota=2", "campaign.steps=2", "campaign.batch_size=2", "train.epochs=1", "train.batch_size=8",
          "retrieval.samples=1", "retrieval.k=3", "refine.k=3", "+refine.detail.steps=2", "report.samples_per_cell=1",
          "progress=false"]
 
