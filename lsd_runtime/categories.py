@@ -186,13 +186,14 @@ def table_from_config(ret: dict) -> CategoryTable | None:
 
 
 def memory_source(ret: dict, text, embedder, *, vault=None, projector=None, hybrid: dict | None = None,
-                  family: str = "same", te_fingerprint: str | None = None):
+                  family: str | None = None, te_fingerprint: str | None = None):
     """The crops' source from plain config: vault, projector or both (hybrid), routed by label when
     `ret` asks for it (`category: route`, `settings: FILE`, `per_category`); None without memory."""
     from lsd_runtime.conditioning import ProjectorSource, VaultSource
     from lsd_runtime.hybrid import HybridSettings, HybridSource
 
     blend = str(ret.get("blend", "linear"))
+    family = family or str(ret.get("family") or "same")  # retrieval.family: same | any | a family
     if vault is None and projector is None:
         return None
     if vault is None:

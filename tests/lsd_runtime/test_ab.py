@@ -45,8 +45,9 @@ def inputs(tmp_path_factory):
     return {"imgs": root / "imgs", "vault": root / "vault", "proj": root / "proj", "ip": ip}
 
 
-FAST = ["preset=tiny", "detail.steps=2", "crops.size=64", "detail.working_size=64"]
-SMALL = {"detail__steps": 2, "detail__working_size": 64, "crops__size": 64}
+# the synthetic vault holds another text-encoder fingerprint than the tiny checkpoint: any family
+FAST = ["preset=tiny", "detail.steps=2", "crops.size=64", "detail.working_size=64", "retrieval.family=any"]
+SMALL = {"detail__steps": 2, "detail__working_size": 64, "crops__size": 64, "retrieval__family": "any"}
 
 
 @pytest.mark.timeout(1800)  # 7 arms: past the 600 s default only on the shared 2 cores under heavy load
@@ -202,7 +203,7 @@ def test_demo_stage_samples_the_projectors_validation_split(inputs, tmp_path):
     held = split_keys(tmp_path / "pairs", "val", val_prompts=0.34)
     assert len(held) == 1
     d = demo_stage(tmp_path / "ab", shards=shards, vault=inputs["vault"], projector=inputs["proj"],
-                   pairs=tmp_path / "pairs", val_prompts=0.34, n=4, detail__steps=2)
+                   pairs=tmp_path / "pairs", val_prompts=0.34, n=4, detail__steps=2, retrieval__family="any")
     assert d["arms"] == ["none", "generic", "vault", "projector", "hybrid"] and d["crops"] == 1
     rec = json.loads(open(d["paths"]["ab_json"]).read())
     assert [c["key"] for c in rec["crops"]] == held
