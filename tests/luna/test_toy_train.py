@@ -64,7 +64,9 @@ def test_outputs_are_sdxl_in_two_families(trained):
         assert info.is_sdxl and info.size == "toy", info
     inv = merge([scan_folders([str(out)], node="pc1")])
     fams = {c.name: c.family for c in inv.checkpoints}
-    assert fams == {"toy-base-flat": "base", "toy-pony-outline": "pony"}
+    # pony from the file name; a freshly trained base has no evidence of its own (its fingerprint is new, not in
+    # conf/families.yaml, which names the committed toy weights' encoders), so the inventory says unknown
+    assert fams == {"toy-base-flat": "unknown", "toy-pony-outline": "pony"}
     assert len({c.te_fingerprint for c in inv.checkpoints}) == 2
 
 
