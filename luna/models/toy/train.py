@@ -119,7 +119,7 @@ class Stage:
         self.done = False
         self.log: list[dict] = []
         if self.path.is_file():
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            state = torch.load(self.path, map_location="cpu", weights_only=True)  # tensors, numbers, lists only
             for k, m in modules.items():
                 m.load_state_dict(state["modules"][k])
             for k, m in self.ema.items():
