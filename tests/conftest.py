@@ -41,6 +41,19 @@ def ray_cluster():
     cluster.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP threads that
+    spin-wait make a 4-step 64x64 generation take seconds instead of 0.1 s: one thread. Folders of
+    tiny-model tests use it for every test (an autouse fixture in their conftest.py)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Tiny-preset SDXL checkpoints written once per session (both on-disk formats)."""

@@ -1,15 +1,10 @@
-"""Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP threads that
-spin-wait make a 4-step 64x64 generation take seconds instead of 0.1 s: use one thread here."""
+"""Every test here runs its tiny models on one torch thread (tests/conftest.py: one_torch_thread)."""
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")
