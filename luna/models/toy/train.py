@@ -40,6 +40,10 @@ SCALING_FACTOR = 0.13025  # SDXL's; the toy VAE's latents are rescaled (folded i
 SIZE = 32  # the size the toy checkpoints generate at (latents 8x8)
 _MIN_SNR = 5.0
 LOGVAR = -12.0  # the toy VAE's posterior log-variance (a deterministic autoencoder)
+# Reconstruction weight of shape pixels against background pixels. The shape covers 8-20% of the
+# image: with a plain pixel loss the VAE learns the background first and, after 1,200 steps, still
+# confuses the colours (red/blue -> purple: 13% right); weighted 1 + 10 it gets them 100% right.
+FG_WEIGHT = 10.0
 
 
 @dataclass
@@ -102,6 +106,16 @@ def render_batch(scenes, rng: np.random.Generator, style, size: int = SIZE) -> t
     imgs = [world.render(s, size, int(rng.integers(2**31)), st) for s, st in zip(scenes, styles)]
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
+
+
+def recon_loss(y: torch.Tensor, x: torch.Tensor, scenes) -> torch.Tensor:
+    """L1 + L2 reconstruction loss with the shape's pixels (anything off the flat background)
+    weighted 1 + FG_WEIGHT."""
+    bg = torch.tensor([world.BACKGROUNDS[s.background] for s in scenes], dtype=x.dtype).view(-1, 3, 1, 1)
+    fg = ((x - (bg / 127.5 - 1.0)).abs().amax(dim=1, keepdim=True) > 0.15).to(x.dtype)
+    w = 1.0 + FG_WEIGHT * fg
+    d = y - x
+    return (d.abs() * w).mean() + (d.pow(2) * w).mean()
 
 
 # ---------------------------------------------------------------- resumable stage loop
@@ -213,7 +227,7 @@ def train_vae(work: Path, cfg: StageConfig, seed: int, every_s: float, log_file=
         # slow learning 10x; a little noise and an L2 bound keep the latent space smooth
         mean = vae.encode(x).latent_dist.mean
         y = vae.decode(mean + 0.1 * torch.randn(mean.shape, generator=gen)).sample
-        return F.l1_loss(y, x) + F.mse_loss(y, x) + 1e-4 * mean.pow(2).mean()
+        return recon_loss(y, x, scenes) + 1e-4 * mean.pow(2).mean()
 
     stage.run(step, every_s, log_file=log_file)
     vae = stage.final("vae")
@@ -261,7 +275,7 @@ def train_decoder(work: Path, cfg: StageConfig, seed: int, vae, every_s: float, 
             z = vae.encode(x).latent_dist.mean
             z = z + 0.02 / SCALING_FACTOR * torch.randn(z.shape, generator=gen)  # the UNet's latents are not exact
         y = vae.decode(z).sample
-        return F.l1_loss(y, x) + F.mse_loss(y, x)
+        return recon_loss(y, x, scenes)
 
     vae.encoder.eval()
     stage.run(step, every_s, log_file=log_file)
