@@ -508,13 +508,38 @@ def _refine_section(page: _Page, r: dict) -> None:
     page.section("refine", "6 · Refinement of a real photo", "\n".join(body))
 
 
+def _ab_section(page: _Page, ab: dict) -> None:
+    """`luna ab` inside the demo: its per-arm table and grid (lsd_runtime.ab.render_section), and each
+    memory arm's oracle accuracy against the generic prompt (the toy world's target), paired by crop."""
+    from lsd_runtime import abstats
+    from lsd_runtime.ab import render_section
+
+    path = Path(str((ab.get("paths") or {}).get("ab_json", "")))
+    if not path.is_file():
+        page.section("ab", "8 · A/B: the arms side by side", f"<p>ab.json not found: {_esc(path)}</p>")
+        return
+    record = json.loads(path.read_text())
+    body = [f"<p>{len(record['crops'])} crops of the demo's own images whose prompts the projector held out, "
+            f"degraded ({_esc(((record.get('settings') or {}).get('crops') or {}).get('degrade'))}) and refined from the same "
+            "scaffold slice and seed under each arm (<code>luna ab</code>, docs/ab.md). Files: "
+            f"<code>{_esc(path)}</code>, <code>{_esc(path.with_name('ab.html'))}</code>.</p>"]
+    if "oracle_acc" in record["metrics"] and "generic" in record["arms"]:
+        vs = abstats.summarise(record["results"], ["oracle_acc"], baseline="generic")
+        rows = [(_esc(arm), abstats.fmt((vs.get(arm, {}).get("oracle_acc") or {}).get("diff")))
+                for arm in record["arms"] if arm not in ("generic",)]
+        body.append("<h3>Oracle accuracy against the generic prompt (paired by crop, 95% interval)</h3>"
+                    + _table(rows, ("arm", "Δ oracle accuracy vs generic")))
+    body.append(render_section(record, root=path.parent, thumb=96))
+    page.section("ab", "8 · A/B: the arms side by side", "\n".join(body))
+
+
 def _timing_section(page: _Page, timings: dict, resumed) -> None:
     body = [page.image(_save_fig(timing_chart(timings, resumed), page.fig_dir / "timings.png"), "timings",
                        "time per stage", "max-width:100%")]
     rows = [(_esc(k), f"{float(v):.1f} s", "earlier run" if k in resumed else "") for k, v in timings.items()]
     rows.append(("<b>total</b>", f"<b>{sum(float(v) for v in timings.values()):.1f} s</b>", ""))
     body.append(_table(rows, ("stage", "wall time", "")))
-    page.section("timings", "8 · Time per stage", "\n".join(body))
+    page.section("timings", "9 · Time per stage", "\n".join(body))
 
 
 CSS = """
@@ -573,6 +598,8 @@ def build_report(results: dict, out_dir) -> Path:
         _refine_section(page, results["refine"])
     if results.get("quality"):
         _quality_section(page, results["quality"])
+    if results.get("ab"):
+        _ab_section(page, results["ab"])
     if results.get("timings"):
         _timing_section(page, results["timings"], set(results.get("resumed") or ()))
 
@@ -587,7 +614,7 @@ def build_report(results: dict, out_dir) -> Path:
         sub.append(f"<code style='background:rgba(255,255,255,.15);color:#fff'>{_esc(results['command'])}</code>")
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (
         ("campaign", "campaign"), ("pairs", "pairs"), ("vault", "vault"), ("retrieval", "retrieval"),
-        ("training", "training"), ("refine", "refinement"), ("quality", "quality"), ("timings", "timings"))
+        ("training", "training"), ("refine", "refinement"), ("quality", "quality"), ("ab", "a/b"), ("timings", "timings"))
         if f'id="{a}"' in "".join(page.parts))
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>

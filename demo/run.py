@@ -31,7 +31,7 @@ from pathlib import Path
 
 from luna.files import atomic_path, write_json_atomic
 
-STAGES = ("models", "factory", "extract", "vault", "train", "refine", "quality", "report")
+STAGES = ("models", "factory", "extract", "vault", "train", "refine", "quality", "ab", "report")
 PRESETS = ("toy", "tiny")
 RECORD_DIR = "demo"
 
@@ -517,6 +517,7 @@ def _run_stages(cfg: dict, out: Path, paths: Paths) -> dict:
         "refine": lambda cfg, paths, state: (toy_stages.stage_refine if toy else stage_refine)(
             cfg, paths, state["models"]["checkpoints"]),
         "quality": lambda cfg, paths, state: toy_stages.stage_quality(cfg, paths, state) if toy else {},
+        "ab": lambda cfg, paths, state: toy_stages.stage_ab(cfg, paths, state) if toy else {},
     }
     preset = preset_of(cfg)
     toy = preset == "toy"
@@ -530,7 +531,7 @@ def _run_stages(cfg: dict, out: Path, paths: Paths) -> dict:
     # every stage's key covers the preset and the settings it reads (and, chained, every earlier stage's)
     sections = {"models": ("preset", "models"), "factory": ("campaign", "cluster", "report", "toy"),
                 "extract": ("extract",), "vault": ("retrieval",), "train": ("train",), "refine": ("refine", "toy"),
-                "quality": ("toy",), "report": ()}
+                "quality": ("toy",), "ab": ("ab",), "report": ()}
     key = ""
     state: dict = {}
     t_all = time.perf_counter()
@@ -548,6 +549,7 @@ def _run_stages(cfg: dict, out: Path, paths: Paths) -> dict:
                                 "vault": "FAISS vault + retrieval", "train": "projector",
                                 "refine": "degraded toy crops" if toy else "astronaut photo",
                                 "quality": "the oracle's measures" if toy else "nothing to measure (random weights)",
+                                "ab": "luna ab: arms side by side" if toy else "nothing to compare (random weights)",
                                 "report": "report.html"}[stage])
         t0 = time.perf_counter()
         if stage == "report":  # the page shows the stages before it; its own time is in results.json
@@ -581,6 +583,8 @@ def _assemble(results: dict, state: dict) -> dict:
     results["refine"] = {key: value for key, value in state["refine"].items() if key != "retrieval"}
     if state.get("quality"):
         results["quality"] = state["quality"]
+    if state.get("ab"):
+        results["ab"] = state["ab"]
     results["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return results
 

@@ -3,6 +3,9 @@
     refine   held-out crops of the toy world, degraded on purpose (blurred, faded), refined by the
              runtime's denoiser with a generic prompt (text only), with vault and with projector
              conditioning; the oracle's verdict on each
+    ab       `luna ab` (lsd_runtime.ab.demo_stage) on held-out crops of the projector's validation split:
+             the same degraded crops refined under each arm (none, generic, vault, projector,
+             hybrid), scored by the oracle, with bootstrap intervals
     quality  generation accuracy of the factory's images against their prompts, the vision tower's
              nearest-neighbour agreement, vault precision@k on held-out renders, and images generated
              from the projector's conditioning for held-out prompts, all read by the oracle
@@ -143,3 +146,18 @@ def stage_quality(cfg: dict, paths, state: dict) -> dict:
                              "settings": refine["settings"]}
     return out
 
+
+
+def stage_ab(cfg: dict, paths, state: dict) -> dict:
+    """`luna ab` on `ab.n` crops of the demo's own shards whose prompts the projector held out (its
+    `val` split, split as `luna train` split them), degraded, refined under every arm the demo has."""
+    from lsd_runtime.ab import demo_stage
+
+    ab = cfg["ab"]
+    ckpt = state["models"]["checkpoints"][0]  # the checkpoint the refine stage uses
+    weights = toy_weights(cfg)
+    return demo_stage(paths.out / "ab", shards=paths.shards, vault=paths.vault, projector=paths.projector,
+                      pairs=paths.pairs, split="val", preset="toy", n=int(ab["n"]), size=32,
+                      oracle="luna.models.toy.oracle:read", degrade=ab["degrade"], arms=list(ab["arms"]),
+                      seed=int(ab["seed"]), checkpoint=str(ckpt["path"]), crops__degrade_amount=float(ab["amount"]),
+                      vision__weights=str(weights / "luna-toy-vit.safetensors"))

@@ -30,7 +30,7 @@ def test_demo_runs_the_whole_loop_and_resumes(ray_cluster, tmp_path, capsys):
     families = {c["family"] for c in results["campaign"]["checkpoints"]}
     assert len(families) >= 2
     assert results["campaign"]["images"] == 6 and results["pairs"]["images"] == 6
-    assert set(results["timings"]) == {"models", "factory", "extract", "vault", "train", "refine", "quality", "report"}
+    assert set(results["timings"]) == {"models", "factory", "extract", "vault", "train", "refine", "quality", "ab", "report"}
 
     # the report: self-contained, and every inlined image is also a file beside it
     html = (out / "report.html").read_text()
@@ -68,7 +68,7 @@ def test_demo_runs_the_whole_loop_and_resumes(ray_cluster, tmp_path, capsys):
     mtime = (out / "projector" / "projector.safetensors").stat().st_mtime_ns
     assert main([f"out={out}", *SMALL]) == 0
     again = json.loads((out / "demo" / "results.json").read_text())
-    assert set(again["resumed"]) == {"models", "factory", "extract", "vault", "train", "refine", "quality"}
+    assert set(again["resumed"]) == {"models", "factory", "extract", "vault", "train", "refine", "quality", "ab"}
     assert all(again["timings"][s] == results["timings"][s] for s in again["resumed"])
     assert (out / "projector" / "projector.safetensors").stat().st_mtime_ns == mtime
     assert "skipped" in capsys.readouterr().err
