@@ -3,7 +3,7 @@
 Why not StableDiffusionXLImg2ImgPipeline: its `latents` argument changed meaning across versions
 and its VAE encode samples the posterior with its own generator (DESIGN.md §3). Here:
 
-    x0 = scaling_factor * vae.encode(pixels).latent_dist.mode()          (never sample)
+    x0 = scaling_factor * vae.encode(pixels).latent_dist.mode()          (never sample; EDM: (z - mean) * sf / std)
     timesteps = scheduler.timesteps[t_start:]  (t_start from strength, as diffusers' get_timesteps)
     x = scheduler.add_noise(x0, injected_noise, timesteps[0])            (the only initial noise)
     for t: eps = unet([x, x], t, [neg; pos], text_embeds=[neg_pooled; pooled], time_ids)  -> CFG -> step
@@ -12,6 +12,11 @@ and its VAE encode samples the posterior with its own generator (DESIGN.md §3).
 Every batch row has its own conditioning, pooled vector, time ids, optional IP-Adapter image
 embedding and (for ancestral / SDE samplers) its own seeded generator, so a row's result does
 not depend on which other rows share its batch.
+
+The scheduler follows the checkpoint's prediction type (`prediction`: epsilon, v, v+ztsnr, edm,
+from luna.models.inventory), built by luna.models.sampling exactly as the factory's worker builds
+it: v-prediction, zero-terminal-SNR rescaling with trailing timesteps, or the EDM twin with the
+VAE's latent statistics. `prediction=None` keeps the pipeline's scheduler config as it is.
 """
 from __future__ import annotations
 
@@ -97,11 +102,28 @@ def time_ids(original_hw, crop_tl=(0, 0), target_hw=None, batch: int = 1) -> tor
     return torch.tensor([[*original_hw, *crop_tl, *target_hw]], dtype=torch.float32).repeat(batch, 1)
 
 
-def make_scheduler(base_config, name: str):
+def scheduler_plan(base_config, name: str, prediction: str | None = None, latents_mean=None, latents_std=None):
+    """The luna.models.sampling plan of sampler `name` for a checkpoint of `prediction` type (None: the
+    config as it is); SamplerError naming the sampler when the checkpoint cannot be sampled with it."""
+    from luna.models.sampling import SamplingPlan, UnsupportedSampling, sampling_plan
+
+    if name not in SAMPLERS:
+        raise SamplerError(f"sampler={name!r}: choose one of {sorted(SAMPLERS)}")
+    cls_name, extra, _ = SAMPLERS[name]
+    config = {**dict(base_config), **extra}
+    if prediction is None:
+        return SamplingPlan(cls_name, config)
+    try:
+        return sampling_plan(config, cls_name, prediction, latents_mean=latents_mean, latents_std=latents_std)
+    except UnsupportedSampling as e:
+        raise SamplerError(f"sampler={name!r}: {e}") from None
+
+
+def make_scheduler(base_config, name: str, prediction: str | None = None, latents_mean=None, latents_std=None):
     import diffusers
 
-    cls_name, extra, _ = SAMPLERS[name]
-    return getattr(diffusers, cls_name).from_config(dict(base_config), **extra)
+    plan = scheduler_plan(base_config, name, prediction, latents_mean, latents_std)
+    return getattr(diffusers, plan.scheduler_class).from_config(plan.scheduler_config)
 
 
 def item_generators(seeds) -> list[torch.Generator]:
@@ -113,13 +135,22 @@ class Sampler:
 
     The VAE runs in `vae_dtype` (fp32 by default: SDXL's VAE overflows in fp16); the UNet in
     its own dtype (fp16/bf16 on GPU). `vae_tiling_above`: VAE tiling for images whose longer side
-    exceeds it (4K); slicing decodes a batch one image at a time.
+    exceeds it (4K); slicing decodes a batch one image at a time. `prediction`: the checkpoint's
+    prediction type (None: the scheduler config as given); an EDM checkpoint's VAE gets its latent
+    statistics (`latents_mean`/`latents_std`, Playground v2.5's when None) and scaling 0.5.
     """
 
     def __init__(self, unet, vae, scheduler_config, *, force_zeros_for_empty_prompt: bool = True,
-                 vae_dtype=torch.float32, vae_tiling_above: int = 2048, vae_slicing: bool = True):
+                 vae_dtype=torch.float32, vae_tiling_above: int = 2048, vae_slicing: bool = True,
+                 prediction: str | None = None, latents_mean=None, latents_std=None):
         self.unet, self.vae = unet.eval(), vae.eval()
         self.scheduler_config = dict(scheduler_config)
+        self.prediction = prediction
+        self.latents_mean, self.latents_std = latents_mean, latents_std
+        if prediction is not None:  # the VAE side of the plan does not depend on the sampler name
+            vae_config = scheduler_plan(self.scheduler_config, "euler", prediction, latents_mean, latents_std).vae_config
+            if vae_config:
+                self.vae.register_to_config(**vae_config)
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.vae_dtype = vae_dtype
         self.vae_tiling_above = int(vae_tiling_above)
@@ -161,19 +192,44 @@ class Sampler:
         if tile != getattr(self.vae, "use_tiling", False) and hasattr(self.vae, "enable_tiling"):
             self.vae.enable_tiling() if tile else self.vae.disable_tiling()
 
+    def _latent_stats(self, like: torch.Tensor):
+        """(mean, std) [1, C, 1, 1] of the VAE's latents when its config has them (EDM), else (None, None)."""
+        c = self.vae.config
+        mean, std = getattr(c, "latents_mean", None), getattr(c, "latents_std", None)
+        if mean is None or std is None:
+            return None, None
+        shape = (1, len(mean), 1, 1)
+        return (torch.tensor(mean, dtype=torch.float32, device=like.device).view(shape),
+                torch.tensor(std, dtype=torch.float32, device=like.device).view(shape))
+
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8] float32 (posterior mode)."""
+        """[B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8] float32 (posterior mode); with latent
+        statistics (EDM), (z - mean) * scaling_factor / std, as diffusers' SDXL img2img pipeline does."""
         self._vae_mode(max(pixels.shape[-2:]))
-        return self._guarded(lambda vae: vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode(),
-                             "encode") * self.vae.config.scaling_factor
+        z = self._guarded(lambda vae: vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode(), "encode")
+        mean, std = self._latent_stats(z)
+        if mean is not None:
+            return (z - mean) * self.vae.config.scaling_factor / std
+        return z * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> pixels [B, 3, H, W] float32 in [-1, 1]."""
+        """Scaled latents -> pixels [B, 3, H, W] float32 in [-1, 1] (the inverse of `encode`'s scaling)."""
         self._vae_mode(8 * max(latents.shape[-2:]))
-        z = latents / self.vae.config.scaling_factor
+        mean, std = self._latent_stats(latents)
+        if mean is not None:
+            z = latents.float() * std / self.vae.config.scaling_factor + mean
+        else:
+            z = latents / self.vae.config.scaling_factor
         return self._guarded(lambda vae: vae.decode(z.to(vae.device, vae.dtype)).sample, "decode").clamp(-1, 1)
+
+    def scheduler_plan(self, name: str):
+        """The scheduler this checkpoint gets for sampler `name` (SamplerError when it cannot be sampled with it)."""
+        return scheduler_plan(self.scheduler_config, name, self.prediction, self.latents_mean, self.latents_std)
+
+    def make_scheduler(self, name: str):
+        return make_scheduler(self.scheduler_config, name, self.prediction, self.latents_mean, self.latents_std)
 
     def _guarded(self, run, what: str) -> torch.Tensor:
         out = run(self.vae).float()
@@ -228,7 +284,7 @@ class Sampler:
         self._check(cond, noise, latents)
         b = latents.shape[0]
         dev, dt = self.device, self.dtype
-        sched = make_scheduler(self.scheduler_config, settings.sampler)
+        sched = self.make_scheduler(settings.sampler)
         steps = int(settings.steps)
         sched.set_timesteps(steps, device=dev)
         init = min(int(steps * float(settings.strength)), steps)

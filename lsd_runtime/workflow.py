@@ -45,6 +45,7 @@ class Components:
     encoders: object  # luna.models.sdxl.TextEncoders
     vision: object | None = None  # luna.models.vision.VisionTower (vault / projector / IP-Adapter)
     name: str = ""
+    checkpoint: dict | None = None  # the inventory's facts of a loaded file: prediction, distillation, evidence
 
     @functools.cached_property
     def te_fingerprint(self) -> str:
@@ -84,10 +85,40 @@ def tiny_components(vision: bool = True) -> Components:
     return Components.from_pipeline(pipe, load_vision("tiny") if vision else None, name="tiny-base-0")
 
 
+class CheckpointRefused(ValueError):
+    """A checkpoint the runtime cannot sample correctly (the message names the file and why)."""
+
+
+def checkpoint_facts(path) -> dict:
+    """What the inventory (luna.models.inventory) says about one checkpoint: kind, family, prediction
+    type, distillation, each with its evidence; CheckpointRefused with the inventory's reason when the
+    runtime cannot sample it correctly (another kind, an unsupported prediction type, unreadable)."""
+    from pathlib import Path
+
+    from luna.models import inventory as inv
+
+    path = Path(str(path)).expanduser()
+    if not path.exists():
+        raise CheckpointRefused(f"checkpoint {path}: no such file or folder")
+    row = inv.row_from_facts(path, inv.cached_facts(path, inv.FactsCache()), inv.Families.load())
+    if not row.used:
+        raise CheckpointRefused(f"checkpoint {path}: {row.reason or row.kind}")
+    facts = {k: getattr(row, k) for k in ("kind", "family", "family_evidence", "prediction", "prediction_evidence",
+                                           "distillation", "distillation_evidence", "te_fingerprint")}
+    if row.distillation == "few-step":  # sampled as asked, but the steps/cfg are the user's to fit (recorded)
+        facts["warning"] = (f"few-step distilled ({row.distillation_evidence}): use its own steps/cfg "
+                            "(e.g. detail.steps=6 detail.cfg=1.5), 20 steps at cfg 5 burn its images")
+    return facts
+
+
 def load_components(checkpoint=None, preset: str | None = None, device: str = "auto", dtype: str = "auto",
                     vision_name: str | None = None, vision_weights=None) -> Components:
     """A checkpoint (single file or diffusers folder; SDXL only: NotSDXLError otherwise), or preset=tiny
-    (in-memory deterministic weights; any other preset names its checkpoint file)."""
+    (in-memory deterministic weights; any other preset names its checkpoint file).
+
+    A checkpoint's scheduler follows its prediction type as the inventory reads it (v-prediction,
+    zero terminal SNR, EDM with its latent statistics: luna.models.sampling, as the factory's
+    worker); a file the runtime cannot sample correctly is refused (CheckpointRefused)."""
     if preset == "tiny":
         comps = tiny_components(vision=False)
         if vision_name or vision_weights:
@@ -102,8 +133,11 @@ def load_components(checkpoint=None, preset: str | None = None, device: str = "a
         raise ValueError(f"preset={preset!r} names no checkpoint (its conf/preset/{preset}.yaml sets `checkpoint:`)")
     if checkpoint is None:
         raise ValueError("give checkpoint=PATH (an SDXL .safetensors or diffusers folder) or preset=tiny")
+    from luna.models.sampling import latent_statistics
     from luna.models.sdxl import load_sdxl
 
+    facts = checkpoint_facts(checkpoint)
+    mean, std = latent_statistics(checkpoint) if facts["prediction"] == "edm" else (None, None)
     dev, dt = pick_device_dtype(device, dtype)
     pipe = load_sdxl(checkpoint, device=dev, dtype=dt)
     vision = None
@@ -111,7 +145,10 @@ def load_components(checkpoint=None, preset: str | None = None, device: str = "a
         from luna.models.vision import load_vision
 
         vision = load_vision(vision_name, vision_weights, device=dev)
-    return Components.from_pipeline(pipe, vision, name=str(checkpoint))
+    comps = Components.from_pipeline(pipe, vision, name=str(checkpoint), prediction=facts["prediction"],
+                                     latents_mean=mean, latents_std=std)
+    comps.checkpoint = facts
+    return comps
 
 
 # ---------------------------------------------------------------------- settings
@@ -316,6 +353,10 @@ def refine(image, prompt: str, *, components: Components, detector=None, detecti
     from lsd_runtime.conditioning import TextSource, WithImageEmbeds
 
     settings = _resolve_batches(settings or RefineSettings(), components.sampler)
+    if denoise is None:  # a checkpoint that cannot be sampled with a stage's sampler is refused before any work
+        components.sampler.scheduler_plan(settings.detail.sampler)
+    if settings.refine.enabled and tile_denoise is None and denoise is None:
+        components.sampler.scheduler_plan(settings.refine.sampler)
     t_all = time.perf_counter()
     timings: dict = {}
     force = components.sampler.force_zeros_for_empty_prompt
@@ -332,6 +373,8 @@ def refine(image, prompt: str, *, components: Components, detector=None, detecti
         source = source if isinstance(source, WithImageEmbeds) else WithImageEmbeds(source, embedder)
     record: dict = {"format_version": FORMAT_VERSION, "prompt": prompt, "negative": negative, "seed": settings.seed,
                     "checkpoint": components.name, "settings": _settings_json(settings)}
+    if components.checkpoint:  # prediction type (the scheduler it got), family, distillation, with evidence
+        record["checkpoint_facts"] = dict(components.checkpoint)
 
     draft_info = None
     if settings.from_draft:

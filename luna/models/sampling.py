@@ -131,3 +131,28 @@ def resolve_sampler(sampler: Mapping[str, Any], name: str, family: str | None = 
             f"checkpoint {name!r} is few-step distilled: add a sampler_overrides rule for it, e.g. "
             "{distillation: few-step, steps: 6, cfg: 1.5, scheduler: euler, timestep_spacing: trailing}")
     return out
+
+
+def latent_statistics(path) -> tuple[list[float] | None, list[float] | None]:
+    """(latents_mean, latents_std) a checkpoint declares: a single file's `edm_mean`/`edm_std` tensors
+    (Playground v2.5 stores its VAE latent statistics there) or a diffusers folder's `vae/config.json`;
+    (None, None) when it declares none. Reads only those two small tensors."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        try:
+            vae = json.loads((path / "vae" / "config.json").read_text())
+        except (OSError, ValueError):
+            return None, None
+        mean, std = vae.get("latents_mean"), vae.get("latents_std")
+        return (list(map(float, mean)), list(map(float, std))) if mean and std else (None, None)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        if not {"edm_mean", "edm_std"} <= keys:
+            return None, None
+        return ([float(v) for v in f.get_tensor("edm_mean").flatten()],
+                [float(v) for v in f.get_tensor("edm_std").flatten()])
