@@ -46,8 +46,9 @@ class ShardEncoderWorker:
 class TextWorker:
     """Body of the text actor: the TextConditioner, called only with new prompts."""
 
-    def __init__(self, cfg_text: dict, checkpoint_dirs: list, device: str):
-        self.cond = make_conditioner({"text": cfg_text, "checkpoints": {"dirs": checkpoint_dirs}}, resolve_device(device))
+    def __init__(self, cfg_text: dict, checkpoints: dict, device: str):
+        """checkpoints: conf/extract.yaml's `checkpoints` (dirs, cache) as plain data."""
+        self.cond = make_conditioner({"text": cfg_text, "checkpoints": checkpoints}, resolve_device(device))
 
     def fingerprint(self, sample_fp: str, checkpoint: str) -> str:
         return self.cond.fingerprint(sample_fp, checkpoint)
@@ -125,7 +126,7 @@ def make_text_actor(cfg):
     if text_gpus > gpus:
         raise ValueError(f"ray.text_gpus={text_gpus}: the Ray cluster has {gpus} GPUs")
     actor = ray.remote(TextWorker).options(num_cpus=0.5, num_gpus=text_gpus, max_restarts=1).remote(
-        plain(get(cfg, "text", {})), list(get(get(cfg, "checkpoints", {}), "dirs", []) or []),
+        plain(get(cfg, "text", {})), plain(get(cfg, "checkpoints", {})) or {},
         str(get(cfg, "device", "auto")),
     )
     return RemoteText(actor)

@@ -101,15 +101,17 @@ def build_part(shard: Shard, images: ShardImages, store: PromptStore, text: Text
         order.setdefault(k, len(order))
     unique = list(order)
     missing = store.missing(unique)
-    hint = {}
+    hint: dict[str, list[dict]] = {}  # fingerprint -> the checkpoints the samples record (name, file fp, path, node)
     for k, m in zip(keys, metas):
-        hint.setdefault(k[1], m.checkpoint)
+        rec = {"name": m.checkpoint, "fingerprint": m.checkpoint_fingerprint, "path": m.checkpoint_path, "node": m.node}
+        if rec not in hint.setdefault(k[1], []):
+            hint[k[1]].append(rec)
     by_fp: dict[str, list[tuple[str, str]]] = {}
     for k in missing:
         by_fp.setdefault(k[1], []).append(k)
     for fp in sorted(by_fp):
         ks = by_fp[fp]
-        encoded = text.encode(fp, [k[0] for k in ks], hint.get(fp, ""))
+        encoded = text.encode(fp, [k[0] for k in ks], hint.get(fp, []))
         store.add(ks, encoded[0], encoded[1], **(getattr(encoded, "extra", None) or {}))
     stored = [k for k in unique if not store.on_disk(k)]
     cond, pooled = store.get(stored) if stored else (np.zeros((0, 77, 1)), np.zeros((0, 1)))

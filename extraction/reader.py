@@ -107,6 +107,8 @@ class SampleMeta:
     campaign: str
     seed: int
     format_version: int | None
+    node: str = ""  # the factory node that rendered it
+    checkpoint_path: str = ""  # where the checkpoint was on that node, when the factory records it
 
 
 _KEY = re.compile(r"[A-Za-z0-9_-]+")  # DESIGN §2: dot-free keys; "../x" or "/tmp/x" never pass
@@ -157,6 +159,8 @@ def parse_meta(key: str, files: dict[str, bytes]) -> SampleMeta:
         campaign=str(_meta_field(meta, "campaign", default="")),
         seed=int(_meta_field(meta, "seed", default=-1)),
         format_version=_meta_field(meta, "format_version"),
+        node=str(_meta_field(meta, "node", default="") or ""),
+        checkpoint_path=str(_meta_field(meta, "checkpoint_path", "checkpoint.path", default="") or ""),
     )
 
 

@@ -176,15 +176,40 @@ def checkpoint_name(path: Path) -> str:
     return path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
 
 
-class CheckpointLocator:
-    """Text-encoder fingerprint -> a checkpoint that has it. Checkpoints whose name matches the
-    sample's are fingerprinted first, so usually one file is hashed per fingerprint."""
+def _as_records(hint) -> list[dict]:
+    """A sample's hint as a list of recorded checkpoints [{name, fingerprint, path, node}] (a bare name is one)."""
+    if not hint:
+        return []
+    if isinstance(hint, str):
+        return [{"name": hint}]
+    if isinstance(hint, dict):
+        return [hint]
+    return [dict(h) if isinstance(h, dict) else {"name": str(h)} for h in hint]
 
-    def __init__(self, dirs, fingerprint_fn=None):
-        self.dirs = dirs
+
+class CheckpointLocator:
+    """Text-encoder fingerprint -> a checkpoint that has it.
+
+    With `dirs` (checkpoints.dirs): the checkpoints under those folders, those whose name matches the
+    sample's fingerprinted first, so usually one file is hashed per fingerprint. Without: where the
+    factory recorded it, in this order: the `checkpoint_path` a sample's metadata names, then the
+    inventory facts cache the factory's checkpoint scan wrote (`cache`: its path, None for the
+    default, False for none), whose entries give each scanned path's file and text-encoder
+    fingerprints (a sample's `checkpoint_fingerprint` is its file fingerprint). A recorded file that
+    is gone is an error naming the checkpoint and the recorded path."""
+
+    def __init__(self, dirs, fingerprint_fn=None, cache=None):
+        self.dirs = [dirs] if isinstance(dirs, (str, os.PathLike)) else list(dirs or [])
+        self.cache = cache
         self._fingerprint = fingerprint_fn
         self._paths: list[Path] | None = None
         self._fp_of: dict[Path, str] = {}
+        self._entries: dict[str, dict] | None = None
+
+    @property
+    def recorded(self) -> bool:
+        """True when locations come from the factory's records (no checkpoints.dirs given)."""
+        return not self.dirs
 
     def _fp(self, path: Path) -> str:
         if path not in self._fp_of:
@@ -200,9 +225,90 @@ class CheckpointLocator:
             self._paths = list_checkpoints(self.dirs)
         return self._paths
 
-    def find(self, fingerprint: str, name_hint: str = "") -> Path:
+    # --- the factory's records ----------------------------------------------------------------
+    def cache_entries(self) -> dict[str, dict]:
+        """{path: {stamp, facts}} of the inventory facts cache (empty with cache=false or no cache file)."""
+        if self._entries is None:
+            self._entries = {}
+            if self.cache is not False:
+                from luna.models.inventory import FactsCache
+
+                self._entries = dict(FactsCache(self.cache or None).entries)
+        return self._entries
+
+    def cache_path(self) -> str:
+        from luna.models.inventory import default_cache_path
+
+        return "none (checkpoints.cache=false)" if self.cache is False else str(
+            Path(str(self.cache)).expanduser() if self.cache else default_cache_path())
+
+    def _current(self, path: Path, entry: dict | None, fingerprint: str) -> bool:
+        """`path` still holds encoders of `fingerprint`: its cache stamp is unchanged, or it is hashed again."""
+        from luna.models.inventory import _stamp
+
+        try:
+            if entry is not None and entry.get("stamp") == _stamp(path) \
+                    and (entry.get("facts") or {}).get("te_fingerprint") == fingerprint:
+                return True
+        except OSError:
+            return False
+        try:
+            return self._fp(path) == fingerprint
+        except Exception as e:  # noqa: BLE001 - an unreadable file is not the one we want
+            log.warning("cannot fingerprint %s: %s", path, e)
+            return False
+
+    def _recorded_candidates(self, fingerprint: str, records: list[dict]) -> list[tuple[Path, str, dict | None]]:
+        """(path, what recorded it, cache entry) in the order to try: sample paths, then cache entries of the
+        samples' checkpoints (by file fingerprint or name), then any cache entry with these encoders."""
+        entries = self.cache_entries()
+        out: list[tuple[Path, str, dict | None]] = []
+        for r in records:
+            if r.get("path"):
+                out.append((Path(r["path"]), "the samples' metadata" + (f" (node {r['node']})" if r.get("node") else ""),
+                            entries.get(str(r["path"]))))
+        names = {r.get("name") for r in records if r.get("name")}
+        files = {r.get("fingerprint") for r in records if r.get("fingerprint")}
+        mine = [(p, e) for p, e in entries.items() if (e.get("facts") or {}).get("te_fingerprint") == fingerprint]
+        rank = lambda pe: (e_fp(pe[1]) not in files, checkpoint_name(Path(pe[0])) not in names, pe[0])  # noqa: E731
+        for p, e in sorted(mine, key=rank):
+            out.append((Path(p), f"the inventory cache {self.cache_path()}", e))
+        seen, uniq = set(), []
+        for c in out:
+            if c[0] not in seen:
+                seen.add(c[0])
+                uniq.append(c)
+        return uniq
+
+    def _find_recorded(self, fingerprint: str, records: list[dict]) -> Path:
+        missing = []
+        for path, source, entry in self._recorded_candidates(fingerprint, records):
+            if not path.exists():
+                missing.append(f"{path} (recorded in {source})")
+                continue
+            if self._current(path, entry, fingerprint):
+                return path
+            missing.append(f"{path} (recorded in {source}, but its text encoders changed since)")
+        names = ", ".join(repr(r["name"]) for r in records if r.get("name")) or "(unnamed)"
+        if missing:
+            raise TextEncoderNotFound(
+                f"checkpoint {names} (text-encoder fingerprint {fingerprint!r}) is no longer where the factory "
+                f"recorded it: {'; '.join(missing)}; pass checkpoints.dirs=[FOLDER] where it is now, or use "
+                "text=reference text.checkpoint=PATH")
+        raise TextEncoderNotFound(
+            f"no recorded location for checkpoint {names} (text-encoder fingerprint {fingerprint!r}): the samples "
+            f"name no checkpoint_path and the inventory cache {self.cache_path()} holds no checkpoint with these "
+            "text encoders (the factory ran on another machine, or with checkpoints.cache=false); pass "
+            "checkpoints.dirs=[FOLDER]")
+
+    # --- lookups --------------------------------------------------------------------------------
+    def find(self, fingerprint: str, name_hint="") -> Path:
+        records = _as_records(name_hint)
+        if self.recorded:
+            return self._find_recorded(fingerprint, records)
+        names = {r.get("name") for r in records}
         paths = self.paths()
-        ordered = [p for p in paths if checkpoint_name(p) == name_hint] + [p for p in paths if checkpoint_name(p) != name_hint]
+        ordered = [p for p in paths if checkpoint_name(p) in names] + [p for p in paths if checkpoint_name(p) not in names]
         for p in ordered:
             try:
                 if self._fp(p) == fingerprint:
@@ -210,12 +316,25 @@ class CheckpointLocator:
             except Exception as e:  # noqa: BLE001 - an unreadable file is not the one we want
                 log.warning("cannot fingerprint %s: %s", p, e)
         raise TextEncoderNotFound(
-            f"no checkpoint under checkpoints.dirs={list(self.dirs) if not isinstance(self.dirs, str) else [self.dirs]} "
-            f"has text-encoder fingerprint {fingerprint!r} (samples name checkpoint {name_hint!r}); "
+            f"no checkpoint under checkpoints.dirs={self.dirs} "
+            f"has text-encoder fingerprint {fingerprint!r} (samples name checkpoint "
+            f"{', '.join(repr(r.get('name', '')) for r in records) or repr('')}); "
             "add its folder to checkpoints.dirs, or use text=reference text.checkpoint=PATH"
         )
 
-    def fingerprint_of_name(self, name: str) -> str:
+    def fingerprint_of_name(self, name: str, record: dict | None = None) -> str:
+        if self.recorded:
+            record = dict(record or {}, name=name)
+            if record.get("path") and Path(record["path"]).exists():
+                return self._fp(Path(record["path"]))
+            for p, e in self.cache_entries().items():
+                facts = e.get("facts") or {}
+                if facts.get("te_fingerprint") and (e_fp(e) == record.get("fingerprint") or checkpoint_name(Path(p)) == name) \
+                        and Path(p).exists():
+                    return self._fp(Path(p))
+            raise TextEncoderNotFound(f"samples name checkpoint {name!r} without a te_fingerprint, and neither their "
+                                      f"metadata nor the inventory cache {self.cache_path()} records where it is; "
+                                      "pass checkpoints.dirs=[FOLDER]")
         for p in self.paths():
             if checkpoint_name(p) == name:
                 return self._fp(p)
@@ -223,18 +342,25 @@ class CheckpointLocator:
                                   f"of that name is under checkpoints.dirs")
 
 
+def e_fp(entry: dict) -> str | None:
+    """The file fingerprint of an inventory cache entry (what a sample's checkpoint_fingerprint holds)."""
+    return (entry.get("facts") or {}).get("fingerprint")
+
+
 # --- the conditioner ------------------------------------------------------------------------------
 class TextConditioner:
     """SDXL conditionings of prompts, exactly as diffusers' `encode_prompt` builds them.
 
     mode="per_checkpoint": the encoders of the fingerprint each sample names, found under
-    `checkpoint_dirs`; mode="reference": the encoders of `reference` for every sample.
+    `checkpoint_dirs`, or where the factory recorded them when no folder is given
+    (`checkpoint_cache`: the inventory facts cache; see CheckpointLocator); mode="reference": the
+    encoders of `reference` for every sample.
     `prompts_encoded` counts prompts sent through the encoders; `loads` counts encoder-set loads.
     """
 
     def __init__(self, mode: str = "per_checkpoint", checkpoint_dirs=(), reference: str | None = None,
                  device: str = "cpu", dtype: str = "float32", batch_size: int = 64, keep_loaded: int = 4,
-                 fingerprint_fn=None, clip_l: bool = False):
+                 fingerprint_fn=None, clip_l: bool = False, checkpoint_cache=None):
         if mode not in ("per_checkpoint", "reference"):
             raise ValueError(f"text.mode must be per_checkpoint or reference, not {mode!r}")
         if mode == "reference" and not reference:
@@ -244,12 +370,13 @@ class TextConditioner:
         self.mode, self.reference = mode, reference
         self.clip_l = bool(clip_l)  # also the SD 1.x-style CLIP-L target + pooled (CLIP_L_COLUMNS)
         self.device, self.dtype, self.batch_size, self.keep_loaded = device, dtype, int(batch_size), int(keep_loaded)
-        self.locator = CheckpointLocator(checkpoint_dirs, fingerprint_fn)
+        self.locator = CheckpointLocator(checkpoint_dirs, fingerprint_fn, checkpoint_cache)
         self._loaded: OrderedDict[str, object] = OrderedDict()
         self._reference_fp: str | None = None
         self.prompts_encoded = 0
         self.forward_batches = 0
         self.loads: dict[str, int] = {}
+        self.sources: dict[str, str] = {}  # fingerprint -> the checkpoint its encoders were loaded from
         self.seconds = 0.0  # loading encoders and encoding
         self.dims: tuple[tuple[int, int], int] | None = None  # ((clip-l width, bigG width), pooled dim)
 
@@ -261,7 +388,7 @@ class TextConditioner:
             return self._reference_fp
         return sample_fp or self.locator.fingerprint_of_name(checkpoint)
 
-    def _encoders(self, fp: str, name_hint: str):
+    def _encoders(self, fp: str, name_hint):
         if fp in self._loaded:
             self._loaded.move_to_end(fp)
             return self._loaded[fp]
@@ -272,14 +399,16 @@ class TextConditioner:
         path = Path(self.reference) if self.mode == "reference" else self.locator.find(fp, name_hint)
         while len(self._loaded) >= max(1, self.keep_loaded):
             self._loaded.popitem(last=False)
+        self.sources[fp] = str(path)
         log.info("loading text encoders %s from %s", fp, path)
         enc = load_text_encoders(path, device=self.device, dtype=getattr(torch, self.dtype))
         self.loads[fp] = self.loads.get(fp, 0) + 1
         self._loaded[fp] = enc
         return enc
 
-    def encode(self, fp: str, prompts: list[str], name_hint: str = "") -> tuple[np.ndarray, np.ndarray]:
-        """(cond [N,77,C], pooled [N,P]) float32 of `prompts` with the encoders of `fp`."""
+    def encode(self, fp: str, prompts: list[str], name_hint="") -> tuple[np.ndarray, np.ndarray]:
+        """(cond [N,77,C], pooled [N,P]) float32 of `prompts` with the encoders of `fp`. `name_hint`: the
+        checkpoint name the samples give, or their records [{name, fingerprint, path, node}]."""
         import torch
 
         from luna.models.sdxl import encode_prompt
@@ -307,7 +436,8 @@ class TextConditioner:
 
     def stats(self) -> dict:
         return {"prompts_encoded": self.prompts_encoded, "forward_batches": self.forward_batches,
-                "encoder_loads": dict(self.loads), "dims": self.dims, "seconds": round(self.seconds, 3)}
+                "encoder_loads": dict(self.loads), "encoder_sources": dict(self.sources), "dims": self.dims,
+                "seconds": round(self.seconds, 3)}
 
 
 def text_widths(enc, total: int) -> tuple[int, int]:
@@ -325,7 +455,7 @@ def text_widths(enc, total: int) -> tuple[int, int]:
 
 
 def make_conditioner(cfg, device: str) -> TextConditioner:
-    """The TextConditioner that `cfg` (conf/extract.yaml: `text.*`, `checkpoints.dirs`) describes, on `device`."""
+    """The TextConditioner that `cfg` (conf/extract.yaml: `text.*`, `checkpoints.dirs`/`cache`) describes, on `device`."""
     text_cfg = get(cfg, "text", {})
     tdtype = str(get(text_cfg, "dtype", "auto"))
     if tdtype == "auto":
@@ -333,6 +463,7 @@ def make_conditioner(cfg, device: str) -> TextConditioner:
     return TextConditioner(
         mode=str(get(text_cfg, "mode", "per_checkpoint")),
         checkpoint_dirs=list(get(get(cfg, "checkpoints", {}), "dirs", []) or []),
+        checkpoint_cache=get(get(cfg, "checkpoints", {}), "cache", None),
         reference=get(text_cfg, "checkpoint"),
         device=device,
         dtype=tdtype,
