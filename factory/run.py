@@ -100,7 +100,7 @@ def _task(unit, ckpt: inv_mod.CheckpointInfo, cfg: Mapping) -> dict:
 def sample_meta(unit, s, result: dict, kept: dict, now: str) -> dict:
     """The `key.json` of one sample (DESIGN.md §2)."""
     sp = unit.sampler
-    return {
+    meta = {
         "key": s.key, "prompt": s.prompt, "negative": s.negative,
         "campaign": unit.campaign, "job": unit.job, "category": unit.category,
         "template": s.template, "choices": s.choices, "index": s.index,
@@ -111,6 +111,11 @@ def sample_meta(unit, s, result: dict, kept: dict, now: str) -> dict:
         "node": result["node"], "worker": result["worker"], "time": now,
         "quality": kept["quality"], "unit_id": unit.id, "format_version": shards.FORMAT_VERSION,
     }
+    if sp.timestep_spacing is not None:  # set by a campaign sampler_overrides rule
+        meta["timestep_spacing"] = sp.timestep_spacing
+    if s.prompt_index is not None:  # `repeats`: the prompt this image is one replica of
+        meta["prompt_index"], meta["seed_index"] = s.prompt_index, s.seed_index
+    return meta
 
 
 class ShardSink:
