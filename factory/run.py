@@ -278,6 +278,59 @@ class ShardSink:
                 self.report.rejected_reasons[reason] = self.report.rejected_reasons.get(reason, 0) + 1
 
 
+def prepare_units(the_plan, ckpts: dict, index: shards.ShardIndex, out: Path, cfg: Mapping, report: RunReport,
+                  echo: Callable[[str], None]) -> tuple[list, "HealthWatch"]:
+    """The units this run generates and its guard, from the plan, the shards already written and the run's
+    record: finished units are skipped, a checkpoint stopped by an earlier run stays stopped, units moved
+    off it resume, and its samples no healthy unit renders yet are moved now (the record is rewritten)."""
+    campaign = the_plan.campaign
+    shards_dir = Path(out) / "shards"
+    rec_file = record_path(out, campaign.name)
+    report.record = str(rec_file)
+    record = read_record(rec_file)
+    record.update(campaign=campaign.name, skipped_checkpoints=dict(the_plan.skipped))
+    fps = {str(c.name): str(c.fingerprint) for c in the_plan.checkpoints}
+    stopped = {n: v for n, v in (record.get("poisoned") or {}).items() if fps.get(n) == v.get("fingerprint")}
+    record["poisoned"] = stopped  # an entry for a checkpoint no longer planned (or changed) is dropped
+    moved = [WorkUnit.from_dict(d) for d in record.get("moved_units") or []]
+    moved = [u for u in moved if fps.get(u.checkpoint) == u.fingerprint]
+    record["moved_units"] = [u.to_dict() for u in moved]
+    for name, v in stopped.items():
+        report.poisoned[name] = v.get("reason", "")
+        echo(f"checkpoint {name} was stopped by the poison guard in an earlier run ({v.get('reason', '')}); "
+             f"remove {rec_file} to try it again")
+    all_units = the_plan.units + moved
+    live_keys = {s.key for u in all_units if u.checkpoint not in stopped for s in u.samples}
+    orphans: dict = {}  # samples of stopped checkpoints that no healthy unit renders yet
+    for u in all_units:
+        if u.checkpoint in stopped:
+            for smp in u.samples:
+                if smp.key not in index.done_keys and smp.key not in live_keys:
+                    orphans.setdefault(u.job, []).append(smp)
+    pending = [u for u in all_units if u.id not in index.done_units and u.checkpoint not in stopped]
+    report.skipped_units = sum(1 for u in all_units if u.id in index.done_units)
+    if report.skipped_units:
+        echo(f"resuming: {report.skipped_units} of {len(all_units)} units already done")
+    clash = sorted({s.key for u in pending for s in u.samples} & index.done_keys)
+    if clash:  # the plan changed (other checkpoints, quotas, settings) since those shards were written
+        raise FactoryError(
+            f"{len(clash)} key(s) of this plan (e.g. {clash[0]}) are already in {shards_dir} from units of a "
+            "different plan (checkpoints, quotas or sampler settings changed): use a new out= folder, "
+            "or remove those shards, so the dataset holds no duplicate keys")
+    qcfg = qgate.QualityConfig.from_cfg(cfg.get("quality"))
+    guard = qgate.PoisonGuard(qcfg.poison_rate if qcfg.enabled else None, qcfg.poison_window)
+    for name, v in stopped.items():
+        guard.stop(name, v.get("reason", ""))
+    units_by_id = {u.id: u for u in pending}
+    watch = HealthWatch(the_plan, guard, units_by_id, lambda u: _task(u, ckpts[u.checkpoint], cfg), record,
+                        rec_file, report, echo, unusable=set())
+    if orphans:
+        pending += watch.move(orphans)
+    write_record(rec_file, record)
+    guard.totals = dict(Counter(u.checkpoint for u in pending))
+    return pending, watch
+
+
 def _progress(total: int, enabled: bool):
     if not enabled:
         return None
@@ -341,53 +394,12 @@ def run(cfg: Any, *, make_generator: Callable[[], Any] | None = None, echo: Call
         report.cleaned = [str(p) for p in shards.clean_incomplete(index)]
         if report.cleaned:
             echo(f"removed {len(report.cleaned)} interrupted shard write(s) from an earlier run")
-        rec_file = record_path(out, campaign.name)
-        report.record = str(rec_file)
-        record = read_record(rec_file)
-        record.update(campaign=campaign.name, skipped_checkpoints=dict(the_plan.skipped))
-        fps = {str(c.name): str(c.fingerprint) for c in the_plan.checkpoints}
-        stopped = {n: v for n, v in (record.get("poisoned") or {}).items() if fps.get(n) == v.get("fingerprint")}
-        record["poisoned"] = stopped  # an entry for a checkpoint no longer planned (or changed) is dropped
-        moved = [WorkUnit.from_dict(d) for d in record.get("moved_units") or []]
-        moved = [u for u in moved if fps.get(u.checkpoint) == u.fingerprint]
-        record["moved_units"] = [u.to_dict() for u in moved]
-        for name, v in stopped.items():
-            report.poisoned[name] = v.get("reason", "")
-            echo(f"checkpoint {name} was stopped by the poison guard in an earlier run ({v.get('reason', '')}); "
-                 f"remove {rec_file} to try it again")
-        all_units = the_plan.units + moved
-        live_keys = {s.key for u in all_units if u.checkpoint not in stopped for s in u.samples}
-        orphans: dict = {}  # samples of stopped checkpoints that no healthy unit renders yet
-        for u in all_units:
-            if u.checkpoint in stopped:
-                for smp in u.samples:
-                    if smp.key not in index.done_keys and smp.key not in live_keys:
-                        orphans.setdefault(u.job, []).append(smp)
-        pending = [u for u in all_units if u.id not in index.done_units and u.checkpoint not in stopped]
-        report.skipped_units = sum(1 for u in all_units if u.id in index.done_units)
-        if report.skipped_units:
-            echo(f"resuming: {report.skipped_units} of {len(all_units)} units already done")
-        clash = sorted({s.key for u in pending for s in u.samples} & index.done_keys)
-        if clash:  # the plan changed (other checkpoints, quotas, settings) since those shards were written
-            raise FactoryError(
-                f"{len(clash)} key(s) of this plan (e.g. {clash[0]}) are already in {shards_dir} from units of a "
-                "different plan (checkpoints, quotas or sampler settings changed): use a new out= folder, "
-                "or remove those shards, so the dataset holds no duplicate keys")
-        qcfg = qgate.QualityConfig.from_cfg(cfg.get("quality"))
-        guard = qgate.PoisonGuard(qcfg.poison_rate if qcfg.enabled else None, qcfg.poison_window)
-        for name, v in stopped.items():
-            guard.stop(name, v.get("reason", ""))
-        units_by_id = {u.id: u for u in pending}
-        ckpts = inv.by_name()
-        watch = HealthWatch(the_plan, guard, units_by_id, lambda u: _task(u, ckpts[u.checkpoint], cfg), record,
-                            rec_file, report, echo, unusable=set())
-        if orphans:
-            pending += watch.move(orphans)
-        write_record(rec_file, record)
+        pending, watch = prepare_units(the_plan, inv.by_name(), index, out, cfg, report, echo)
         if not pending:
-            echo(f"nothing to do: all {len(all_units)} units of {campaign.name} are in {shards_dir}")
+            echo(f"nothing to do: all {report.skipped_units} units of {campaign.name} are in {shards_dir}")
             return report
-        guard.totals = dict(Counter(u.checkpoint for u in pending))
+        guard, record, rec_file = watch.guard, watch.record, watch.record_file
+        ckpts = inv.by_name()
         nodes_needed = sorted({n for u in pending for n in ckpts[u.checkpoint].nodes})
         specs = actor_specs(cluster.nodes, nodes_needed, workers)
         report.actors = len(specs)
@@ -405,7 +417,7 @@ def run(cfg: Any, *, make_generator: Callable[[], Any] | None = None, echo: Call
                               node_alive=lambda node: node in list_nodes())
         if scheduler_hook is not None:
             scheduler_hook(scheduler)
-        sink = ShardSink(shards_dir, campaign.name, units_by_id, index.next_seq, report,
+        sink = ShardSink(shards_dir, campaign.name, watch.units, index.next_seq, report,
                          units_per_shard=int(cfg.get("units_per_shard", 1) or 1))
         total = sum(len(u.samples) for u in pending)
         echo(f"generating {total} images in {len(pending)} units with {len(specs)} actor(s) on "
