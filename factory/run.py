@@ -278,6 +278,14 @@ class ShardSink:
                 self.report.rejected_reasons[reason] = self.report.rejected_reasons.get(reason, 0) + 1
 
 
+def quality_config(cfg: Mapping) -> qgate.QualityConfig:
+    """The `quality:` settings, checked (a bad value is a FactoryError naming the key)."""
+    try:
+        return qgate.QualityConfig.from_cfg(cfg.get("quality"))
+    except (TypeError, ValueError) as e:
+        raise FactoryError(f"quality: {e}") from None
+
+
 def prepare_units(the_plan, ckpts: dict, index: shards.ShardIndex, out: Path, cfg: Mapping, report: RunReport,
                   echo: Callable[[str], None]) -> tuple[list, "HealthWatch"]:
     """The units this run generates and its guard, from the plan, the shards already written and the run's
@@ -317,7 +325,7 @@ def prepare_units(the_plan, ckpts: dict, index: shards.ShardIndex, out: Path, cf
             f"{len(clash)} key(s) of this plan (e.g. {clash[0]}) are already in {shards_dir} from units of a "
             "different plan (checkpoints, quotas or sampler settings changed): use a new out= folder, "
             "or remove those shards, so the dataset holds no duplicate keys")
-    qcfg = qgate.QualityConfig.from_cfg(cfg.get("quality"))
+    qcfg = quality_config(cfg)
     guard = qgate.PoisonGuard(qcfg.poison_rate if qcfg.enabled else None, qcfg.poison_window)
     for name, v in stopped.items():
         guard.stop(name, v.get("reason", ""))
@@ -365,6 +373,7 @@ def run(cfg: Any, *, make_generator: Callable[[], Any] | None = None, echo: Call
     t_start = time.time()
     report = RunReport(dry_run=bool(cfg.get("dry_run", False)))
     campaign = load_campaign(campaign_source(cfg))
+    quality_config(cfg)  # checked before any folder is scanned
     report.campaign = campaign.name
     out = Path(str(cfg.get("out") or "luna_out")).expanduser()
     shards_dir = out / "shards"
