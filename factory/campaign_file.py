@@ -570,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"campaign {campaign.name} ({campaign.source}): {campaign.total_quota} images, "
           f"{len(campaign.wildcards)} wildcard lists")
+    if campaign.repeats.active:
+        print(f"repeats: each prompt on {campaign.repeats.checkpoints} checkpoints x {campaign.repeats.seeds} seeds")
+    for rule in campaign.sampler_overrides:
+        print(f"sampler override: {rule}")
     for name, job in campaign.jobs.items():
         comb = campaign.combinations(name)
         comb_txt = f"{comb:,}" if comb < 10**15 else f"~1e{len(str(comb)) - 1}"
