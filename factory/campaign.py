@@ -30,10 +30,14 @@ class Sampler:
     width: int = 336
     height: int = 336
     batch_size: int = 8
+    timestep_spacing: str | None = None  # only from a sampler_overrides rule; None: the scheduler's own
 
     def to_dict(self) -> dict:
-        return dict(steps=self.steps, cfg=self.cfg, scheduler=self.scheduler, width=self.width,
-                    height=self.height, batch_size=self.batch_size)
+        d = dict(steps=self.steps, cfg=self.cfg, scheduler=self.scheduler, width=self.width,
+                 height=self.height, batch_size=self.batch_size)
+        if self.timestep_spacing is not None:  # absent otherwise: the unit ids of earlier plans stay the same
+            d["timestep_spacing"] = self.timestep_spacing
+        return d
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,23 @@ class SeedPolicy:
     `fixed`: every image uses `base` (prompts still vary)."""
     base: int = 0
     mode: str = "per_sample"
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """`repeats: {checkpoints: K, seeds: S}`: each drawn prompt is rendered on K different checkpoints
+    (spread over text-encoder families where possible) with S seeds each, K*S images per prompt."""
+    checkpoints: int = 1
+    seeds: int = 1
+    line: int | None = None
+
+    @property
+    def per_prompt(self) -> int:
+        return self.checkpoints * self.seeds
+
+    @property
+    def active(self) -> bool:
+        return self.per_prompt > 1
 
 
 @dataclass(frozen=True)
@@ -143,6 +164,9 @@ class Campaign:
     description: str = ""
     wildcards_dirs: tuple = ()
     negative_templates: dict = field(default_factory=dict, repr=False)  # text -> Template
+    sampler_overrides: tuple = ()  # of dicts (luna.models.sampling rules), applied per checkpoint by the planner
+    sampler_overrides_line: int | None = None
+    repeats: Repeats = field(default_factory=Repeats)
 
     # ---- lookups
     def job(self, name: str) -> Job:
@@ -179,6 +203,17 @@ class Campaign:
             return self.seed.base
         d = _rng_key(self.name, job, index, self.seed.base)
         return int.from_bytes(hashlib.blake2b(d, digest_size=8).digest(), "little") & ((1 << 53) - 1)
+
+    def replica_seed(self, seed: int, replica: int) -> int:
+        """The seed of a prompt's `replica`-th seed under `repeats.seeds` (0: the draw's own seed)."""
+        if replica == 0:
+            return int(seed)
+        msg = f"luna-replica-v1\x1f{int(seed)}\x1f{int(replica)}".encode()
+        return int.from_bytes(hashlib.blake2b(msg, digest_size=8).digest(), "little") & ((1 << 53) - 1)
+
+    def prompts_for(self, job: str) -> int:
+        """Prompts drawn for a job: its quota over the images per prompt (`repeats`)."""
+        return self.job(job).quota // self.repeats.per_prompt
 
     def draw(self, job: str, index: int) -> Draw:
         """Draw `index` of `job`: a pure function of (campaign name, job, index, base seed) and

@@ -17,12 +17,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
-from factory.campaign import Campaign, CheckpointSelection, Job, Sampler, SeedPolicy
+from factory.campaign import Campaign, CheckpointSelection, Job, Repeats, Sampler, SeedPolicy
 from factory.errors import CampaignError
 from factory.diffusion_schedulers import SCHEDULERS
 from factory.template import MAX_EXPANSIONS, Ref, Template, Variant, iter_refs, parse_template
 from factory.yaml_lines import key_line, line_of, read_yaml
 from luna import CAMPAIGNS_DIR  # the shipped campaigns: `campaign=NAME` reads NAME.yaml there
+from luna.models.sampling import OVERRIDE_KEYS, SELECTOR_KEYS, check_overrides
 
 # Bounds that keep hostile input cheap: every one is far above what a real campaign needs.
 MAX_WILDCARD_FILE_BYTES = 16 * 1024 * 1024  # one .txt file of a wildcards folder
@@ -35,12 +36,17 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")           # campaign and job names: go 
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9_\-]+$")      # one level of a wildcard path
 
 TOP_KEYS = ("campaign", "description", "wildcards", "wildcards_dir", "jobs", "negative_prompt",
-            "sampler", "checkpoints", "seed")
+            "sampler", "checkpoints", "seed", "sampler_overrides", "repeats")
 JOB_KEYS = ("quota", "templates", "negative_prompt", "sampler", "description")
 SAMPLER_KEYS = ("steps", "cfg", "scheduler", "width", "height", "resolution", "batch_size")
 CHECKPOINT_KEYS = ("include", "exclude", "tags", "families")
 SEED_KEYS = ("base", "mode")
 SEED_MODES = ("per_sample", "fixed")
+RULE_KEYS = SELECTOR_KEYS + OVERRIDE_KEYS   # one sampler_overrides rule (luna.models.sampling)
+DISTILLATIONS = ("none", "few-step")        # the inventory's distillation values
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")  # diffusers' timestep_spacing values
+REPEAT_KEYS = ("checkpoints", "seeds")
+MAX_REPEATS = 1000
 
 
 def available_campaigns() -> list[str]:
@@ -159,6 +165,64 @@ def _parse_checkpoints(raw, file, line) -> CheckpointSelection:
     kw = {k: _as_str_list(v, file, key_line(raw, k, line), f"{where}/{k}") for k, v in raw.items()}
     kw.setdefault("include", ("*",))
     return CheckpointSelection(**kw, line=line)
+
+
+def _parse_overrides(raw, file, line) -> tuple:
+    """`sampler_overrides:` a list of rules, each selecting checkpoints (family, checkpoints globs,
+    distillation) and setting steps / cfg / scheduler / timestep_spacing; applied in order."""
+    where = "sampler_overrides"
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise CampaignError("expected a list of rules like {distillation: few-step, steps: 6, cfg: 1.5}, "
+                            f"got {raw!r}", file, line, where)
+    rules = []
+    for i, (rule, rline) in enumerate(zip(raw, getattr(raw, "item_lines", [line] * len(raw)))):
+        rp = f"{where}[{i}]"
+        if not isinstance(rule, Mapping):
+            raise CampaignError(f"a rule is a mapping like {{family: noobai, cfg: 4.5}}, got {rule!r}", file, rline, rp)
+        _check_keys(rule, RULE_KEYS, file, rp)
+        if not set(rule) & set(SELECTOR_KEYS):
+            raise CampaignError(f"selects no checkpoint: give {', '.join(SELECTOR_KEYS)}", file, rline, rp)
+        if not set(rule) & set(OVERRIDE_KEYS):
+            raise CampaignError(f"changes nothing: give {', '.join(OVERRIDE_KEYS)}", file, rline, rp)
+        out = {}
+        for k, v in rule.items():
+            kl, kp = key_line(rule, k, rline), f"{rp}/{k}"
+            if k in ("family", "checkpoints"):
+                vals = _as_str_list(v, file, kl, kp)
+                if not vals or not all(x.strip() for x in vals):
+                    raise CampaignError(f"expected non-empty names, got {v!r}", file, kl, kp)
+                out[k] = list(vals)
+            elif k == "distillation":
+                if v not in DISTILLATIONS:
+                    raise CampaignError(f"unknown distillation {v!r}; one of {', '.join(DISTILLATIONS)}", file, kl, kp)
+                out[k] = str(v)
+            elif k == "timestep_spacing":
+                if v not in TIMESTEP_SPACINGS:
+                    raise CampaignError(f"unknown timestep_spacing {v!r}{_did_you_mean(v, TIMESTEP_SPACINGS)}; one of "
+                                        f"{', '.join(TIMESTEP_SPACINGS)}", file, kl, kp)
+                out[k] = str(v)
+            else:  # steps, cfg, scheduler: the same checks as a sampler's
+                out[k] = getattr(_parse_sampler({k: v}, Sampler(), file, kl, rp), k)
+        rules.append(out)
+    return tuple(check_overrides(rules))
+
+
+def _parse_repeats(raw, file, line) -> Repeats:
+    where = "repeats"
+    if raw is None:
+        return Repeats(line=line)
+    if not isinstance(raw, Mapping):
+        raise CampaignError(f"expected a mapping like {{checkpoints: 3, seeds: 1}}, got {raw!r}", file, line, where)
+    _check_keys(raw, REPEAT_KEYS, file, where)
+    kw = {}
+    for k in REPEAT_KEYS:
+        if k in raw:
+            kw[k] = _as_int(raw[k], file, key_line(raw, k, line), f"{where}/{k}", minimum=1)
+            if kw[k] > MAX_REPEATS:
+                raise CampaignError(f"at most {MAX_REPEATS}, got {kw[k]}", file, key_line(raw, k, line), f"{where}/{k}")
+    return Repeats(**kw, line=line)
 
 
 def _parse_seed(raw, file, line) -> SeedPolicy:
@@ -382,12 +446,24 @@ def campaign_from_dict(data, source: Path | None = None) -> Campaign:
         if text and text not in negatives:
             negatives[text] = parse_template(text, file, line, where, weighted=False)
 
+    repeats = _parse_repeats(data.get("repeats"), file, kl("repeats"))
+    for j in jobs.values():  # every prompt gets all its K*S images: the quota counts images
+        if j.quota % repeats.per_prompt:
+            n = repeats.per_prompt
+            down, up = j.quota - j.quota % n, j.quota - j.quota % n + n
+            raise CampaignError(f"quota {j.quota} is not a multiple of repeats (checkpoints {repeats.checkpoints} x "
+                                f"seeds {repeats.seeds} = {n} images per prompt): use {down or up} or {up}",
+                                file, key_line(jobs_raw[j.name], "quota", j.line), f"jobs/{j.name}/quota")
+
     camp = Campaign(name=name, source=source, wildcards=wildcards, jobs=jobs, negative_prompt=negative,
                     sampler=sampler,
                     checkpoints=_parse_checkpoints(data.get("checkpoints"), file, kl("checkpoints")),
                     seed=_parse_seed(data.get("seed"), file, kl("seed")),
                     description=str(data.get("description", "") or ""), wildcards_dirs=dirs,
-                    negative_templates=negatives)
+                    negative_templates=negatives,
+                    sampler_overrides=_parse_overrides(data.get("sampler_overrides"), file, kl("sampler_overrides")),
+                    sampler_overrides_line=kl("sampler_overrides") if "sampler_overrides" in data else None,
+                    repeats=repeats)
     roots = [(f"jobs/{j.name}/templates", t) for j in jobs.values() for t in j.templates]
     roots += [("negative_prompt", t) for t in negatives.values()]
     _check_references(camp, roots)
@@ -494,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"campaign {campaign.name} ({campaign.source}): {campaign.total_quota} images, "
           f"{len(campaign.wildcards)} wildcard lists")
+    if campaign.repeats.active:
+        print(f"repeats: each prompt on {campaign.repeats.checkpoints} checkpoints x {campaign.repeats.seeds} seeds")
+    for rule in campaign.sampler_overrides:
+        print(f"sampler override: {rule}")
     for name, job in campaign.jobs.items():
         comb = campaign.combinations(name)
         comb_txt = f"{comb:,}" if comb < 10**15 else f"~1e{len(str(comb)) - 1}"

@@ -113,6 +113,20 @@ class Placement:
         self.loaded[worker] = choice
         return self.queues[choice].popleft()
 
+    def add(self, tasks: list[dict]) -> None:
+        """More tasks (e.g. a stopped checkpoint's samples moved to another checkpoint), at the back."""
+        for t in tasks:
+            name = t["checkpoint"]["name"]
+            self.queues.setdefault(name, deque()).append(t)
+            self.holders.setdefault(name, set(t["checkpoint"]["paths"]))
+
+    def drop(self, checkpoint: str) -> list[dict]:
+        """Stop scheduling a checkpoint: its queued tasks are removed and returned (in-flight ones finish)."""
+        queue = self.queues.get(checkpoint) or deque()
+        dropped = list(queue)
+        queue.clear()
+        return dropped
+
     def requeue(self, task: dict, why: str) -> None:
         """Put a task back at the front of its queue; FactoryRunError once it failed too often."""
         uid = task["unit_id"]
@@ -174,6 +188,7 @@ class Scheduler:
         self._placement = Placement([], max_retries)
         self._restarts = 0
         self._last_death = "none"
+        self.guard: Callable | None = None
 
     def _start(self, spec: ActorSpec) -> _Actor:
         actor = _Actor(spec, self.make_actor(spec))
@@ -191,10 +206,15 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - already dead is fine
                 pass
 
-    def run(self, tasks: list[dict], on_result: Callable[[dict, dict], None], progress: Any = None) -> RunStats:
-        """Run every task; `on_result(task, result)` is called in the driver for each finished one."""
+    def run(self, tasks: list[dict], on_result: Callable[[dict, dict], None], progress: Any = None,
+            guard: Callable[[dict, dict, Callable[[str], list]], list] | None = None) -> RunStats:
+        """Run every task; `on_result(task, result)` is called in the driver for each finished one.
+
+        `guard(task, result, drop)`, called after `on_result`, may stop a checkpoint (`drop(name)`
+        removes its queued tasks and returns them) and returns new tasks to queue."""
         if not tasks:
             return self.stats
+        self.guard = guard
         self._placement = Placement(tasks, self.max_retries, join_budget=len(self.specs))
         try:
             for spec in self.specs:
@@ -255,6 +275,8 @@ class Scheduler:
             actor.inflight = [(r, t) for r, t in actor.inflight if r != ref]
             self.stats.loads_by_worker[actor.spec.worker] = int(result.get("loads", 0))
             on_result(task, result)
+            if self.guard is not None:
+                self._placement.add(self.guard(task, result, self._placement.drop) or [])
             self.stats.units_done += 1
             self.stats.images += len(result["samples"])
             self.stats.rejected += len(result["rejected"])

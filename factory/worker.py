@@ -5,9 +5,11 @@ stays the same; it runs one task (= one work unit) at a time, applies the qualit
 returns encoded images. Which actor runs which unit is `factory.scheduler`'s business.
 
 A task is a plain dict: {unit_id, checkpoint: {name, paths: {node: path}}, samples: [{key, prompt,
-negative, seed}], sampler: {steps, cfg, scheduler, width, height, batch_size}, image: {format,
+negative, seed}], sampler: {steps, cfg, scheduler, width, height, batch_size[, timestep_spacing], prediction}, image: {format,
 quality}, quality: {...}}. A generator is any object with `load(path)` and
-`generate(prompts, negatives, seeds, sampler) -> list[HxWx3 float array in 0..1]`.
+`generate(prompts, negatives, seeds, sampler) -> list[HxWx3 float array in 0..1]`. The task's sampler is
+the unit's resolved settings (the campaign's, with its `sampler_overrides` for this checkpoint: steps,
+cfg, scheduler, timestep_spacing) plus the checkpoint's `prediction` type.
 """
 from __future__ import annotations
 
@@ -75,11 +77,16 @@ class SDXLGenerator:
         self.pipe.vae.register_to_config(**vae_config)
         self._scheduler = (name, prediction, timestep_spacing)
 
+    def configure(self, sampler: dict) -> None:
+        """Set the pipeline's scheduler (and VAE statistics) for a task's sampler settings: the scheduler a
+        campaign or its sampler_overrides rule names, the checkpoint's prediction type, timestep_spacing."""
+        self._set_scheduler(str(sampler.get("scheduler", "euler")), str(sampler.get("prediction") or "epsilon"),
+                            sampler.get("timestep_spacing"))
+
     def generate(self, prompts: list[str], negatives: list[str], seeds: list[int], sampler: dict) -> list[np.ndarray]:
         import torch
 
-        self._set_scheduler(str(sampler.get("scheduler", "euler")), str(sampler.get("prediction") or "epsilon"),
-                            sampler.get("timestep_spacing"))
+        self.configure(sampler)
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         with torch.inference_mode():
             out = self.pipe(

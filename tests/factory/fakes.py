@@ -8,11 +8,13 @@ import numpy as np
 
 
 class FakeGenerator:
-    """Images from the seed; optional per-image delay; dies (os._exit) once a flag file exists."""
+    """Images from the seed; optional per-image delay; dies (os._exit) once a flag file exists; only flat
+    grey images once a checkpoint whose path contains one of `flat_paths` is loaded (a poisoned checkpoint)."""
 
     def __init__(self, delay_s: float = 0.0, die_flag: str | None = None, black_seeds=(), nan_seeds=(),
-                 fail_prompts=()):
+                 fail_prompts=(), flat_paths=()):
         self.delay_s, self.die_flag, self.fail_prompts = delay_s, die_flag, set(fail_prompts)
+        self.flat_paths = tuple(flat_paths)
         self.black_seeds, self.nan_seeds = set(black_seeds), set(nan_seeds)
         self.path = None
 
@@ -36,6 +38,8 @@ class FakeGenerator:
             im = rng.random((int(sampler["height"]), int(sampler["width"]), 3), dtype=np.float32)
             if s in self.black_seeds:
                 im[:] = 0.0
+            if self.path and any(f in str(self.path) for f in self.flat_paths):
+                im[:] = 0.5
             if s in self.nan_seeds:
                 im[0, 0, 0] = np.nan
             out.append(im)

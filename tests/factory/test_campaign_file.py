@@ -148,6 +148,36 @@ ERRORS = {
     "python_tag": ("campaign: t\njobs: !!python/object:os.system {}\n", 2, None, "malformed YAML"),
     "two_documents": ("campaign: t\n---\ncampaign: u\n", 2, None, "malformed YAML"),
     "empty_template": ("campaign: t\njobs:\n  j: {quota: 1, templates: ['  ']}\n", 3, "jobs/j/templates", "empty"),
+    # sampler_overrides rules (applied per checkpoint by the planner)
+    "override_typo": ("campaign: t\njobs:\n  j: {quota: 1, templates: [x]}\nsampler_overrides:\n"
+                      "  - {distillation: few-step, steps: 6}\n  - {family: noobai, cgf: 4.5}\n",
+                      6, "sampler_overrides[1]", "unknown key 'cgf' (did you mean 'cfg'?)"),
+    "override_no_selector": ("campaign: t\njobs:\n  j: {quota: 1, templates: [x]}\nsampler_overrides:\n"
+                             "  - steps: 6\n    cfg: 1.5\n", 5, "sampler_overrides[0]", "selects no checkpoint"),
+    "override_no_setting": ("campaign: t\njobs:\n  j: {quota: 1, templates: [x]}\nsampler_overrides:\n"
+                            "  - {checkpoints: ['*turbo*']}\n", 5, "sampler_overrides[0]", "changes nothing"),
+    "override_bad_steps": ("campaign: t\njobs:\n  j: {quota: 1, templates: [x]}\nsampler_overrides:\n"
+                           "  - distillation: few-step\n    steps: 0\n", 6, "sampler_overrides[0]/steps", "must be >= 1"),
+    "override_bad_scheduler": ("campaign: t\njobs:\n  j: {quota: 1, templates: [x]}\nsampler_overrides:\n"
+                               "  - {family: pony, scheduler: lcm}\n", 5, "sampler_overrides[0]/scheduler",
+                               "unknown scheduler 'lcm'"),
+    "override_bad_spacing": ("campaign: t\njobs:\n  j: {quota: 1, templates: [x]}\nsampler_overrides:\n"
+                             "  - {family: pony, timestep_spacing: trailng}\n", 5,
+                             "sampler_overrides[0]/timestep_spacing", "did you mean 'trailing'"),
+    "override_bad_distillation": ("campaign: t\njobs:\n  j: {quota: 1, templates: [x]}\nsampler_overrides:\n"
+                                  "  - {distillation: lightning, steps: 4}\n", 5,
+                                  "sampler_overrides[0]/distillation", "one of none, few-step"),
+    "override_not_a_list": ("campaign: t\njobs:\n  j: {quota: 1, templates: [x]}\nsampler_overrides: {steps: 6}\n",
+                            4, "sampler_overrides", "expected a list of rules"),
+    "override_rule_not_mapping": ("campaign: t\njobs:\n  j: {quota: 1, templates: [x]}\nsampler_overrides:\n"
+                                  "  - few-step\n", 5, "sampler_overrides[0]", "a rule is a mapping"),
+    # repeats: each prompt on K checkpoints x S seeds
+    "repeats_zero": ("campaign: t\njobs:\n  j: {quota: 4, templates: [x]}\nrepeats: {checkpoints: 0}\n",
+                     4, "repeats/checkpoints", "must be >= 1"),
+    "repeats_typo": ("campaign: t\njobs:\n  j: {quota: 4, templates: [x]}\nrepeats:\n  checkpoint: 2\n",
+                     5, "repeats", "did you mean 'checkpoints'"),
+    "repeats_quota": ("campaign: t\njobs:\n  j:\n    quota: 10\n    templates: [x]\nrepeats: {checkpoints: 3}\n",
+                      4, "jobs/j/quota", "not a multiple of repeats"),
 }
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from factory.campaign_file import load_campaign
 from factory.errors import CampaignError
-from factory.planner import WorkUnit, balance, plan, sample_key
+from factory.planner import WorkUnit, balance, plan, reassign, sample_key
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,6 +29,8 @@ class Ckpt:
     family: str = "sdxl"
     tags: list = field(default_factory=list)
     nodes: list = field(default_factory=lambda: ["pc1"])
+    prediction: str = "epsilon"
+    distillation: str = "none"
 
 
 def ckpts(n: int, **kw) -> list[Ckpt]:
@@ -253,3 +255,157 @@ def test_summary_estimate_and_text(tmp_path):
     for fragment in ("39 images", "multi/a", "multi/b", "model_00", "unique prompts", "estimated time", "54.0s"):
         assert fragment in text, text
     assert plan(c, ckpts(3)).summary()["estimated_seconds"] > 0  # default rough estimate
+
+
+# --------------------------------------------------------------------------- sampler_overrides
+
+
+OVERRIDES = textwrap.dedent("""\
+    campaign: fast
+    wildcards:
+      color: [red, green, blue, amber, teal]
+    jobs:
+      a: {quota: 12, templates: ["a __color__ cup"]}
+    sampler: {steps: 20, cfg: 6.0, width: 64, height: 64, batch_size: 4}
+    sampler_overrides:
+      - {distillation: few-step, steps: 6, cfg: 1.5, scheduler: euler, timestep_spacing: trailing}
+      - {checkpoints: ["*turbo*"], steps: 2, cfg: 1.0}
+      - {family: noobai, cfg: 4.5}
+    """)
+
+
+def test_sampler_overrides_are_resolved_per_checkpoint(tmp_path):
+    c = load_campaign(campaign_file(tmp_path, OVERRIDES))
+    cks = [Ckpt("plain", "fp0"), Ckpt("fastLightning", "fp1", distillation="few-step"),
+           Ckpt("sdxl_turbo", "fp2", distillation="few-step"), Ckpt("noob", "fp3", family="noobai")]
+    p = plan(c, cks)
+    got = {u.checkpoint: u.sampler for u in p.units}
+    assert (got["plain"].steps, got["plain"].cfg, got["plain"].timestep_spacing) == (20, 6.0, None)
+    assert (got["fastLightning"].steps, got["fastLightning"].cfg, got["fastLightning"].timestep_spacing) == (6, 1.5, "trailing")
+    # rules apply in order: the few-step rule, then the turbo glob over it
+    assert (got["sdxl_turbo"].steps, got["sdxl_turbo"].cfg, got["sdxl_turbo"].timestep_spacing) == (2, 1.0, "trailing")
+    assert (got["noob"].steps, got["noob"].cfg) == (20, 4.5)
+    assert len(p) == 12 and not p.skipped
+    text = p.format_summary()
+    assert "6 steps, cfg 1.5, euler trailing" in text and "2 steps, cfg 1, euler trailing" in text, text
+    # the unit id follows the resolved settings; a plan without any override keeps its old ids
+    plain_units = [u for u in p.units if u.checkpoint == "plain"]
+    assert "timestep_spacing" not in plain_units[0].sampler.to_dict()
+    for u in p.units:
+        assert WorkUnit.from_dict(json.loads(json.dumps(u.to_dict()))) == u
+
+
+def test_uncovered_few_step_checkpoint_is_skipped_with_the_reason(tmp_path):
+    body = OVERRIDES.split("sampler_overrides:")[0] + "sampler_overrides:\n  - {family: noobai, cfg: 4.5}\n"
+    c = load_campaign(campaign_file(tmp_path, body))
+    cks = [Ckpt("plain", "fp0"), Ckpt("fastLightning", "fp1", distillation="few-step"),
+           Ckpt("vpredZ", "fp2", prediction="v+ztsnr")]
+    p = plan(c, cks)
+    assert {u.checkpoint for u in p.units} == {"plain", "vpredZ"}  # never run with the defaults
+    assert len(p) == 12  # the quota goes to the checkpoints that can run it
+    assert "few-step distilled" in p.skipped["fastLightning"] and "sampler_overrides" in p.skipped["fastLightning"]
+    assert p.summary()["skipped_checkpoints"] == p.skipped
+    assert "skipped checkpoint fastLightning: checkpoint 'fastLightning' is few-step distilled" in p.format_summary()
+    # a v+ztsnr checkpoint under a scheduler that cannot rescale to zero terminal SNR: skipped too
+    heun = load_campaign(campaign_file(tmp_path, body.replace("batch_size: 4}", "batch_size: 4, scheduler: heun}"),
+                                       "heun.yaml"))
+    p2 = plan(heun, cks)
+    assert {u.checkpoint for u in p2.units} == {"plain"} and "cannot rescale" in p2.skipped["vpredZ"]
+    with pytest.raises(CampaignError, match="every selected checkpoint was skipped: fastLightning: .*few-step") as e:
+        plan(c, [cks[1]])
+    assert e.value.line == 7 and e.value.path == "sampler_overrides"
+
+
+# --------------------------------------------------------------------------- repeats
+
+
+REPEATS = textwrap.dedent("""\
+    campaign: rep
+    wildcards:
+      color: [red, green, blue, amber, teal, pink, grey, violet, black, white]
+      thing: [cup, ring, scarf, sword, apple, boot, lamp]
+    jobs:
+      a: {quota: 40, templates: ["a __color__ __thing__"]}
+      b: {quota: 14, templates: ["b __color__"], sampler: {batch_size: 3}}
+    sampler: {steps: 4, width: 64, height: 64, batch_size: 4}
+    repeats: {checkpoints: 2, seeds: 1}
+    seed: 5
+    """)
+
+
+def test_repeats_render_each_prompt_on_k_checkpoints_of_other_families(tmp_path):
+    c = load_campaign(campaign_file(tmp_path, REPEATS))
+    cks = [Ckpt("base_a", "fp0", te_fingerprint="te-base", family="base"),
+           Ckpt("base_b", "fp1", te_fingerprint="te-base", family="base"),
+           Ckpt("pony_a", "fp2", te_fingerprint="te-pony", family="pony")]
+    p = plan(c, cks)
+    assert len(p) == 54 and Counter(u.job for u in p.units for _ in u.samples) == {"a": 40, "b": 14}
+    family = {ck.name: ck.family for ck in cks}
+    per_prompt: dict = {}
+    for u in p.units:
+        for s in u.samples:
+            per_prompt.setdefault((u.job, s.prompt_index), []).append((u.checkpoint, s))
+    assert len(per_prompt) == 20 + 7  # quota / (2 checkpoints x 1 seed) prompts per job
+    for (job, pi), rows in per_prompt.items():
+        names = [n for n, _ in rows]
+        assert len(names) == 2 and len(set(names)) == 2  # exactly two different checkpoints
+        assert {family[n] for n in names} == {"base", "pony"}  # and two families
+        assert len({s.prompt for _, s in rows}) == 1 and len({s.seed for _, s in rows}) == 1
+        assert rows[0][1].prompt == c.draw(job, pi).prompt
+    keys = [s.key for u in p.units for s in u.samples]
+    assert len(set(keys)) == len(keys) == 54
+    # the only pony checkpoint renders every prompt; the two base ones share the other half
+    assert p.summary()["checkpoints"] == {"base_a": 14, "base_b": 13, "pony_a": 27}
+    s = p.summary()
+    assert s["unique_prompts"] <= 27 and s["replication"]["a"] == {
+        "prompts": 20, "checkpoints_per_prompt": (2, 2), "families_per_prompt": (2, 2)}
+    text = p.format_summary()
+    assert ("repeats rep/a: 20 prompts x 2 checkpoints x 1 seeds = 40 images; checkpoints per prompt 2, "
+            "text-encoder families per prompt 2") in text, text
+    # storage: one conditioning per (prompt, text encoders): 2 per prompt here (two families)
+    st = s["storage"]
+    assert st["conditionings"] == len({(x.prompt, u.te_fingerprint) for u in p.units for x in u.samples}) <= 54
+    assert st["bytes"] < st["bytes_one_image_per_prompt"] or st["conditionings"] == 54
+    assert "storage estimate" in text and "at one image per prompt" in text
+    # units stay checkpoint-contiguous and within batch_size
+    assert switches(p.units) == 3 and all(len(u) <= u.sampler.batch_size for u in p.units)
+
+
+def test_repeats_seeds_and_one_family(tmp_path):
+    body = REPEATS.replace("repeats: {checkpoints: 2, seeds: 1}", "repeats: {checkpoints: 2, seeds: 2}").replace(
+        "quota: 14", "quota: 12")
+    c = load_campaign(campaign_file(tmp_path, body))
+    p = plan(c, ckpts(3))  # one family: spread by load only
+    per_prompt: dict = {}
+    for u in p.units:
+        for s in u.samples:
+            per_prompt.setdefault((u.job, s.prompt_index), []).append((u.checkpoint, s.seed_index, s.seed))
+    assert len(per_prompt) == 10 + 3
+    for (job, pi), rows in per_prompt.items():
+        # two checkpoints, each with the prompt's same two seeds (0 = the draw's own, 1 = derived)
+        assert set(Counter(n for n, _, _ in rows).values()) == {2} and len({n for n, _, _ in rows}) == 2
+        assert len({seed for _, _, seed in rows}) == 2
+        assert {seed for _, si, seed in rows if si == 0} == {c.draw(job, pi).seed}
+    counts = p.summary()["checkpoints"]
+    assert sum(counts.values()) == 52 and max(counts.values()) - min(counts.values()) <= 2  # balanced by load
+    assert p.summary()["replication"]["b"]["families_per_prompt"] == (1, 1)
+    with pytest.raises(CampaignError, match="repeats.checkpoints=2 .* only 1 can be used") as e:
+        plan(c, ckpts(1))
+    assert e.value.line == 9
+
+
+def test_reassign_moves_samples_to_healthy_checkpoints(tmp_path):
+    c = load_campaign(campaign_file(tmp_path, REPEATS))
+    cks = [Ckpt("base_a", "fp0", te_fingerprint="te-base", family="base"),
+           Ckpt("base_b", "fp1", te_fingerprint="te-base", family="base"),
+           Ckpt("pony_a", "fp2", te_fingerprint="te-pony", family="pony")]
+    p = plan(c, cks)
+    moved = {}
+    for u in p.units_for_checkpoint("base_a"):
+        moved.setdefault(u.job, []).extend(u.samples)
+    units = reassign(p, moved, {"base_a"})
+    assert sorted(s.key for u in units for s in u.samples) == sorted(s.key for ss in moved.values() for s in ss)
+    # the pony checkpoint already renders each of these prompts: they go to the other base one
+    assert {u.checkpoint for u in units} == {"base_b"}
+    assert reassign(p, moved, {"base_a"}) == units  # deterministic: same ids
+    assert reassign(p, moved, {"base_a", "base_b", "pony_a"}) == []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from factory import quality
 
@@ -21,3 +22,36 @@ def test_quality_gate_checks():
     seeds = [quality.derive_seed(7, a) for a in range(4)]
     assert seeds[0] == 7 and len(set(seeds)) == 4 and all(0 <= s < 2**32 for s in seeds)
     assert seeds == [quality.derive_seed(7, a) for a in range(4)]
+
+
+def _result(passed_attempts=(), rejected_attempts=()):
+    """A worker result: kept samples with their attempt counts, rejected ones with their reasons."""
+    return {"samples": [{"key": f"k{i}", "quality": quality.flags([["flat"]] * (a - 1) + [[]])}
+                        for i, a in enumerate(passed_attempts)],
+            "rejected": [{"key": f"r{i}", "reasons": [["flat"]] * a} for i, a in enumerate(rejected_attempts)]}
+
+
+def test_poison_guard_judges_each_checkpoint_over_its_first_units():
+    g = quality.PoisonGuard(0.2, window=2)
+    assert quality.gate_counts(_result([1, 2], [3]))[:2] == (6, 4)  # every attempt counts
+    assert not g.observe("bad", _result([], [2, 2]))  # one unit: not judged yet
+    assert g.observe("bad", _result([2], [2]))  # 7 of 8 images failed over 2 units: stopped
+    h = g.health["bad"]
+    assert h.stopped and (h.checks, h.failed) == (8, 7) and "7 of 8 images failed the quality gate (flat 7)" in h.reason
+    assert not g.observe("bad", _result([], [2]))  # already stopped: said once
+    # a healthy checkpoint with an occasional retry stays; after the window nothing is judged any more
+    assert not g.observe("ok", _result([1, 1, 1, 2])) and not g.observe("ok", _result([1, 1, 1, 1]))
+    assert not g.observe("ok", _result([], [2, 2, 2])) and not g.health["ok"].stopped
+    assert set(g.stopped()) == {"bad"}
+    # fewer units than the window: judged on all of them; rate None never stops
+    short = quality.PoisonGuard(0.2, window=4, totals={"one": 1})
+    assert short.observe("one", _result([], [1]))
+    assert not quality.PoisonGuard(None, window=1).observe("x", _result([], [3]))
+
+
+def test_poison_settings_are_checked():
+    assert quality.QualityConfig.from_cfg({"poison_rate": None}).poison_rate is None
+    with pytest.raises(ValueError, match="poison_rate"):
+        quality.QualityConfig.from_cfg({"poison_rate": 1.5})
+    with pytest.raises(ValueError, match="poison_window"):
+        quality.QualityConfig.from_cfg({"poison_window": 0})

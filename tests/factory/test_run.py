@@ -312,3 +312,37 @@ def test_dry_run_on_local_folders_needs_no_ray(tiny_dir, tmp_path):
     last = proc.stdout.strip().splitlines()[-1].split()
     assert last[:2] == ["RAY_IMPORTED", "False"] and int(last[2]) > 0 and int(last[3]) >= 1
     assert not (tmp_path / "out" / "shards").exists()
+
+
+def test_poison_guard_stops_a_flat_checkpoint_and_the_other_fills_the_quota(ray_cluster, node_models, tmp_path, fakes):
+    """tiny-pony-1 (pc2) only makes flat images: stopped after its first 2 units, its samples go to tiny-base-0."""
+    cfg = _cfg(tmp_path, node_models, quality={"max_attempts": 2, "poison_rate": 0.2, "poison_window": 2})
+    cfg["workers"]["inflight_per_actor"] = 1
+    Path(cfg["campaign_file"]).write_text(CAMPAIGN.replace("quota: 6", "quota: 12").replace("quota: 4", "quota: 8"))
+    lines: list[str] = []
+    gen = functools.partial(fakes.FakeGenerator, flat_paths=["tiny-pony-1"])
+    report = run(cfg, make_generator=gen, echo=lines.append)
+    out = Path(cfg["out"])
+    metas, _ = _dataset(out)
+    keys = [m["key"] for m in metas]
+    assert len(keys) == 20 and len(set(keys)) == 20  # the whole quota, no duplicate
+    assert {m["checkpoint"] for m in metas} == {"tiny-base-0"}  # no flat image was kept
+    assert list(report.poisoned) == ["tiny-pony-1"] and "failed the quality gate" in report.poisoned["tiny-pony-1"]
+    assert report.moved_samples == 10 and report.unrendered == 0
+    text = "\n".join(lines)
+    assert "stopped checkpoint tiny-pony-1: 8 of 8 images failed the quality gate (flat 8)" in text, text
+    assert "poisoned checkpoint tiny-pony-1 stopped" in text
+    # its first two units ran (and are done, their samples all rejected); the other three never did
+    pony_stats = [json.loads(shards.stats_path(t).read_text()) for t in shards.complete_shards(out / "shards", "tinytest")]
+    pony_stats = [st for st in pony_stats if st["checkpoints"] == ["tiny-pony-1"]]
+    assert len([u for st in pony_stats for u in st["unit_ids"]]) == 2 and all(st["successes"] == 0 for st in pony_stats)
+    record = json.loads((out / "tinytest_run.json").read_text())
+    assert set(record["poisoned"]) == {"tiny-pony-1"} and record["poisoned"]["tiny-pony-1"]["rate"] == 1.0
+    assert record["health"]["tiny-base-0"]["failed"] == 0 and not record["health"]["tiny-base-0"]["stopped"]
+    assert sum(len(u["samples"]) for u in record["moved_units"]) == 10
+    # a rerun keeps the checkpoint stopped and finds everything done
+    lines.clear()
+    again = run(cfg, make_generator=gen, echo=lines.append)
+    assert again.images == 0 and again.loads == 0 and list(again.poisoned) == ["tiny-pony-1"]
+    assert "stopped by the poison guard in an earlier run" in "\n".join(lines)
+    assert len(_dataset(out)[0]) == 20

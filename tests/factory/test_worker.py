@@ -115,3 +115,39 @@ def test_png_level_changes_the_effort_not_the_pixels(fakes):
     task["image"] = {"format": "png", "png_level": 12}
     with pytest.raises(ValueError, match="png_level=12"):
         FactoryWorker("w0", "pc1", fakes.FakeGenerator).run(task)
+
+
+def test_sampler_override_reaches_the_scheduler_the_worker_builds(tmp_path):
+    """A few-step file (its metadata says Lightning) + a campaign rule -> the unit's task -> the scheduler
+    config, steps and cfg the generator uses; no image is generated."""
+    from factory import inventory
+    from factory.campaign_file import load_campaign
+    from factory.planner import plan
+    from factory.run import _task
+    from factory.worker import SDXLGenerator
+    from tests.luna.model_kinds import META, save, tiny_state
+
+    models = tmp_path / "models"
+    models.mkdir()
+    save(models / "fastMerge.safetensors", tiny_state(0, "base"),
+         {**META, "modelspec.title": "Fast Merge Lightning 4-step", "modelspec.usage_hint": "4 steps, cfg 1"})
+    camp = tmp_path / "fast.yaml"
+    camp.write_text("campaign: fast\njobs:\n  j: {quota: 2, templates: ['a red fox']}\n"
+                    "sampler: {steps: 25, cfg: 6.0, scheduler: euler_a, width: 64, height: 64, batch_size: 2}\n"
+                    "sampler_overrides:\n"
+                    "  - {distillation: few-step, steps: 6, cfg: 1.5, scheduler: euler, timestep_spacing: trailing}\n")
+    inv = inventory.merge([inventory.scan_folders([str(models)], "pc1", cache=False)])
+    ckpt = inv.checkpoints[0]
+    assert ckpt.distillation == "few-step"
+    unit = plan(load_campaign(camp), inv.checkpoints).units[0]
+    task = _task(unit, ckpt, {})
+    assert {k: task["sampler"][k] for k in ("steps", "cfg", "scheduler", "timestep_spacing", "prediction")} == {
+        "steps": 6, "cfg": 1.5, "scheduler": "euler", "timestep_spacing": "trailing", "prediction": "epsilon"}
+    gen = SDXLGenerator(device="cpu", dtype="float32", threads=1)
+    gen.load(ckpt.paths["pc1"])
+    gen.configure(task["sampler"])
+    cfg = gen.pipe.scheduler.config
+    assert type(gen.pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert (cfg.timestep_spacing, cfg.prediction_type) == ("trailing", "epsilon")
+    gen.pipe.scheduler.set_timesteps(task["sampler"]["steps"])
+    assert len(gen.pipe.scheduler.timesteps) == 6 and int(gen.pipe.scheduler.timesteps[0]) == 999  # trailing

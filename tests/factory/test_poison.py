@@ -1,0 +1,136 @@
+"""The poison guard in the driver, without Ray: the real plan, placement, actor body (FactoryWorker with a
+fake generator), guard and shard writer, driven by the same loop as the scheduler (one unit in flight per
+actor); a checkpoint whose generator only makes flat images is stopped and the other fills the quota."""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from factory import shards
+from factory.campaign_file import load_campaign
+from factory.inventory import CheckpointInfo
+from factory.planner import plan
+from factory.run import RunReport, ShardSink, _task, prepare_units, record_path
+from factory.scheduler import Placement
+from factory.worker import FactoryWorker
+
+CAMPAIGN = """\
+campaign: guard
+wildcards:
+  color: [blue eyes, green eyes, amber eyes, grey eyes]
+  light: [soft light, rim light, golden hour]
+jobs:
+  eyes: {quota: 12, templates: ["closeup of __color__, __light__"]}
+  faces: {quota: 8, templates: ["portrait with __color__"]}
+sampler: {steps: 2, width: 16, height: 16, batch_size: 2}
+seed: 7
+"""
+CFG = {"image": {"format": "png", "encode_threads": 0},
+       "quality": {"max_attempts": 2, "poison_rate": 0.2, "poison_window": 2}}
+
+
+def _ckpts() -> dict:
+    base = CheckpointInfo(name="good-base", paths={"pc1": "/models/good-base.safetensors"}, fingerprint="fp-good",
+                          te_fingerprint="te-base", family="base", tags=[], format="single_file")
+    pony = CheckpointInfo(name="flat-pony", paths={"pc2": "/models/flat-pony.safetensors"}, fingerprint="fp-flat",
+                          te_fingerprint="te-pony", family="pony", tags=[], format="single_file")
+    return {c.name: c for c in (base, pony)}
+
+
+def _drive(pending, watch, ckpts, out: Path, gen) -> RunReport:
+    """What Scheduler.run does with one unit in flight per actor: next task, run, sink, guard."""
+    index = shards.scan(out / "shards", "guard")
+    sink = ShardSink(out / "shards", "guard", watch.units, index.next_seq, watch.report)
+    placement = Placement([_task(u, ckpts[u.checkpoint], CFG) for u in pending], join_budget=0)
+    actors = {"w0": FactoryWorker("w0", "pc1", gen), "w1": FactoryWorker("w1", "pc2", gen)}
+    for w, a in actors.items():
+        placement.add_actor(w, a.node)
+    watch.ran = []
+    while True:
+        progressed = False
+        for w, actor in actors.items():
+            task = placement.next_task(w)
+            if task is None:
+                continue
+            progressed = True
+            result = actor.run(task)
+            watch.ran.append(task["checkpoint"]["name"])
+            sink(task, result)
+            placement.add(watch(task, result, placement.drop))
+        if not progressed:
+            break
+    sink.flush()
+    return watch.report
+
+
+def test_flat_checkpoint_is_stopped_and_the_other_fills_the_quota(tmp_path, fakes):
+    camp = tmp_path / "guard.yaml"
+    camp.write_text(CAMPAIGN)
+    ckpts = _ckpts()
+    the_plan = plan(load_campaign(camp), list(ckpts.values()))
+    assert {u.checkpoint for u in the_plan.units} == {"good-base", "flat-pony"} and len(the_plan) == 20
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    gen = functools.partial(fakes.FakeGenerator, flat_paths=["flat-pony"])
+    lines: list[str] = []
+    report = RunReport(campaign="guard")
+    index = shards.scan(out / "shards", "guard")
+    pending, watch = prepare_units(the_plan, ckpts, index, out, CFG, report, lines.append)
+    _drive(pending, watch, ckpts, out, gen)
+
+    metas = [json.loads(s["json"]) for t in shards.complete_shards(out / "shards", "guard") for s in shards.read_shard(t)]
+    keys = [m["key"] for m in metas]
+    assert len(keys) == 20 and len(set(keys)) == 20  # the whole quota, each key once
+    assert set(keys) == {s.key for u in the_plan.units for s in u.samples}
+    assert {m["checkpoint"] for m in metas} == {"good-base"}  # no flat image kept
+    # stopped after its window of 2 units; its 3 queued units never ran
+    assert watch.ran.count("flat-pony") == 2 and len(the_plan.units_for_checkpoint("flat-pony")) == 5
+    assert list(report.poisoned) == ["flat-pony"] and report.moved_samples == 10 and report.unrendered == 0
+    assert any(line.startswith("stopped checkpoint flat-pony: 8 of 8 images failed the quality gate (flat 8) over "
+                               "its first 2 unit(s): 100% > quality.poison_rate 20%") for line in lines), lines
+    record = json.loads(record_path(out, "guard").read_text())
+    assert set(record["poisoned"]) == {"flat-pony"} and record["poisoned"]["flat-pony"]["fingerprint"] == "fp-flat"
+    assert record["poisoned"]["flat-pony"]["rate"] == 1.0
+    assert sum(len(u["samples"]) for u in record["moved_units"]) == 10
+    assert {u["checkpoint"] for u in record["moved_units"]} == {"good-base"}
+
+    # a rerun: the checkpoint stays stopped, every unit is done, nothing is moved twice
+    lines.clear()
+    again = RunReport(campaign="guard")
+    pending2, watch2 = prepare_units(the_plan, ckpts, shards.scan(out / "shards", "guard"), out, CFG, again,
+                                     lines.append)
+    assert pending2 == [] and list(again.poisoned) == ["flat-pony"]
+    assert any("stopped by the poison guard in an earlier run" in line for line in lines)
+    assert len(json.loads(record_path(out, "guard").read_text())["moved_units"]) == len(record["moved_units"])
+
+
+def test_killed_before_the_moved_units_ran_resumes_them(tmp_path, fakes):
+    """The record holds the moved units: a driver killed right after the stop resumes them, not the flat ones."""
+    camp = tmp_path / "guard.yaml"
+    camp.write_text(CAMPAIGN)
+    ckpts = _ckpts()
+    the_plan = plan(load_campaign(camp), list(ckpts.values()))
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    gen = functools.partial(fakes.FakeGenerator, flat_paths=["flat-pony"])
+    report = RunReport(campaign="guard")
+    pending, watch = prepare_units(the_plan, ckpts, shards.scan(out / "shards", "guard"), out, CFG, report,
+                                   lambda line: None)
+    # only the flat checkpoint's first two units run (and are written), then the driver "dies"
+    sink = ShardSink(out / "shards", "guard", watch.units, 0, report)
+    actor = FactoryWorker("w1", "pc2", gen)
+    for u in the_plan.units_for_checkpoint("flat-pony")[:2]:
+        task = _task(u, ckpts[u.checkpoint], CFG)
+        result = actor.run(task)
+        sink(task, result)
+        watch(task, result, lambda name: [])  # queue not known here: the dropped units are moved on the rerun
+    assert list(report.poisoned) == ["flat-pony"]
+    report2 = RunReport(campaign="guard")
+    pending2, watch2 = prepare_units(the_plan, ckpts, shards.scan(out / "shards", "guard"), out, CFG, report2,
+                                     lambda line: None)
+    assert {u.checkpoint for u in pending2} == {"good-base"}
+    _drive(pending2, watch2, ckpts, out, gen)
+    keys = [json.loads(s["json"])["key"] for t in shards.complete_shards(out / "shards", "guard")
+            for s in shards.read_shard(t)]
+    assert sorted(keys) == sorted({s.key for u in the_plan.units for s in u.samples})
