@@ -112,8 +112,9 @@ def _task(unit, ckpt: inv_mod.CheckpointInfo, cfg: Mapping) -> dict:
     }
 
 
-def sample_meta(unit, s, result: dict, kept: dict, now: str) -> dict:
-    """The `key.json` of one sample (DESIGN.md §2)."""
+def sample_meta(unit, s, result: dict, kept: dict, now: str, checkpoint_path: str | None = None) -> dict:
+    """The `key.json` of one sample (DESIGN.md §2). `checkpoint_path`: where the checkpoint was on the
+    node that made it (`luna extract` finds its text encoders there without checkpoints.dirs)."""
     sp = unit.sampler
     meta = {
         "key": s.key, "prompt": s.prompt, "negative": s.negative,
@@ -126,6 +127,8 @@ def sample_meta(unit, s, result: dict, kept: dict, now: str) -> dict:
         "node": result["node"], "worker": result["worker"], "time": now,
         "quality": kept["quality"], "unit_id": unit.id, "format_version": shards.FORMAT_VERSION,
     }
+    if checkpoint_path is not None:
+        meta["checkpoint_path"] = str(checkpoint_path)
     if sp.timestep_spacing is not None:  # set by a campaign sampler_overrides rule
         meta["timestep_spacing"] = sp.timestep_spacing
     if s.prompt_index is not None:  # `repeats`: the prompt this image is one replica of
@@ -238,8 +241,9 @@ class ShardSink:
         unit = self.units[task["unit_id"]]
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         by_key = {s.key: s for s in unit.samples}
+        where = (task.get("checkpoint") or {}).get("paths", {}).get(result["node"])
         samples = [shards.ShardSample(key=k["key"], image=k["image"], ext=k["ext"], prompt=by_key[k["key"]].prompt,
-                                      meta=sample_meta(unit, by_key[k["key"]], result, k, now))
+                                      meta=sample_meta(unit, by_key[k["key"]], result, k, now, where))
                    for k in result["samples"]]
         who = (result["node"], result["worker"])
         group = self.groups.setdefault(who, [])

@@ -48,8 +48,10 @@ class SDXLGenerator:
             torch.set_num_threads(int(threads))
         self.pipe = None
         self._scheduler = None
+        self._latents = (None, None)
 
     def load(self, path: str) -> None:
+        from luna.models.sampling import latent_statistics
         from luna.models.sdxl import load_sdxl
 
         self.pipe = None  # free the old pipeline before loading the next one
@@ -58,6 +60,7 @@ class SDXLGenerator:
         self._default_scheduler_config = dict(self.pipe.scheduler.config)
         vae = self.pipe.vae.config
         self._default_vae_config = {k: vae.get(k) for k in ("scaling_factor", "latents_mean", "latents_std")}
+        self._latents = latent_statistics(path)  # an EDM file's own latent statistics, if it declares them
         self._scheduler = None
 
     def _set_scheduler(self, name: str, prediction: str = "epsilon", timestep_spacing: str | None = None) -> None:
@@ -71,7 +74,9 @@ class SDXLGenerator:
         cls_name = SCHEDULERS.get(name)
         if cls_name is None:
             raise ValueError(f"sampler.scheduler={name!r} is not one of {sorted(SCHEDULERS)}")
-        plan = sampling_plan(self._default_scheduler_config, cls_name, prediction, timestep_spacing)
+        mean, std = self._latents
+        plan = sampling_plan(self._default_scheduler_config, cls_name, prediction, timestep_spacing,
+                             latents_mean=mean, latents_std=std)
         self.pipe.scheduler = getattr(diffusers, plan.scheduler_class).from_config(plan.scheduler_config)
         vae_config = plan.vae_config or self._default_vae_config  # EDM latent statistics, or the file's own
         self.pipe.vae.register_to_config(**vae_config)

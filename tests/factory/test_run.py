@@ -129,6 +129,8 @@ def test_end_to_end_two_nodes_placement_and_resume(ray_cluster, node_models, tmp
     holder = {"tiny-base-0": "pc1", "tiny-pony-1": "pc2"}
     for m in metas:
         assert m["node"] == holder[m["checkpoint"]]  # units ran only where their checkpoint is
+        # where the checkpoint was on that node (luna extract finds it there without checkpoints.dirs)
+        assert Path(m["checkpoint_path"]).parent == node_models[m["node"]]
         assert m["category"] == f"tinytest/{m['job']}" and m["width"] == 64 and m["steps"] == 2
         assert m["checkpoint_fingerprint"] and m["te_fingerprint"] and m["choices"] and m["unit_id"]
         assert "." not in m["key"]

@@ -105,8 +105,11 @@ def test_edm_file_gets_the_edm_schedule_and_its_own_latent_statistics(files, com
     vae = c.sampler.vae.config
     assert vae.scaling_factor == 0.5
     assert list(vae.latents_mean) == pytest.approx(EDM_MEAN) and list(vae.latents_std) == pytest.approx(EDM_STD)
-    worker_sched, _ = _worker_scheduler(files["edm"], "edm")
+    worker_sched, worker_vae = _worker_scheduler(files["edm"], "edm")
     assert type(worker_sched).__name__ == "EDMEulerScheduler" and dict(worker_sched.config) == dict(cfg)
+    # the factory's worker uses the file's own latent statistics too, not Playground's defaults
+    assert worker_vae.scaling_factor == 0.5
+    assert list(worker_vae.latents_mean) == pytest.approx(EDM_MEAN) and list(worker_vae.latents_std) == pytest.approx(EDM_STD)
     # latents as diffusers' SDXL pipelines scale them: (z - mean) * sf / std, and decode inverts it
     pixels, noise, cond = _inputs(c.sampler, 1)
     with torch.no_grad():
