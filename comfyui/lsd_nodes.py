@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .paths import NONE, choices as folder_choices, resolve as resolve_folder
+from .paths import NONE, choices as folder_choices, fingerprint_of, resolve as resolve_folder
 from .host import HOST
-from .sources import ClipVisionEmbedder, Chained, ComfyText, InputError, Routed, parse_routing, tower_embedder
+from .sources import (ClipVisionEmbedder, Chained, ComfyText, InputError, Routed, open_vault_checked, parse_routing,
+                      tower_embedder)
 
 CATEGORY = "Luna/detailer"
 MAX_RES = 16384
@@ -254,29 +255,10 @@ class _EmbedderWithId:
         return self.embedder(crops)
 
 
-def open_vault_checked(path: str, what: str = "vault"):
-    """An open vault (or service client) from the model host; a folder that is not a vault names the input."""
-    from vault.service import VaultError
-    from vault.service import open_vault
-
-    try:
-        return HOST.get("vault", path, lambda: open_vault(path))
-    except (VaultError, ValueError, OSError, KeyError) as exc:
-        raise InputError(f"input '{what}': {path} is not a usable Luna vault ({exc})") from exc
-
-
 def conditioning_fingerprint(vault=NONE, vault_path="", projector=NONE, projector_path="", **_) -> str:
     """IS_CHANGED part: the files of the chosen vault/projector (a rebuilt one re-runs the node)."""
-    from .host import fingerprint
-
-    parts = []
-    for kind, name, path in (("luna_vaults", vault, vault_path), ("luna_projectors", projector, projector_path)):
-        try:
-            resolved = resolve_folder(kind, name, path)
-        except ValueError:
-            resolved = None
-        parts.append(fingerprint(resolved) if resolved else "")
-    return "|".join(parts)
+    return "|".join((fingerprint_of("luna_vaults", vault, vault_path, missing=""),
+                     fingerprint_of("luna_projectors", projector, projector_path, missing="")))
 
 
 # ---------------------------------------------------------------------- nodes
@@ -485,6 +467,31 @@ def _source_kwargs(kw: dict) -> dict:
     return {k: kw[k] for k in keys if k in kw}
 
 
+def _denoiser(model, vae, negative, total: int, **sampling):
+    """ComfyUI's sampler as the runtime's denoiser, with a progress bar over `total` crops or tiles."""
+    from lsd_runtime.api import ComfyDenoiser, DenoiserError
+
+    try:
+        return ComfyDenoiser(model, vae, negative, progress=_progress(total), **sampling)
+    except DenoiserError as exc:
+        raise InputError(f"input 'sampler_name': {exc}") from exc
+
+
+def _each_image(image: torch.Tensor, work_on) -> torch.Tensor:
+    """Run `work_on(i, canvas padded to the 8 px grid) -> refined uint8 canvas` on every image of the batch;
+    the result is each original plus what changed (untouched pixels bit-exact)."""
+    from lsd_runtime.api import pad_to_multiple
+
+    b, h, w = image.shape[:3]
+    outs = []
+    for i in range(b):
+        canvas = to_canvas(image[i])
+        padded, _ = pad_to_multiple(Image.fromarray(canvas), 8)
+        refined = work_on(i, np.asarray(padded).copy())
+        outs.append(apply_delta(image[i], canvas, refined[:h, :w]))
+    return torch.stack(outs)
+
+
 class LunaSemanticDetailer:
     """Refine every detection: square crop -> working size -> scaffold noise -> your sampler -> smoothstep blend."""
 
@@ -540,13 +547,11 @@ def run_detailer(model, vae, positive, negative, image, detections, scaffold, *,
                  sampler_name="euler", scheduler="normal", denoise=0.35, batch_size=4, crop_size=1024, pad=0.25,
                  feather=32.0, **source_kw):
     """The detailer node's work (also what the benchmark calls): (IMAGE, debug IMAGE)."""
-    from lsd_runtime.api import ComfyDenoiser, DenoiserError
     from lsd_runtime.api import DetailSettings, detail
-    from lsd_runtime.api import pad_to_multiple
     from lsd_runtime.api import padded_detections
 
     per_image = _check_detections(detections, image)
-    b, h, w = image.shape[:3]
+    h, w = image.shape[1:3]
     sc = _scaffold_for(scaffold, w, h)
     if float(denoise) == 0.0 or not any(per_image):
         return image, debug_image([])
@@ -559,20 +564,11 @@ def run_detailer(model, vae, positive, negative, image, detections, scaffold, *,
     source = build_source(positive, **source_kw)
     pw, ph = sc.pixel_size
     total = sum(len(d) for d in per_image)  # at most one crop per detection (tiny ones are skipped)
-    try:
-        den = _Recording(ComfyDenoiser(model, vae, negative, steps=steps, cfg=cfg, sampler_name=sampler_name,
-                                       scheduler=scheduler, denoise=denoise, progress=_progress(total)))
-    except DenoiserError as exc:
-        raise InputError(f"input 'sampler_name': {exc}") from exc
-    outs = []
-    for i in range(b):
-        canvas = to_canvas(image[i])
-        padded, _ = pad_to_multiple(Image.fromarray(canvas), 8)
-        work = np.asarray(padded).copy()
-        dets = padded_detections(per_image[i], (w, h), (pw, ph))
-        refined, _crops, _skipped = detail(work, dets, sc, source, den, settings, sc.seed)
-        outs.append(apply_delta(image[i], canvas, refined[:h, :w]))
-    return torch.stack(outs), debug_image(den.pairs)
+    den = _Recording(_denoiser(model, vae, negative, total, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                               scheduler=scheduler, denoise=denoise))
+    out = _each_image(image, lambda i, work: detail(work, padded_detections(per_image[i], (w, h), (pw, ph)), sc,
+                                                    source, den, settings, sc.seed)[0])
+    return out, debug_image(den.pairs)
 
 
 class LunaGlobalRefiner:
@@ -610,8 +606,6 @@ class LunaGlobalRefiner:
 
 def run_refiner(model, vae, positive, negative, image, scaffold, *, steps=20, cfg=5.0, sampler_name="euler",
                 scheduler="normal", denoise=0.2, batch_size=4, tile_size=1024, overlap=256, **source_kw):
-    from lsd_runtime.api import ComfyDenoiser, DenoiserError
-    from lsd_runtime.api import pad_to_multiple
     from lsd_runtime.api import RefineTileSettings, refine_tiles
     from lsd_runtime.api import tile_grid
 
@@ -629,18 +623,9 @@ def run_refiner(model, vae, positive, negative, image, scaffold, *, steps=20, cf
         raise InputError(f"input 'tile_size': {exc}") from exc
     source = build_source(positive, **source_kw)
     total = b * len(tile_grid((pw, ph), settings.tile, settings.overlap))
-    try:
-        den = ComfyDenoiser(model, vae, negative, steps=steps, cfg=cfg, sampler_name=sampler_name,
-                            scheduler=scheduler, denoise=denoise, progress=_progress(total))
-    except DenoiserError as exc:
-        raise InputError(f"input 'sampler_name': {exc}") from exc
-    outs = []
-    for i in range(b):
-        canvas = to_canvas(image[i])
-        padded, _ = pad_to_multiple(Image.fromarray(canvas), 8)
-        refined, _records = refine_tiles(np.asarray(padded).copy(), sc, source, den, settings, sc.seed)
-        outs.append(apply_delta(image[i], canvas, refined[:h, :w]))
-    return torch.stack(outs)
+    den = _denoiser(model, vae, negative, total, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                    denoise=denoise)
+    return _each_image(image, lambda i, work: refine_tiles(work, sc, source, den, settings, sc.seed)[0])
 
 
 NODE_CLASS_MAPPINGS = {

@@ -69,3 +69,15 @@ def resolve(kind: str, name: str, path: str = "", what: str = "") -> str | None:
         if cand.exists():
             return str(cand)
     raise ValueError(f"input '{label}': {name!r} is not in any {kind} folder ({', '.join(map(str, folders(kind))) or 'none registered'})")
+
+
+def fingerprint_of(kind: str, name: str, path: str = "", what: str = "", missing: str = "missing") -> str:
+    """IS_CHANGED of a dropdown + `*_path` pair: the chosen folder's file fingerprint ("" for none,
+    `missing` when the choice does not resolve), so a rebuilt vault or projector re-runs the node."""
+    from .host import fingerprint
+
+    try:
+        resolved = resolve(kind, name, path, what)
+    except ValueError:
+        return missing
+    return fingerprint(resolved) if resolved else ""

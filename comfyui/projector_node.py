@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .paths import NONE, choices as folder_choices, resolve as resolve_folder
-from .host import HOST, fingerprint
+from .paths import NONE, choices as folder_choices, fingerprint_of, resolve as resolve_folder
+from .host import HOST
+from .sources import image_to_pil, luna_tower, match_length
 
 
 def _projector(path: str, dim: int | None):
@@ -41,23 +41,6 @@ def _field(output, name: str):
     return value
 
 
-def _luna_tower(name: str, weights: str):
-    from luna.models.vision import load_vision
-
-    return HOST.get("vision", weights or f"open_clip:{name}", lambda: load_vision(name, weights=weights or None),
-                    (name,))
-
-
-def _image_to_pixels(image: torch.Tensor, preprocess) -> torch.Tensor:
-    """ComfyUI IMAGE [B,H,W,C] in 0..1 -> the tower's own preprocessing, [B,3,S,S]."""
-    from PIL import Image
-
-    if image.ndim == 3:
-        image = image[None]
-    arr = (image.detach().float().cpu().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
-    return torch.stack([preprocess(Image.fromarray(a[..., :3])) for a in arr])
-
-
 def encode_inputs(kind: str, clip_vision_output=None, image=None, clip_vision=None, vision_model="", vision_weights=""):
     """The projector's input ([B,D] embeddings, or [B,T,W] tokens when kind == "tokens") from
     whichever image input was given, and the vision model id when it is known."""
@@ -70,23 +53,14 @@ def encode_inputs(kind: str, clip_vision_output=None, image=None, clip_vision=No
             raise ValueError(f"Luna Vision Translator: the CLIP_VISION_OUTPUT has no {name}")
         return value.float(), None
     if image is not None and vision_model:
-        tower = _luna_tower(vision_model, vision_weights)
-        pixels = _image_to_pixels(image, tower.preprocess)
+        tower = luna_tower(vision_model, vision_weights)
+        pixels = torch.stack([tower.preprocess(p) for p in image_to_pil(image)])
         x = tower.encode_tokens(pixels) if kind == "tokens" else tower.encode(pixels)
         return x.float(), tower.model_id
     raise ValueError(
         "Luna Vision Translator: connect a CLIP_VISION_OUTPUT, or an IMAGE with a vision tower "
         "(CLIP_VISION input, or vision_model + vision_weights)"
     )
-
-
-def _match_length(cond: torch.Tensor, length: int) -> torch.Tensor:
-    """Tile a [B,77,C] conditioning to a user's [B,77*n,C] (ComfyUI concatenates 77-token chunks)."""
-    if cond.shape[1] == length:
-        return cond
-    if length % cond.shape[1]:
-        raise ValueError(f"Luna Vision Translator: conditioning of {length} tokens is not a multiple of {cond.shape[1]}")
-    return cond.repeat(1, length // cond.shape[1], 1)
 
 
 def blend(conditioning, cond: torch.Tensor, pooled: torch.Tensor, strength: float, size: dict):
@@ -108,7 +82,7 @@ def blend(conditioning, cond: torch.Tensor, pooled: torch.Tensor, strength: floa
                              f"the images {b}")
         extra = dict(extra)
         p = cond.to(c.device, c.dtype)
-        new = (1 - strength) * c.expand(b, -1, -1) + strength * _match_length(p, c.shape[1])
+        new = (1 - strength) * c.expand(b, -1, -1) + strength * match_length(p, c.shape[1], "Luna Vision Translator")
         base_pooled = extra.get("pooled_output")
         q = pooled.to(c.device, c.dtype)
         extra["pooled_output"] = q if base_pooled is None else (1 - strength) * base_pooled.expand(b, -1) + strength * q
@@ -153,11 +127,7 @@ class LunaVisionTranslator:
 
     @classmethod
     def IS_CHANGED(cls, projector=NONE, projector_path="", **_):
-        try:
-            resolved = resolve_folder("luna_projectors", projector, projector_path, "projector")
-        except ValueError:
-            return "missing"
-        return fingerprint(resolved) if resolved else ""
+        return fingerprint_of("luna_projectors", projector, projector_path, "projector")
 
     def translate(self, projector, strength, projector_path="", clip_vision_output=None, image=None, clip_vision=None,
                   vision_model="", vision_weights="", conditioning=None, width=1024, height=1024):
