@@ -1,4 +1,4 @@
-"""ComfyUI "Luna Vision Translator" node: image embeddings -> SDXL conditioning through a trained projector.
+"""ComfyUI "Luna Vision Translator" node: image embeddings -> SDXL (or SD 1.x) conditioning through a trained projector.
 
 Inputs: a projector (dropdown of models/luna_projectors/, or a typed folder), and either a
 CLIP_VISION_OUTPUT (from ComfyUI's "CLIP Vision Encode") or an IMAGE with a vision tower
@@ -8,6 +8,13 @@ The projected conditioning is blended into an optional CONDITIONING row by row:
 unchanged. Without one, the output is strength * projected (SDXL's empty prompt is all zeros)
 with the given width/height as SDXL size conditioning; a user's entries keep their own size keys.
 Returns ComfyUI CONDITIONING `[[cond [B,77,C], {"pooled_output": [B,P], ...}]]`.
+
+What the conditioning is for follows the export's declared targets (projector.json `targets`):
+an SDXL projector gives SDXL's [B,77,2048] + pooled [B,1280]; a CLIP-L head (`model.heads=[clip_l]`)
+gives SD 1.x's [B,77,768] + pooled [B,768] (CLIP-L's final normed layer and pooled EOS state, what
+an SD 1.x CLIPTextEncode gives), with no SDXL size keys. The `target` widget may insist on one
+(`sdxl` refuses a CLIP-L projector, `sd1.x` an SDXL one), and a CLIP-L projector is refused for an
+SDXL conditioning input: each a clear error naming the projector.
 Projectors and towers stay loaded in the model host and reload when their files change.
 """
 from __future__ import annotations
@@ -98,8 +105,9 @@ class LunaVisionTranslator:
     RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("conditioning",)
     OUTPUT_TOOLTIPS = ("one conditioning row per input image",)
-    DESCRIPTION = ("A trained Luna projector maps the image embedding to an SDXL conditioning [77, 2048] + pooled; "
-                   "blended as (1-strength)*yours + strength*projected. Strength 0 returns yours unchanged.")
+    DESCRIPTION = ("A trained Luna projector maps the image embedding to an SDXL conditioning [77, 2048] + pooled "
+                   "(or, for a CLIP-L head, an SD 1.x conditioning [77, 768] + pooled); blended as "
+                   "(1-strength)*yours + strength*projected. Strength 0 returns yours unchanged.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -122,6 +130,9 @@ class LunaVisionTranslator:
                           "SDXL size conditioning, only when there is no input conditioning"}),
                 "height": ("INT", {"default": 1024, "min": 64, "max": 16384, "step": 8, "tooltip":
                            "SDXL size conditioning, only when there is no input conditioning"}),
+                "target": (list(TARGETS), {"default": "auto", "tooltip": "the model the conditioning is for: auto "
+                           "follows the projector (projector.json targets: sdxl, or clip_l for SD 1.x); sdxl / sd1.x "
+                           "refuse a projector trained for the other"}),
             },
         }
 
@@ -130,7 +141,7 @@ class LunaVisionTranslator:
         return fingerprint_of("luna_projectors", projector, projector_path, "projector")
 
     def translate(self, projector, strength, projector_path="", clip_vision_output=None, image=None, clip_vision=None,
-                  vision_model="", vision_weights="", conditioning=None, width=1024, height=1024):
+                  vision_model="", vision_weights="", conditioning=None, width=1024, height=1024, target="auto"):
         from projector.export import ProjectorLoadError, ProjectorMismatchError
 
         if conditioning is not None and float(strength) == 0.0:
@@ -142,7 +153,8 @@ class LunaVisionTranslator:
         if resolved is None:
             raise ValueError("Luna Vision Translator: input 'projector': choose a projector or set projector_path")
         folder = Path(resolved)
-        kind = _input_kind(folder)
+        kind, targets = _declared(folder)
+        check_targets(folder, targets, target, conditioning)
         x, model_id = encode_inputs(kind, clip_vision_output, image, clip_vision, vision_model, vision_weights)
         try:
             proj = _projector(str(folder), int(x.shape[-1]) if kind == "embed" else None)
@@ -158,13 +170,44 @@ class LunaVisionTranslator:
             )
         with torch.no_grad():
             cond, pooled = proj(x.to(proj.input_mean.device))
-        size = {"width": int(width), "height": int(height), "crop_w": 0, "crop_h": 0,
-                "target_width": int(width), "target_height": int(height)}
+        size = {}
+        if targets == "sdxl":
+            size = {"width": int(width), "height": int(height), "crop_w": 0, "crop_h": 0,
+                    "target_width": int(width), "target_height": int(height)}
         return (blend(conditioning, cond.cpu(), pooled.cpu(), float(strength), size),)
 
 
-def _input_kind(folder: Path) -> str:
-    """"embed" or "tokens": what the projector in `folder` takes (read from its projector.json)."""
+# widget value -> the projector targets it needs (projector/targets.py); auto: whatever the export declares
+TARGETS = {"auto": None, "sdxl": "sdxl", "sd1.x": "clip_l"}
+
+
+def check_targets(folder: Path, targets: str, target: str, conditioning) -> None:
+    """Refuse a projector whose declared targets are not what the `target` widget or the input conditioning
+    (a CLIP-L projector into an SDXL-wide conditioning) needs; the message names the projector."""
+    from projector.export import ProjectorTargetsError
+    from projector.targets import TARGET_SHAPES
+
+    if target not in TARGETS:
+        raise ValueError(f"Luna Vision Translator: input 'target': {target!r}; choose one of {list(TARGETS)}")
+    want = TARGETS[target]
+    what = {"sdxl": "an SDXL", "clip_l": "a CLIP-L (SD 1.x / Flux)"}
+    if want is not None and targets != want:
+        raise ProjectorTargetsError(
+            f"Luna Vision Translator: input 'projector': {folder} is {what.get(targets, targets)} projector "
+            f"(projector.json targets {targets!r}: {TARGET_SHAPES.get(targets, '?')}); target={target} needs "
+            f"{TARGET_SHAPES[want]}: choose a projector trained for {target} (model.heads=[{want}]) or set target")
+    if targets == "clip_l" and conditioning is not None:
+        width = int(conditioning[0][0].shape[-1])
+        if width != 768:
+            raise ProjectorTargetsError(
+                f"Luna Vision Translator: input 'projector': {folder} is a CLIP-L (SD 1.x / Flux) projector "
+                f"({TARGET_SHAPES['clip_l']}), refused for input 'conditioning' of width {width} (an SDXL "
+                "conditioning is 2048 wide): use it with an SD 1.x model's conditioning, or an SDXL projector")
+
+
+def _declared(folder: Path) -> tuple[str, str]:
+    """(input kind "embed" | "tokens", targets "sdxl" | "clip_l") of the projector in `folder`, from its
+    projector.json (absent targets: sdxl)."""
     import json
 
     from projector.export import CONFIG_NAME, ProjectorLoadError
@@ -173,7 +216,8 @@ def _input_kind(folder: Path) -> str:
     if not cfg.is_file():
         raise ProjectorLoadError(f"Luna Vision Translator: input 'projector': {folder} is not a projector folder "
                                  f"(no {CONFIG_NAME})")
-    return json.loads(cfg.read_text())["dims"].get("input", "embed")
+    dims = json.loads(cfg.read_text())["dims"]
+    return dims.get("input", "embed"), dims.get("targets", "sdxl")
 
 
 NODE_CLASS_MAPPINGS = {"LunaVisionTranslator": LunaVisionTranslator}
