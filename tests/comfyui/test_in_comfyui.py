@@ -102,9 +102,10 @@ def tiny_prompt(workflow: dict, assets: dict) -> dict:
             inputs["ckpt_name"] = TINY_CKPT
         if kind == "LunaNoiseScaffold":
             inputs.update(width=128, height=128, draft_width=64, draft_height=64)
-        if kind == "ImageScale":
-            inputs.update(width=128, height=128)
-        if kind in ("KSampler", "KSamplerAdvanced", "LunaSemanticDetailer", "LunaGlobalRefiner"):
+        if kind == "ImageScale":  # the 4K canvas -> 128 px, the 1.5K smoothing pass -> 96 px
+            size = 128 if inputs["width"] >= 4096 else 96
+            inputs.update(width=size, height=size)
+        if kind in ("KSampler", "KSamplerAdvanced", "BasicScheduler", "LunaSemanticDetailer", "LunaGlobalRefiner"):
             inputs["steps"] = 3
         if kind == "LunaDetector":
             inputs.update(detections_file=str(assets["detections_file"]), prompts="face, hand", detect_size=0)
@@ -147,7 +148,7 @@ def test_detail_workflow_refines_only_inside_the_detections(comfy, luna_assets):
     outputs, error = comfy_env.run(workflow)
     assert error is None, error
     ids = {n["class_type"]: nid for nid, n in workflow.items()}
-    canvas = outputs[ids["ImageScale"]][0][0]
+    canvas = outputs[workflow[ids["LunaDetector"]]["inputs"]["image"][0]][0][0]  # the 4K canvas the detector saw
     detailed = outputs[ids["LunaSemanticDetailer"]][0][0]
     masks = outputs[ids["LunaDetector"]][1][0]
     assert detailed.shape == canvas.shape == (1, 128, 128, 3)
@@ -164,6 +165,18 @@ def test_detail_workflow_refines_only_inside_the_detections(comfy, luna_assets):
         inside[y0:y1, x0:x1] |= torch.from_numpy(c.mask > 0)
     assert not (changed & ~inside).any()
     assert masks.shape == (3, 128, 128)
+    # seed 000's prep phase: 1K draft -> upscale to 1.5K -> light smoothing pass (SamplerCustomAdvanced drawing
+    # its noise from the scaffold) -> upscale to 4K, which is the canvas the detector and the detailer see
+    scale_4k = workflow[ids["LunaDetector"]]["inputs"]["image"][0]
+    decode = workflow[workflow[scale_4k]["inputs"]["image"][0]]
+    smooth = workflow[decode["inputs"]["samples"][0]]
+    assert decode["class_type"] == "VAEDecode" and smooth["class_type"] == "SamplerCustomAdvanced"
+    assert workflow[smooth["inputs"]["noise"][0]]["class_type"] == "LunaNoiseScaffold"
+    assert workflow[smooth["inputs"]["sigmas"][0]]["inputs"]["denoise"] < 0.5  # light
+    upscaled = workflow[smooth["inputs"]["latent_image"][0]]["inputs"]["pixels"][0]
+    before, after = outputs[upscaled][0][0], outputs[workflow[scale_4k]["inputs"]["image"][0]][0][0]
+    assert before.shape == after.shape == (1, 96, 96, 3)
+    assert (after - before).abs().max() > 2 / 255  # the smoothing pass changed the 1.5K image
 
 
 # ---------------------------------------------------------------------- the detailer: parity and invariants
