@@ -347,9 +347,9 @@ def test_ip_adapter_conditions_each_item_on_its_own_embedding(comfy, tiny_models
     embeds = torch.randn(3, tower.dim, generator=g)
     items = _ip_items(comfy, embeds)
 
-    def run(ip, items):
+    def run(ip, items, on=model):
         with torch.inference_mode():
-            return np.stack(ComfyDenoiser(model, vae, neg, steps=3, cfg=3.0, denoise=0.6, ip_adapter=ip)(items))
+            return np.stack(ComfyDenoiser(on, vae, neg, steps=3, cfg=3.0, denoise=0.6, ip_adapter=ip)(items))
 
     plain = run(None, items)
     off = run(_comfy_ip(comfy, luna_assets["ip_adapter"], 0.0), items)
@@ -363,6 +363,14 @@ def test_ip_adapter_conditions_each_item_on_its_own_embedding(comfy, tiny_models
     np.testing.assert_allclose(again[0], on[0], atol=1e-3)  # item 0 and 2 do not see item 1's embedding
     np.testing.assert_allclose(again[2], on[2], atol=1e-3)
     assert np.abs(again[1] - on[1]).max() > 2.0
+    # a cross-attention replacement another node put on the MODEL stays: the per-crop term is added to it
+    from comfy.ldm.modules.attention import optimized_attention
+
+    patched = model.clone()
+    patched.set_model_attn2_replace(lambda q, k, v, eo: 0.5 * optimized_attention(q, k, v, eo["n_heads"]), "middle", 0, 0)
+    theirs = run(None, items, patched)
+    assert np.abs(theirs - plain).max() > 0.5
+    assert np.array_equal(run(_comfy_ip(comfy, luna_assets["ip_adapter"], 0.0), items, patched), theirs)
 
 
 def test_ip_adapter_parity_with_luna_refine_denoiser(comfy, tiny_models, luna_assets, tower):
