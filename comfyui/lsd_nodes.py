@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .paths import NONE, choices as folder_choices, resolve as resolve_folder
+from .paths import NONE, choices as folder_choices, file_choices, fingerprint_of, resolve as resolve_folder
 from .host import HOST
-from .sources import ClipVisionEmbedder, Chained, ComfyText, InputError, Routed, parse_routing, tower_embedder
+from .ip_adapter import ComfyIPAdapter, load_ip_adapter
+from .sources import (ClipVisionEmbedder, Chained, ComfyText, InputError, Routed, open_vault_checked, parse_routing,
+                      tower_embedder)
 
 CATEGORY = "Luna/detailer"
 MAX_RES = 16384
@@ -186,29 +188,41 @@ def conditioning_inputs() -> dict:
                          "(e.g. ViT-H-14, or tiny)"}),
         "vision_weights": ("STRING", {"default": "", "tooltip": "local weights file of vision_model"}),
         "clip": ("CLIP", {"tooltip": "text encoders of your checkpoint: needed only for prompts-only vaults"}),
+        "ip_adapter": (file_choices("ipadapter", ".safetensors"), {"default": NONE, "tooltip": "a plain IP-Adapter "
+                       "(.safetensors) in models/ipadapter/: each crop is conditioned on its own image through it "
+                       "(embedded by clip_vision / vision_model); none = no IP-Adapter"}),
+        "ip_adapter_path": ("STRING", {"default": "", "tooltip": "instead of the dropdown: an IP-Adapter "
+                            ".safetensors file"}),
+        "ip_adapter_strength": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip":
+                                "scale of the IP-Adapter's image attention, per crop; 0 = no IP-Adapter"}),
     }
 
 
 def build_source(positive, clip=None, clip_vision=None, vision_model="", vision_weights="", vault=NONE,
                  vault_path="", vault_strength=0.5, vault_k=8, category_routing="", projector=NONE,
-                 projector_path="", projector_strength=0.3):
-    """The conditioning source of a detailer/refiner call (text, vault, projector, or vault then projector)."""
-    from lsd_runtime.api import ConditioningError, VaultSource, open_projector
+                 projector_path="", projector_strength=0.3, ip_adapter=NONE, ip_adapter_path="",
+                 ip_adapter_strength=0.6):
+    """The conditioning of a detailer/refiner call: (source, IP-Adapter hook or None). The source gives text,
+    vault, projector, or vault-then-projector rows; with an IP-Adapter every row also carries its crop's
+    image embedding, which the hook (ComfyDenoiser's `ip_adapter`) turns into that crop's image tokens."""
+    from lsd_runtime.api import ConditioningError, VaultSource, WithImageEmbeds, open_projector
 
     text = ComfyText(positive, clip)
     vault_dir = resolve_folder("luna_vaults", vault, vault_path, "vault")
     proj_dir = resolve_folder("luna_projectors", projector, projector_path, "projector")
+    ip_file = resolve_folder("ipadapter", ip_adapter, ip_adapter_path, "ip_adapter")
     use_vault = vault_dir is not None and float(vault_strength) > 0
     use_proj = proj_dir is not None and float(projector_strength) > 0
-    if not (use_vault or use_proj):
-        return text
+    use_ip = ip_file is not None and float(ip_adapter_strength) > 0
+    if not (use_vault or use_proj or use_ip):
+        return text, None
     if clip_vision is not None:
         embedder = ClipVisionEmbedder(clip_vision)
     elif vision_model:
         embedder = tower_embedder(vision_model, vision_weights)
     else:
-        raise InputError("input 'clip_vision': a vault or projector needs the crops' image embeddings; connect a "
-                         "CLIP_VISION (or set vision_model)")
+        raise InputError("input 'clip_vision': a vault, projector or IP-Adapter needs the crops' image embeddings; "
+                         "connect a CLIP_VISION (or set vision_model)")
     source = text
     if use_vault:
         v = open_vault_checked(vault_dir, "vault_path" if vault_path else "vault")
@@ -233,7 +247,12 @@ def build_source(positive, clip=None, clip_vision=None, vision_model="", vision_
             raise InputError(f"input 'projector': it gives {proj.dims['cond_dim']}-wide conditioning, the positive "
                              f"conditioning is {text.cond.shape[-1]} wide (a projector for another text-encoder family)")
         source = Chained(source, proj, embedder, float(projector_strength))
-    return source
+    if not use_ip:
+        return source, None
+    what = "ip_adapter_path" if ip_adapter_path and str(ip_adapter_path).strip() else "ip_adapter"
+    weights = load_ip_adapter(ip_file, what)
+    weights.check_dim(embedder.dim, "clip_vision" if clip_vision is not None else f"vision_model {vision_model!r}", what)
+    return WithImageEmbeds(source, embedder), ComfyIPAdapter(weights, float(ip_adapter_strength), what)
 
 
 def _same(a, b) -> bool:
@@ -254,29 +273,12 @@ class _EmbedderWithId:
         return self.embedder(crops)
 
 
-def open_vault_checked(path: str, what: str = "vault"):
-    """An open vault (or service client) from the model host; a folder that is not a vault names the input."""
-    from vault.service import VaultError
-    from vault.service import open_vault
-
-    try:
-        return HOST.get("vault", path, lambda: open_vault(path))
-    except (VaultError, ValueError, OSError, KeyError) as exc:
-        raise InputError(f"input '{what}': {path} is not a usable Luna vault ({exc})") from exc
-
-
-def conditioning_fingerprint(vault=NONE, vault_path="", projector=NONE, projector_path="", **_) -> str:
-    """IS_CHANGED part: the files of the chosen vault/projector (a rebuilt one re-runs the node)."""
-    from .host import fingerprint
-
-    parts = []
-    for kind, name, path in (("luna_vaults", vault, vault_path), ("luna_projectors", projector, projector_path)):
-        try:
-            resolved = resolve_folder(kind, name, path)
-        except ValueError:
-            resolved = None
-        parts.append(fingerprint(resolved) if resolved else "")
-    return "|".join(parts)
+def conditioning_fingerprint(vault=NONE, vault_path="", projector=NONE, projector_path="", ip_adapter=NONE,
+                             ip_adapter_path="", **_) -> str:
+    """IS_CHANGED part: the files of the chosen vault/projector/IP-Adapter (a rebuilt one re-runs the node)."""
+    return "|".join((fingerprint_of("luna_vaults", vault, vault_path, missing=""),
+                     fingerprint_of("luna_projectors", projector, projector_path, missing=""),
+                     fingerprint_of("ipadapter", ip_adapter, ip_adapter_path, missing="")))
 
 
 # ---------------------------------------------------------------------- nodes
@@ -481,8 +483,34 @@ def sampling_inputs(denoise: float) -> dict:
 
 def _source_kwargs(kw: dict) -> dict:
     keys = ("clip", "clip_vision", "vision_model", "vision_weights", "vault", "vault_path", "vault_strength", "vault_k",
-            "category_routing", "projector", "projector_path", "projector_strength")
+            "category_routing", "projector", "projector_path", "projector_strength", "ip_adapter", "ip_adapter_path",
+            "ip_adapter_strength")
     return {k: kw[k] for k in keys if k in kw}
+
+
+def _denoiser(model, vae, negative, total: int, ip_adapter=None, **sampling):
+    """ComfyUI's sampler as the runtime's denoiser, with a progress bar over `total` crops or tiles."""
+    from lsd_runtime.api import ComfyDenoiser, DenoiserError
+
+    try:
+        return ComfyDenoiser(model, vae, negative, progress=_progress(total), ip_adapter=ip_adapter, **sampling)
+    except DenoiserError as exc:
+        raise InputError(f"input 'sampler_name': {exc}") from exc
+
+
+def _each_image(image: torch.Tensor, work_on) -> torch.Tensor:
+    """Run `work_on(i, canvas padded to the 8 px grid) -> refined uint8 canvas` on every image of the batch;
+    the result is each original plus what changed (untouched pixels bit-exact)."""
+    from lsd_runtime.api import pad_to_multiple
+
+    b, h, w = image.shape[:3]
+    outs = []
+    for i in range(b):
+        canvas = to_canvas(image[i])
+        padded, _ = pad_to_multiple(Image.fromarray(canvas), 8)
+        refined = work_on(i, np.asarray(padded).copy())
+        outs.append(apply_delta(image[i], canvas, refined[:h, :w]))
+    return torch.stack(outs)
 
 
 class LunaSemanticDetailer:
@@ -540,13 +568,11 @@ def run_detailer(model, vae, positive, negative, image, detections, scaffold, *,
                  sampler_name="euler", scheduler="normal", denoise=0.35, batch_size=4, crop_size=1024, pad=0.25,
                  feather=32.0, **source_kw):
     """The detailer node's work (also what the benchmark calls): (IMAGE, debug IMAGE)."""
-    from lsd_runtime.api import ComfyDenoiser, DenoiserError
     from lsd_runtime.api import DetailSettings, detail
-    from lsd_runtime.api import pad_to_multiple
     from lsd_runtime.api import padded_detections
 
     per_image = _check_detections(detections, image)
-    b, h, w = image.shape[:3]
+    h, w = image.shape[1:3]
     sc = _scaffold_for(scaffold, w, h)
     if float(denoise) == 0.0 or not any(per_image):
         return image, debug_image([])
@@ -556,23 +582,14 @@ def run_detailer(model, vae, positive, negative, image, detections, scaffold, *,
         settings.check()
     except ValueError as exc:
         raise InputError(f"input 'crop_size': {exc}") from exc
-    source = build_source(positive, **source_kw)
+    source, ip = build_source(positive, **source_kw)
     pw, ph = sc.pixel_size
     total = sum(len(d) for d in per_image)  # at most one crop per detection (tiny ones are skipped)
-    try:
-        den = _Recording(ComfyDenoiser(model, vae, negative, steps=steps, cfg=cfg, sampler_name=sampler_name,
-                                       scheduler=scheduler, denoise=denoise, progress=_progress(total)))
-    except DenoiserError as exc:
-        raise InputError(f"input 'sampler_name': {exc}") from exc
-    outs = []
-    for i in range(b):
-        canvas = to_canvas(image[i])
-        padded, _ = pad_to_multiple(Image.fromarray(canvas), 8)
-        work = np.asarray(padded).copy()
-        dets = padded_detections(per_image[i], (w, h), (pw, ph))
-        refined, _crops, _skipped = detail(work, dets, sc, source, den, settings, sc.seed)
-        outs.append(apply_delta(image[i], canvas, refined[:h, :w]))
-    return torch.stack(outs), debug_image(den.pairs)
+    den = _Recording(_denoiser(model, vae, negative, total, ip, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                               scheduler=scheduler, denoise=denoise))
+    out = _each_image(image, lambda i, work: detail(work, padded_detections(per_image[i], (w, h), (pw, ph)), sc,
+                                                    source, den, settings, sc.seed)[0])
+    return out, debug_image(den.pairs)
 
 
 class LunaGlobalRefiner:
@@ -610,8 +627,6 @@ class LunaGlobalRefiner:
 
 def run_refiner(model, vae, positive, negative, image, scaffold, *, steps=20, cfg=5.0, sampler_name="euler",
                 scheduler="normal", denoise=0.2, batch_size=4, tile_size=1024, overlap=256, **source_kw):
-    from lsd_runtime.api import ComfyDenoiser, DenoiserError
-    from lsd_runtime.api import pad_to_multiple
     from lsd_runtime.api import RefineTileSettings, refine_tiles
     from lsd_runtime.api import tile_grid
 
@@ -627,20 +642,11 @@ def run_refiner(model, vae, positive, negative, image, scaffold, *, steps=20, cf
         settings.check()
     except ValueError as exc:
         raise InputError(f"input 'tile_size': {exc}") from exc
-    source = build_source(positive, **source_kw)
+    source, ip = build_source(positive, **source_kw)
     total = b * len(tile_grid((pw, ph), settings.tile, settings.overlap))
-    try:
-        den = ComfyDenoiser(model, vae, negative, steps=steps, cfg=cfg, sampler_name=sampler_name,
-                            scheduler=scheduler, denoise=denoise, progress=_progress(total))
-    except DenoiserError as exc:
-        raise InputError(f"input 'sampler_name': {exc}") from exc
-    outs = []
-    for i in range(b):
-        canvas = to_canvas(image[i])
-        padded, _ = pad_to_multiple(Image.fromarray(canvas), 8)
-        refined, _records = refine_tiles(np.asarray(padded).copy(), sc, source, den, settings, sc.seed)
-        outs.append(apply_delta(image[i], canvas, refined[:h, :w]))
-    return torch.stack(outs)
+    den = _denoiser(model, vae, negative, total, ip, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                    denoise=denoise)
+    return _each_image(image, lambda i, work: refine_tiles(work, sc, source, den, settings, sc.seed)[0])
 
 
 NODE_CLASS_MAPPINGS = {

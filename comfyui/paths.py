@@ -3,6 +3,7 @@
     models/luna_vaults/<name>/manifest.json        (`luna vault build` output)
     models/luna_projectors/<name>/projector.json   (`luna train` export)
     models/luna_detectors/<name>/config.json       (a transformers OWLv2 / Grounding DINO / SAM 3 folder)
+    models/ipadapter/<file>.safetensors            (a plain IP-Adapter; the folder ComfyUI IP-Adapter nodes use)
 
 Folders named in extra_model_paths.yaml under these keys are listed too. Dropdowns list the
 folder names; a widget `*_path` (an absolute folder, or `ray:NAME` for vaults) still wins.
@@ -14,6 +15,7 @@ from pathlib import Path
 
 NONE = "none"
 KINDS = {"luna_vaults": "manifest.json", "luna_projectors": "projector.json", "luna_detectors": "config.json"}
+FILE_KINDS = ("ipadapter",)  # folders of single files (listed by file name)
 
 
 def register() -> bool:
@@ -22,7 +24,7 @@ def register() -> bool:
         import folder_paths
     except ImportError:
         return False
-    for kind in KINDS:
+    for kind in (*KINDS, *FILE_KINDS):
         folder_paths.add_model_folder_path(kind, str(Path(folder_paths.models_dir) / kind), is_default=True)
     return True
 
@@ -51,6 +53,15 @@ def choices(kind: str, with_none: bool = True) -> list[str]:
     return ([NONE] if with_none else []) + sorted(names)
 
 
+def file_choices(kind: str, suffix: str, with_none: bool = True) -> list[str]:
+    """Files ending in `suffix` in the kind's folders (sub-folders as `sub/name`)."""
+    names: set[str] = set()
+    for root in folders(kind):
+        if root.is_dir():
+            names.update(str(f.relative_to(root)) for f in root.rglob(f"*{suffix}") if f.is_file())
+    return ([NONE] if with_none else []) + sorted(names)
+
+
 def resolve(kind: str, name: str, path: str = "", what: str = "") -> str | None:
     """The folder (or ray: address) chosen by a dropdown `name` or a typed `path` (path wins); None for none."""
     label = what or kind
@@ -69,3 +80,15 @@ def resolve(kind: str, name: str, path: str = "", what: str = "") -> str | None:
         if cand.exists():
             return str(cand)
     raise ValueError(f"input '{label}': {name!r} is not in any {kind} folder ({', '.join(map(str, folders(kind))) or 'none registered'})")
+
+
+def fingerprint_of(kind: str, name: str, path: str = "", what: str = "", missing: str = "missing") -> str:
+    """IS_CHANGED of a dropdown + `*_path` pair: the chosen folder's file fingerprint ("" for none,
+    `missing` when the choice does not resolve), so a rebuilt vault or projector re-runs the node."""
+    from .host import fingerprint
+
+    try:
+        resolved = resolve(kind, name, path, what)
+    except ValueError:
+        return missing
+    return fingerprint(resolved) if resolved else ""

@@ -1,4 +1,4 @@
-"""ComfyUI "Luna Vision Translator" node: image embeddings -> SDXL conditioning through a trained projector.
+"""ComfyUI "Luna Vision Translator" node: image embeddings -> SDXL (or SD 1.x) conditioning through a trained projector.
 
 Inputs: a projector (dropdown of models/luna_projectors/, or a typed folder), and either a
 CLIP_VISION_OUTPUT (from ComfyUI's "CLIP Vision Encode") or an IMAGE with a vision tower
@@ -8,17 +8,24 @@ The projected conditioning is blended into an optional CONDITIONING row by row:
 unchanged. Without one, the output is strength * projected (SDXL's empty prompt is all zeros)
 with the given width/height as SDXL size conditioning; a user's entries keep their own size keys.
 Returns ComfyUI CONDITIONING `[[cond [B,77,C], {"pooled_output": [B,P], ...}]]`.
+
+What the conditioning is for follows the export's declared targets (projector.json `targets`):
+an SDXL projector gives SDXL's [B,77,2048] + pooled [B,1280]; a CLIP-L head (`model.heads=[clip_l]`)
+gives SD 1.x's [B,77,768] + pooled [B,768] (CLIP-L's final normed layer and pooled EOS state, what
+an SD 1.x CLIPTextEncode gives), with no SDXL size keys. The `target` widget may insist on one
+(`sdxl` refuses a CLIP-L projector, `sd1.x` an SDXL one), and a CLIP-L projector is refused for an
+SDXL conditioning input: each a clear error naming the projector.
 Projectors and towers stay loaded in the model host and reload when their files change.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .paths import NONE, choices as folder_choices, resolve as resolve_folder
-from .host import HOST, fingerprint
+from .paths import NONE, choices as folder_choices, fingerprint_of, resolve as resolve_folder
+from .host import HOST
+from .sources import image_to_pil, luna_tower, match_length
 
 
 def _projector(path: str, dim: int | None):
@@ -41,23 +48,6 @@ def _field(output, name: str):
     return value
 
 
-def _luna_tower(name: str, weights: str):
-    from luna.models.vision import load_vision
-
-    return HOST.get("vision", weights or f"open_clip:{name}", lambda: load_vision(name, weights=weights or None),
-                    (name,))
-
-
-def _image_to_pixels(image: torch.Tensor, preprocess) -> torch.Tensor:
-    """ComfyUI IMAGE [B,H,W,C] in 0..1 -> the tower's own preprocessing, [B,3,S,S]."""
-    from PIL import Image
-
-    if image.ndim == 3:
-        image = image[None]
-    arr = (image.detach().float().cpu().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
-    return torch.stack([preprocess(Image.fromarray(a[..., :3])) for a in arr])
-
-
 def encode_inputs(kind: str, clip_vision_output=None, image=None, clip_vision=None, vision_model="", vision_weights=""):
     """The projector's input ([B,D] embeddings, or [B,T,W] tokens when kind == "tokens") from
     whichever image input was given, and the vision model id when it is known."""
@@ -70,23 +60,14 @@ def encode_inputs(kind: str, clip_vision_output=None, image=None, clip_vision=No
             raise ValueError(f"Luna Vision Translator: the CLIP_VISION_OUTPUT has no {name}")
         return value.float(), None
     if image is not None and vision_model:
-        tower = _luna_tower(vision_model, vision_weights)
-        pixels = _image_to_pixels(image, tower.preprocess)
+        tower = luna_tower(vision_model, vision_weights)
+        pixels = torch.stack([tower.preprocess(p) for p in image_to_pil(image)])
         x = tower.encode_tokens(pixels) if kind == "tokens" else tower.encode(pixels)
         return x.float(), tower.model_id
     raise ValueError(
         "Luna Vision Translator: connect a CLIP_VISION_OUTPUT, or an IMAGE with a vision tower "
         "(CLIP_VISION input, or vision_model + vision_weights)"
     )
-
-
-def _match_length(cond: torch.Tensor, length: int) -> torch.Tensor:
-    """Tile a [B,77,C] conditioning to a user's [B,77*n,C] (ComfyUI concatenates 77-token chunks)."""
-    if cond.shape[1] == length:
-        return cond
-    if length % cond.shape[1]:
-        raise ValueError(f"Luna Vision Translator: conditioning of {length} tokens is not a multiple of {cond.shape[1]}")
-    return cond.repeat(1, length // cond.shape[1], 1)
 
 
 def blend(conditioning, cond: torch.Tensor, pooled: torch.Tensor, strength: float, size: dict):
@@ -108,7 +89,7 @@ def blend(conditioning, cond: torch.Tensor, pooled: torch.Tensor, strength: floa
                              f"the images {b}")
         extra = dict(extra)
         p = cond.to(c.device, c.dtype)
-        new = (1 - strength) * c.expand(b, -1, -1) + strength * _match_length(p, c.shape[1])
+        new = (1 - strength) * c.expand(b, -1, -1) + strength * match_length(p, c.shape[1], "Luna Vision Translator")
         base_pooled = extra.get("pooled_output")
         q = pooled.to(c.device, c.dtype)
         extra["pooled_output"] = q if base_pooled is None else (1 - strength) * base_pooled.expand(b, -1) + strength * q
@@ -124,8 +105,9 @@ class LunaVisionTranslator:
     RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("conditioning",)
     OUTPUT_TOOLTIPS = ("one conditioning row per input image",)
-    DESCRIPTION = ("A trained Luna projector maps the image embedding to an SDXL conditioning [77, 2048] + pooled; "
-                   "blended as (1-strength)*yours + strength*projected. Strength 0 returns yours unchanged.")
+    DESCRIPTION = ("A trained Luna projector maps the image embedding to an SDXL conditioning [77, 2048] + pooled "
+                   "(or, for a CLIP-L head, an SD 1.x conditioning [77, 768] + pooled); blended as "
+                   "(1-strength)*yours + strength*projected. Strength 0 returns yours unchanged.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -148,19 +130,18 @@ class LunaVisionTranslator:
                           "SDXL size conditioning, only when there is no input conditioning"}),
                 "height": ("INT", {"default": 1024, "min": 64, "max": 16384, "step": 8, "tooltip":
                            "SDXL size conditioning, only when there is no input conditioning"}),
+                "target": (list(TARGETS), {"default": "auto", "tooltip": "the model the conditioning is for: auto "
+                           "follows the projector (projector.json targets: sdxl, or clip_l for SD 1.x); sdxl / sd1.x "
+                           "refuse a projector trained for the other"}),
             },
         }
 
     @classmethod
     def IS_CHANGED(cls, projector=NONE, projector_path="", **_):
-        try:
-            resolved = resolve_folder("luna_projectors", projector, projector_path, "projector")
-        except ValueError:
-            return "missing"
-        return fingerprint(resolved) if resolved else ""
+        return fingerprint_of("luna_projectors", projector, projector_path, "projector")
 
     def translate(self, projector, strength, projector_path="", clip_vision_output=None, image=None, clip_vision=None,
-                  vision_model="", vision_weights="", conditioning=None, width=1024, height=1024):
+                  vision_model="", vision_weights="", conditioning=None, width=1024, height=1024, target="auto"):
         from projector.export import ProjectorLoadError, ProjectorMismatchError
 
         if conditioning is not None and float(strength) == 0.0:
@@ -172,7 +153,8 @@ class LunaVisionTranslator:
         if resolved is None:
             raise ValueError("Luna Vision Translator: input 'projector': choose a projector or set projector_path")
         folder = Path(resolved)
-        kind = _input_kind(folder)
+        kind, targets = _declared(folder)
+        check_targets(folder, targets, target, conditioning)
         x, model_id = encode_inputs(kind, clip_vision_output, image, clip_vision, vision_model, vision_weights)
         try:
             proj = _projector(str(folder), int(x.shape[-1]) if kind == "embed" else None)
@@ -188,13 +170,44 @@ class LunaVisionTranslator:
             )
         with torch.no_grad():
             cond, pooled = proj(x.to(proj.input_mean.device))
-        size = {"width": int(width), "height": int(height), "crop_w": 0, "crop_h": 0,
-                "target_width": int(width), "target_height": int(height)}
+        size = {}
+        if targets == "sdxl":
+            size = {"width": int(width), "height": int(height), "crop_w": 0, "crop_h": 0,
+                    "target_width": int(width), "target_height": int(height)}
         return (blend(conditioning, cond.cpu(), pooled.cpu(), float(strength), size),)
 
 
-def _input_kind(folder: Path) -> str:
-    """"embed" or "tokens": what the projector in `folder` takes (read from its projector.json)."""
+# widget value -> the projector targets it needs (projector/targets.py); auto: whatever the export declares
+TARGETS = {"auto": None, "sdxl": "sdxl", "sd1.x": "clip_l"}
+
+
+def check_targets(folder: Path, targets: str, target: str, conditioning) -> None:
+    """Refuse a projector whose declared targets are not what the `target` widget or the input conditioning
+    (a CLIP-L projector into an SDXL-wide conditioning) needs; the message names the projector."""
+    from projector.export import ProjectorTargetsError
+    from projector.targets import TARGET_SHAPES
+
+    if target not in TARGETS:
+        raise ValueError(f"Luna Vision Translator: input 'target': {target!r}; choose one of {list(TARGETS)}")
+    want = TARGETS[target]
+    what = {"sdxl": "an SDXL", "clip_l": "a CLIP-L (SD 1.x / Flux)"}
+    if want is not None and targets != want:
+        raise ProjectorTargetsError(
+            f"Luna Vision Translator: input 'projector': {folder} is {what.get(targets, targets)} projector "
+            f"(projector.json targets {targets!r}: {TARGET_SHAPES.get(targets, '?')}); target={target} needs "
+            f"{TARGET_SHAPES[want]}: choose a projector trained for {target} (model.heads=[{want}]) or set target")
+    if targets == "clip_l" and conditioning is not None:
+        width = int(conditioning[0][0].shape[-1])
+        if width != 768:
+            raise ProjectorTargetsError(
+                f"Luna Vision Translator: input 'projector': {folder} is a CLIP-L (SD 1.x / Flux) projector "
+                f"({TARGET_SHAPES['clip_l']}), refused for input 'conditioning' of width {width} (an SDXL "
+                "conditioning is 2048 wide): use it with an SD 1.x model's conditioning, or an SDXL projector")
+
+
+def _declared(folder: Path) -> tuple[str, str]:
+    """(input kind "embed" | "tokens", targets "sdxl" | "clip_l") of the projector in `folder`, from its
+    projector.json (absent targets: sdxl)."""
     import json
 
     from projector.export import CONFIG_NAME, ProjectorLoadError
@@ -203,7 +216,8 @@ def _input_kind(folder: Path) -> str:
     if not cfg.is_file():
         raise ProjectorLoadError(f"Luna Vision Translator: input 'projector': {folder} is not a projector folder "
                                  f"(no {CONFIG_NAME})")
-    return json.loads(cfg.read_text())["dims"].get("input", "embed")
+    dims = json.loads(cfg.read_text())["dims"]
+    return dims.get("input", "embed"), dims.get("targets", "sdxl")
 
 
 NODE_CLASS_MAPPINGS = {"LunaVisionTranslator": LunaVisionTranslator}

@@ -42,12 +42,8 @@ class ComfyText:
         if self.clip is None:
             raise InputError("input 'clip': this vault stores prompts only; connect the checkpoint's CLIP so the "
                              "neighbours' prompts are encoded by your text encoders")
-        conds, pooleds = [], []
-        for p in prompts:
-            c, pooled = self.clip.encode_from_tokens(self.clip.tokenize(p), return_pooled=True)
-            conds.append(c[:, :77].float().cpu())
-            pooleds.append(pooled.float().cpu())
-        return torch.cat(conds), torch.cat(pooleds)
+        cond, pooled = clip_encoder(self.clip)(prompts)
+        return cond.float().cpu(), pooled.float().cpu()
 
     def rows(self, crops) -> list[CondRow]:
         return [CondRow(self.cond, self.pooled, "text", 0.0) for _ in crops]
@@ -56,6 +52,61 @@ class ComfyText:
 def pil_batch(crops) -> torch.Tensor:
     """PIL crops (one size) -> ComfyUI IMAGE [B, H, W, 3] in 0..1."""
     return torch.from_numpy(np.stack([np.asarray(c.convert("RGB"), np.float32) for c in crops]) / 255.0)
+
+
+def image_to_pil(image: torch.Tensor) -> list:
+    """ComfyUI IMAGE [B,H,W,C] floats in 0..1 -> list of RGB PIL images."""
+    from PIL import Image
+
+    if image.ndim == 3:
+        image = image[None]
+    arr = (image.detach().float().cpu().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
+    return [Image.fromarray(a[..., :3]) for a in arr]
+
+
+def clip_encoder(clip):
+    """encode(prompts) -> (cond [B,77,C], pooled [B,P]) through a ComfyUI CLIP object."""
+    def encode(prompts: list[str]):
+        conds, pooleds = [], []
+        for p in prompts:
+            cond, pooled = clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)
+            conds.append(cond[:, :77])
+            pooleds.append(pooled)
+        return torch.cat(conds), torch.cat(pooleds)
+    return encode
+
+
+def match_length(cond: torch.Tensor, length: int, node: str) -> torch.Tensor:
+    """Tile a [B,77,C] conditioning to a user's [B,77*n,C] (ComfyUI concatenates 77-token chunks)."""
+    if cond.shape[1] == length:
+        return cond
+    if length % cond.shape[1]:
+        raise ValueError(f"{node}: conditioning of {length} tokens is not a multiple of {cond.shape[1]}")
+    return cond.repeat(1, length // cond.shape[1], 1)
+
+
+def open_vault_checked(path: str, what: str = "vault", prefix: str = ""):
+    """An open vault (or service client) from the model host, one per path/address and file fingerprint,
+    kept across prompts; a folder that is not a vault is an InputError naming the input."""
+    from vault.service import VaultError
+    from vault.service import open_vault
+
+    from .host import HOST
+
+    try:
+        return HOST.get("vault", path, lambda: open_vault(path))
+    except (VaultError, ValueError, OSError, KeyError) as exc:
+        raise InputError(f"{prefix}input '{what}': {path} is not a usable Luna vault ({exc})") from exc
+
+
+def luna_tower(vision_model: str, vision_weights: str = ""):
+    """A luna open_clip tower, loaded once by the model host."""
+    from luna.models.vision import load_vision
+
+    from .host import HOST
+
+    return HOST.get("vision", vision_weights or f"open_clip:{vision_model}",
+                    lambda: load_vision(vision_model, weights=vision_weights or None), options=(vision_model,))
 
 
 class ClipVisionEmbedder:
@@ -90,13 +141,8 @@ class ClipVisionEmbedder:
 def tower_embedder(vision_model: str, vision_weights: str = ""):
     """A luna open_clip tower (kept by the model host) as a crop embedder."""
     from lsd_runtime.api import CropEmbedder
-    from luna.models.vision import load_vision
 
-    from .host import HOST
-
-    tower = HOST.get("vision", vision_weights or f"open_clip:{vision_model}",
-                     lambda: load_vision(vision_model, weights=vision_weights or None), options=(vision_model,))
-    return CropEmbedder(tower)
+    return CropEmbedder(luna_tower(vision_model, vision_weights))
 
 
 class Chained:

@@ -10,53 +10,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 
-from .paths import NONE, choices as folder_choices, resolve as resolve_folder
-from .host import HOST, fingerprint
-
-
-def _open(path: str):
-    """One open vault (or service client) per path/address and file fingerprint, kept across prompts."""
-    from vault.service import VaultError
-    from vault.service import open_vault
-
-    try:
-        return HOST.get("vault", path, lambda: open_vault(path))
-    except (VaultError, ValueError, OSError, KeyError) as exc:
-        raise ValueError(f"Luna Vault Query: input 'vault': {path} is not a usable Luna vault ({exc})") from exc
-
-
-def image_to_pil(image: torch.Tensor) -> list:
-    """ComfyUI IMAGE [B,H,W,C] floats in 0..1 -> list of RGB PIL images."""
-    from PIL import Image
-
-    if image.ndim == 3:
-        image = image[None]
-    arr = (image.detach().float().cpu().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
-    return [Image.fromarray(a[..., :3]) for a in arr]
-
-
-def clip_encoder(clip):
-    """encode(prompts) -> (cond [B,77,C], pooled [B,P]) through a ComfyUI CLIP object."""
-    def encode(prompts: list[str]):
-        conds, pooleds = [], []
-        for p in prompts:
-            cond, pooled = clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)
-            conds.append(cond[:, :77])
-            pooleds.append(pooled)
-        return torch.cat(conds), torch.cat(pooleds)
-    return encode
-
-
-def _match_length(retrieved: torch.Tensor, length: int) -> torch.Tensor:
-    """Tile a [B,77,C] conditioning to a user's [B,77*n,C] (prompts longer than 77 tokens)."""
-    if retrieved.shape[1] == length:
-        return retrieved
-    if length % retrieved.shape[1]:
-        raise ValueError(f"Luna Vault Query: conditioning of {length} tokens is not a multiple of {retrieved.shape[1]}")
-    return retrieved.repeat(1, length // retrieved.shape[1], 1)
+from .paths import NONE, choices as folder_choices, fingerprint_of, resolve as resolve_folder
+from .sources import clip_encoder, image_to_pil, match_length, open_vault_checked
 
 
 def _to_batch(t: torch.Tensor, b: int, what: str) -> torch.Tensor:
@@ -86,7 +43,7 @@ def blend_conditioning(conditioning, cond: torch.Tensor, pooled: torch.Tensor, s
         if blend == "concat":
             new = blend_concat(user, r)
         else:
-            new = blend_linear(user, _match_length(r, c.shape[1]), strength)
+            new = blend_linear(user, match_length(r, c.shape[1], "Luna Vault Query"), strength)
             if extra.get("pooled_output") is not None:
                 base = _to_batch(extra["pooled_output"], b, "pooled_output")
                 extra["pooled_output"] = blend_linear(base, pooled.to(base.device, base.dtype), strength)
@@ -140,11 +97,7 @@ class LunaVaultQuery:
 
     @classmethod
     def IS_CHANGED(cls, vault=NONE, vault_path="", **_):
-        try:
-            resolved = resolve_folder("luna_vaults", vault, vault_path, "vault")
-        except ValueError:
-            return "missing"
-        return fingerprint(resolved) if resolved else ""
+        return fingerprint_of("luna_vaults", vault, vault_path, "vault")
 
     def query(self, vault, image, k, strength, vault_path="", conditioning=None, clip=None, blend="linear",
               weighting="softmax", temperature=0.05, category=""):
@@ -156,7 +109,7 @@ class LunaVaultQuery:
             raise ValueError(f"Luna Vault Query: {exc}") from exc
         if path is None:
             raise ValueError("Luna Vault Query: input 'vault': choose a vault (models/luna_vaults/) or set vault_path")
-        v = _open(path)
+        v = open_vault_checked(path, prefix="Luna Vault Query: ")
         stored = v.info().get("mode", "stored") == "stored"
         if not stored and clip is None:
             raise ValueError("Luna Vault Query: input 'clip': this vault stores prompts only; connect your "

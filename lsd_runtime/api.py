@@ -8,6 +8,7 @@ from lsd_runtime.conditioning import (  # noqa: F401
     CropEmbedder,
     VaultSource,
     VisionModelMismatch,
+    WithImageEmbeds,
     open_projector,
     same_vision_model,
 )

@@ -17,6 +17,11 @@ Two implementations:
 
 Items whose size or time ids differ are denoised in separate sampler calls (SDXL's size
 embedding is one per conditioning in ComfyUI).
+
+IP-Adapter: `ComfyDenoiser(ip_adapter=...)` takes any object with `patched(model, embeds [B, D])`
+returning a MODEL whose batch item i is conditioned on embedding i (comfyui/ip_adapter.py); each
+sampler call gets the clone for its items' `row.image_embed`. (`DiffusersDenoiser` reads the same
+rows through the diffusers UNet's loaded IP-Adapter.)
 """
 from __future__ import annotations
 
@@ -78,12 +83,13 @@ class ComfyDenoiser:
     negative: a ComfyUI CONDITIONING (shared by every item). steps/cfg/sampler_name/scheduler/
     denoise mean what they mean on ComfyUI's KSampler; `sigmas` (optional, a 1-D tensor) replaces
     the scheduler's schedule (tests use it to run diffusers' Euler schedule). `progress(n)` is
-    called after each sampler call with the number of items done.
+    called after each sampler call with the number of items done. `ip_adapter` (optional): see the
+    module docstring; every item's row must then carry its crop's `image_embed`.
     """
 
     def __init__(self, model, vae, negative, *, steps: int = 20, cfg: float = 5.0, sampler_name: str = "euler",
                  scheduler: str = "normal", denoise: float = 0.35, sigmas: torch.Tensor | None = None,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None, ip_adapter=None):
         if not deterministic(sampler_name):
             raise DenoiserError(f"sampler_name={sampler_name!r} draws new noise every step from one seed per batch; "
                                 "the detailer needs a deterministic sampler (euler, dpmpp_2m, ddim, uni_pc, ...)")
@@ -94,6 +100,17 @@ class ComfyDenoiser:
         self.model, self.vae, self.negative = model, vae, negative
         self.steps, self.cfg, self.sampler_name, self.scheduler = int(steps), float(cfg), sampler_name, scheduler
         self.denoise, self.sigmas, self.progress = float(denoise), sigmas, progress
+        self.ip_adapter = ip_adapter
+
+    def model_for(self, group: list[DenoiseItem]):
+        """The MODEL for one sampler call: the user's, or its IP-Adapter clone for these items' embeddings."""
+        if self.ip_adapter is None:
+            return self.model
+        missing = [i for i, it in enumerate(group) if getattr(it.row, "image_embed", None) is None]
+        if missing:
+            raise DenoiserError(f"an IP-Adapter is set but items {missing} carry no image embedding (wrap the "
+                                "conditioning source in conditioning.WithImageEmbeds)")
+        return self.ip_adapter.patched(self.model, torch.stack([it.row.image_embed.float() for it in group]))
 
     def positive(self, rows, item: DenoiseItem) -> list:
         """One ComfyUI conditioning entry whose batch is the items: row i conditions latent i."""
@@ -132,7 +149,7 @@ class ComfyDenoiser:
                 raise DenoiserError(f"injected noise {tuple(noise.shape)} does not match the latents "
                                     f"{tuple(latent.shape)} (a scaffold with another channel count?)")
             samples = comfy.sample.sample(
-                self.model, noise, self.steps, self.cfg, self.sampler_name, self.scheduler,
+                self.model_for(group), noise, self.steps, self.cfg, self.sampler_name, self.scheduler,
                 self.positive([it.row for it in group], group[0]), self.negative, latent,
                 denoise=self.denoise, sigmas=self.sigmas, disable_pbar=True, seed=int(group[0].seed))
             pixels = self.decode(samples).detach().float().cpu().clamp(0, 1) * 255.0

@@ -84,4 +84,13 @@ def luna_assets(comfy, tower):
     det_file = write_detections(base / "input" / "detections.json", dets)
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(base / "input" / "luna_crop.png")
-    return {"models": models, "detections_file": det_file, "detections": dets, "pairs": pairs}
+    # plain IP-Adapters for the tiny UNet (the runtime's test weights): one for the tiny tower's embeddings,
+    # one for embeddings of another width
+    from lsd_runtime.ip_adapter import write_tiny_ip_adapter
+    from lsd_runtime.workflow import tiny_components
+
+    unet = tiny_components(vision=False).pipe.unet
+    ip = write_tiny_ip_adapter(unet, tower.dim, models / "ipadapter" / "tiny-ip.safetensors", seed=1, std=0.5)
+    wrong_dim = write_tiny_ip_adapter(unet, tower.dim + 8, base / "work" / "ip-other-dim.safetensors", seed=2)
+    return {"models": models, "detections_file": det_file, "detections": dets, "pairs": pairs, "ip_adapter": ip,
+            "ip_wrong_dim": wrong_dim}

@@ -102,9 +102,10 @@ def tiny_prompt(workflow: dict, assets: dict) -> dict:
             inputs["ckpt_name"] = TINY_CKPT
         if kind == "LunaNoiseScaffold":
             inputs.update(width=128, height=128, draft_width=64, draft_height=64)
-        if kind == "ImageScale":
-            inputs.update(width=128, height=128)
-        if kind in ("KSampler", "KSamplerAdvanced", "LunaSemanticDetailer", "LunaGlobalRefiner"):
+        if kind == "ImageScale":  # the 4K canvas -> 128 px, the 1.5K smoothing pass -> 96 px
+            size = 128 if inputs["width"] >= 4096 else 96
+            inputs.update(width=size, height=size)
+        if kind in ("KSampler", "KSamplerAdvanced", "BasicScheduler", "LunaSemanticDetailer", "LunaGlobalRefiner"):
             inputs["steps"] = 3
         if kind == "LunaDetector":
             inputs.update(detections_file=str(assets["detections_file"]), prompts="face, hand", detect_size=0)
@@ -147,7 +148,7 @@ def test_detail_workflow_refines_only_inside_the_detections(comfy, luna_assets):
     outputs, error = comfy_env.run(workflow)
     assert error is None, error
     ids = {n["class_type"]: nid for nid, n in workflow.items()}
-    canvas = outputs[ids["ImageScale"]][0][0]
+    canvas = outputs[workflow[ids["LunaDetector"]]["inputs"]["image"][0]][0][0]  # the 4K canvas the detector saw
     detailed = outputs[ids["LunaSemanticDetailer"]][0][0]
     masks = outputs[ids["LunaDetector"]][1][0]
     assert detailed.shape == canvas.shape == (1, 128, 128, 3)
@@ -164,6 +165,18 @@ def test_detail_workflow_refines_only_inside_the_detections(comfy, luna_assets):
         inside[y0:y1, x0:x1] |= torch.from_numpy(c.mask > 0)
     assert not (changed & ~inside).any()
     assert masks.shape == (3, 128, 128)
+    # seed 000's prep phase: 1K draft -> upscale to 1.5K -> light smoothing pass (SamplerCustomAdvanced drawing
+    # its noise from the scaffold) -> upscale to 4K, which is the canvas the detector and the detailer see
+    scale_4k = workflow[ids["LunaDetector"]]["inputs"]["image"][0]
+    decode = workflow[workflow[scale_4k]["inputs"]["image"][0]]
+    smooth = workflow[decode["inputs"]["samples"][0]]
+    assert decode["class_type"] == "VAEDecode" and smooth["class_type"] == "SamplerCustomAdvanced"
+    assert workflow[smooth["inputs"]["noise"][0]]["class_type"] == "LunaNoiseScaffold"
+    assert workflow[smooth["inputs"]["sigmas"][0]]["inputs"]["denoise"] < 0.5  # light
+    upscaled = workflow[smooth["inputs"]["latent_image"][0]]["inputs"]["pixels"][0]
+    before, after = outputs[upscaled][0][0], outputs[workflow[scale_4k]["inputs"]["image"][0]][0][0]
+    assert before.shape == after.shape == (1, 96, 96, 3)
+    assert (after - before).abs().max() > 2 / 255  # the smoothing pass changed the 1.5K image
 
 
 # ---------------------------------------------------------------------- the detailer: parity and invariants
@@ -303,6 +316,164 @@ def test_detailer_with_vault_and_projector_conditions_each_crop(comfy, tiny_mode
     assert torch.equal(off, plain)  # strength 0: the text conditioning alone
 
 
+# ---------------------------------------------------------------------- IP-Adapter per crop
+
+
+def _ip_items(comfy, embeds, seed=0):
+    """Denoise items identical in everything (image, noise, text row) except their image embedding."""
+    from lsd_runtime.conditioning import CondRow
+    from lsd_runtime.sampler import DenoiseItem
+
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(64, 64, 3, generator=g).numpy() * 255
+    noise = torch.randn(4, 8, 8, generator=g)
+    cond, pooled = torch.randn(77, 96, generator=g), torch.randn(64, generator=g)
+    return [DenoiseItem(image, noise, CondRow(cond, pooled, "text", 0.0, image_embed=e), 0,
+                        torch.tensor([64.0, 64, 0, 0, 64, 64])) for e in embeds]
+
+
+def _comfy_ip(comfy, path, strength):
+    ipa = _module("ip_adapter")
+    return ipa.ComfyIPAdapter(ipa.IPAdapterWeights(path), strength)
+
+
+def test_ip_adapter_conditions_each_item_on_its_own_embedding(comfy, tiny_models, luna_assets, tower):
+    """One batched sampler call: item i depends on embedding i only; strength 0 equals no IP-Adapter exactly."""
+    from lsd_runtime.denoiser import ComfyDenoiser
+
+    model, clip, vae = tiny_models
+    neg = comfy["nodes"].CLIPTextEncode().encode(clip, "")[0]
+    g = torch.Generator().manual_seed(1)
+    embeds = torch.randn(3, tower.dim, generator=g)
+    items = _ip_items(comfy, embeds)
+
+    def run(ip, items, on=model):
+        with torch.inference_mode():
+            return np.stack(ComfyDenoiser(on, vae, neg, steps=3, cfg=3.0, denoise=0.6, ip_adapter=ip)(items))
+
+    plain = run(None, items)
+    off = run(_comfy_ip(comfy, luna_assets["ip_adapter"], 0.0), items)
+    assert np.array_equal(off, plain)  # the patched attention at strength 0 is the model's own
+    on = run(_comfy_ip(comfy, luna_assets["ip_adapter"], 1.0), items)
+    assert np.abs(on - plain).max() > 2.0  # > 2/255 of the range: the IP-Adapter conditions the items
+    assert np.abs(on[0] - on[1]).max() > 2.0  # same image, noise and text; different embeddings
+    changed = embeds.clone()
+    changed[1] = torch.randn(tower.dim, generator=g) * 3
+    again = run(_comfy_ip(comfy, luna_assets["ip_adapter"], 1.0), _ip_items(comfy, changed))
+    np.testing.assert_allclose(again[0], on[0], atol=1e-3)  # item 0 and 2 do not see item 1's embedding
+    np.testing.assert_allclose(again[2], on[2], atol=1e-3)
+    assert np.abs(again[1] - on[1]).max() > 2.0
+    # a cross-attention replacement another node put on the MODEL stays: the per-crop term is added to it
+    from comfy.ldm.modules.attention import optimized_attention
+
+    patched = model.clone()
+    patched.set_model_attn2_replace(lambda q, k, v, eo: 0.5 * optimized_attention(q, k, v, eo["n_heads"]), "middle", 0, 0)
+    theirs = run(None, items, patched)
+    assert np.abs(theirs - plain).max() > 0.5
+    assert np.array_equal(run(_comfy_ip(comfy, luna_assets["ip_adapter"], 0.0), items, patched), theirs)
+
+
+def test_ip_adapter_parity_with_luna_refine_denoiser(comfy, tiny_models, luna_assets, tower):
+    """The same crops and IP-Adapter weights through luna refine's diffusers loop (diffusers' IP-Adapter
+    processors) and through ComfyUI's sampler with the Luna attention patch agree within 1/255."""
+    from lsd_runtime.conditioning import CropEmbedder, TextSource, WithImageEmbeds
+    from lsd_runtime.denoiser import ComfyDenoiser, DiffusersDenoiser
+    from lsd_runtime.detailer import DetailSettings, detail
+    from lsd_runtime.ip_adapter import load_ip_adapter
+    from lsd_runtime.sampler import Sampler, SamplerSettings, make_scheduler
+    from lsd_runtime.scaffold import NoiseScaffold
+    from lsd_runtime.workflow import tiny_components
+
+    model, _clip, vae = tiny_models
+    comps = tiny_components(vision=False)
+    pipe = copy.deepcopy(comps.pipe)
+    load_ip_adapter(pipe, luna_assets["ip_adapter"], scale=0.8)
+    sampler = Sampler.from_pipeline(pipe)
+    text = TextSource(comps.encoders, "a portrait", None)
+    source = WithImageEmbeds(text, CropEmbedder(tower))
+    settings = SamplerSettings(steps=4, strength=0.5, cfg=3.0)
+    sched = make_scheduler(comps.sampler.scheduler_config, "euler")
+    sched.set_timesteps(4)
+    sigmas = sched.sigmas[4 - int(4 * 0.5):].float()
+    canvas = (canvas_image(128, 11)[0].numpy() * 255).round().astype(np.uint8)
+    scaffold = NoiseScaffold(3, (128, 128))
+    ds = DetailSettings(working_size=64, min_crop=32, feather=8.0, batch_size=4)
+    zeros = [[torch.zeros(1, 77, 96), {"pooled_output": torch.zeros(1, 64)}]]
+    dets = luna_assets["detections"]
+    a, crops, _ = detail(canvas.copy(), dets, scaffold, source, DiffusersDenoiser(sampler, settings, text.negative_row),
+                         ds)
+    b, _, _ = detail(canvas.copy(), dets, scaffold, source,
+                     ComfyDenoiser(model, vae, zeros, steps=4, cfg=3.0, sigmas=sigmas, denoise=1.0,
+                                   ip_adapter=_comfy_ip(comfy, luna_assets["ip_adapter"], 0.8)), ds)
+    c, _, _ = detail(canvas.copy(), dets, scaffold, text,
+                     ComfyDenoiser(model, vae, zeros, steps=4, cfg=3.0, sigmas=sigmas, denoise=1.0), ds)
+    assert len(crops) == 3
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert np.abs(b.astype(int) - c.astype(int)).max() > 2  # and the IP-Adapter did something
+
+
+def test_detailer_ip_adapter_input(comfy, tiny_models, luna_assets, tower):
+    """The node: strength 0 equals no IP-Adapter; strength > 0 differs; every crop carries its own embedding."""
+    from PIL import Image
+
+    image = canvas_image(128, 12)
+    scaffold = _scaffold(comfy, tiny_models)
+    dets = luna_assets["detections"]
+    plain, _ = _detail(comfy, tiny_models, image, dets, scaffold)
+    off, _ = _detail(comfy, tiny_models, image, dets, scaffold, ip_adapter="tiny-ip.safetensors",
+                     ip_adapter_strength=0.0, vision_model="tiny")
+    on, _ = _detail(comfy, tiny_models, image, dets, scaffold, ip_adapter="tiny-ip.safetensors",
+                    ip_adapter_strength=1.0, vision_model="tiny")
+    assert torch.equal(off, plain)
+    assert (on - plain).abs().max() > 2 / 255
+    with_vault, _ = _detail(comfy, tiny_models, image, dets, scaffold, ip_adapter_path=str(luna_assets["ip_adapter"]),
+                            ip_adapter_strength=1.0, vault="tiny-stored", vault_strength=1.0, vision_model="tiny")
+    assert (with_vault - on).abs().max() > 1 / 255  # the vault's rows and the IP-Adapter together
+    # per crop: two different crops get two different embeddings, each the embedder's for that crop
+    lsd = _lsd(comfy)
+    pos = comfy["nodes"].CLIPTextEncode().encode(tiny_models[1], "a portrait")[0]
+    source, ip = lsd.build_source(pos, vision_model="tiny", ip_adapter="tiny-ip.safetensors", ip_adapter_strength=0.7)
+    assert ip is not None and ip.strength == 0.7 and ip.dim == tower.dim
+    crops = [Image.fromarray((canvas_image(64, s)[0].numpy() * 255).astype(np.uint8)) for s in (1, 2)]
+    rows = source.rows(crops)
+    from luna.models.vision import embed
+
+    expected = embed(tower, crops).embed
+    assert torch.allclose(rows[0].image_embed, expected[0], atol=1e-5)
+    assert torch.allclose(rows[1].image_embed, expected[1], atol=1e-5)
+    assert not torch.allclose(rows[0].image_embed, rows[1].image_embed, atol=1e-3)
+    # IS_CHANGED follows the IP-Adapter file
+    assert lsd.conditioning_fingerprint(ip_adapter="tiny-ip.safetensors") != lsd.conditioning_fingerprint()
+
+
+def test_ip_adapter_bad_weights_are_clear_errors(comfy, tiny_models, luna_assets, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    image = canvas_image(128, 13)
+    scaffold = _scaffold(comfy, tiny_models)
+    dets = luna_assets["detections"]
+    with pytest.raises(ValueError, match=r"input 'ip_adapter_path': .*takes \d+-d image embeddings, vision_model "
+                                         r"'tiny' gives \d+-d"):
+        _detail(comfy, tiny_models, image, dets, scaffold, ip_adapter_path=str(luna_assets["ip_wrong_dim"]),
+                vision_model="tiny")
+    state = load_file(str(luna_assets["ip_adapter"]))
+    last = max(int(k.split(".")[1]) for k in state if k.startswith("ip_adapter."))
+    fewer = tmp_path / "fewer-layers.safetensors"
+    save_file({k: v for k, v in state.items() if not k.startswith(f"ip_adapter.{last}.")}, str(fewer))
+    with pytest.raises(ValueError, match="input 'ip_adapter_path': .*cross-attention K/V pairs, this model has"):
+        _detail(comfy, tiny_models, image, dets, scaffold, ip_adapter_path=str(fewer), vision_model="tiny")
+    narrow = tmp_path / "narrow.safetensors"
+    save_file({k: (v[:, :-8].contiguous() if ".to_k_ip." in k else v) for k, v in state.items()}, str(narrow))
+    with pytest.raises(ValueError, match="input 'ip_adapter_path': .*to_k_ip of .* the model's cross-attention"):
+        _detail(comfy, tiny_models, image, dets, scaffold, ip_adapter_path=str(narrow), vision_model="tiny")
+    plus = tmp_path / "plus.safetensors"
+    save_file({"image_proj.latents": torch.zeros(1, 4, 8)}, str(plus))
+    with pytest.raises(ValueError, match="input 'ip_adapter_path': .*only the plain IP-Adapter"):
+        _detail(comfy, tiny_models, image, dets, scaffold, ip_adapter_path=str(plus), vision_model="tiny")
+    with pytest.raises(ValueError, match="input 'clip_vision': a vault, projector or IP-Adapter needs"):
+        _detail(comfy, tiny_models, image, dets, scaffold, ip_adapter="tiny-ip.safetensors")
+
+
 def test_scaffold_draft_latent_draws_from_the_scaffold(comfy, tiny_models):
     """KSamplerAdvanced with add_noise disabled on the scaffold's draft latent == sampling an empty latent with the
     scaffold's draft noise as the noise."""
@@ -433,6 +604,8 @@ def _detail_prompt(assets, **changes) -> dict:
     ("projector for another width", {"LunaSemanticDetailer": {"projector": "sdxl-width-proj", "vision_model": "tiny"}},
      "input 'projector'"),
     ("scaffold smaller than the image", {"LunaNoiseScaffold": {"width": 96, "height": 96}}, "input 'scaffold'"),
+    ("IP-Adapter for other embeddings", {"LunaSemanticDetailer": {"ip_adapter_path": "__IP_WRONG_DIM__",
+                                                                  "vision_model": "tiny"}}, "input 'ip_adapter_path'"),
     ("ancestral sampler", {}, None),
 ])
 def test_bad_inputs_are_clear_errors_and_the_executor_goes_on(comfy, luna_assets, tmp_path, case, changes, message):
@@ -448,6 +621,8 @@ def test_bad_inputs_are_clear_errors_and_the_executor_goes_on(comfy, luna_assets
         for k, v in node.items():
             if v == "__FOLDER__":
                 node[k] = str(not_a_vault)
+            if v == "__IP_WRONG_DIM__":
+                node[k] = str(luna_assets["ip_wrong_dim"])
     _, error = comfy_env.run(_detail_prompt(luna_assets, **changes))
     assert error is not None and message in error, error
     assert "Traceback" not in error

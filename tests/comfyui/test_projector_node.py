@@ -117,3 +117,61 @@ def test_mismatched_or_missing_inputs_are_clear_errors(node_module, projector_di
         node.translate("none", 1.0, projector_path=str(folder))
     with pytest.raises(ValueError, match="not a projector folder"):
         node.translate("none", 1.0, projector_path=str(tmp_path), clip_vision_output=SimpleNamespace(image_embeds=torch.randn(1, 12)))
+
+
+# ---------------------------------------------------------------------- the CLIP-L head (SD 1.x)
+
+CLIP_L = {**DIMS, "text_dims": [768], "cond_dim": 768, "pooled_dim": 768, "targets": "clip_l"}
+
+
+@pytest.fixture(scope="module")
+def clip_l_dir(tmp_path_factory):
+    torch.manual_seed(1)
+    module = ProjectorModule(net={"_target_": "projector.models.LearnedQueryDecoder", "width": 16, "depth": 1, "heads": 2},
+                             dims=CLIP_L, pooled_head={"_target_": "projector.models.PooledHead", "hidden": 16})
+    folder = tmp_path_factory.mktemp("clip_l_projector")
+    save_projector(module.projector, folder)
+    return folder, module.projector.eval()
+
+
+def test_clip_l_projector_gives_an_sd1_conditioning(node_module, clip_l_dir):
+    import json
+
+    folder, projector = clip_l_dir
+    assert json.loads((folder / "projector.json").read_text())["targets"] == "clip_l"  # what the export declares
+    embeds = torch.randn(2, 12)
+    node = node_module.LunaVisionTranslator()
+    for target in ("auto", "sd1.x"):
+        (result,) = node.translate("none", 1.0, projector_path=str(folder), target=target,
+                                   clip_vision_output=SimpleNamespace(image_embeds=embeds))
+        assert len(result) == 1
+        cond, extra = result[0]
+        want_cond, want_pooled = projector(embeds)
+        assert cond.shape == (2, 77, 768) and extra["pooled_output"].shape == (2, 768)
+        torch.testing.assert_close(cond, want_cond.detach())
+        torch.testing.assert_close(extra["pooled_output"], want_pooled.detach())
+        assert set(extra) == {"pooled_output"}  # SD 1.x: no SDXL size keys
+    # blended row by row into an SD 1.x prompt's conditioning (CLIP-L's [1, 77, 768] + pooled [1, 768])
+    user, user_pooled = torch.randn(1, 77, 768), torch.randn(1, 768)
+    (mixed,) = node.translate("none", 0.25, projector_path=str(folder), conditioning=[[user, {"pooled_output": user_pooled}]],
+                              clip_vision_output={"image_embeds": embeds})
+    want_cond, want_pooled = projector(embeds)
+    torch.testing.assert_close(mixed[0][0], 0.75 * user + 0.25 * want_cond.detach())
+    torch.testing.assert_close(mixed[0][1]["pooled_output"], 0.75 * user_pooled + 0.25 * want_pooled.detach())
+
+
+def test_clip_l_projector_is_refused_for_sdxl(node_module, clip_l_dir, projector_dir):
+    from projector.export import ProjectorTargetsError
+
+    folder, _ = clip_l_dir
+    node = node_module.LunaVisionTranslator()
+    out = {"image_embeds": torch.randn(1, 12)}
+    with pytest.raises(ProjectorTargetsError, match=r"input 'projector': .*CLIP-L .*target=sdxl needs \[77, 2048\]"):
+        node.translate("none", 0.5, projector_path=str(folder), clip_vision_output=out, target="sdxl")
+    sdxl = [[torch.randn(1, 77, 2048), {"pooled_output": torch.randn(1, 1280), "width": 1024}]]
+    with pytest.raises(ProjectorTargetsError, match=r"input 'projector': .*CLIP-L .*refused for input 'conditioning' of "
+                                                    r"width 2048"):
+        node.translate("none", 0.5, projector_path=str(folder), clip_vision_output=out, conditioning=sdxl)
+    sdxl_folder, _ = projector_dir  # and the other way round: an SDXL projector asked for SD 1.x
+    with pytest.raises(ProjectorTargetsError, match=r"input 'projector': .*an SDXL projector .*target=sd1.x"):
+        node.translate("none", 0.5, projector_path=str(sdxl_folder), clip_vision_output=out, target="sd1.x")
