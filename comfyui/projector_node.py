@@ -184,8 +184,7 @@ TARGETS = {"auto": None, "sdxl": "sdxl", "sd1.x": "clip_l"}
 def check_targets(folder: Path, targets: str, target: str, conditioning) -> None:
     """Refuse a projector whose declared targets are not what the `target` widget or the input conditioning
     (a CLIP-L projector into an SDXL-wide conditioning) needs; the message names the projector."""
-    from projector.export import ProjectorTargetsError
-    from projector.targets import TARGET_SHAPES
+    from projector.export import TARGET_SHAPES, ProjectorTargetsError
 
     if target not in TARGETS:
         raise ValueError(f"Luna Vision Translator: input 'target': {target!r}; choose one of {list(TARGETS)}")

@@ -23,6 +23,7 @@ from torch import nn
 
 from luna.files import atomic_path, write_json_atomic
 from projector import models
+from projector.targets import TARGET_SHAPES  # noqa: F401 (the nodes read it here: export is the contract module)
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "projector.safetensors"
