@@ -57,8 +57,8 @@ def test_generation_carries_the_prompts_attributes(weights):
     """The factory's own generator (factory.worker.SDXLGenerator) on the toy campaign's first samples."""
     images, prompts, _ = tq.campaign_images(toy_models.checkpoint_paths(weights)["toy-base-flat"], 16)
     acc = tq.accuracy(images, [world.parse_prompt(p) for p in prompts])
-    # a guard that meaning survives, not the 90% target (a benchmark figure: benchmarks/toy_loop.py):
-    # the committed weights give joint 0.31 on these 16 (chance 0.006); each attribute clears chance
+    # a guard that meaning survives (the 90% target is a benchmark figure: benchmarks/toy_loop.py):
+    # the committed weights give joint 1.00 on these 16 (chance 0.003); each attribute clears chance
     assert acc["joint"] >= GENERATION_JOINT, acc
     for attribute in world.SCENE_ATTRIBUTES:
         assert acc[attribute] >= CHANCE[attribute] + GENERATION_OVER_CHANCE, (attribute, acc)
@@ -121,12 +121,12 @@ def test_vault_conditioning_restores_degraded_crops(toy):
 
 
 # Thresholds: well below the committed weights' measured values (see the module docstring).
-GENERATION_JOINT, GENERATION_OVER_CHANCE = 0.15, 0.1
+GENERATION_JOINT, GENERATION_OVER_CHANCE = 0.75, 0.1
 CHANCE = {"shape": 1 / len(world.SHAPES), "color": 1 / len(world.COLORS), "background": 1 / len(world.BACKGROUNDS),
           "size": 1 / len(world.SIZES), "position": 1 / len(world.POSITIONS)}
 VISION_EACH = 0.8
 VAULT_EACH = 0.7
-PROJECTOR_JOINT = 0.3
+PROJECTOR_JOINT = 0.6
 DEGRADED_JOINT_MAX = 0.5
 REFINE_GAIN = 0.1
 
@@ -188,4 +188,4 @@ def test_luna_ab_on_the_toy_preset(toy, weights, tmp_path):
     assert acc["vault"] >= acc["generic"] + AB_VAULT_GAIN, acc
 
 
-AB_VAULT_GAIN = 0.05  # mean per-attribute accuracy, vault arm over the generic prompt
+AB_VAULT_GAIN = 0.25  # mean per-attribute accuracy, vault arm over the generic prompt (measured 0.48)
