@@ -13,7 +13,8 @@
 - Online targets (`conditionings=online`): the loader reads image columns only, and the
   conditioning of each batch's prompts is computed after the batch reaches the training device
   (`on_after_batch_transfer`) by the checkpoint's frozen text encoders, found by each prompt's
-  text-encoder fingerprint among `text_encoders` (checkpoints or folders of them) and run by the
+  text-encoder fingerprint among `text_encoders` (checkpoints or folders of them; none: where the
+  factory recorded the checkpoints, as `luna extract` finds them) and run by the
   same code extraction stores with (`luna.models.conditioner.TextConditioner`), then rounded to the
   pairs' storage dtype; an LRU cache (`online_cache_gb`) keeps prompts met again.
 - Statistics per channel over the training prompts: conditioning mean/std over tokens 1..76
@@ -87,18 +88,12 @@ class OnlineTargets:
         from luna.models.conditioner import TextConditioner
 
         dirs = [text_encoders] if isinstance(text_encoders, (str, Path)) else list(text_encoders or [])
-        if not dirs:
-            raise PairsDataError(f"{pairs.parts[0].parent}: data.conditionings=online needs data.text_encoders=PATH "
-                                 "(a checkpoint, or a folder of checkpoints, holding the pairs' text encoders: the "
-                                 f"pairs record fingerprints {sorted(set(pairs.te_fingerprint))}, not paths)")
-        self.dirs = [str(d) for d in dirs]
+        self.dirs = [str(d) for d in dirs]  # none: where the factory recorded the checkpoints (inventory cache)
         self.texts, self.fps = pairs.prompt_text, pairs.te_fingerprint
-        first = {}  # prompt id -> an image row using it: its checkpoint name is a hint to find the encoders
-        for row, pid in enumerate(pairs.prompt_id):
-            first.setdefault(int(pid), row)
-        self.hints = {}
-        for pid, row in first.items():
-            self.hints.setdefault(self.fps[pid], pairs.checkpoint[row])
+        names: dict[str, dict] = {}  # fingerprint -> the checkpoint names its images record (ordered, once each)
+        for pid, name in zip(pairs.prompt_id, pairs.checkpoint):
+            names.setdefault(self.fps[int(pid)], {}).setdefault(name, None)
+        self.hints = {fp: [{"name": n} for n in ns] for fp, ns in names.items()}
         self.dtype = dtype if dtype != "auto" else ("float16" if str(device).startswith("cuda") else "float32")
         self.conditioner = TextConditioner("per_checkpoint", checkpoint_dirs=self.dirs, device=str(device),
                                            dtype=self.dtype, batch_size=batch_size, keep_loaded=16)
@@ -114,9 +109,11 @@ class OnlineTargets:
 
         for fp in sorted({self.fps[int(p)] for p in np.unique(prompt_ids)}):
             try:
-                self.conditioner.locator.find(fp, self.hints.get(fp, ""))
+                self.conditioner.locator.find(fp, self.hints.get(fp, []))
             except TextEncoderNotFound as e:
-                raise PairsDataError(f"data.text_encoders={self.dirs}: {e}") from e
+                raise PairsDataError(f"data.conditionings=online, data.text_encoders={self.dirs or None}: {e} (the pairs "
+                                     "record fingerprints and checkpoint names, not paths: data.text_encoders=PATH names "
+                                     "a checkpoint or a folder of them)") from e
 
     @property
     def device(self) -> torch.device:
@@ -140,7 +137,7 @@ class OnlineTargets:
         for fp in sorted(by_fp):
             pids = by_fp[fp]
             with torch.random.fork_rng(devices=[]):  # loading encoders must not move the training's random stream
-                cond, pooled, _ = self.conditioner.encode_tensors(fp, [self.texts[p] for p in pids], self.hints.get(fp, ""))
+                cond, pooled, _ = self.conditioner.encode_tensors(fp, [self.texts[p] for p in pids], self.hints.get(fp, []))
             cond, pooled = cond.to(self.out_dtype), pooled.to(self.out_dtype)
             for i, p in enumerate(pids):
                 fresh[p] = (cond[i], pooled[i])
