@@ -1,6 +1,8 @@
-"""Projector data loader from disk at full-size conditionings: today's reader vs the chunk-shuffled one.
+"""Projector data loader from disk at full-size conditionings: today's reader vs the chunk-shuffled one;
+with --online, stored conditionings from disk vs online targets (text encoders in the loop) at tiny size.
 
     python benchmarks/loader_bench.py [--images 4000] [--images-per-prompt 1] [--workers 0 2] [--out FILE]
+    python benchmarks/loader_bench.py --online [--images 4000] [--full-encoder-prompts 8] [--out FILE]
 
 Writes a synthetic pairs folder with real SDXL sizes (embedding 1024, conditioning [77, 2048] +
 pooled [1280], fp16; one image per prompt by default: the worst case, every sample its own
@@ -12,6 +14,17 @@ conditioning), then measures training batches per second delivered by
 Each measurement starts with the pairs files dropped from the page cache (posix_fadvise
 DONTNEED), so it reads from disk, and covers one epoch (at most --max-seconds). Ratios are
 against row-by-row in the same run.
+
+--online writes a tiny-preset checkpoint (`luna.models.tiny`), encodes --images prompts (one image
+each by default) with its text encoders through `luna.models.conditioner.TextConditioner` (what
+extraction stores), writes them as pairs (fp16, [77, 32+64] + [64]) and measures one epoch of
+  stored   `PairsDataModule(in_memory=False)`'s train loader from disk (chunk-shuffled, 0 workers)
+  online   `PairsDataModule(conditionings="online")`: the loader reads image columns only and each
+           batch's targets are computed by the tiny text encoders on this CPU (one thread, no cache
+           hits: every prompt is new within the epoch), as Lightning would in on_after_batch_transfer
+and the ratio online / stored. --full-encoder-prompts N also times N prompts through the full-size
+SDXL text encoders (CLIP-L + OpenCLIP bigG, random weights, fp32 on this CPU, the same
+`encode_prompt`) to show what online targets at full size need: a GPU.
 """
 from __future__ import annotations
 
@@ -71,6 +84,122 @@ def chunked(dm: PairsDataModule, max_s: float) -> tuple[float, int]:
     return n / (time.perf_counter() - start), n
 
 
+WORDS = ("blue eyes close-up gold ring hand silk dress red green freckles hair silver necklace denim jacket brown "
+         "smiling cup straw hat wool scarf striped glasses portrait neon light soft shadow studio film grain").split()
+
+
+def write_tiny_online_pairs(work: Path, n_prompts: int, images_per_prompt: int, parts: int) -> tuple[Path, Path]:
+    """A tiny checkpoint and a pairs folder whose stored conditionings are its text encoders' (as extraction stores)."""
+    from extraction.pairs import PairsPart, write_part
+    from luna.models import tiny
+    from luna.models.conditioner import TextConditioner
+
+    ckpt = tiny.write_checkpoints(work / "tiny", n=1)[0].single_file
+    text = TextConditioner("reference", reference=str(ckpt), batch_size=256)
+    fp = text.fingerprint("", "")
+    rng = np.random.default_rng(0)
+    prompts = [f"{i} " + " ".join(rng.choice(WORDS, size=int(rng.integers(3, 20)))) for i in range(n_prompts)]
+    cond, pooled = text.encode(fp, prompts)
+    folder = work / "pairs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, ids in enumerate(np.array_split(np.arange(n_prompts), parts)):
+        n = len(ids) * images_per_prompt
+        part = PairsPart(
+            images={"key": np.array([f"p{k}_{i:06d}" for i in range(n)], dtype=object),
+                    "embed": rng.standard_normal((n, 1024)).astype(np.float16),
+                    "prompt_id": np.repeat(np.arange(len(ids)), images_per_prompt),
+                    "checkpoint": np.array([ckpt.stem] * n, dtype=object), "category": np.array(["x"] * n, dtype=object),
+                    "campaign": np.array(["bench"] * n, dtype=object), "seed": np.arange(n)},
+            prompts={"text": np.array([prompts[i] for i in ids], dtype=object), "cond": cond[ids], "pooled": pooled[ids],
+                     "te_fingerprint": np.array([fp] * len(ids), dtype=object)},
+            attrs={"vision_model": "bench", "vision_dim": 1024, "text_dims": list(text.dims[0]),
+                   "pooled_dim": int(text.dims[1]), "dtype": "float16"})
+        write_part(folder / f"pairs-{k:04d}.h5", part)
+    return folder, ckpt
+
+
+def online_epoch(dm: PairsDataModule, max_s: float) -> tuple[float, int]:
+    n, start = 0, time.perf_counter()
+    for batch in dm.train_dataloader():
+        batch = dm.on_after_batch_transfer(batch, 0)  # what Lightning calls once the batch is on the device
+        n += len(batch["cond"])
+        if time.perf_counter() - start > max_s:
+            break
+    return n / (time.perf_counter() - start), n
+
+
+def full_encoders_cpu(n: int) -> float:
+    """Prompts/s of the full-size SDXL text encoders (random weights, fp32) on this CPU, batch n."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from luna.models.configs import SDXL_BASE
+    from luna.models.sdxl import TextEncoders, encode_prompt
+    from luna.models.tokenizers import sdxl_tokenizers
+
+    import json
+
+    cfg = lambda sub: CLIPTextConfig(**json.loads((SDXL_BASE / sub / "config.json").read_text()))  # noqa: E731
+    enc = TextEncoders(*sdxl_tokenizers(), CLIPTextModel(cfg("text_encoder")).eval(),
+                       CLIPTextModelWithProjection(cfg("text_encoder_2")).eval())
+    prompts = [" ".join(WORDS[i % len(WORDS) : i % len(WORDS) + 8]) for i in range(n)]
+    with torch.inference_mode():
+        encode_prompt(enc, prompts[:1])
+        start = time.perf_counter()
+        cond, pooled = encode_prompt(enc, prompts)[:2]
+        rate = n / (time.perf_counter() - start)
+    assert cond.shape == (n, 77, 2048) and pooled.shape == (n, 1280)
+    return rate
+
+
+def main_online(args, argv) -> int:
+    work = Path(args.work or tempfile.mkdtemp(prefix="loader_bench_online_"))
+    try:
+        t = time.perf_counter()
+        n_prompts = args.images // args.images_per_prompt
+        folder, ckpt = write_tiny_online_pairs(work, n_prompts, args.images_per_prompt, args.parts)
+        gen_s = time.perf_counter() - t
+        common = dict(batch_size=args.batch, val_prompts=0.05, val_checkpoints=0, in_memory=False, num_workers=0,
+                      chunk_rows=args.chunk_rows, stats_prompts=256, knn_max_queries=16)
+        stored = PairsDataModule(str(folder), **common)
+        stored.setup()
+        online = PairsDataModule(str(folder), conditionings="online", text_encoders=str(ckpt), text_device="cpu",
+                                 text_batch_size=args.batch, online_cache_gb=0.0, **common)
+        online.setup()
+        drop_cache(folder)
+        s_rate, s_n = chunked(stored, args.max_seconds)
+        o_rate, o_n = online_epoch(online, args.max_seconds)
+        # the same targets: a batch of training rows both ways
+        rows = stored.splits["train"][: args.batch]
+        got = online.source.online(stored.pairs.prompt_id[rows])[0].float().numpy()
+        diff = float(np.abs(got - stored.pairs.cond(stored.pairs.prompt_id[rows]).astype(np.float32)).max())
+        stored.teardown()
+        online.teardown()
+        full = full_encoders_cpu(args.full_encoder_prompts) if args.full_encoder_prompts else None
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    lines = [
+        "```", f"python benchmarks/loader_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}", "```", "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared), 1-minute load {os.getloadavg()[0]:.1f}, torch on "
+        f"1 thread; tiny preset: {args.images} images, {n_prompts} prompts (all new within the epoch), conditioning "
+        f"[77, 96] + [64] fp16, embedding 1024; written in {gen_s:.0f} s; batch {args.batch}; page cache dropped first.",
+        "", "| targets | samples/s | samples timed | vs stored |", "| --- | ---: | ---: | ---: |",
+        f"| stored, from disk (chunk-shuffled, 0 workers) | {s_rate:,.0f} | {s_n:,} | 1.0x |",
+        f"| online, tiny text encoders on CPU | {o_rate:,.0f} | {o_n:,} | {o_rate / s_rate:.2f}x |", "",
+        f"Online vs stored targets of {len(rows)} training rows: max |difference| {diff:.2e} (fp16 storage).",
+    ]
+    if full is not None:
+        lines.append(f"Full-size SDXL text encoders (CLIP-L + bigG, fp32, this CPU, batch {args.full_encoder_prompts}): "
+                     f"{full:.2f} prompts/s, i.e. {full:.2f} samples/s at one image per prompt: online targets at full "
+                     "size need the encoders on a GPU (the training device).")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=4000)
@@ -82,8 +211,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seconds", type=float, default=30.0)
     ap.add_argument("--work", default=None, help="scratch folder (kept; default: a temporary one, removed)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--online", action="store_true", help="stored vs online targets at tiny size (see above)")
+    ap.add_argument("--full-encoder-prompts", type=int, default=0, help="--online: also time N prompts through the "
+                    "full-size text encoders on this CPU")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.online:
+        return main_online(args, argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="loader_bench_"))
     folder = work / f"pairs-{args.images}-{args.images_per_prompt}"
     t = time.perf_counter()

@@ -10,6 +10,13 @@
   shuffled, then the images within a window of one batch of chunks; a batch's conditionings are
   then a few contiguous runs of rows, each read in one call (`_Source.cond`), by `num_workers`
   processes. Every image is still seen once per epoch, in an order fixed by the seed and epoch.
+- Online targets (`conditionings=online`): the loader reads image columns only, and the
+  conditioning of each batch's prompts is computed after the batch reaches the training device
+  (`on_after_batch_transfer`) by the checkpoint's frozen text encoders, found by each prompt's
+  text-encoder fingerprint among `text_encoders` (checkpoints or folders of them; none: where the
+  factory recorded the checkpoints, as `luna extract` finds them) and run by the
+  same code extraction stores with (`luna.models.conditioner.TextConditioner`), then rounded to the
+  pairs' storage dtype; an LRU cache (`online_cache_gb`) keeps prompts met again.
 - Statistics per channel over the training prompts: conditioning mean/std over tokens 1..76
   (CLIP-L and bigG channels each standardised on their own), the BOS state, pooled and input
   mean/std.
@@ -22,6 +29,7 @@ import functools
 import importlib.util
 import logging
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import lightning as L
@@ -68,26 +76,117 @@ def _std(x: np.ndarray, axis) -> np.ndarray:
     return np.maximum(s, 1e-3 * float(s.mean()) + 1e-8)  # a constant channel must not divide by zero
 
 
-class _Source:
-    """Everything a batch is read from: image columns in RAM, conditionings in RAM or on disk."""
 
-    def __init__(self, pairs: Pairs, prompt_ids: np.ndarray, n_content: np.ndarray, use_tokens: bool, in_memory: bool):
+class OnlineTargets:
+    """Conditionings of global prompt ids computed on demand with the frozen text encoders of each
+    prompt's fingerprint (`data.conditionings=online`), exactly as extraction computes the stored
+    ones, rounded to `out_dtype` (the pairs' storage dtype). A loader worker gets a copy without
+    the encoders: batches are completed on the training device, in the main process."""
+
+    def __init__(self, pairs: Pairs, text_encoders, device: str = "cpu", dtype: str = "auto", batch_size: int = 64,
+                 cache_gb: float = 1.0, out_dtype: str = "float16"):
+        from luna.models.conditioner import TextConditioner
+
+        dirs = [text_encoders] if isinstance(text_encoders, (str, Path)) else list(text_encoders or [])
+        self.dirs = [str(d) for d in dirs]  # none: where the factory recorded the checkpoints (inventory cache)
+        self.texts, self.fps = pairs.prompt_text, pairs.te_fingerprint
+        names: dict[str, dict] = {}  # fingerprint -> the checkpoint names its images record (ordered, once each)
+        for pid, name in zip(pairs.prompt_id, pairs.checkpoint):
+            names.setdefault(self.fps[int(pid)], {}).setdefault(name, None)
+        self.hints = {fp: [{"name": n} for n in ns] for fp, ns in names.items()}
+        self.dtype = dtype if dtype != "auto" else ("float16" if str(device).startswith("cuda") else "float32")
+        self.conditioner = TextConditioner("per_checkpoint", checkpoint_dirs=self.dirs, device=str(device),
+                                           dtype=self.dtype, batch_size=batch_size, keep_loaded=16)
+        self.out_dtype = getattr(torch, out_dtype)
+        row_bytes = (SEQ_LEN * sum(pairs.text_dims) + int(pairs.attrs["pooled_dim"])) * torch.finfo(self.out_dtype).bits // 8
+        self.cache_rows = int(cache_gb * 1e9 // max(row_bytes, 1))
+        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def check(self, prompt_ids: np.ndarray) -> None:
+        """Every fingerprint of `prompt_ids` has a checkpoint under `text_encoders` (a clear error now,
+        not in the first training step)."""
+        from luna.models.conditioner import TextEncoderNotFound
+
+        for fp in sorted({self.fps[int(p)] for p in np.unique(prompt_ids)}):
+            try:
+                self.conditioner.locator.find(fp, self.hints.get(fp, []))
+            except TextEncoderNotFound as e:
+                raise PairsDataError(f"data.conditionings=online, data.text_encoders={self.dirs or None}: {e} (the pairs "
+                                     "record fingerprints and checkpoint names, not paths: data.text_encoders=PATH names "
+                                     "a checkpoint or a folder of them)") from e
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.conditioner.device)
+
+    def to(self, device) -> None:
+        device = torch.device(device)
+        if device != self.device:
+            self.conditioner.to(device)
+            self._cache.clear()
+
+    def __call__(self, prompt_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond [N, 77, C], pooled [N, P]) in `out_dtype` on the encoders' device."""
+        ids = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        uniq, inv = np.unique(ids, return_inverse=True)
+        missing = [int(p) for p in uniq if int(p) not in self._cache]
+        fresh = {}
+        by_fp: dict[str, list[int]] = {}
+        for p in missing:
+            by_fp.setdefault(self.fps[p], []).append(p)
+        for fp in sorted(by_fp):
+            pids = by_fp[fp]
+            with torch.random.fork_rng(devices=[]):  # loading encoders must not move the training's random stream
+                cond, pooled, _ = self.conditioner.encode_tensors(fp, [self.texts[p] for p in pids], self.hints.get(fp, []))
+            cond, pooled = cond.to(self.out_dtype), pooled.to(self.out_dtype)
+            for i, p in enumerate(pids):
+                fresh[p] = (cond[i], pooled[i])
+        rows = []
+        for p in (int(p) for p in uniq):
+            if p in fresh:
+                rows.append(fresh[p])
+            else:
+                self._cache.move_to_end(p)
+                rows.append(self._cache[p])
+        for p, v in fresh.items():  # cloned: a cached row must not keep its whole batch alive
+            self._cache[p] = (v[0].clone(), v[1].clone())
+        while len(self._cache) > self.cache_rows:
+            self._cache.popitem(last=False)
+        index = torch.from_numpy(inv).to(self.device)
+        return torch.stack([r[0] for r in rows])[index], torch.stack([r[1] for r in rows])[index]
+
+    def __getstate__(self):  # loader workers never encode
+        state = self.__dict__.copy()
+        state["conditioner"], state["_cache"] = None, OrderedDict()
+        return state
+
+class _Source:
+    """Everything a batch is read from: image columns in RAM, conditionings in RAM, on disk or
+    computed online (`online`: batches then carry no cond/pooled until `complete`)."""
+
+    def __init__(self, pairs: Pairs, prompt_ids: np.ndarray, n_content: np.ndarray, use_tokens: bool, in_memory: bool,
+                 online: OnlineTargets | None = None):
         self.pairs, self.use_tokens = pairs, use_tokens
         self.n_content = n_content  # per global prompt id
-        self.in_memory = in_memory
+        self.online = online
+        self.in_memory = in_memory and online is None
         self.cond_rows = np.full(pairs.num_prompts, -1, dtype=np.int64)
-        if in_memory:
+        if self.in_memory:
             ids = np.unique(prompt_ids)
             self.cond_rows[ids] = np.arange(len(ids))
             self._cond = np.concatenate([pairs.cond(c) for c in np.array_split(ids, max(1, len(ids) // 512))])
             self._pooled = np.concatenate([pairs.pooled(c) for c in np.array_split(ids, max(1, len(ids) // 512))])
 
     def cond(self, prompt_ids: np.ndarray) -> np.ndarray:
+        if self.online is not None:
+            return self.online(prompt_ids)[0].cpu().numpy()
         if self.in_memory:
             return self._cond[self.cond_rows[prompt_ids]]
         return self._read_runs("cond", prompt_ids).numpy()
 
     def pooled(self, prompt_ids: np.ndarray) -> np.ndarray:
+        if self.online is not None:
+            return self.online(prompt_ids)[1].cpu().numpy()
         if self.in_memory:
             return self._pooled[self.cond_rows[prompt_ids]]
         return self._read_runs("pooled", prompt_ids).numpy()
@@ -134,17 +233,25 @@ class _Source:
 
     def batch(self, images: np.ndarray) -> dict[str, torch.Tensor]:
         pid = self.pairs.prompt_id[images]
-        if self.in_memory:
-            cond, pooled = (torch.from_numpy(np.ascontiguousarray(a)) for a in (self.cond(pid), self.pooled(pid)))
-        else:
-            cond, pooled = self._read_runs("cond", pid), self._read_runs("pooled", pid)
-        return {
+        out = {
             "x": torch.from_numpy(np.ascontiguousarray(self.inputs(images))),
-            "cond": cond,
-            "pooled": pooled,
             "n_content": torch.from_numpy(self.n_content[pid]),
             "prompt": torch.from_numpy(pid),
         }
+        if self.online is None:
+            if self.in_memory:
+                cond, pooled = (torch.from_numpy(np.ascontiguousarray(a)) for a in (self.cond(pid), self.pooled(pid)))
+            else:
+                cond, pooled = self._read_runs("cond", pid), self._read_runs("pooled", pid)
+            out.update(cond=cond, pooled=pooled)
+        return out
+
+    def complete(self, batch: dict) -> dict:
+        """A batch with its targets: online ones computed on the device the batch is on."""
+        if self.online is not None and "cond" not in batch:
+            self.online.to(batch["x"].device)
+            batch["cond"], batch["pooled"] = self.online(batch["prompt"].cpu().numpy())
+        return batch
 
 
 class ChunkShuffleSampler(Sampler):
@@ -242,10 +349,21 @@ class PairsDataModule(L.LightningDataModule):
         seed: int = 0,
         val_combinations: list | None = None,
         targets: str = "sdxl",
+        conditionings: str = "stored",
+        text_encoders=None,
+        text_device: str = "auto",
+        text_dtype: str = "auto",
+        text_batch_size: int = 64,
+        online_cache_gb: float = 1.0,
     ):
         super().__init__()
         if input not in {"embed", "tokens"}:
             raise PairsDataError(f"data.input must be 'embed' or 'tokens', not {input!r}")
+        if conditionings not in {"stored", "online"}:
+            raise PairsDataError(f"data.conditionings must be 'stored' or 'online', not {conditionings!r}")
+        if conditionings == "online" and targets != "sdxl":
+            raise PairsDataError(f"data.conditionings=online computes SDXL conditionings; targets={targets!r} "
+                                 "(model.heads) trains on the stored ones: use data.conditionings=stored")
         self.path = Path(pairs)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.val_prompts, self.val_checkpoints = val_prompts, val_checkpoints
@@ -256,6 +374,9 @@ class PairsDataModule(L.LightningDataModule):
         self.knn_k, self.knn_max_queries = knn_k, knn_max_queries
         self.val_combinations = [list(c) for c in (val_combinations or [])]  # interpolation split (projector/splits.py)
         self.targets = targets  # sdxl | clip_l (projector/targets.py; set from model.heads)
+        self.conditionings, self.text_encoders = conditionings, text_encoders
+        self.text_device, self.text_dtype, self.text_batch_size = text_device, text_dtype, text_batch_size
+        self.online_cache_gb = online_cache_gb
         self.pairs: Pairs | None = None
 
     # --- setup ---------------------------------------------------------------------------
@@ -287,9 +408,15 @@ class PairsDataModule(L.LightningDataModule):
         c = sum(pairs.text_dims)
         need_gb = len(np.unique(used)) * (SEQ_LEN * c + int(pairs.attrs["pooled_dim"])) * 2 / 1e9
         in_memory = need_gb <= self.max_ram_gb if self.in_memory == "auto" else bool(self.in_memory)
-        log.info("pairs %s: %d images, %d prompts, conditionings %.2f GB %s", self.path, len(keep),
-                 len(np.unique(used)), need_gb, "in RAM" if in_memory else "read per batch")
-        self.source = _Source(pairs, used, n_content, self.input == "tokens", in_memory)
+        online = None
+        if self.conditionings == "online":
+            device = self.text_device if self.text_device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            online = OnlineTargets(pairs, self.text_encoders, device, self.text_dtype, self.text_batch_size,
+                                   self.online_cache_gb, str(pairs.attrs.get("dtype", "float16")))
+            online.check(used)
+        log.info("pairs %s: %d images, %d prompts, conditionings %.2f GB %s", self.path, len(keep), len(np.unique(used)),
+                 need_gb, "computed online" if online else "in RAM" if in_memory else "read per batch")
+        self.source = _Source(pairs, used, n_content, self.input == "tokens", in_memory, online)
         self.pairs = pairs
         self.stats = self._compute_stats()
         self.knn = {name: self._knn_cos(rows) for name, rows in splits.items() if name != "train" and len(rows)}
@@ -370,11 +497,15 @@ class PairsDataModule(L.LightningDataModule):
         dataset = PairsDataset(self.source, rows)
         workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
                    "worker_init_fn": _reopen_files if self.num_workers > 0 else None}
-        if shuffle and not self.source.in_memory and self.chunk_rows > 0:
+        if shuffle and not self.source.in_memory and self.source.online is None and self.chunk_rows > 0:
             sampler = ChunkShuffleSampler(self.source.storage_order(rows), batch_size, self.chunk_rows, seed=self.seed)
             return DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch, **workers)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=_whole_batch,
                           drop_last=False, **workers)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Online targets are computed here, on the training device (a no-op for stored ones)."""
+        return self.source.complete(batch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.splits["train"], self.batch_size, shuffle=True)

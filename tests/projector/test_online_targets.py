@@ -1,0 +1,115 @@
+"""Online targets (`data.conditionings=online`): the conditioning of each batch's prompts computed by
+the checkpoints' frozen text encoders equals what extraction stored, and trains the same projector."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tests.extraction.conftest import extract_cfg, write_text_encoder_checkpoint
+from tests.extraction.extraction_shards import shard_metas, write_shard
+
+from projector.cli import main
+from projector.data import PairsDataError, PairsDataModule
+
+# 13 prompts over 2 checkpoints: every prompt is drawn with both text-encoder families
+PROMPTS = ["blue eyes, close-up", "a gold ring on a hand", "silk dress, red", "green eyes", "freckles", "red hair",
+           "a silver necklace", "denim jacket", "brown eyes, smiling", "a hand holding a cup", "straw hat",
+           "wool scarf, striped", "glasses on a nose"]
+COMMON = dict(batch_size=8, val_prompts=0.25, val_checkpoints=1, num_workers=0, stats_prompts=64, knn_max_queries=16)
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """Two tiny checkpoints of different text-encoder families, two shards of 13 samples, extracted
+    the ordinary way (conditionings stored in float16, the default)."""
+    from extraction.extract import extract
+    from luna.models.fingerprint import te_fingerprint
+
+    root = tmp_path_factory.mktemp("online_te")
+    ckpts = []
+    for i, family in enumerate(("base", "pony")):
+        path = write_text_encoder_checkpoint(root / f"tiny-{family}-{i}", family)
+        ckpts.append({"name": path.name, "fingerprint": f"fp-{path.name}", "te_fingerprint": te_fingerprint(path),
+                      "dir": root})
+    shards = tmp_path_factory.mktemp("online_shards")
+    for s in range(2):
+        write_shard(shards, f"faces-pc1-w0-{s:06d}", shard_metas(ckpts, 13, offset=13 * s, prompts=PROMPTS), seed=s)
+    out = tmp_path_factory.mktemp("online_pairs")
+    extract(extract_cfg(shards, out, ckpts, "workers=0"))
+    return out, root
+
+
+def test_online_targets_equal_the_stored_ones(extracted):
+    pairs, te_dir = extracted
+    stored = PairsDataModule(str(pairs), in_memory=True, **COMMON)
+    online = PairsDataModule(str(pairs), conditionings="online", text_encoders=str(te_dir), text_device="cpu", **COMMON)
+    stored.setup()
+    online.setup()
+    assert online.pairs.num_prompts == 26 and len(set(online.pairs.te_fingerprint)) == 2
+    for name in ("train", "val", "val_ckpt"):
+        np.testing.assert_array_equal(stored.splits[name], online.splits[name])
+    # every row: the same values to within float16 rounding (both are float16 here)
+    pid = online.pairs.prompt_id
+    cond, pooled = online.source.online(pid)
+    assert cond.dtype == torch.float16 and cond.shape == (len(pid), 77, sum(online.pairs.text_dims))
+    want_c, want_p = stored.pairs.cond(pid), stored.pairs.pooled(pid)
+    np.testing.assert_allclose(cond.float().numpy(), want_c.astype(np.float32), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(pooled.float().numpy(), want_p.astype(np.float32), rtol=2e-3, atol=2e-3)
+    # each fingerprint's encoders loaded once; prompts met again come from the cache
+    text = online.source.online.conditioner
+    assert sorted(text.loads.values()) == [1, 1]
+    encoded = text.prompts_encoded
+    online.source.online(pid)
+    assert text.prompts_encoded == encoded
+    # through the loaders: batches carry no conditioning until they are on the training device
+    for a, b in zip(stored.val_dataloader()[0], online.val_dataloader()[0]):
+        assert "cond" not in b and torch.equal(a["prompt"], b["prompt"])
+        b = online.on_after_batch_transfer(b, 0)
+        np.testing.assert_allclose(b["cond"].float().numpy(), a["cond"].float().numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(b["pooled"].float().numpy(), a["pooled"].float().numpy(), rtol=2e-3, atol=2e-3)
+    # a loader worker reads image rows only (it gets no encoders); the main process completes the batch
+    online.num_workers = 1
+    seen = []
+    for b in online.train_dataloader():
+        assert "cond" not in b
+        b = online.on_after_batch_transfer(b, 0)
+        np.testing.assert_allclose(b["cond"].float().numpy(), stored.pairs.cond(b["prompt"].numpy()).astype(np.float32),
+                                   rtol=2e-3, atol=2e-3)
+        seen += b["prompt"].tolist()
+    assert len(seen) == len(online.splits["train"])
+    for k in stored.stats:
+        np.testing.assert_allclose(online.stats[k], stored.stats[k], rtol=1e-2, atol=1e-3, err_msg=k)
+    assert online.knn == pytest.approx(stored.knn, abs=1e-3)
+
+
+def test_online_targets_need_the_encoders_of_every_fingerprint(extracted, tmp_path):
+    pairs, te_dir = extracted
+    # no path: where the factory recorded the checkpoints; this session's inventory cache is empty
+    with pytest.raises(PairsDataError, match="no recorded location for checkpoint 'tiny-"):
+        PairsDataModule(str(pairs), conditionings="online", text_device="cpu", **COMMON).setup()
+    one = te_dir / "tiny-base-0"  # a diffusers folder with one of the two families
+    with pytest.raises(PairsDataError, match="text-encoder fingerprint"):
+        PairsDataModule(str(pairs), conditionings="online", text_encoders=str(one), text_device="cpu", **COMMON).setup()
+    with pytest.raises(PairsDataError, match="conditionings must be"):
+        PairsDataModule(str(pairs), conditionings="disk", **COMMON)
+
+
+def test_a_projector_trains_on_online_targets_like_on_stored_ones(extracted, tmp_path, fast, small_queries):
+    """`luna train data.conditionings=online`: two epochs, the same metrics as the stored run (same seed,
+    same batches, targets equal to within float16 rounding)."""
+    pairs, te_dir = extracted
+    metrics = {}
+    for mode in ("stored", "online"):
+        out = tmp_path / mode
+        extra = [f"data.text_encoders={te_dir}", "data.text_device=cpu"] if mode == "online" else []
+        code = main([f"pairs={pairs}", f"out={out}", "logger=none", "trainer.max_epochs=2", "data.val_prompts=0.25",
+                     f"data.conditionings={mode}", *extra, *fast, *small_queries])
+        assert code == 0, mode
+        meta = json.loads((out / "projector.json").read_text())
+        assert meta["trained"]["global_step"] > 0
+        metrics[mode] = meta["metrics"]
+    assert metrics["online"].keys() == metrics["stored"].keys() and "val/cos_content" in metrics["online"]
+    for k, v in metrics["stored"].items():
+        assert np.isfinite(metrics["online"][k]) and metrics["online"][k] == pytest.approx(v, abs=1e-3), k
