@@ -187,7 +187,7 @@ def print_rows(rows: list[dict], baselines: list[str]) -> None:
 def markdown(results: dict, command: str) -> str:
     r = results
     lines = ["# benchmarks/toy_ab.py", "",
-             f"Weights `{r['weights']}`, {r['created']}, load {r['load']:.1f}, {r['threads']} torch thread(s), "
+             f"Weights `{r['weights']}` (commit {r.get('weights_commit') or '-'}), {r['created']}, load {r['load']:.1f}, {r['threads']} torch thread(s), "
              f"{r['seconds']:.0f} s wall, {r['cpu_seconds']:.0f} s CPU ({', '.join(f'{k} {v:.0f} s' for k, v in r['timings'].items())}). Data: {r['data']}.", "",
              f"`{command}`", "",
              "Oracle accuracy (%): `acc` = mean over the five scene attributes, `joint` = all five right; "
@@ -243,7 +243,7 @@ def verdicts(r: dict) -> list[str]:
     best = max((e for e in r["interpolation"]["arms"] if e["arm"] in ("projector", "hybrid", "hybrid_mix")),
                key=lambda e: e["oracle_acc_vs_vault"]["mean"] if e["oracle_acc_vs_vault"] else float("-inf"))
     d = best["oracle_acc_vs_vault"]
-    state = "MET" if above(d) else "MET (mean only)" if d and d["mean"] > 0 else f"NOT MET (short by {-100 * d['mean']:.1f} points)" if d else "NOT MEASURED"
+    state = "MET" if above(d) else "MET (mean only)" if d and d["mean"] > 0 else f"NOT MET (short by {max(0.0, -100 * d['mean']):.1f} points)" if d else "NOT MEASURED"
     out.append(f"{state}: held-out combinations, best of projector/hybrid ({best['arm']}) - vault {interval(d)}")
     t = r["tuning"]["vs_default"].get("oracle_acc")
     out.append(f"{'MET' if above(t) else 'MET (mean only)' if t and t['mean'] > 0 else 'NOT MET'}: tuning, "
@@ -259,6 +259,18 @@ def verdicts(r: dict) -> list[str]:
 
 def arm_cell(e: dict) -> str:
     return e["arm"] if e["vault_share"] is None else f"{e['arm']} (vault share {e['vault_share']:.2f})"
+
+
+def weights_commit(folder: Path) -> str | None:
+    """The last commit that changed `folder` (None outside a git checkout or when it is untracked)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(folder)], cwd=folder, capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def fmt(x) -> str:
@@ -310,7 +322,9 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     results: dict = {"weights": str(args.weights), "threads": args.threads, "load": load, "prompt": args.prompt,
                      "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    print(f"toy ab (weights {args.weights}), {args.threads} torch thread(s), load {load:.1f}")
+    results["weights_commit"] = weights_commit(args.weights)
+    print(f"toy ab (weights {args.weights}, commit {results['weights_commit']}), {args.threads} torch thread(s), "
+          f"load {load:.1f}")
     tower = toy_models.load_vision(weights=args.weights / toy_models.VISION_FILE.name)
     work = args.work.resolve()
     data = make_data(work, args.weights, args.n, tower)
