@@ -38,11 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 EXPERIMENTS = {"ridge": "projector_ridge", "seed MLP": "projector_seed_mlp", "learned queries": "projector_queries"}
 
 
-def train_projector(pairs: Path, out: Path, experiment: str, epochs: int | None) -> dict:
+def train_projector(pairs: Path, out: Path, experiment: str, epochs: int | None, data: dict | None = None) -> dict:
+    """`luna train` of one experiment on `pairs` (settings of conf/experiment/EXPERIMENT.yaml; `data`:
+    extra data.* values, e.g. {"val_combinations": [[red, circle]]}); its export's metrics and size."""
     from luna.cli import compose
     from projector.cli import train
 
-    values = {"pairs": str(pairs), "out": str(out), "data": {"num_workers": 0, "batch_size": 16},
+    values = {"pairs": str(pairs), "out": str(out), "data": {"num_workers": 0, "batch_size": 16, **(data or {})},
               "trainer": {"enable_progress_bar": False, "log_every_n_steps": 1}}
     if epochs is not None and experiment != "projector_ridge":
         values["trainer"]["max_epochs"] = int(epochs)
@@ -51,6 +53,87 @@ def train_projector(pairs: Path, out: Path, experiment: str, epochs: int | None)
     meta = json.loads((out / "projector.json").read_text())
     return {"seconds": round(time.perf_counter() - t0, 1), "metrics": meta.get("metrics") or {},
             "parameters": meta.get("parameters")}
+
+
+def write_memory(folder: Path, images, prompts: list[str], seeds, tower, comps, ckpt) -> tuple[Path, Path]:
+    """FOLDER/pairs (extraction's format) of `images` (uint8) and their prompts, and FOLDER/vault built
+    from them: the Ray-free path of the same contracts."""
+    from demo import toy_quality as tq
+    from vault.build import build_vault
+
+    pairs_dir, vault_dir = folder / "pairs", folder / "vault"
+    tq.write_pairs(pairs_dir, images, list(prompts), tower, comps, ckpt, "toy-base-flat", seeds=list(seeds))
+    build_vault(pairs_dir, vault_dir)
+    return pairs_dir, vault_dir
+
+
+def make_data(work: Path, weights: Path, n: int, tower) -> dict:
+    """The toy campaign's first `n` samples generated with toy-base-flat by the factory's generator, read
+    by the oracle against their prompts, written to WORK/pairs and built into WORK/vault (WORK is
+    emptied first). Returns ckpt, comps, images (uint8), prompts, seeds, pairs, vault, generation."""
+    import shutil
+
+    import numpy as np
+
+    from demo import toy_quality as tq
+    from lsd_runtime.workflow import load_components
+    from luna.models.toy import models as toy_models
+    from luna.models.toy import world
+
+    if work.exists():
+        shutil.rmtree(work)
+    ckpt = toy_models.checkpoint_paths(weights)["toy-base-flat"]
+    comps = load_components(checkpoint=ckpt, device="cpu", dtype="float32")
+    t0 = time.perf_counter()
+    images, prompts, seeds = tq.campaign_images(ckpt, n)
+    print(f"generated {len(images)} campaign images in {time.perf_counter() - t0:.0f} s")
+    acc = dict(tq.accuracy(images, [world.parse_prompt(p) for p in prompts]), n=len(images))
+    uint8 = [np.clip(np.rint(np.asarray(im) * 255.0), 0, 255).astype(np.uint8) for im in images]
+    pairs_dir, vault_dir = write_memory(work, uint8, prompts, seeds, tower, comps, ckpt)
+    return {"ckpt": ckpt, "comps": comps, "images": uint8, "prompts": list(prompts), "seeds": list(seeds),
+            "pairs": pairs_dir, "vault": vault_dir, "generation": {"per_checkpoint": {"toy-base-flat": acc}, "all": acc}}
+
+
+def compare_projectors(pipe, tower, pairs_dir: Path, work: Path, held, epochs: int | None, experiments=None,
+                       shuffled=None, data: dict | None = None) -> tuple[dict, dict]:
+    """Train each of `experiments` ({name: experiment}, default EXPERIMENTS) on `pairs_dir` into
+    WORK/EXPERIMENT and generate from its conditioning for renders of the scenes `held` (oracle):
+    ({name: entry}, {name: opened projector}). `shuffled`: `held` permuted; the learned-query model
+    then also projects another scene's render (the shuffled baseline)."""
+    from demo import toy_quality as tq
+    from lsd_runtime.conditioning import CropEmbedder, open_projector
+
+    entries, projectors = {}, {}
+    for name, experiment in (experiments or EXPERIMENTS).items():
+        trained = train_projector(pairs_dir, work / experiment, experiment, epochs, data)
+        projector = open_projector(work / experiment, CropEmbedder(tower))
+        projectors[name] = projector
+        out = tq.projected_generation(pipe, projector, tower, held)
+        entry = {"accuracy": out["accuracy"], "val_cos_content": trained["metrics"].get("val/cos_content"),
+                 "val_cos_shuffled": trained["metrics"].get("val/cos_shuffled"),
+                 "knn_cos": trained["metrics"].get("val/knn_cos"), "parameters": trained["parameters"],
+                 "train_seconds": trained["seconds"], "hits": out["hits"], "metrics": trained["metrics"],
+                 "folder": str(work / experiment)}
+        if name == "learned queries" and shuffled is not None:  # the shuffled baseline: another scene's render projected
+            base = tq.projected_generation(pipe, projector, tower, shuffled)
+            entry["shuffled"] = tq.accuracy(base["images"], held)
+        entries[name] = entry
+        cos = entry["val_cos_content"]
+        print(row(f"{name} (val cos {cos if cos is None else f'{cos:.3f}'})", out["accuracy"]))
+    return entries, projectors
+
+
+def queries_minus_mlp(models: dict) -> dict:
+    """Learned queries - seed MLP (entries of `compare_projectors`): joint accuracy of the images generated
+    from their conditioning, its paired bootstrap CI (same held-out scenes), and val cosine."""
+    import numpy as np
+
+    from demo import toy_quality as tq
+
+    q, m = models["learned queries"], models["seed MLP"]
+    return {"joint": q["accuracy"]["joint"] - m["accuracy"]["joint"],
+            "paired": tq.bootstrap_diff(np.asarray(q["hits"]), np.asarray(m["hits"])),
+            "val_cos_content": (q["val_cos_content"] or float("nan")) - (m["val_cos_content"] or float("nan"))}
 
 
 def pct(x) -> str:
@@ -84,7 +167,6 @@ def main(argv=None) -> int:
     from demo import toy_quality as tq
     from demo.toy import shard_generation_accuracy
     from extraction.pairs import Pairs
-    from lsd_runtime.conditioning import CropEmbedder, open_projector
     from lsd_runtime.workflow import load_components
     from luna.models.fingerprint import te_fingerprint
     from luna.models.toy import models as toy_models
@@ -108,28 +190,11 @@ def main(argv=None) -> int:
         comps = load_components(checkpoint=ckpt, device="cpu", dtype="float32")
         results["generation"] = gen = shard_generation_accuracy(demo / "factory" / "shards")
     else:
-        from vault.build import build_vault
-
         work = args.work.resolve()
-        if work.exists():
-            import shutil
-
-            shutil.rmtree(work)
-        pairs_dir, vault_dir = work / "pairs", work / "vault"
-        ckpt = toy_models.checkpoint_paths(weights)["toy-base-flat"]
-        comps = load_components(checkpoint=ckpt, device="cpu", dtype="float32")
-        t0 = time.perf_counter()
-        images, prompts, seeds = tq.campaign_images(ckpt, args.n)
-        drawn = list(zip(prompts, seeds))
-        print(f"generated {len(images)} campaign images in {time.perf_counter() - t0:.0f} s")
-        scenes_gen = [world.parse_prompt(p) for p, _ in drawn]
-        acc = dict(tq.accuracy(images, scenes_gen), n=len(images))
+        data = make_data(work, Path(weights), args.n, tower)
+        ckpt, comps, pairs_dir, vault_dir = data["ckpt"], data["comps"], data["pairs"], data["vault"]
         results["data"] = f"{args.n} campaign samples of toy-base-flat, generated here"
-        results["generation"] = gen = {"per_checkpoint": {"toy-base-flat": acc}, "all": acc}
-        uint8 = [np.clip(np.rint(np.asarray(im) * 255.0), 0, 255).astype(np.uint8) for im in images]
-        tq.write_pairs(pairs_dir, uint8, [p for p, _ in drawn], tower, comps, ckpt, "toy-base-flat",
-                       seeds=[sd for _, sd in drawn])
-        build_vault(pairs_dir, vault_dir)
+        results["generation"] = gen = data["generation"]
     print("generation: the factory's images against their prompts (oracle, %)")
     for name, acc in gen["per_checkpoint"].items():
         print(row(f"{name} (n={acc['n']})", acc))
@@ -154,31 +219,12 @@ def main(argv=None) -> int:
     results["projector"] = {"n": len(held), "prompt": tq.accuracy(prompted, held), "models": {}}
     print(f"projector: images generated from projected conditioning, {len(held)} held-out prompts (%)")
     print(row("the prompt itself (upper bound)", results["projector"]["prompt"]))
-    projectors = {}
-    work = work / "bench_projectors"
     rng = np.random.default_rng(0)
     shuffled = [held[j] for j in rng.permutation(len(held))]
-    for name, experiment in EXPERIMENTS.items():
-        trained = train_projector(pairs_dir, work / experiment, experiment, args.epochs)
-        projector = open_projector(work / experiment, CropEmbedder(tower))
-        projectors[name] = projector
-        out = tq.projected_generation(pipe, projector, tower, held)
-        entry = {"accuracy": out["accuracy"], "val_cos_content": trained["metrics"].get("val/cos_content"),
-                 "val_cos_shuffled": trained["metrics"].get("val/cos_shuffled"),
-                 "knn_cos": trained["metrics"].get("val/knn_cos"), "parameters": trained["parameters"],
-                 "train_seconds": trained["seconds"], "hits": out["hits"]}
-        if name == "learned queries":  # the shuffled baseline: another scene's render projected
-            base = tq.projected_generation(pipe, projector, tower, shuffled)
-            entry["shuffled"] = tq.accuracy(base["images"], held)
-        results["projector"]["models"][name] = entry
-        cos = entry["val_cos_content"]
-        print(row(f"{name} (val cos {cos if cos is None else f'{cos:.3f}'})", out["accuracy"]))
+    results["projector"]["models"], projectors = compare_projectors(pipe, tower, pairs_dir, work / "bench_projectors",
+                                                                    held, args.epochs, shuffled=shuffled)
     print(row("shuffled (learned queries)", results["projector"]["models"]["learned queries"]["shuffled"]))
-    q, m = results["projector"]["models"]["learned queries"], results["projector"]["models"]["seed MLP"]
-    results["projector"]["queries_minus_mlp"] = {
-        "joint": q["accuracy"]["joint"] - m["accuracy"]["joint"],
-        "paired": tq.bootstrap_diff(np.asarray(q["hits"]), np.asarray(m["hits"])),
-        "val_cos_content": (q["val_cos_content"] or float("nan")) - (m["val_cos_content"] or float("nan"))}
+    results["projector"]["queries_minus_mlp"] = queries_minus_mlp(results["projector"]["models"])
 
     arms = tq.RefineArms()
     crop_scenes = tq.held_out_scenes(args.crops, seed=2)

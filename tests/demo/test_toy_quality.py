@@ -189,3 +189,41 @@ def test_luna_ab_on_the_toy_preset(toy, weights, tmp_path):
 
 
 AB_VAULT_GAIN = 0.25  # mean per-attribute accuracy, vault arm over the generic prompt (measured 0.48)
+
+
+def test_interpolation_memory_holds_only_the_training_split(toy, tmp_path):
+    """benchmarks/toy_ab.py's interpolation vault is built from exactly the rows the projector trains on
+    (`luna train data.val_combinations=...`, PairsDataModule's split): no image of a held-out combination,
+    none of a held-out prompt, so neither memory has seen what the interpolation crops show."""
+    import dataclasses
+
+    from benchmarks.toy_ab import split_memory
+    from benchmarks.toy_loop import write_memory
+    from projector.data import PairsDataModule
+    from projector.splits import has_term
+    from vault import Vault
+
+    rng = np.random.default_rng(11)
+    scenes = [world.random_scene(rng) for _ in range(40)]
+    scenes[:3] = [dataclasses.replace(s, color="red", shape="circle") for s in scenes[:3]]  # the combination
+    scenes[3] = dataclasses.replace(scenes[3], color="red", shape="square")  # each term also alone
+    scenes[4] = dataclasses.replace(scenes[4], color="blue", shape="circle")
+    images = [world.render(s, tq.SIZE, 7000 + i, "flat") for i, s in enumerate(scenes)]
+    prompts = [world.prompt(s) for s in scenes]
+    seeds = list(range(len(scenes)))
+    pairs, _ = write_memory(tmp_path / "all", images, prompts, seeds, toy["tower"], toy["comps"], toy["ckpt"])
+    data = {"pairs": pairs, "images": images, "prompts": prompts, "seeds": seeds, "comps": toy["comps"],
+            "ckpt": toy["ckpt"]}
+    combos = [["red", "circle"]]
+    mem = split_memory(data, tmp_path / "combo", toy["tower"], combos)
+
+    dm = PairsDataModule(str(pairs), val_combinations=combos)
+    dm.setup()
+    text = [dm.pairs.prompt_text[p] for p in dm.pairs.prompt_id]
+    train = {text[i] for i in dm.splits["train"]}
+    held = {text[i] for name in ("val", "val_combo") for i in dm.splits[name]}
+    assert len(dm.splits["val_combo"]) >= 3 and held
+    vault = Vault.open(mem["vault"], use_gpu=False)
+    assert len(vault) == len(dm.splits["train"]) == len(mem["rows"])
+    assert set(vault.prompt_text) == train and not set(vault.prompt_text) & held
+    assert not any(has_term(t, "red") and has_term(t, "circle") for t in vault.prompt_text)

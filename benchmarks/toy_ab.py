@@ -1,0 +1,416 @@
+"""Issue 15's targets in the toy world, measured by the real `luna ab` harness (lsd_runtime/ab.py, run_ab).
+
+    python benchmarks/toy_ab.py --work /tmp/toy_ab --n 96 --crops 8 --md /tmp/toy_ab.md       # small
+    python benchmarks/toy_ab.py --weights /work/toy_run/weights --json benchmarks/results/toy_ab.json
+
+Data: benchmarks/toy_loop.py's own path (make_data): the toy campaign's first --n samples generated
+with toy-base-flat by the factory's generator, written as pairs and built into a vault in --work; the
+projectors are trained there with the experiments' own settings (compare_projectors). Every `luna ab`
+run uses preset=toy with the --weights checkpoint and tower and oracle=luna.models.toy.oracle:read;
+its crops are held-out renders (render seeds the training never drew, prompts not in the pairs),
+blurred and faded as toy_loop degrades them (demo.toy_quality.Degrade), truth = the rendered scene.
+The user's prompt of every crop is --prompt (a vague one), so `none` is that prompt alone, `generic`
+the harness's generic prompt, and the memory arms add the vault / projector to the same vague prompt.
+Measures:
+  held_out       arms none, generic, vault, projector, hybrid (gate), hybrid_mix on --crops crops;
+                 each memory arm's paired difference to `generic` (and to `none`) on oracle accuracy
+                 (mean over the five scene attributes) and joint accuracy, bootstrap 95% intervals
+                 (lsd_runtime.abstats.summarise).
+  interpolation  --combinations held out of everything: a learned-query projector trained with
+                 data.val_combinations, a vault built from the same training split only (a pairs
+                 folder of the train rows, split by projector.splits.split_keys as `luna train`
+                 splits); crops of scenes holding a combination; vault vs projector vs hybrid, and the
+                 paired difference projector - vault (and hybrid - vault).
+  tuning         `luna ab tune=true` (lsd_runtime/tune.py, the conf's tune_grid) on --tune-crops other
+                 held-out crops: `vault_tuned` - `vault` on the evaluation half the search never saw.
+  projectors     seed MLP vs learned queries trained on the pairs: val cosine of the content tokens and
+                 oracle accuracy of images generated from each one's conditioning for --prompts held-out
+                 scenes (toy_quality.projected_generation); the learned-query model's parameter count
+                 at full SDXL size (1024-d embedding -> [77,2048] + [1280]) against the 30M target.
+Targets (issue 15): vault and projector beat generic on held-out crops with the interval above 0; on
+held-out combinations the projector (or hybrid) beats the vault; tuned beats the global default;
+learned queries beat the seed MLP on val cosine and oracle accuracy at <= 30M parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.toy_loop import compare_projectors, make_data, queries_minus_mlp, write_memory  # noqa: E402
+
+ORACLE = "luna.models.toy.oracle:read"
+HELD_OUT_ARMS = ["none", "generic", "vault", "projector", "hybrid", "hybrid_mix"]
+COMBO_ARMS = ["generic", "vault", "projector", "hybrid", "hybrid_mix"]
+COMBINATIONS = [["red", "circle"], ["blue", "square"], ["green", "triangle"]]
+METRICS = ["oracle_acc", "oracle_joint"]
+FULL_DIMS = {"in_dim": 1024, "cond_dim": 2048, "pooled_dim": 1280, "seq_len": 77, "input": "embed"}
+PARAMETER_BUDGET = 30_000_000
+
+
+# ---------------------------------------------------------------------- crops and memories
+
+
+def combination_scenes(n: int, combinations, seed: int = 0):
+    """`n` random scenes whose prompts hold every term of one of `combinations` (projector.splits' rule)."""
+    import numpy as np
+
+    from demo import toy_quality as tq
+    from luna.models.toy import world
+    from projector.splits import has_term
+
+    rng = np.random.default_rng(tq.HELD_OUT_SEED + 500 + int(seed))
+    out = []
+    for _ in range(1000 * n + 1000):
+        s = world.random_scene(rng)
+        text = world.prompt(s)
+        if any(all(has_term(text, t) for t in combo) for combo in combinations):
+            out.append(s)
+            if len(out) == n:
+                return out
+    raise ValueError(f"combination_scenes: fewer than {n} scenes hold one of {combinations}")
+
+
+def degraded_crops(scenes, seed: int, label: str = "scenes"):
+    """`luna ab` crops of held-out renders of `scenes`: degraded as toy_loop degrades them, truth = the scene."""
+    from PIL import Image
+
+    from demo import toy_quality as tq
+    from lsd_runtime.arms import Crop
+    from luna.models.toy import world
+
+    degrade = tq.Degrade()
+    out = []
+    for i, (s, im) in enumerate(zip(scenes, tq.renders(scenes, seed=seed))):
+        out.append(Crop(key=f"s{seed}-{i:03d}", image=Image.fromarray(degrade(im)), original=Image.fromarray(im),
+                        prompt=None, label=label, truth={a: getattr(s, a) for a in world.SCENE_ATTRIBUTES}))
+    return out
+
+
+def split_memory(data: dict, folder: Path, tower, combinations, val_prompts: float = 0.1, seed: int = 0,
+                 split: str = "train") -> dict:
+    """FOLDER/pairs and FOLDER/vault holding only the rows of one split of data["pairs"], split exactly as
+    `luna train data.val_combinations=...` splits it (projector.splits.split_keys, same val_prompts and
+    seed): with split="train", a vault that has seen none of the held-out prompts or combinations."""
+    from extraction.pairs import Pairs
+    from projector.splits import split_keys
+
+    keep = set(split_keys(data["pairs"], split, combinations=combinations, val_prompts=val_prompts, seed=seed))
+    with Pairs(data["pairs"]) as p:
+        rows = [i for i, k in enumerate(p.key) if k in keep]
+    pairs_dir, vault_dir = write_memory(folder, [data["images"][i] for i in rows], [data["prompts"][i] for i in rows],
+                                        [data["seeds"][i] for i in rows], tower, data["comps"], data["ckpt"])
+    return {"pairs": pairs_dir, "vault": vault_dir, "rows": rows,
+            "combo_rows": len(split_keys(data["pairs"], "val_combo", combinations=combinations,
+                                         val_prompts=val_prompts, seed=seed))}
+
+
+def full_size_parameters(experiment: str) -> int:
+    """Parameters of `experiment`'s projector (network + pooled head, conf/train.yaml's) at full SDXL size,
+    built on the meta device (no memory, no training)."""
+    import torch
+
+    from luna.cli import compose
+    from luna.settings import plain
+    from projector.export import Projector
+    from projector.models import count_parameters
+
+    cfg = plain(compose("train", [f"experiment={experiment}", "logger=none"], {"pairs": "-", "out": "-"}))
+    with torch.device("meta"):
+        model = Projector({"net": cfg["model"], "pooled_head": cfg["pooled_head"]}, FULL_DIMS)
+    return count_parameters(model)
+
+
+# ---------------------------------------------------------------------- luna ab
+
+
+def ab(out: Path, crops, args, vault, projector, arms, **overrides):
+    """One `luna ab` run (preset=toy, the --weights checkpoint and tower, the toy oracle) on `crops`."""
+    from lsd_runtime.ab import run_ab
+    from luna.models.toy import models as toy_models
+
+    weights = Path(args.weights)
+    return run_ab(out, crops=crops, preset="toy", checkpoint=str(toy_models.checkpoint_paths(weights)["toy-base-flat"]),
+                  vault=str(vault) if vault else None, projector=str(projector) if projector else None,
+                  oracle=ORACLE, arms=arms, prompt=args.prompt, seed=args.seed, crops__size=32,
+                  detail__working_size=32, vision__weights=str(weights / toy_models.VISION_FILE.name), **overrides)
+
+
+def versus(res, baseline: str) -> dict:
+    """{arm: {metric: {mean, low, high, n, diff vs baseline}}} of one run's rows."""
+    from lsd_runtime import abstats
+
+    return abstats.summarise(res.record["results"], METRICS, baseline=baseline, seed=0)
+
+
+def interval(d: dict | None, scale: float = 100.0) -> str:
+    if not d:
+        return "-"
+    return f"{scale * d['mean']:+.1f} [{scale * d['low']:+.1f}, {scale * d['high']:+.1f}]"
+
+
+def arm_rows(title: str, res, baselines: list[str]) -> list[dict]:
+    """Per arm: mean oracle accuracy / joint and the paired differences to each baseline."""
+    sums = {b: versus(res, b) for b in baselines}
+    out = []
+    for arm in res.arms:
+        s = sums[baselines[0]].get(arm, {})
+        e = {"section": title, "arm": arm, "n": (s.get("oracle_acc") or {}).get("n"),
+             **{m: (s.get(m) or {}).get("mean") for m in METRICS}}
+        for b in baselines:
+            for m in METRICS:
+                e[f"{m}_vs_{b}"] = (sums[b].get(arm, {}).get(m) or {}).get("diff")
+        shares = [r["conditioning"]["hybrid"]["vault_share"] for r in res.record["results"]
+                  if r["arm"] == arm and (r.get("conditioning") or {}).get("hybrid")]
+        e["vault_share"] = sum(shares) / len(shares) if shares else None  # hybrid arms: how much came from the vault
+        out.append(e)
+    return out
+
+
+def print_rows(rows: list[dict], baselines: list[str]) -> None:
+    for e in rows:
+        diffs = "  ".join(f"vs {b}: acc {interval(e[f'oracle_acc_vs_{b}'])} joint {interval(e[f'oracle_joint_vs_{b}'])}"
+                          for b in baselines if e[f"oracle_acc_vs_{b}"])
+        share = "" if e["vault_share"] is None else f"  (vault share {e['vault_share']:.2f})"
+        print(f"  {e['arm']:<11} acc {100 * e['oracle_acc']:5.1f}  joint {100 * e['oracle_joint']:5.1f}  {diffs}{share}")
+
+
+# ---------------------------------------------------------------------- report
+
+
+def markdown(results: dict, command: str) -> str:
+    r = results
+    lines = ["# benchmarks/toy_ab.py", "",
+             f"Weights `{r['weights']}` (commit {r.get('weights_commit') or '-'}), {r['created']}, load {r['load']:.1f}, {r['threads']} torch thread(s), "
+             f"{r['seconds']:.0f} s wall, {r['cpu_seconds']:.0f} s CPU ({', '.join(f'{k} {v:.0f} s' for k, v in r['timings'].items())}). Data: {r['data']}.", "",
+             f"`{command}`", "",
+             "Oracle accuracy (%): `acc` = mean over the five scene attributes, `joint` = all five right; "
+             "Δ = paired difference (points) with its bootstrap 95% interval over crops.", "",
+             "## Targets (issue 15)", ""] + [f"- {v}" for v in verdicts(r)] + [""]
+    ho = r["held_out"]
+    lines += [f"## Held-out crops ({ho['n']} crops, user prompt {r['prompt']!r})", "",
+              "| arm | acc | joint | Δ acc vs generic | Δ joint vs generic | Δ acc vs none | Δ joint vs none |",
+              "|---|---|---|---|---|---|---|"]
+    for e in ho["arms"]:
+        lines.append(f"| {arm_cell(e)} | {100 * e['oracle_acc']:.1f} | {100 * e['oracle_joint']:.1f} | "
+                     + " | ".join(interval(e[f"{m}_vs_{b}"]) for b in ("generic", "none") for m in METRICS) + " |")
+    it = r["interpolation"]
+    lines += ["", f"## Held-out attribute combinations {it['combinations']} ({it['n']} crops; vault: {it['vault_rows']} "
+              f"train-split rows, {it['combo_rows']} val_combo rows held out of vault and projector; projector "
+              f"val_combo cos {fmt(it['val_combo_cos'])})", "",
+              "| arm | acc | joint | Δ acc vs vault | Δ joint vs vault |", "|---|---|---|---|---|"]
+    for e in it["arms"]:
+        lines.append(f"| {arm_cell(e)} | {100 * e['oracle_acc']:.1f} | {100 * e['oracle_joint']:.1f} | "
+                     f"{interval(e['oracle_acc_vs_vault'])} | {interval(e['oracle_joint_vs_vault'])} |")
+    tu = r["tuning"]
+    lines += ["", f"## Per-category tuning (`tune=true`, {tu['method']}, metric `{tu['metric']}`, "
+              f"{tu['candidates']} candidates, {tu['search']} search / {tu['eval']} evaluation crops)", "",
+              f"Best settings: {tu['best']}. `vault_tuned` − `vault`: acc {interval(tu['vs_default'].get('oracle_acc'))}, "
+              f"joint {interval(tu['vs_default'].get('oracle_joint'))}.", ""]
+    pr = r["projectors"]
+    lines += [f"## Learned queries vs seed MLP ({pr['n']} held-out scenes generated from each one's conditioning)", "",
+              "| model | val cos | acc | joint | parameters (toy) |", "|---|---|---|---|---|"]
+    for name, e in pr["models"].items():
+        lines.append(f"| {name} | {fmt(e['val_cos_content'])} | {100 * e['acc']:.1f} | {100 * e['accuracy']['joint']:.1f} "
+                     f"| {e['parameters']:,} |")
+    d = pr["queries_minus_mlp"]
+    lines += ["", f"Learned queries − seed MLP: val cos {d['val_cos_content']:+.3f}, acc {100 * pr['acc_diff']:+.1f} points, "
+              f"joint {100 * d['joint']:+.1f} points (paired CI [{100 * d['paired']['ci95'][0]:+.1f}, "
+              f"{100 * d['paired']['ci95'][1]:+.1f}]). Full size (1024-d → [77,2048] + [1280]): "
+              f"{pr['full_size_parameters']:,} parameters (target ≤ {PARAMETER_BUDGET:,})."]
+    return "\n".join(lines) + "\n"
+
+
+def verdicts(r: dict) -> list[str]:
+    """Issue 15's four targets, each: met / not met and the figure that decides it (oracle_acc unless said)."""
+    def arm(section, name):
+        return next((e for e in r[section]["arms"] if e["arm"] == name), None)
+
+    def above(d):
+        return bool(d) and d["low"] > 0
+
+    out = []
+    v, p = arm("held_out", "vault"), arm("held_out", "projector")
+    ok = above(v and v["oracle_acc_vs_generic"]) and above(p and p["oracle_acc_vs_generic"])
+    out.append(f"{'MET' if ok else 'NOT MET'}: held-out crops, vault - generic {interval(v and v['oracle_acc_vs_generic'])}, "
+               f"projector - generic {interval(p and p['oracle_acc_vs_generic'])} (interval above 0 wanted)")
+    best = max((e for e in r["interpolation"]["arms"] if e["arm"] in ("projector", "hybrid", "hybrid_mix")),
+               key=lambda e: e["oracle_acc_vs_vault"]["mean"] if e["oracle_acc_vs_vault"] else float("-inf"))
+    d = best["oracle_acc_vs_vault"]
+    state = "MET" if above(d) else "MET (mean only)" if d and d["mean"] > 0 else f"NOT MET (short by {max(0.0, -100 * d['mean']):.1f} points)" if d else "NOT MEASURED"
+    out.append(f"{state}: held-out combinations, best of projector/hybrid ({best['arm']}) - vault {interval(d)}")
+    t = r["tuning"]["vs_default"].get("oracle_acc")
+    out.append(f"{'MET' if above(t) else 'MET (mean only)' if t and t['mean'] > 0 else 'NOT MET'}: tuning, "
+               f"vault_tuned - vault {interval(t)}")
+    pr = r["projectors"]
+    dq = pr["queries_minus_mlp"]
+    ok = dq["val_cos_content"] > 0 and pr["acc_diff"] > 0 and pr["full_size_parameters"] <= PARAMETER_BUDGET
+    out.append(f"{'MET' if ok else 'NOT MET'}: learned queries - seed MLP, val cos {dq['val_cos_content']:+.3f}, "
+               f"acc {100 * pr['acc_diff']:+.1f} points (joint {100 * dq['joint']:+.1f}), "
+               f"{pr['full_size_parameters'] / 1e6:.1f}M parameters at full size (<= 30M)")
+    return out
+
+
+def arm_cell(e: dict) -> str:
+    return e["arm"] if e["vault_share"] is None else f"{e['arm']} (vault share {e['vault_share']:.2f})"
+
+
+def weights_commit(folder: Path) -> str | None:
+    """The last commit that changed `folder` (None outside a git checkout or when it is untracked)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(folder)], cwd=folder, capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def fmt(x) -> str:
+    return "-" if x is None else f"{float(x):.3f}"
+
+
+def mean_acc(accuracy: dict) -> float:
+    from luna.models.toy import world
+
+    return sum(accuracy[a] for a in world.SCENE_ATTRIBUTES) / len(world.SCENE_ATTRIBUTES)
+
+
+# ---------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("toy_ab_work"), help="folder for pairs, vaults, projectors, ab runs")
+    ap.add_argument("--weights", type=Path, default=None, help="toy weights folder (default: the committed ones)")
+    ap.add_argument("--n", type=int, default=256, help="campaign samples generated for pairs and vault")
+    ap.add_argument("--crops", type=int, default=64, help="held-out crops per arm (held-out and combination runs)")
+    ap.add_argument("--tune-crops", type=int, default=None, help="crops of the tune=true run (default --crops)")
+    ap.add_argument("--prompts", type=int, default=32, help="held-out scenes generated from each projector")
+    ap.add_argument("--epochs", type=int, default=None, help="projector epochs (default: each experiment's own)")
+    ap.add_argument("--combinations", type=json.loads, default=COMBINATIONS,
+                    help="held-out attribute combinations, JSON (default %(default)s)")
+    ap.add_argument("--tune-grid", type=json.loads, default=None,
+                    help='tune=true candidates, JSON (default conf/ab.yaml tune_grid), e.g. \'{"weight": [0.5, 1.0], "k": [1, 5]}\'')
+    ap.add_argument("--prompt", default="a shape on a background", help="the user's prompt of every crop")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--md", type=Path, default=Path(__file__).resolve().parent / "results" / "toy_ab.md",
+                    help="markdown table (default %(default)s)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
+
+    import datetime as dt
+
+    import torch
+
+    from demo import toy_quality as tq
+    from extraction.pairs import Pairs
+    from luna.models.toy import models as toy_models
+
+    torch.set_num_threads(args.threads)
+    args.weights = Path(args.weights or toy_models.WEIGHTS_DIR).resolve()
+    t_all, cpu0 = time.perf_counter(), time.process_time()
+    load = os.getloadavg()[0]
+    results: dict = {"weights": str(args.weights), "threads": args.threads, "load": load, "prompt": args.prompt,
+                     "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    results["weights_commit"] = weights_commit(args.weights)
+    print(f"toy ab (weights {args.weights}, commit {results['weights_commit']}), {args.threads} torch thread(s), "
+          f"load {load:.1f}")
+    tower = toy_models.load_vision(weights=args.weights / toy_models.VISION_FILE.name)
+    work = args.work.resolve()
+    data = make_data(work, args.weights, args.n, tower)
+    results["data"] = f"{args.n} campaign samples of toy-base-flat generated here (benchmarks/toy_loop.make_data)"
+    results["timings"] = timings = {"data": round(time.perf_counter() - t_all, 1)}
+    seen = set(Pairs(data["pairs"]).prompt_text)
+    pipe = data["comps"].pipe
+    pipe.set_progress_bar_config(disable=True)
+
+    # 4. projectors: seed MLP vs learned queries (also the projector of the held-out run)
+    held = tq.held_out_scenes(args.prompts, seed=4, exclude_prompts=seen)
+    print(f"projectors: images generated from projected conditioning, {len(held)} held-out scenes (oracle, %)")
+    models, _ = compare_projectors(pipe, tower, data["pairs"], work / "projectors", held, args.epochs,
+                                   experiments={"seed MLP": "projector_seed_mlp", "learned queries": "projector_queries"})
+    for e in models.values():
+        e["acc"] = mean_acc(e["accuracy"])
+    full = full_size_parameters("projector_queries")
+    results["projectors"] = pr = {"n": len(held), "models": {k: {x: v for x, v in e.items() if x != "metrics"}
+                                                             for k, e in models.items()},
+                                  "queries_minus_mlp": queries_minus_mlp(models),
+                                  "acc_diff": models["learned queries"]["acc"] - models["seed MLP"]["acc"],
+                                  "full_size_parameters": full, "budget": PARAMETER_BUDGET}
+    d = pr["queries_minus_mlp"]
+    print(f"  learned queries - seed MLP: val cos {d['val_cos_content']:+.3f}, acc {100 * pr['acc_diff']:+.1f} points, "
+          f"joint {100 * d['joint']:+.1f} points; full size {full / 1e6:.1f}M parameters (target <= 30M)")
+
+    timings["projectors"] = round(time.perf_counter() - t_all - sum(timings.values()), 1)
+    # 1. held-out crops
+    crops = degraded_crops(tq.held_out_scenes(args.crops, seed=2, exclude_prompts=seen), seed=2)
+    res = ab(work / "ab_held_out", crops, args, data["vault"], models["learned queries"]["folder"], HELD_OUT_ARMS)
+    results["held_out"] = {"n": len(crops), "arms": arm_rows("held_out", res, ["generic", "none"]),
+                           "missing": res.missing, "ab_json": str(res.paths["ab_json"])}
+    print(f"held-out crops ({len(crops)}, luna ab): oracle accuracy (%), paired differences in points [95% CI]")
+    print_rows(results["held_out"]["arms"], ["generic", "none"])
+
+    timings["held_out"] = round(time.perf_counter() - t_all - sum(timings.values()), 1)
+    # 2. interpolation: held-out combinations, neither memory has seen them
+    combos = args.combinations
+    mem = split_memory(data, work / "combo", tower, combos)
+    combo_scenes = combination_scenes(args.crops, combos, seed=args.seed)
+    combo_models, _ = compare_projectors(pipe, tower, data["pairs"], work / "combo", combo_scenes, args.epochs,
+                                         experiments={"learned queries": "projector_queries"},
+                                         data={"val_combinations": combos})
+    cq = combo_models["learned queries"]
+    res = ab(work / "ab_combo", degraded_crops(combo_scenes, seed=3), args, mem["vault"], cq["folder"], COMBO_ARMS)
+    results["interpolation"] = {"combinations": combos, "n": len(combo_scenes), "vault_rows": len(mem["rows"]),
+                                "combo_rows": mem["combo_rows"], "val_combo_cos": cq["metrics"].get("val_combo/cos_content"),
+                                "generation_from_projector": cq["accuracy"],
+                                "arms": arm_rows("interpolation", res, ["vault"]), "ab_json": str(res.paths["ab_json"])}
+    print(f"held-out combinations {combos} ({len(combo_scenes)} crops; vault of {len(mem['rows'])} train rows, "
+          f"{mem['combo_rows']} val_combo rows held out): oracle accuracy (%)")
+    print_rows(results["interpolation"]["arms"], ["vault"])
+
+    timings["interpolation"] = round(time.perf_counter() - t_all - sum(timings.values()), 1)
+    # 3. per-category tuning on a held-out split
+    tcrops = degraded_crops(tq.held_out_scenes(args.tune_crops or args.crops, seed=5, exclude_prompts=seen), seed=5)
+    grid = {"tune_grid": args.tune_grid} if args.tune_grid else {}
+    res = ab(work / "ab_tune", tcrops, args, data["vault"], None, ["vault"], tune=True, tune_metric="oracle_acc", **grid)
+    t = res.record["tune"]
+    results["tuning"] = {"metric": t["metric"], "method": t["method"], "search": len(t["search_indices"]),
+                         "candidates": t["candidates"],
+                         "eval": len(t["eval_indices"]), "categories": t["categories"],
+                         "best": {c: e["best"] for c, e in t["categories"].items()},
+                         "vs_default": {m: (t["vs_default"].get(m) or {}).get("diff") for m in METRICS},
+                         "ab_json": str(res.paths["ab_json"])}
+    tu = results["tuning"]
+    print(f"tuning ({tu['search']} search / {tu['eval']} evaluation crops): best {tu['best']}; vault_tuned - vault: "
+          f"acc {interval(tu['vs_default']['oracle_acc'])}, joint {interval(tu['vs_default']['oracle_joint'])} points")
+
+    timings["tuning"] = round(time.perf_counter() - t_all - sum(timings.values()), 1)
+    print("targets (issue 15):")
+    for v in verdicts(results):
+        print(f"  {v}")
+    results["seconds"] = round(time.perf_counter() - t_all, 1)
+    results["cpu_seconds"] = round(time.process_time() - cpu0, 1)  # this process's CPU time: the load-free cost
+    print(f"total {results['seconds']:.0f} s, {results['cpu_seconds']:.0f} CPU s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
+    from luna.files import write_json_atomic
+
+    if args.json:
+        write_json_atomic(args.json, results, default=str)
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(markdown(results, shlex.join(["python", "benchmarks/toy_ab.py", *(sys.argv[1:] if argv is None else argv)])))
+        print(f"wrote {args.md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
