@@ -521,7 +521,9 @@ def _ab_section(page: _Page, ab: dict) -> None:
     record = json.loads(path.read_text())
     body = [f"<p>{len(record['crops'])} crops of the demo's own images whose prompts the projector held out, "
             f"degraded ({_esc(((record.get('settings') or {}).get('crops') or {}).get('degrade'))}) and refined from the same "
-            "scaffold slice and seed under each arm (<code>luna ab</code>, docs/ab.md). Files: "
+            "scaffold slice and seed under each arm (<code>luna ab</code>, docs/ab.md), every arm with the prompt "
+            f"<i>{_esc((record.get('settings') or {}).get('prompt') or 'of its own sample')}</i> "
+            f"(<code>generic</code>: <i>{_esc((record.get('settings') or {}).get('generic_prompt'))}</i>). Files: "
             f"<code>{_esc(path)}</code>, <code>{_esc(path.with_name('ab.html'))}</code>.</p>"]
     if "oracle_acc" in record["metrics"] and "generic" in record["arms"]:
         vs = abstats.summarise(record["results"], ["oracle_acc"], baseline="generic")

@@ -159,5 +159,6 @@ def stage_ab(cfg: dict, paths, state: dict) -> dict:
     return demo_stage(paths.out / "ab", shards=paths.shards, vault=paths.vault, projector=paths.projector,
                       pairs=paths.pairs, split="val", preset="toy", n=int(ab["n"]), size=32,
                       oracle="luna.models.toy.oracle:read", degrade=ab["degrade"], arms=list(ab["arms"]),
+                      prompt=ab.get("prompt"),
                       seed=int(ab["seed"]), checkpoint=str(ckpt["path"]), crops__degrade_amount=float(ab["amount"]),
                       vision__weights=str(weights / "luna-toy-vit.safetensors"))
