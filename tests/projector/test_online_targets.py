@@ -84,9 +84,11 @@ def test_online_targets_equal_the_stored_ones(extracted):
     assert online.knn == pytest.approx(stored.knn, abs=1e-3)
 
 
-def test_online_targets_need_the_encoders_of_every_fingerprint(extracted, tmp_path):
+def test_online_targets_need_the_encoders_of_every_fingerprint(extracted, tmp_path, monkeypatch):
     pairs, te_dir = extracted
-    # no path: where the factory recorded the checkpoints; this session's inventory cache is empty
+    # no path: where the factory recorded the checkpoints, in an inventory cache that records none
+    # (the session's own cache holds whatever other tests scanned)
+    monkeypatch.setenv("LUNA_CACHE_DIR", str(tmp_path / "empty-cache"))
     with pytest.raises(PairsDataError, match="no recorded location for checkpoint 'tiny-"):
         PairsDataModule(str(pairs), conditionings="online", text_device="cpu", **COMMON).setup()
     one = te_dir / "tiny-base-0"  # a diffusers folder with one of the two families
