@@ -4,8 +4,11 @@ Each node runs `scan_folders` as a Ray task pinned to it, over `checkpoints.dirs
 every node) plus its own `checkpoints.node_dirs[<node>]`, with its own facts cache. What each file
 is (kind, family, prediction type, distillation, text-encoder fingerprint) and why a file is
 skipped come from luna.models.inventory, the same rows `luna inventory` prints. The driver merges
-the nodes' findings by fingerprint: one `CheckpointInfo` per model, with its path on each node
-that holds it. A skipped file only stops a run when nothing usable is found at all.
+the nodes' findings by model identity (`model_id`: prediction type, text-encoder fingerprint and
+the UNet/VAE probe, the same for a single file and a diffusers folder of one model; the file
+fingerprint where a row has none): one `CheckpointInfo` per model, with its own path on each node
+that holds it (a file on one, a folder on another). A skipped file only stops a run when nothing
+usable is found at all.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9]+")
 
 @dataclass
 class CheckpointInfo:
-    """One SDXL model found on one or more nodes (the same fingerprint = the same model)."""
+    """One SDXL model found on one or more nodes (the same model_id = the same model, in any format)."""
 
     name: str
     paths: dict[str, str]  # node -> path on that node
@@ -36,6 +39,8 @@ class CheckpointInfo:
     prediction: str = "epsilon"  # epsilon | v | v+ztsnr | edm (luna.models.sampling builds its scheduler)
     distillation: str = "none"  # none | few-step (needs a campaign sampler_overrides rule)
     evidence: dict = field(default_factory=dict)  # family / prediction / distillation -> where it came from
+    model_id: str = ""  # prediction/te_fingerprint/probe (luna.models.inventory.Row.model_id)
+    formats: dict[str, str] = field(default_factory=dict)  # node -> single_file | diffusers of paths[node]
 
     @property
     def nodes(self) -> list[str]:
@@ -117,7 +122,7 @@ def scan_folders(dirs: Iterable[str], node: str = "", families: str | None = Non
         found.append({
             "path": row.path, "name": row.name, "fingerprint": row.fingerprint, "te_fingerprint": row.te_fingerprint,
             "format": row.format, "size": row.size, "tags": _tags(Path(row.path), root), "family": row.family,
-            "prediction": row.prediction, "distillation": row.distillation,
+            "prediction": row.prediction, "distillation": row.distillation, "model_id": row.model_id,
             "evidence": {"family": row.family_evidence, "prediction": row.prediction_evidence,
                          "distillation": row.distillation_evidence},
         })
@@ -128,22 +133,30 @@ def scan_folders(dirs: Iterable[str], node: str = "", families: str | None = Non
 
 
 def merge(results: list[dict]) -> Inventory:
-    """Merge per-node scan results into one inventory (one entry per fingerprint)."""
+    """Merge per-node scan results into one inventory (one entry per model_id, else per file fingerprint).
+
+    A model found as a single file on one node and as a diffusers folder on another is one entry:
+    its paths hold each node's own path, and its facts (fingerprint, name, format) are those of a
+    single file where there is one (then the first node, then the path), so they do not depend on
+    which node happens to hold the folder."""
     inv = Inventory()
-    by_fp: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+    by_model: dict[str, list[tuple[str, dict]]] = defaultdict(list)
     for r in sorted(results, key=lambda r: r["node"]):
         inv.rejected += [Rejected(r["node"], x["path"], x["reason"]) for x in r["rejected"]]
         for x in r["found"]:
-            by_fp[x["fingerprint"]].append((r["node"], x))
+            key = f"model:{x['model_id']}" if x.get("model_id") else f"file:{x['fingerprint']}"
+            by_model[key].append((r["node"], x))
     entries = []
-    for fp, items in by_fp.items():
-        items.sort(key=lambda nx: (nx[0], nx[1]["path"]))
+    for items in by_model.values():
+        items.sort(key=lambda nx: (nx[1]["format"] != "single_file", nx[0], nx[1]["path"]))
         node0, first = items[0]
         paths: dict[str, str] = {}
+        formats: dict[str, str] = {}
         for node, x in items:
-            paths.setdefault(node, x["path"])  # one copy per node is enough
+            if node not in paths:  # one copy per node is enough (a single file before a folder)
+                paths[node], formats[node] = x["path"], x["format"]
         tags = sorted(set().union(*(x["tags"] for _, x in items)))
-        entries.append(dict(first, paths=paths, fingerprint=fp, tags=tags))
+        entries.append(dict(first, paths=dict(sorted(paths.items())), formats=dict(sorted(formats.items())), tags=tags))
     names = defaultdict(int)
     for e in entries:
         names[e["name"]] += 1
@@ -153,7 +166,7 @@ def merge(results: list[dict]) -> Inventory:
             name=name, paths=e["paths"], fingerprint=e["fingerprint"], te_fingerprint=e["te_fingerprint"],
             family=e.get("family", "unknown"), tags=e["tags"], format=e["format"], size=e["size"],
             prediction=e.get("prediction", "epsilon"), distillation=e.get("distillation", "none"),
-            evidence=e.get("evidence", {})))
+            evidence=e.get("evidence", {}), model_id=e.get("model_id") or "", formats=e["formats"]))
     return inv
 
 

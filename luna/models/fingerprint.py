@@ -361,12 +361,14 @@ def _component_files(folder: Path) -> list[Path]:
     return plain or found
 
 
-def component_digests(path, component: str, small_only: bool = False) -> tuple[str, int]:
+def component_digests(path, component: str, small_only: bool = False, first_rows: bool = False) -> tuple[str, int]:
     """(digest of the multiset of per-tensor digests of the UNet or VAE, bytes hashed).
 
     Names are left out: the original and diffusers layouts hold the same tensors under other names
     (VAE attention as 1x1 convolutions vs linear layers: the same bytes). small_only=True hashes the
-    1-D tensors only (norms, biases: ~1 % of the bytes), a cheap probe before the full digest."""
+    1-D tensors only (norms, biases: ~1 % of the bytes), a cheap probe before the full digest.
+    first_rows=True hashes the 1-D tensors whole and the first row (index 0 of the first dimension)
+    of every other tensor: a merged UNet LoRA, which leaves norms and biases alone, still changes it."""
     path = Path(path)
     sources: list[tuple[_Tensors, list[str]]] = []
     if path.is_dir():
@@ -383,6 +385,12 @@ def component_digests(path, component: str, small_only: bool = False) -> tuple[s
                 shape = t.shape(key)
                 if small_only and len(shape) > 1:
                     continue
+                if first_rows and len(shape) > 1:
+                    # a row is shape[1:] whatever the layout (1x1 conv or linear): the same bytes
+                    d, n = tensor_digest((min(1, shape[0]),) + shape[1:], lambda a, b, key=key: t.rows(key, 0, 1))
+                    digests.append(f"row:{n}:{d}")
+                    nbytes += n
+                    continue
                 # row chunks of any shape concatenate to the row-major bytes: the digest is shape-free
                 d, n = tensor_digest(shape, lambda a, b, key=key: t.rows(key, a, b))
                 digests.append(f"{n}:{d}")
@@ -390,3 +398,14 @@ def component_digests(path, component: str, small_only: bool = False) -> tuple[s
     if not digests:
         raise ValueError(f"{path}: no {component} tensors")
     return hashlib.sha256(";".join(sorted(digests)).encode()).hexdigest()[:_DIGITS], nbytes
+
+
+def model_probe(path) -> str:
+    """Format-independent identity of the UNet and VAE of a single file or diffusers folder, cheap to read.
+
+    component_digests(first_rows=True) of both: every 1-D tensor whole and the first row of every
+    other tensor (under 1 % of the bytes). The same model as a single file and as a diffusers
+    folder (fp16 or fp32: canonical rounding) gives the same probe; weights that differ only
+    outside the hashed rows (an edit to rows 1.. of every tensor it touches) are not told apart."""
+    return hashlib.sha256(";".join(component_digests(path, c, first_rows=True)[0] for c in ("unet", "vae")).encode()
+                          ).hexdigest()[:_DIGITS]

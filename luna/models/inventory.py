@@ -14,6 +14,10 @@ Evidence order for family and prediction (first that speaks wins, `unknown` if n
 A base-architecture SDXL checkpoint without any prediction evidence is epsilon (SDXL's own).
 
 Facts read from a file are cached (path, size, mtime), so a rescan reads no weights.
+
+Each usable row carries `model_id`: prediction type, text-encoder fingerprint and the UNet/VAE
+probe (luna.models.fingerprint.model_probe), the same for a single file and a diffusers folder of
+one model. The factory joins the nodes' scans by it (factory/inventory.py merge).
 """
 from __future__ import annotations
 
@@ -312,11 +316,11 @@ def _stamp(path: Path) -> list[int]:
 
 def read_facts(path: Path) -> dict:
     """Everything the inventory needs from one file or folder, as plain data (what the cache stores)."""
-    from luna.models.fingerprint import file_fingerprint, te_fingerprint
+    from luna.models.fingerprint import file_fingerprint, model_probe, te_fingerprint
 
     path = Path(path)
     facts: dict = {"format": "unknown", "kind": "unreadable", "size": None, "reason": "", "meta": {}, "markers": [],
-                   "scheduler": None, "te_fingerprint": None, "fingerprint": None}
+                   "scheduler": None, "te_fingerprint": None, "fingerprint": None, "probe": None}
     if path.is_dir():
         facts["format"] = "diffusers"
         facts["kind"], facts["size"], facts["reason"] = classify_folder(path)
@@ -343,6 +347,7 @@ def read_facts(path: Path) -> dict:
         facts["fingerprint"] = file_fingerprint(path)
         if facts["kind"] == "sdxl" and facts["size"]:
             facts["te_fingerprint"] = te_fingerprint(path)
+            facts["probe"] = model_probe(path)
     except Exception as e:  # noqa: BLE001 - a damaged tensor must not stop the scan
         facts.update(kind="unreadable", reason=f"unreadable tensors ({type(e).__name__}: {e})")
     return facts
@@ -391,12 +396,22 @@ def cached_facts(path: Path, cache: FactsCache | None) -> dict:
         stamp = _stamp(path)
     except OSError as e:
         return {"format": "unknown", "kind": "unreadable", "size": None, "reason": f"cannot stat ({e})", "meta": {},
-                "markers": [], "scheduler": None, "te_fingerprint": None, "fingerprint": None}
+                "markers": [], "scheduler": None, "te_fingerprint": None, "fingerprint": None, "probe": None}
     facts = cache.get(path, stamp) if cache else None
     if facts is None:
         facts = read_facts(path)
         if cache:
             cache.put(path, stamp, facts)
+    elif "probe" not in facts:  # cached before the probe existed: read only the probe, not the rest again
+        facts = dict(facts, probe=None)
+        if facts["kind"] == "sdxl" and facts["te_fingerprint"]:
+            from luna.models.fingerprint import model_probe
+
+            try:
+                facts["probe"] = model_probe(path)
+            except Exception as e:  # noqa: BLE001 - as in read_facts: a damaged tensor must not stop the scan
+                facts.update(kind="unreadable", reason=f"unreadable tensors ({type(e).__name__}: {e})")
+        cache.put(path, stamp, facts)
     return facts
 
 
@@ -423,6 +438,7 @@ class Row:
     status: str  # used | skipped
     reason: str
     duplicate_of: str | None = None
+    model_id: str | None = None  # prediction/te_fingerprint/probe: one model in any format (used rows only)
 
     @property
     def used(self) -> bool:
@@ -454,8 +470,10 @@ def row_from_facts(path: Path, facts: dict, families: Families) -> Row:
         reason = f"{KINDS[kind]}: {reason}"
     if kind not in ("sdxl", "sdxl-inpainting", "sdxl-refiner"):
         pred, pred_ev = "n/a", ""
+    model_id = (f"{pred}/{facts['te_fingerprint']}/{facts['probe']}" if status == "used" and facts.get("probe")
+                else None)
     return Row(str(path), name, facts["format"], kind, facts["size"], fam, fam_ev, pred, pred_ev, dist, dist_ev,
-               facts["te_fingerprint"], facts["fingerprint"], status, reason)
+               facts["te_fingerprint"], facts["fingerprint"], status, reason, model_id=model_id)
 
 
 # --------------------------------------------------------------------------- folders

@@ -97,11 +97,12 @@ def test_inventory_both_formats_and_rejects(ray_cluster, tiny_dir, tmp_path):
     (odd / "broken.safetensors").write_bytes(b"\x00" * 3)
     cfg = {"dirs": [str(odd)], "node_dirs": {"pc1": [str(tiny_dir / "single")], "pc2": [str(tiny_dir / "diffusers")]}}
     inv = inventory.scan(connect(), cfg)
-    formats = {(c.format, tuple(c.nodes)) for c in inv.checkpoints}
-    assert formats == {("single_file", ("pc1",)), ("diffusers", ("pc2",))}
-    assert len(inv.checkpoints) == 4 and len({c.name for c in inv.checkpoints}) == 4
+    # each model is a single file on pc1 and a diffusers folder on pc2: one checkpoint on both nodes
+    assert len(inv.checkpoints) == 2 and len({c.name for c in inv.checkpoints}) == 2
     for c in inv.checkpoints:
-        assert set(c.paths) == set(c.nodes) and c.fingerprint and c.te_fingerprint
+        assert c.nodes == ["pc1", "pc2"] and c.formats == {"pc1": "single_file", "pc2": "diffusers"}
+        assert Path(c.paths["pc1"]).parent == tiny_dir / "single" and Path(c.paths["pc2"]).parent == tiny_dir / "diffusers"
+        assert c.fingerprint and c.te_fingerprint and c.model_id
     # base and pony have different text encoders: different families
     fams = {c.family for c in inv.checkpoints}
     assert "pony" in fams and len(fams) >= 2
