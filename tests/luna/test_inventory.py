@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from luna.models import fingerprint
 from luna.models import inventory as inv
 from tests.luna.model_kinds import BIGG, CLIP_L, META, save, tiny_state, write_kinds
 
@@ -125,8 +126,10 @@ def test_cache_makes_a_rescan_read_no_weights(tmp_path, base_state, monkeypatch)
         raise AssertionError(f"{path} read again")
 
     monkeypatch.setattr(inv, "read_facts", boom)
+    monkeypatch.setattr(fingerprint, "model_probe", boom)
     again = inv.scan([tmp_path / "m"], cache=inv.FactsCache(tmp_path / "cache.json"))
     assert [r.to_dict() for r in again] == [r.to_dict() for r in first]
+    assert first[0].model_id and first[0].model_id.startswith(f"epsilon/{first[0].te_fingerprint}/")
     # a changed file (size or mtime) is read again
     monkeypatch.undo()
     changed = dict(base_state)
@@ -134,6 +137,31 @@ def test_cache_makes_a_rescan_read_no_weights(tmp_path, base_state, monkeypatch)
     save(tmp_path / "m" / "a.safetensors", changed, META)
     third = inv.scan([tmp_path / "m"], cache=inv.FactsCache(tmp_path / "cache.json"))
     assert third[0].te_fingerprint != first[0].te_fingerprint
+
+
+def test_a_cache_without_probes_gains_them_without_reading_the_rest(tmp_path, base_state, monkeypatch):
+    save(tmp_path / "m" / "a.safetensors", base_state, META)
+    first = inv.scan([tmp_path / "m"], cache=inv.FactsCache(tmp_path / "cache.json"))
+    raw = json.loads((tmp_path / "cache.json").read_text())
+    for e in raw["entries"].values():  # as written before the probe existed
+        del e["facts"]["probe"]
+    (tmp_path / "cache.json").write_text(json.dumps(raw))
+
+    def boom(path):
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(inv, "read_facts", boom)
+    again = inv.scan([tmp_path / "m"], cache=inv.FactsCache(tmp_path / "cache.json"))
+    assert again[0].model_id == first[0].model_id
+    raw = json.loads((tmp_path / "cache.json").read_text())
+    assert [e["facts"]["probe"] for e in raw["entries"].values()] == [first[0].model_id.rsplit("/", 1)[1]]
+
+
+def test_model_id_is_the_same_for_file_and_folder_only(tiny_dir):
+    rows = {(r.name, r.format): r for r in inv.scan([tiny_dir], dedupe=False)}
+    assert rows[("tiny-base-0", "single_file")].model_id == rows[("tiny-base-0", "diffusers")].model_id
+    assert rows[("tiny-pony-1", "single_file")].model_id == rows[("tiny-pony-1", "diffusers")].model_id
+    assert rows[("tiny-base-0", "single_file")].model_id != rows[("tiny-pony-1", "single_file")].model_id
 
 
 def test_missing_folder_is_an_error(tmp_path):
