@@ -1,7 +1,8 @@
 """Generation on Ray: the SDXL generator and the actor that runs it (one pipeline per actor).
 
 An actor (`FactoryWorker`) holds one generator and keeps its pipeline loaded while the checkpoint
-stays the same; it runs one task (= one work unit) at a time, applies the quality gate and
+stays the same; it runs one task (= one work unit) at a time, applies the quality gate (and, when
+`quality.agreement` is on, scores each image against its prompt with a tower it loads once) and
 returns encoded images. Which actor runs which unit is `factory.scheduler`'s business.
 
 A task is a plain dict: {unit_id, checkpoint: {name, paths: {node: path}}, samples: [{key, prompt,
