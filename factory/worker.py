@@ -195,7 +195,8 @@ class FactoryWorker:
             "samples": out, "rejected": rejected,
             # encode_s: gate + encoding time (on the pool, mostly hidden); wait_s: what generation waited for it;
             # agreement_s: the agreement tower's forwards (in line, between batches)
-            "timings": {"load_s": load_s, "generate_s": gen_s, "encode_s": enc_s, "wait_s": wait_s, "agreement_s": agree_s,
+            "timings": {"load_s": load_s, "generate_s": gen_s, "encode_s": enc_s, "wait_s": wait_s,
+                        "agreement_s": agree_s,
                         "total_s": time.time() - t0, "start": t0, "end": time.time()},
         }
 
