@@ -108,8 +108,16 @@ def _task(unit, ckpt: inv_mod.CheckpointInfo, cfg: Mapping) -> dict:
         # the scheduler follows the checkpoint: v-prediction, zero terminal SNR, EDM (luna.models.sampling)
         "sampler": {**unit.sampler.to_dict(), "prediction": getattr(ckpt, "prediction", "epsilon")},
         "image": dict(cfg.get("image") or {}),
-        "quality": dict(cfg.get("quality") or {}),
+        "quality": _quality_task(cfg.get("quality")),
     }
+
+
+def _quality_task(q) -> dict:
+    """The task's `quality:` as plain dicts (the nested `agreement:` too), for the actor."""
+    out = dict(q or {})
+    if isinstance(out.get("agreement"), Mapping):
+        out["agreement"] = dict(out["agreement"])
+    return out
 
 
 def sample_meta(unit, s, result: dict, kept: dict, now: str, checkpoint_path: str | None = None) -> dict:
@@ -269,7 +277,7 @@ class ShardSink:
             "campaign": self.campaign, "jobs": sorted({u.job for u in units}),
             "checkpoints": sorted({u.checkpoint for u in units}), "node": node, "worker": worker, "end_time": now,
             "timings": {k: round(sum(res["timings"].get(k, 0.0) for _, res, _ in group), 4)
-                        for k in ("load_s", "generate_s", "encode_s", "total_s")}
+                        for k in ("load_s", "generate_s", "encode_s", "agreement_s", "total_s")}
             | {"start": min(res["timings"].get("start", 0.0) for _, res, _ in group),
                "end": max(res["timings"].get("end", 0.0) for _, res, _ in group)},
         }
@@ -278,7 +286,7 @@ class ShardSink:
         self.report.shards.append(path)
         self.report.unit_times.append((time.time(), len(samples)))
         for r in rejected:
-            for reason in {x for attempt in r["reasons"] for x in attempt}:
+            for reason in {qgate.reason_kind(x) for attempt in r["reasons"] for x in attempt}:
                 self.report.rejected_reasons[reason] = self.report.rejected_reasons.get(reason, 0) + 1
 
 

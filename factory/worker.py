@@ -1,7 +1,8 @@
 """Generation on Ray: the SDXL generator and the actor that runs it (one pipeline per actor).
 
 An actor (`FactoryWorker`) holds one generator and keeps its pipeline loaded while the checkpoint
-stays the same; it runs one task (= one work unit) at a time, applies the quality gate and
+stays the same; it runs one task (= one work unit) at a time, applies the quality gate (and, when
+`quality.agreement` is on, scores each image against its prompt with a tower it loads once) and
 returns encoded images. Which actor runs which unit is `factory.scheduler`'s business.
 
 A task is a plain dict: {unit_id, checkpoint: {name, paths: {node: path}}, samples: [{key, prompt,
@@ -119,6 +120,7 @@ class FactoryWorker:
         self.loaded: str | None = None
         self.loads = 0
         self._encoders: ThreadPoolExecutor | None = None
+        self._scorer: tuple[Any, qgate.AgreementScorer] | None = None  # (its config, the loaded tower)
 
     def ping(self) -> dict:
         return {"worker": self.worker, "node": self.node, "pid": os.getpid()}
@@ -139,13 +141,15 @@ class FactoryWorker:
         gate = functools.partial(_gate_and_encode, qcfg=qcfg, ext=ext, quality=jpeg_q,
                                  png_level=None if level is None else int(level))
         pool = self._pool(int(img.get("encode_threads", 2)))
+        scorer = self._agreement(qcfg)
         batch = max(1, int(sampler.get("batch_size", 4)))
         samples = task["samples"]
         history: dict[str, list[list[str]]] = {s["key"]: [] for s in samples}
         encoded: dict[str, bytes] = {}
         seeds_used: dict[str, int] = {}
+        scores: dict[str, float | None] = {}
         pending = list(samples)
-        gen_s = wait_s = enc_s = 0.0
+        gen_s = wait_s = enc_s = agree_s = 0.0
         for attempt in range(max(1, qcfg.max_attempts)):
             if not pending:
                 break
@@ -159,24 +163,29 @@ class FactoryWorker:
                     [s["prompt"] for s in chunk], [s.get("negative", "") for s in chunk], seeds, sampler
                 )
                 gen_s += time.time() - t
-                for s, seed, im in zip(chunk, seeds, outs):
-                    jobs.append((s, seed, pool.submit(gate, im) if pool else _Done(gate(im))))
+                agree = [None] * len(chunk)
+                if scorer is not None:  # batched on the tower, in line: the gate gets each image's score
+                    t = time.time()
+                    agree = scorer.score(outs, [s["prompt"] for s in chunk])
+                    agree_s += time.time() - t
+                for s, seed, im, score in zip(chunk, seeds, outs, agree):
+                    jobs.append((s, seed, score, pool.submit(gate, im, score) if pool else _Done(gate(im, score))))
             t = time.time()
             failed = []
-            for s, seed, job in jobs:  # in sample order: the result does not depend on timing
+            for s, seed, score, job in jobs:  # in sample order: the result does not depend on timing
                 reasons, data, seconds = job.result()
                 enc_s += seconds
                 history[s["key"]].append(reasons)
                 if reasons:
                     failed.append(s)
                 else:
-                    encoded[s["key"]], seeds_used[s["key"]] = data, seed
+                    encoded[s["key"]], seeds_used[s["key"]], scores[s["key"]] = data, seed, score
             wait_s += time.time() - t
             pending = failed
         out, rejected = [], []
         for s in samples:
             key = s["key"]
-            flags = qgate.flags(history[key])
+            flags = qgate.flags(history[key], scores.get(key))
             if key in encoded:
                 out.append({"key": key, "image": encoded[key], "ext": ext, "seed": seeds_used[key], "quality": flags})
             else:
@@ -184,10 +193,21 @@ class FactoryWorker:
         return {
             "unit_id": task["unit_id"], "worker": self.worker, "node": self.node, "loads": self.loads,
             "samples": out, "rejected": rejected,
-            # encode_s: gate + encoding time (on the pool, mostly hidden); wait_s: what generation waited for it
+            # encode_s: gate + encoding time (on the pool, mostly hidden); wait_s: what generation waited for it;
+            # agreement_s: the agreement tower's forwards (in line, between batches)
             "timings": {"load_s": load_s, "generate_s": gen_s, "encode_s": enc_s, "wait_s": wait_s,
+                        "agreement_s": agree_s,
                         "total_s": time.time() - t0, "start": t0, "end": time.time()},
         }
+
+    def _agreement(self, qcfg) -> "qgate.AgreementScorer | None":
+        """The agreement tower when the task turns the check on, loaded once and kept while its config stays."""
+        if not (qcfg.enabled and qcfg.agreement.active):
+            return None
+        if self._scorer is None or self._scorer[0] != qcfg.agreement:
+            self._scorer = None
+            self._scorer = (qcfg.agreement, qgate.AgreementScorer(qcfg.agreement))
+        return self._scorer[1]
 
     def _pool(self, threads: int) -> ThreadPoolExecutor | None:
         """The actor's encoding threads (0: gate and encode in line, after each image)."""
@@ -210,11 +230,11 @@ class _Done:
         return self.value
 
 
-def _gate_and_encode(image: np.ndarray, qcfg, ext: str, quality: int, png_level: int | None):
-    """(gate reasons, encoded bytes or None, seconds) of one generated image; PIL and zlib release
-    the GIL, so this runs beside the generator's next batch."""
+def _gate_and_encode(image: np.ndarray, score: float | None, qcfg, ext: str, quality: int, png_level: int | None):
+    """(gate reasons, encoded bytes or None, seconds) of one generated image and its agreement score
+    (None: not computed); PIL and zlib release the GIL, so this runs beside the generator's next batch."""
     t = time.perf_counter()
-    reasons = qgate.check_image(image, qcfg)
+    reasons = qgate.check_image(image, qcfg) or qgate.check_agreement(score, qcfg)
     data = None if reasons else encode_image(image, ext, quality, png_level)
     return reasons, data, time.perf_counter() - t
 

@@ -17,6 +17,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
+from luna.models.vision import TextSide, text_agreement, text_side  # noqa: F401 (re-exported)
+
 ARMS = ("none", "generic", "vault", "projector", "hybrid", "hybrid_gate", "hybrid_mix", "ip_adapter",
         "vault+ip_adapter")
 METRICS = ("cos_in", "clip_text", "psnr", "ssim", "oracle_acc", "oracle_joint", "seconds")
@@ -195,36 +197,6 @@ def oracle_scores(oracle, image: Image.Image, truth: dict) -> tuple[float, float
     return (float(np.mean(hits)) if hits else float("nan")), float(all(hits)) if hits else float("nan")
 
 
-class TextSide:
-    """The vision tower's own text encoder (open_clip CLIP), when the tower has a usable one."""
-
-    def __init__(self, tower):
-        import open_clip
-        import torch
-
-        self.tower = tower
-        model = tower.model
-        arch = str(tower.model_id).removeprefix("open_clip:")
-        emb = getattr(model, "token_embedding", None)
-        if not hasattr(model, "encode_text") or emb is None or not bool(torch.any(emb.weight != 0)):
-            raise ABError(f"{tower.model_id}: no text side loaded")  # a vision-only weights file zeroes it
-        self.tokenizer = open_clip.get_tokenizer(arch)
-
-    def __call__(self, prompts: list[str]):
-        import torch
-
-        with torch.no_grad():
-            t = self.tower.model.encode_text(self.tokenizer(prompts).to(self.tower.device))
-        return torch.nn.functional.normalize(t.float().cpu(), dim=-1)
-
-
-def text_side(tower):
-    try:
-        return TextSide(tower) if tower is not None else None
-    except ABError:
-        return None
-
-
 # ---------------------------------------------------------------------- arms
 
 
@@ -380,8 +352,8 @@ def score(ctx: Context, crops: list[Crop], refined: list[Image.Image], oracle, t
             known = [i for i, p in enumerate(prompts) if p]
             if known:
                 t = text_fn([prompts[i] for i in known])
-                for j, i in enumerate(known):
-                    out[i]["clip_text"] = float((b[i] * t[j]).sum())
+                for i, v in zip(known, text_agreement(b[known], t)):
+                    out[i]["clip_text"] = v
     for i, (c, r) in enumerate(zip(crops, refined)):
         x, y = np.asarray(c.image), np.asarray(r)
         out[i]["psnr"] = float(min(peak_signal_noise_ratio(x, y, data_range=255), 100.0)) if not np.array_equal(x, y) else 100.0

@@ -317,3 +317,49 @@ def _embed_and_tokens(tower: VisionTower, pixels: torch.Tensor) -> tuple[torch.T
                                        output_fmt="NLC", output_extra_tokens=True)
     tok = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
     return out["image_features"], tok
+
+
+# ---------------------------------------------------------------------- text side
+
+
+class TextSideError(ValueError):
+    """A tower without a usable text encoder (a vision-only weights file zeroes it)."""
+
+
+class TextSide:
+    """The vision tower's own text encoder (open_clip CLIP), when the tower has a usable one:
+    `text_side(prompts)` -> [B, D] L2-normalised text embeddings, float32 on the CPU."""
+
+    def __init__(self, tower: VisionTower):
+        import open_clip
+
+        self.tower = tower
+        model = tower.model
+        arch = str(tower.model_id).removeprefix("open_clip:")
+        emb = getattr(model, "token_embedding", None)
+        if not hasattr(model, "encode_text") or emb is None or not bool(torch.any(emb.weight != 0)):
+            raise TextSideError(f"{tower.model_id}: no text side loaded")  # a vision-only weights file zeroes it
+        self.tokenizer = open_clip.get_tokenizer(arch)
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            t = self.tower.model.encode_text(self.tokenizer(prompts).to(self.tower.device))
+        return torch.nn.functional.normalize(t.float().cpu(), dim=-1)
+
+
+def text_side(tower: VisionTower | None) -> TextSide | None:
+    """The tower's TextSide, or None when there is no tower or it has no text side."""
+    try:
+        return TextSide(tower) if tower is not None else None
+    except TextSideError:
+        return None
+
+
+def text_agreement(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> list[float]:
+    """Row i's cosine of image embedding i and text embedding i (the text-image agreement score,
+    `clip_text` of `luna ab`, the factory gate's `quality.agreement`); either side may be unnormalised."""
+    a = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
+    b = torch.nn.functional.normalize(text_embeds.float(), dim=-1)
+    if a.shape != b.shape:
+        raise ValueError(f"text_agreement: {tuple(a.shape)} image embeddings against {tuple(b.shape)} text embeddings")
+    return [float(v) for v in (a * b).sum(-1).tolist()]

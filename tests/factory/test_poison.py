@@ -38,11 +38,11 @@ def _ckpts() -> dict:
     return {c.name: c for c in (base, pony)}
 
 
-def _drive(pending, watch, ckpts, out: Path, gen) -> RunReport:
+def _drive(pending, watch, ckpts, out: Path, gen, cfg: dict = CFG) -> RunReport:
     """What Scheduler.run does with one unit in flight per actor: next task, run, sink, guard."""
     index = shards.scan(out / "shards", "guard")
     sink = ShardSink(out / "shards", "guard", watch.units, index.next_seq, watch.report)
-    placement = Placement([_task(u, ckpts[u.checkpoint], CFG) for u in pending], join_budget=0)
+    placement = Placement([_task(u, ckpts[u.checkpoint], cfg) for u in pending], join_budget=0)
     actors = {"w0": FactoryWorker("w0", "pc1", gen), "w1": FactoryWorker("w1", "pc2", gen)}
     for w, a in actors.items():
         placement.add_actor(w, a.node)
@@ -134,3 +134,35 @@ def test_killed_before_the_moved_units_ran_resumes_them(tmp_path, fakes):
     keys = [json.loads(s["json"])["key"] for t in shards.complete_shards(out / "shards", "guard")
             for s in shards.read_shard(t)]
     assert sorted(keys) == sorted({s.key for u in the_plan.units for s in u.samples})
+
+
+def _run_with(tmp_path, fakes, agreement) -> tuple[RunReport, list[dict], list[str]]:
+    tmp_path.mkdir()
+    camp = tmp_path / "guard.yaml"
+    camp.write_text(CAMPAIGN)
+    ckpts = _ckpts()
+    the_plan = plan(load_campaign(camp), list(ckpts.values()))
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    cfg = {**CFG, "quality": {**CFG["quality"], "agreement": agreement}}
+    lines: list[str] = []
+    report = RunReport(campaign="guard")
+    pending, watch = prepare_units(the_plan, ckpts, shards.scan(out / "shards", "guard"), out, cfg, report,
+                                   lines.append)
+    _drive(pending, watch, ckpts, out, fakes.FakeGenerator, cfg)
+    metas = [json.loads(s["json"]) for t in shards.complete_shards(out / "shards", "guard") for s in shards.read_shard(t)]
+    return report, metas, lines
+
+
+def test_agreement_below_min_score_stops_checkpoints_and_scores_reach_the_metadata(tmp_path, fakes):
+    """The tiny preset's tower (it has a text side) as the agreement tower, through the driver's task dicts."""
+    report, metas, lines = _run_with(tmp_path / "low", fakes, {"vision": "tiny", "min_score": -1.0, "device": "cpu"})
+    assert len(metas) == 20 and not report.poisoned and report.rejected == 0
+    assert all(-1.0 <= m["quality"]["agreement"] <= 1.0 for m in metas)
+    assert len({m["quality"]["agreement"] for m in metas}) > 1  # a score per image, not a constant
+
+    report, metas, lines = _run_with(tmp_path / "high", fakes, {"vision": "tiny", "min_score": 1.0, "device": "cpu"})
+    assert metas == [] and set(report.poisoned) == {"good-base", "flat-pony"}
+    assert set(report.rejected_reasons) == {"agreement"}  # counted by kind, not by score
+    assert any(line.startswith("stopped checkpoint good-base: 8 of 8 images failed the quality gate (agreement 8)")
+               for line in lines), lines

@@ -157,3 +157,20 @@ def test_embed_gives_what_each_earlier_path_gave():
     np.testing.assert_allclose(with_tokens.embed.numpy(), old["extraction"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(with_tokens.tokens.numpy(), old["extraction_tokens"], rtol=0, atol=1e-6)
     assert torch.allclose(with_tokens.tokens, tower.encode_tokens(pixels), atol=1e-6)
+
+
+def test_text_side_and_text_agreement(tower, tmp_path):
+    side = vision.text_side(tower)
+    assert side is not None  # the tiny preset's tower keeps its text side
+    t = side(["a red fox", "a blue car"])
+    assert t.shape == (2, tower.dim) and torch.allclose(t.norm(dim=-1), torch.ones(2), atol=1e-5)
+    img = torch.randn(2, tower.dim)
+    got = vision.text_agreement(img * 3.0, t)  # unnormalised image side: the cosine all the same
+    assert got == pytest.approx((torch.nn.functional.normalize(img, dim=-1) * t).sum(-1).tolist(), abs=1e-6)
+    assert vision.text_agreement(t, t) == pytest.approx([1.0, 1.0], abs=1e-5)
+    with pytest.raises(ValueError, match=r"\(2, .*\) image embeddings against \(1, .*\) text"):
+        vision.text_agreement(img, t[:1])
+    visual_only = {k: v for k, v in tower.model.state_dict().items() if k.startswith("visual.")}
+    torch.save({"state_dict": visual_only}, tmp_path / "visual.pt")
+    assert vision.text_side(vision.load_vision("tiny", weights=tmp_path / "visual.pt")) is None
+    assert vision.text_side(None) is None
