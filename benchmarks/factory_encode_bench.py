@@ -26,6 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.report import emit  # noqa: E402
 
 from factory import quality as qgate  # noqa: E402
 from factory.shards import encode_image  # noqa: E402
@@ -117,10 +118,7 @@ def main(argv=None) -> int:
     lines += ["", f"RATIO instant generator: actor / encode floor = {inst / floor:.3f} (target >= 0.9)",
               f"RATIO 150 ms generator: actor / sleep-only rate = {slp / sleep_rate:.3f} (target >= 0.95)"]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(text, args.out)
     return 0
 
 

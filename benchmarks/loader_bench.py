@@ -42,6 +42,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.report import emit  # noqa: E402
 
 from extraction.pairs import Pairs  # noqa: E402
 from extraction.synthetic import write_synthetic_pairs  # noqa: E402
@@ -193,10 +194,7 @@ def main_online(args, argv) -> int:
                      f"{full:.2f} prompts/s, i.e. {full:.2f} samples/s at one image per prompt: online targets at full "
                      "size need the encoders on a GPU (the training device).")
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(text, args.out)
     return 0
 
 
@@ -263,10 +261,7 @@ def main(argv=None) -> int:
     for name, rate, n in rows:
         lines.append(f"| {name} | {rate:,.0f} | {n:,} | {rate / base:.1f}x | {rate * per / 1e6:,.0f} |")
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(text, args.out)
     return 0
 
 

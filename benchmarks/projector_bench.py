@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.report import emit  # noqa: E402
 
 FULL = {"in_dim": 1024, "cond_dim": 2048, "pooled_dim": 1280, "seq_len": 77}
 # the full-size configurations (conf/model/*.yaml defaults)
@@ -133,11 +134,7 @@ def main(argv=None) -> int:
     best_baseline = max(r["val/cos_content"] for r in rows[:-1])
     lines.append(f"\nLearned queries vs best baseline on val/cos_content: {rows[-1]['val/cos_content'] / best_baseline:.3f}x; "
                  f"parameters at full size vs the seed MLP: {rows[-1]['full_params'] / rows[1]['full_params']:.3f}x.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit("\n".join(lines), args.out)
     return 0
 
 
