@@ -156,6 +156,7 @@ def run_size(n: int, spec: str | None, args, work: Path) -> dict:
     index = read_index(vault_dir / m.files["global"])
     faiss.ParameterSpace().set_index_parameters(index, m.search_params) if m.search_params else None
     index_ms = latencies(lambda x: index.search(x, 10), lq)
+    sweep = ef_sweep(index, q, truth, lq, args.ef_sweep) if args.ef_sweep else []
     del index
     search_ms = latencies(lambda x: vault.search(x, k=10), lq)
     cold_ms = latencies(lambda x: vault.query(x, k=10), lq)  # first touch of these prompts' conditionings
@@ -169,8 +170,27 @@ def run_size(n: int, spec: str | None, args, work: Path) -> dict:
     return dict(n=n, prompts=n_prompts, spec=m.index_spec, params=m.search_params, tuning=m.tuning, gen_s=gen_s,
                 build_s=build_s, recall=recall, recall_stored=recall_stored, exact=exact_ms, index=index_ms,
                 search=search_ms, query=query_ms, cold=cold_ms, auto=None, data=(base, q, truth), stored_b=stored_b / n,
+                sweep=sweep,
                 prompts_b=prompts_b / n, index_b=index_b / n, categories=len(m.categories),
                 cat_params=sorted({i["search_params"] or "exact" for i in m.categories.values()}))
+
+
+def ef_sweep(index, q: np.ndarray, truth: np.ndarray, lq: np.ndarray, efs: list[int]) -> list[dict]:
+    """Recall@10 on the held-out queries and single-query latency of the Luna index at other efSearch
+    values (HNSW only): where it stands at the recall another index reaches."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if not isinstance(inner, faiss.IndexHNSW):
+        return []
+    saved = inner.hnsw.efSearch
+    out = []
+    for ef in efs:
+        inner.hnsw.efSearch = int(ef)
+        _, found = index.search(q, 10)
+        out.append({"ef": int(ef), "recall": recall_at(found, truth), "index": latencies(lambda x: index.search(x, 10), lq)})
+    inner.hnsw.efSearch = saved
+    return out
 
 
 def report(rows: list[dict], args) -> str:
@@ -206,6 +226,16 @@ def report(rows: list[dict], args) -> str:
             lines.append(f"| {r['n']:,} | {a['spec']} ({a['params']}) | {a['build_s']:.1f} | {a['recall']:.3f} "
                          f"| {pct(a['index'])} | {p50(a['index']) / p50(r['index']):.1f}x faster "
                          f"| {r['recall'] - a['recall']:+.3f} |")
+    sweeps = [r for r in rows if r.get("sweep")]
+    if sweeps:
+        lines += ["", "| N | Luna index at efSearch | recall@10 held-out | index p50/p99 ms | vs autofaiss p50 "
+                  "| recall - autofaiss recall |", "|---|---|---|---|---|---|"]
+        for r in sweeps:
+            a = r["auto"]
+            for e in r["sweep"]:
+                vs = f"{p50(a['index']) / p50(e['index']):.1f}x faster" if a else "n/a"
+                d = f"{e['recall'] - a['recall']:+.3f}" if a else "n/a"
+                lines.append(f"| {r['n']:,} | {e['ef']} | {e['recall']:.3f} | {pct(e['index'])} | {vs} | {d} |")
     lines.append("")
     for r in rows:
         lines.append(f"- N={r['n']:,}: {r['prompts']:,} prompts; indices {r['index_b']:,.0f} B/sample; synthetic "
@@ -231,6 +261,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-latency-ms", type=float, default=1.0)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--latency-queries", type=int, default=500)
+    ap.add_argument("--ef-sweep", type=int, nargs="*", default=[],
+                    help="also measure the Luna HNSW index at these efSearch values (recall and latency)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = ap.parse_args(argv)
