@@ -316,7 +316,7 @@ def _stamp(path: Path) -> list[int]:
 
 def read_facts(path: Path) -> dict:
     """Everything the inventory needs from one file or folder, as plain data (what the cache stores)."""
-    from luna.models.fingerprint import file_fingerprint, model_probe, te_fingerprint
+    from luna.models.fingerprint import file_fingerprint, te_fingerprint
 
     path = Path(path)
     facts: dict = {"format": "unknown", "kind": "unreadable", "size": None, "reason": "", "meta": {}, "markers": [],
@@ -347,10 +347,23 @@ def read_facts(path: Path) -> dict:
         facts["fingerprint"] = file_fingerprint(path)
         if facts["kind"] == "sdxl" and facts["size"]:
             facts["te_fingerprint"] = te_fingerprint(path)
-            facts["probe"] = model_probe(path)
     except Exception as e:  # noqa: BLE001 - a damaged tensor must not stop the scan
         facts.update(kind="unreadable", reason=f"unreadable tensors ({type(e).__name__}: {e})")
+        return facts
+    facts["probe"] = _probe(path) if facts.get("te_fingerprint") else None
     return facts
+
+
+def _probe(path) -> str | None:
+    """The UNet/VAE probe of `model_id`; None when it cannot be read (e.g. a folder holding only the text
+    encoders and configs, enough for extraction): the row stays usable and the factory joins nodes by
+    its file fingerprint instead."""
+    from luna.models.fingerprint import model_probe
+
+    try:
+        return model_probe(path)
+    except Exception:  # noqa: BLE001 - the probe only joins nodes; it never decides whether a file is usable
+        return None
 
 
 class FactsCache:
@@ -403,14 +416,7 @@ def cached_facts(path: Path, cache: FactsCache | None) -> dict:
         if cache:
             cache.put(path, stamp, facts)
     elif "probe" not in facts:  # cached before the probe existed: read only the probe, not the rest again
-        facts = dict(facts, probe=None)
-        if facts["kind"] == "sdxl" and facts["te_fingerprint"]:
-            from luna.models.fingerprint import model_probe
-
-            try:
-                facts["probe"] = model_probe(path)
-            except Exception as e:  # noqa: BLE001 - as in read_facts: a damaged tensor must not stop the scan
-                facts.update(kind="unreadable", reason=f"unreadable tensors ({type(e).__name__}: {e})")
+        facts = dict(facts, probe=_probe(path) if facts["kind"] == "sdxl" and facts["te_fingerprint"] else None)
         cache.put(path, stamp, facts)
     return facts
 
