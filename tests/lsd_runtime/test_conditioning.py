@@ -6,27 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from lsd_runtime.conditioning import (CropEmbedder, ProjectorSource, TextSource, VaultSource, VisionModelMismatch,
+from lsd_runtime.conditioning import (ProjectorSource, TextSource, VaultSource, VisionModelMismatch,
                                       open_projector)
 
 TINY_VISION = "open_clip:luna-tiny-vit"
 
 
 @pytest.fixture(scope="module")
-def comps():
-    from lsd_runtime.workflow import tiny_components
-
-    return tiny_components()
-
-
-@pytest.fixture(scope="module")
 def text(comps):
     return TextSource(comps.encoders, "blue eyes, gold ring")
-
-
-@pytest.fixture(scope="module")
-def embedder(comps):
-    return CropEmbedder(comps.vision)
 
 
 @pytest.fixture(scope="module")

@@ -10,27 +10,15 @@ from PIL import Image
 
 from lsd_runtime.categories import (CategoryRouter, CategorySettings, CategorySettingsError, CategoryTable,
                                     memory_source)
-from lsd_runtime.conditioning import CropEmbedder, ProjectorSource, TextSource, VaultSource, open_projector
+from lsd_runtime.conditioning import ProjectorSource, TextSource, VaultSource, open_projector
 from lsd_runtime.hybrid import HybridSettings, HybridSource, gate, mix, vault_share
 
 TINY_VISION = "open_clip:luna-tiny-vit"
 
 
 @pytest.fixture(scope="module")
-def comps():
-    from lsd_runtime.workflow import tiny_components
-
-    return tiny_components()
-
-
-@pytest.fixture(scope="module")
 def text(comps):
     return TextSource(comps.encoders, "a portrait")
-
-
-@pytest.fixture(scope="module")
-def embedder(comps):
-    return CropEmbedder(comps.vision)
 
 
 @pytest.fixture(scope="module")
