@@ -212,16 +212,22 @@ class Stage:
 # ---------------------------------------------------------------- stages
 
 
+def _mixed_batch(seed: int, stage: str, i: int, n: int):
+    """Step `i` of an autoencoder stage: `n` random scenes in random styles, rendered ([B,3,H,W] in
+    [-1,1]), and the step's own noise generator."""
+    rng = np.random.default_rng(_seed(seed, stage, i))
+    scenes = batch_scenes(rng, n)
+    styles = [world.STYLES[int(b)] for b in rng.integers(0, 2, n)]
+    x = render_batch(scenes, rng, styles)
+    return scenes, x, torch.Generator().manual_seed(_seed(seed, f"{stage}-noise", i))
+
+
 def train_vae(work: Path, cfg: StageConfig, seed: int, every_s: float, log_file=None):
     vae = new_vae(seed)
     stage = Stage(work, "vae", {"vae": vae}, vae.parameters(), cfg)
 
     def step(i: int) -> torch.Tensor:
-        rng = np.random.default_rng(_seed(seed, "vae", i))
-        scenes = batch_scenes(rng, cfg.batch)
-        styles = [world.STYLES[int(b)] for b in rng.integers(0, 2, cfg.batch)]
-        x = render_batch(scenes, rng, styles)
-        gen = torch.Generator().manual_seed(_seed(seed, "vae-noise", i))
+        scenes, x, gen = _mixed_batch(seed, "vae", i, cfg.batch)
         # a deterministic autoencoder (the posterior's std is pinned near zero at export, see
         # _fold_latent_scale): a unit-std posterior sample would drown the latents in noise and
         # slow learning 10x; a little noise and an L2 bound keep the latent space smooth
@@ -266,11 +272,7 @@ def train_decoder(work: Path, cfg: StageConfig, seed: int, vae, every_s: float, 
     stage = Stage(work, "decoder", parts, params, cfg)
 
     def step(i: int) -> torch.Tensor:
-        rng = np.random.default_rng(_seed(seed, "decoder", i))
-        scenes = batch_scenes(rng, cfg.batch)
-        styles = [world.STYLES[int(b)] for b in rng.integers(0, 2, cfg.batch)]
-        x = render_batch(scenes, rng, styles)
-        gen = torch.Generator().manual_seed(_seed(seed, "decoder-noise", i))
+        scenes, x, gen = _mixed_batch(seed, "decoder", i, cfg.batch)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
             z = z + 0.02 / SCALING_FACTOR * torch.randn(z.shape, generator=gen)  # the UNet's latents are not exact
@@ -348,6 +350,8 @@ def train_diffusion(work: Path, name: str, cfg: StageConfig, seed: int, vae, sty
             cache.update({p: (a[i], b[i]) for i, p in enumerate(missing)})
         return torch.stack([cache[p][0] for p in prompts]), torch.stack([cache[p][1] for p in prompts])
 
+    if stage.done:  # finished earlier (e.g. a run that only exports): no pool to encode
+        return stage.final("unet"), stage.final("te1"), stage.final("te2")
     pool_scenes, pool_mean, pool_std = latent_pool(vae, seed, name, style, pool_size)
 
     def step(i: int) -> torch.Tensor:
