@@ -82,6 +82,18 @@ def resolve(kind: str, name: str, path: str = "", what: str = "") -> str | None:
     raise ValueError(f"input '{label}': {name!r} is not in any {kind} folder ({', '.join(map(str, folders(kind))) or 'none registered'})")
 
 
+def require(kind: str, name: str, path: str, what: str, node: str, hint: str) -> str:
+    """`resolve` for an input the node cannot run without: every error names the node, and no choice
+    at all says `hint` (what to choose or set)."""
+    try:
+        resolved = resolve(kind, name, path, what)
+    except ValueError as exc:
+        raise ValueError(f"{node}: {exc}") from exc
+    if resolved is None:
+        raise ValueError(f"{node}: input '{what or kind}': {hint}")
+    return resolved
+
+
 def fingerprint_of(kind: str, name: str, path: str = "", what: str = "", missing: str = "missing") -> str:
     """IS_CHANGED of a dropdown + `*_path` pair: the chosen folder's file fingerprint ("" for none,
     `missing` when the choice does not resolve), so a rebuilt vault or projector re-runs the node."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .paths import NONE, choices as folder_choices, fingerprint_of, resolve as resolve_folder
+from .paths import NONE, choices as folder_choices, fingerprint_of, require as require_folder
 from .host import HOST
 from .sources import image_to_pil, luna_tower, match_length
 
@@ -146,13 +146,8 @@ class LunaVisionTranslator:
 
         if conditioning is not None and float(strength) == 0.0:
             return (conditioning,)
-        try:
-            resolved = resolve_folder("luna_projectors", projector, projector_path, "projector")
-        except ValueError as exc:
-            raise ValueError(f"Luna Vision Translator: {exc}") from exc
-        if resolved is None:
-            raise ValueError("Luna Vision Translator: input 'projector': choose a projector or set projector_path")
-        folder = Path(resolved)
+        folder = Path(require_folder("luna_projectors", projector, projector_path, "projector",
+                                     "Luna Vision Translator", "choose a projector or set projector_path"))
         kind, targets = _declared(folder)
         check_targets(folder, targets, target, conditioning)
         x, model_id = encode_inputs(kind, clip_vision_output, image, clip_vision, vision_model, vision_weights)

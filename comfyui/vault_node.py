@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from .paths import NONE, choices as folder_choices, fingerprint_of, resolve as resolve_folder
+from .paths import NONE, choices as folder_choices, fingerprint_of, require as require_folder
 from .sources import clip_encoder, image_to_pil, match_length, open_vault_checked
 
 
@@ -103,12 +103,8 @@ class LunaVaultQuery:
               weighting="softmax", temperature=0.05, category=""):
         if conditioning is not None and float(strength) == 0.0:
             return (conditioning, "[]")
-        try:
-            path = resolve_folder("luna_vaults", vault, vault_path, "vault")
-        except ValueError as exc:
-            raise ValueError(f"Luna Vault Query: {exc}") from exc
-        if path is None:
-            raise ValueError("Luna Vault Query: input 'vault': choose a vault (models/luna_vaults/) or set vault_path")
+        path = require_folder("luna_vaults", vault, vault_path, "vault", "Luna Vault Query",
+                              "choose a vault (models/luna_vaults/) or set vault_path")
         v = open_vault_checked(path, prefix="Luna Vault Query: ")
         stored = v.info().get("mode", "stored") == "stored"
         if not stored and clip is None:
