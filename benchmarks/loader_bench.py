@@ -42,7 +42,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import command, emit  # noqa: E402
 
 from extraction.pairs import Pairs  # noqa: E402
 from extraction.synthetic import write_synthetic_pairs  # noqa: E402
@@ -180,7 +180,7 @@ def main_online(args, argv) -> int:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     lines = [
-        "```", f"python benchmarks/loader_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}", "```", "",
+        *command("loader_bench.py", argv),
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared), 1-minute load {os.getloadavg()[0]:.1f}, torch on "
         f"1 thread; tiny preset: {args.images} images, {n_prompts} prompts (all new within the epoch), conditioning "
         f"[77, 96] + [64] fp16, embedding 1024; written in {gen_s:.0f} s; batch {args.batch}; page cache dropped first.",
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     lines = [
-        "```", f"python benchmarks/loader_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}", "```", "",
+        *command("loader_bench.py", argv),
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared), 1-minute load {os.getloadavg()[0]:.1f}; "
         f"{args.images} images, {args.images // args.images_per_prompt} prompts, conditioning [77, 2048] + [1280] fp16, "
         f"embedding 1024; {size / 1e9:.2f} GB in {args.parts} parts (written in {gen_s:.0f} s); batch {args.batch}, "
