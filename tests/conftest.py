@@ -1,7 +1,9 @@
 """Session-wide fixtures: one Ray cluster for the whole test session (two nodes on this machine)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -13,8 +15,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# the inventory's facts cache: one per test session, never the user's ~/.cache/luna
-os.environ.setdefault("LUNA_CACHE_DIR", tempfile.mkdtemp(prefix="luna-cache-"))
+# the inventory's facts cache: one per test session, never the user's ~/.cache/luna; removed at exit
+if "LUNA_CACHE_DIR" not in os.environ:
+    os.environ["LUNA_CACHE_DIR"] = tempfile.mkdtemp(prefix="luna-cache-")
+    atexit.register(shutil.rmtree, os.environ["LUNA_CACHE_DIR"], ignore_errors=True)
 
 # Two simulated PCs. Each node advertises a custom resource naming it, the way `ray start
 # --resources='{"luna_node:pc2": 1}'` does on a real LAN node (see luna/cluster.py).
