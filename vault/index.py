@@ -98,16 +98,33 @@ def build_index(vectors: np.ndarray, spec: str, seed: int = 0) -> faiss.Index:
     """Train (on a random sample, up to 100 points per IVF cluster) and fill an IP index."""
     x = normalize(vectors)
     index = _new_index(x, spec, seed)
-    add_vectors(index, x)
+    add_vectors(index, x, seed=seed)
     return index
 
 
-def add_vectors(index: faiss.Index, vectors: np.ndarray, batch: int = 65536) -> None:
+def _is_hnsw(index: faiss.Index) -> bool:
+    return isinstance(faiss.downcast_index(index), faiss.IndexHNSW)
+
+
+def add_vectors(index: faiss.Index, vectors: np.ndarray, batch: int = 65536, seed: int = 0,
+                desc: str | None = None) -> None:
+    """Append `vectors` to `index`; their ids continue the index's row numbers.
+
+    An HNSW graph gets them in a seeded random order, then its entries are permuted back to row
+    order: inserted in file order, batch by batch, the rows of one prompt (which a pairs folder
+    keeps together) link mostly to each other, and new queries reach fewer of them (500k x 1024,
+    HNSW32, efSearch 2048: recall@10 0.982 in file order, 0.997 shuffled).
+    """
     x = normalize(vectors)
     if x.shape[1] != index.d:
         raise VaultError(f"vectors of dim {x.shape[1]} cannot go into an index of dim {index.d}")
-    for i in range(0, len(x), batch):
-        index.add(x[i : i + batch])
+    n0 = index.ntotal
+    if not _is_hnsw(index):
+        _add_rows(index, x, np.arange(len(x)), with_ids=False, batch=batch, desc=desc)
+        return
+    order = np.random.default_rng([seed, 11]).permutation(len(x))
+    _add_rows(index, x, order, with_ids=False, batch=batch, desc=desc)
+    index.permute_entries(np.concatenate([np.arange(n0), n0 + np.argsort(order)]).astype(np.int64))
 
 
 def exact_search(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -252,8 +269,10 @@ def build_tuned(vectors: np.ndarray, spec: str, target: float = 0.97, budget_ms:
     rng = np.random.default_rng([seed, 7])
     held = np.sort(rng.choice(n, size=n_hold, replace=False))
     rest = np.setdiff1d(np.arange(n), held)
-    hnsw = isinstance(faiss.downcast_index(index), faiss.IndexHNSW)
-    _add_rows(index, x, rest, with_ids=not hnsw)
+    hnsw = _is_hnsw(index)
+    if hnsw:  # a graph gets its rows in random order (see add_vectors)
+        rest = rng.permutation(rest)
+    _add_rows(index, x, rest, with_ids=not hnsw, desc="index")
     k = min(k, len(rest))
     truth = _exact_excluding(x, x[held], k, held)
     params, recall, lat, met = _sweep(index, x[held], truth, options, target, budget_ms,
@@ -264,13 +283,20 @@ def build_tuned(vectors: np.ndarray, spec: str, target: float = 0.97, budget_ms:
     return index, Tuning(params, recall, met, target, lat, budget_ms, n_hold, "held-out", k)
 
 
-def _add_rows(index: faiss.Index, x: np.ndarray, rows: np.ndarray, with_ids: bool, batch: int = 65536) -> None:
-    for i in range(0, len(rows), batch):
-        r = rows[i : i + batch]
-        if with_ids:
-            index.add_with_ids(x[r], r.astype(np.int64))
-        else:
-            index.add(x[r])
+def _add_rows(index: faiss.Index, x: np.ndarray, rows: np.ndarray, with_ids: bool, batch: int = 65536,
+              desc: str | None = None) -> None:
+    """Add x[rows] in batches, with a progress bar (named `desc`) when there is more than one batch."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(rows), unit="vec", desc=desc or "index", dynamic_ncols=True,
+              disable=desc is None or len(rows) <= batch) as bar:
+        for i in range(0, len(rows), batch):
+            r = rows[i : i + batch]
+            if with_ids:
+                index.add_with_ids(x[r], r.astype(np.int64))
+            else:
+                index.add(x[r])
+            bar.update(len(r))
 
 
 def apply_search_params(index: faiss.Index, params: str) -> None:

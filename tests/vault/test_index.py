@@ -27,3 +27,38 @@ def test_index_choice_follows_size_and_memory():
     assert choose_index_spec(1_000_000, 1024, 4 * 2**30) == "HNSW24"
     assert choose_index_spec(200_000, 1024, 830_000_000) == "IVF2048,Flat"  # HNSW8 would not fit
     assert choose_index_spec(5_000_000, 1024, 16 * 2**30) == "OPQ256,IVF16384_HNSW32,PQ256x8"
+
+
+def _prompt_blocks(n_prompts: int = 2000, per: int = 10, dim: int = 64, n_queries: int = 500):
+    """Rows as a pairs folder keeps them: each prompt's images together; queries are new images."""
+    from extraction.synthetic import _prompts
+    from vault.index import normalize
+
+    *_, centre = _prompts(n_prompts, dim, 64, 0, ("a",), 0.6)
+    rng = np.random.default_rng(1)
+    noise = 0.3 / np.sqrt(dim)
+    x = np.repeat(centre, per, 0) + rng.standard_normal((n_prompts * per, dim)).astype(np.float32) * noise
+    q = centre[rng.integers(0, n_prompts, n_queries)] + rng.standard_normal((n_queries, dim)).astype(np.float32) * noise
+    return normalize(x), normalize(q)
+
+
+def test_hnsw_rows_go_in_shuffled_and_keep_their_row_numbers():
+    import faiss
+
+    from vault.index import add_vectors
+
+    x, q = _prompt_blocks()
+    _, truth = faiss.knn(q, x, 10, faiss.METRIC_INNER_PRODUCT)
+    file_order = faiss.index_factory(x.shape[1], "HNSW8", faiss.METRIC_INNER_PRODUCT)
+    for i in range(0, len(x), 2048):
+        file_order.add(x[i : i + 2048])
+    shuffled = faiss.index_factory(x.shape[1], "HNSW8", faiss.METRIC_INNER_PRODUCT)
+    add_vectors(shuffled, x[:12000], batch=2048)
+    add_vectors(shuffled, x[12000:], batch=2048, seed=1)  # an update appends after the rows already there
+    assert shuffled.ntotal == len(x)
+    assert np.allclose(shuffled.reconstruct_n(0, len(x)), x, atol=1e-6)  # entry i holds row i: ids are row numbers
+    for ef in (64, 128):
+        file_order.hnsw.efSearch = shuffled.hnsw.efSearch = ef
+        r_file = recall_at(file_order.search(q, 10)[1], truth)
+        r_shuffled = recall_at(shuffled.search(q, 10)[1], truth)
+        assert r_shuffled >= r_file + 0.01, (ef, r_file, r_shuffled)  # measured +0.035 / +0.030
