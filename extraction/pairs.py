@@ -221,6 +221,7 @@ class Pairs:
         self.seed = np.concatenate(cols["seed"])
         self.prompt_id = np.concatenate(prompt_id)
         self._handles: dict[int, h5py.File] = {}
+        self._datasets: dict[tuple[int, str], h5py.Dataset] = {}  # (file, name) -> open dataset (read_rows)
         self._files = list(self.parts)  # the parts, then siblings holding conditionings they use
         if any(loc[0] < 0 for loc in self._prompt_loc):
             self._find_in_siblings(index)
@@ -292,9 +293,12 @@ class Pairs:
         return loc[:, 0], loc[:, 1]
 
     def read_rows(self, name: str, file: int, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows lo..hi-1 of /prompts/`name` (cond or pooled) of one file: one contiguous read,
+        """Rows lo..hi-1 of /prompts/`name` (cond, pooled or an optional column) of one file: one contiguous read,
         into `out` (hi - lo rows) when given."""
-        ds = self._file(int(file))[f"prompts/{name}"]
+        key = (int(file), name)
+        ds = self._datasets.get(key)
+        if ds is None:  # looking a dataset up by name costs as much as reading a small run
+            ds = self._datasets[key] = self._file(int(file))[f"prompts/{name}"]
         if out is None:
             return ds[int(lo) : int(hi)]
         ds.read_direct(out, source_sel=np.s_[int(lo) : int(hi)])
@@ -340,6 +344,7 @@ class Pairs:
         return np.stack(out)
 
     def close(self) -> None:
+        self._datasets.clear()
         for f in self._handles.values():
             f.close()
         self._handles.clear()
@@ -352,5 +357,5 @@ class Pairs:
 
     def __getstate__(self):  # picklable for DataLoader workers: reopen files lazily
         state = self.__dict__.copy()
-        state["_handles"] = {}
+        state["_handles"], state["_datasets"] = {}, {}
         return state

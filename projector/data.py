@@ -308,8 +308,9 @@ _STALE_HANDLES: list = []  # a forked worker must not close (or share) the paren
 def _reopen_files(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     pairs = info.dataset.source.pairs
-    _STALE_HANDLES.append(pairs._handles)
-    pairs._handles = {}
+    pairs = getattr(pairs, "_pairs", pairs)  # a target view (projector/targets.py) reads through its Pairs
+    _STALE_HANDLES.append((pairs._handles, pairs._datasets))
+    pairs._handles, pairs._datasets = {}, {}
 
 
 class PairsDataset(Dataset):

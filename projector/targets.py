@@ -61,6 +61,15 @@ class ClipLPairs:
     def pooled(self, prompt_ids):
         return self._pairs.clip_l_pooled(prompt_ids)
 
+    # the loader's contiguous reads from disk (projector.data._Source._read_runs) name cond / pooled
+    _COLUMNS = {"cond": "clip_l_cond", "pooled": "clip_l_pooled"}
+
+    def read_rows(self, name: str, file: int, lo: int, hi: int, out=None):
+        return self._pairs.read_rows(self._COLUMNS[name], file, lo, hi, out=out)
+
+    def row_shape(self, name: str):
+        return self._pairs.row_shape(self._COLUMNS[name])
+
     def close(self):
         self._pairs.close()
 

@@ -80,3 +80,23 @@ def test_clip_l_weight_weights_the_clip_l_half():
     both = metrics.sequence_loss(pred, target, n, 16)["loss"]
     torch.testing.assert_close(both, (l + b) / 2)  # weight 1: each half counts equally, as before
     torch.testing.assert_close(metrics.sequence_loss(pred, target, n, 16, clip_l_weight=3.0)["loss"], (3 * l + b) / 4)
+
+
+def test_clip_l_targets_from_disk_are_the_clip_l_datasets(clip_l_pairs):
+    """Read per batch from disk (chunk-shuffled runs), the CLIP-L head's targets are /prompts/clip_l_*,
+    as in RAM, not the SDXL conditionings stored beside them."""
+    from projector.data import PairsDataModule
+
+    kw = dict(batch_size=16, val_prompts=0.25, val_checkpoints=0, targets="clip_l", chunk_rows=4)
+    ram, disk = PairsDataModule(str(clip_l_pairs), in_memory=True, **kw), PairsDataModule(str(clip_l_pairs), in_memory=False, **kw)
+    ram.setup()
+    disk.setup()
+    loader = disk.train_dataloader()
+    assert type(loader.batch_sampler).__name__ == "ChunkShuffleSampler"
+    for b in loader:
+        pid = b["prompt"].numpy()
+        assert b["cond"].shape[1:] == (77, 16) and b["pooled"].shape[1:] == (16,)
+        assert np.array_equal(b["cond"].numpy(), ram.source.cond(pid))
+        assert np.array_equal(b["pooled"].numpy(), ram.source.pooled(pid))
+    disk.teardown()
+    ram.teardown()
