@@ -10,8 +10,9 @@
   shuffled, then the images within a window of one batch of chunks; a batch's conditionings are
   then a few contiguous runs of rows, each read in one call (`_Source.cond`), by `num_workers`
   processes. Every image is still seen once per epoch, in an order fixed by the seed and epoch.
-- Online targets (`conditionings=online`): the loader reads image columns only, and the
-  conditioning of each batch's prompts is computed after the batch reaches the training device
+- Online targets (`conditionings=online`): the loader reads image columns only (its workers also
+  tokenize each batch's prompts), and the conditioning of each batch's prompts is computed after
+  the batch reaches the training device
   (`on_after_batch_transfer`) by the checkpoint's frozen text encoders, found by each prompt's
   text-encoder fingerprint among `text_encoders` (checkpoints or folders of them; none: where the
   factory recorded the checkpoints, as `luna extract` finds them) and run by the
@@ -90,7 +91,8 @@ class OnlineTargets:
     """Conditionings of global prompt ids computed on demand with the frozen text encoders of each
     prompt's fingerprint (`data.conditionings=online`), exactly as extraction computes the stored
     ones, rounded to `out_dtype` (the pairs' storage dtype). A loader worker gets a copy without
-    the encoders: batches are completed on the training device, in the main process."""
+    the encoders but with their tokenizers: it adds each batch's token ids (`tokenize`), and the
+    batch is completed on the training device, in the main process, from those ids."""
 
     def __init__(self, pairs: Pairs, text_encoders, device: str = "cpu", dtype: str = "auto", batch_size: int = 64,
                  cache_gb: float = 1.0, out_dtype: str = "float16"):
@@ -110,15 +112,16 @@ class OnlineTargets:
         row_bytes = (SEQ_LEN * sum(pairs.text_dims) + int(pairs.attrs["pooled_dim"])) * torch.finfo(self.out_dtype).bits // 8
         self.cache_rows = int(cache_gb * 1e9 // max(row_bytes, 1))
         self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.tokenizers: dict[str, tuple] = {}  # fingerprint -> its encoders' (tokenizer, tokenizer_2), from check()
 
     def check(self, prompt_ids: np.ndarray) -> None:
         """Every fingerprint of `prompt_ids` has a checkpoint under `text_encoders` (a clear error now,
-        not in the first training step)."""
+        not in the first training step); its tokenizers are kept for the loader workers."""
         from luna.models.conditioner import TextEncoderNotFound
 
         for fp in sorted({self.fps[int(p)] for p in np.unique(prompt_ids)}):
             try:
-                self.conditioner.locator.find(fp, self.hints.get(fp, []))
+                self.tokenizers[fp] = self.conditioner.tokenizers(fp, self.hints.get(fp, []))
             except TextEncoderNotFound as e:
                 raise PairsDataError(f"data.conditionings=online, data.text_encoders={self.dirs or None}: {e} (the pairs "
                                      "record fingerprints and checkpoint names, not paths: data.text_encoders=PATH names "
@@ -134,10 +137,29 @@ class OnlineTargets:
             self.conditioner.to(device)
             self._cache.clear()
 
-    def __call__(self, prompt_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond [N, 77, C], pooled [N, P]) in `out_dtype` on the encoders' device."""
+    def tokenize(self, prompt_ids) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Token ids `[N, 77]` of both tokenizers for `prompt_ids` (what a loader worker adds to a batch, so
+        the training process does not tokenize); None when a fingerprint's tokenizers are not known."""
+        from luna.models.sdxl import tokenize
+
+        uniq, inv = np.unique(np.asarray(prompt_ids, dtype=np.int64).reshape(-1), return_inverse=True)
+        out = (torch.zeros((len(uniq), SEQ_LEN), dtype=torch.int64), torch.zeros((len(uniq), SEQ_LEN), dtype=torch.int64))
+        by_fp: dict[str, list[int]] = {}
+        for k, p in enumerate(uniq):
+            by_fp.setdefault(self.fps[int(p)], []).append(k)
+        for fp, ks in by_fp.items():
+            if fp not in self.tokenizers:
+                return None
+            for dst, ids in zip(out, tokenize(self.tokenizers[fp], [self.texts[int(uniq[k])] for k in ks])):
+                dst[ks] = ids
+        index = torch.from_numpy(inv)
+        return out[0][index], out[1][index]
+
+    def __call__(self, prompt_ids, token_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond [N, 77, C], pooled [N, P]) in `out_dtype` on the encoders' device; `token_ids`: the rows'
+        token ids from `tokenize` (in a loader worker), else the prompts are tokenized here."""
         ids = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
-        uniq, inv = np.unique(ids, return_inverse=True)
+        uniq, first, inv = np.unique(ids, return_index=True, return_inverse=True)
         missing = [int(p) for p in uniq if int(p) not in self._cache]
         fresh = {}
         by_fp: dict[str, list[int]] = {}
@@ -145,8 +167,13 @@ class OnlineTargets:
             by_fp.setdefault(self.fps[p], []).append(p)
         for fp in sorted(by_fp):
             pids = by_fp[fp]
+            tok = None
+            if token_ids is not None:  # the rows of these prompts' first images
+                rows = torch.from_numpy(first[np.searchsorted(uniq, pids)])
+                tok = tuple(t[rows.to(t.device)] for t in token_ids)
             with torch.random.fork_rng(devices=[]):  # loading encoders must not move the training's random stream
-                cond, pooled, _ = self.conditioner.encode_tensors(fp, [self.texts[p] for p in pids], self.hints.get(fp, []))
+                cond, pooled, _ = self.conditioner.encode_tensors(fp, [self.texts[p] for p in pids], self.hints.get(fp, []),
+                                                                  token_ids=tok)
             cond, pooled = cond.to(self.out_dtype), pooled.to(self.out_dtype)
             for i, p in enumerate(pids):
                 fresh[p] = (cond[i], pooled[i])
@@ -249,13 +276,18 @@ class _Source:
             else:
                 cond, pooled = self._read_runs("cond", pid), self._read_runs("pooled", pid)
             out.update(cond=cond, pooled=pooled)
+        elif torch.utils.data.get_worker_info() is not None:  # tokenized here, in parallel, not by the training process
+            tok = self.online.tokenize(pid)
+            if tok is not None:
+                out["input_ids"], out["input_ids_2"] = tok
         return out
 
     def complete(self, batch: dict) -> dict:
         """A batch with its targets: online ones computed on the device the batch is on."""
         if self.online is not None and "cond" not in batch:
             self.online.to(batch["x"].device)
-            batch["cond"], batch["pooled"] = self.online(batch["prompt"].cpu().numpy())
+            tok = (batch["input_ids"], batch["input_ids_2"]) if "input_ids" in batch else None
+            batch["cond"], batch["pooled"] = self.online(batch["prompt"].cpu().numpy(), tok)
         return batch
 
 

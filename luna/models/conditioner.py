@@ -307,6 +307,17 @@ class TextConditioner:
         self._loaded[fp] = enc
         return enc
 
+    def tokenizers(self, fp: str, name_hint="") -> tuple:
+        """(tokenizer, tokenizer_2) of the encoders of `fp`, without loading the encoders (the projector's
+        loader tokenizes online targets' prompts in its worker processes)."""
+        if fp in self._loaded:
+            enc = self._loaded[fp]
+            return enc.tokenizer, enc.tokenizer_2
+        from luna.models.sdxl import load_tokenizers
+
+        path = Path(self.reference) if self.mode == "reference" else self.locator.find(fp, name_hint)
+        return load_tokenizers(path)
+
     def to(self, device) -> "TextConditioner":
         """Move the loaded encoders (and those loaded later) to `device`."""
         self.device = str(device)
@@ -321,14 +332,18 @@ class TextConditioner:
         cond, pool, extra = self.encode_tensors(fp, prompts, name_hint, to="cpu", clip_l=self.clip_l)
         return Encoded(cond.numpy(), pool.numpy(), {n: v.numpy() for n, v in extra.items()} if self.clip_l else None)
 
-    def encode_tensors(self, fp: str, prompts: list[str], name_hint="", to=None, clip_l: bool = False) -> tuple:
+    def encode_tensors(self, fp: str, prompts: list[str], name_hint="", to=None, clip_l: bool = False,
+                       token_ids=None) -> tuple:
         """(cond [N,77,C], pooled [N,P], {clip_l column: [N,...]}) float32 tensors of `prompts` with the
         encoders of `fp`, each batch moved to `to` (default: stays on the encoders' device); what
-        `encode` stores in pairs and what the projector's online targets train on."""
+        `encode` stores in pairs and what the projector's online targets train on. `token_ids`: the
+        prompts already tokenized by these encoders' tokenizers (`luna.models.sdxl.tokenize`), [N, 77] each."""
         import torch
 
-        from luna.models.sdxl import encode_prompt
+        from luna.models.sdxl import encode_ids, encode_prompt
 
+        if token_ids is not None and clip_l:
+            raise ValueError("encode_tensors: token_ids with clip_l=True (the CLIP-L target tokenizes its prompts)")
         t = time.perf_counter()
         enc = self._encoders(fp, name_hint)
         to = enc.device if to is None else torch.device(to)
@@ -336,7 +351,10 @@ class TextConditioner:
         with torch.inference_mode():
             for i in range(0, len(prompts), self.batch_size):
                 chunk = list(prompts[i : i + self.batch_size])
-                out = encode_prompt(enc, chunk)
+                if token_ids is None:
+                    out = encode_prompt(enc, chunk)
+                else:
+                    out = encode_ids(enc, token_ids[0][i : i + self.batch_size], token_ids[1][i : i + self.batch_size])
                 conds.append(out[0].float().to(to))
                 pooled.append(out[1].float().to(to))
                 if clip_l:

@@ -309,27 +309,43 @@ def _conditioner_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tens
         return normalise_te_keys({k: f.get_tensor(k) for k in f.keys() if k.startswith("conditioner.")})
 
 
+def _tokenizers(info: ArchInfo) -> tuple:
+    """(tokenizer, tokenizer_2) of a checked checkpoint: a diffusers folder's own (ours where it lacks
+    them), SDXL's for a single file."""
+    if info.format == "diffusers":
+        from transformers import AutoTokenizer
+
+        own = _folder_tokenizers(info.path)
+        tok = own.get("tokenizer") or AutoTokenizer.from_pretrained(info.path / "tokenizer", local_files_only=True)
+        tok2 = own.get("tokenizer_2") or AutoTokenizer.from_pretrained(info.path / "tokenizer_2", local_files_only=True)
+        return tok, tok2
+    from luna.models.tokenizers import sdxl_tokenizers
+
+    return sdxl_tokenizers()
+
+
+def load_tokenizers(path, allow_pickle: bool = False) -> tuple:
+    """(tokenizer, tokenizer_2) of a checkpoint, without its weights (what `load_text_encoders` pairs with
+    the encoders)."""
+    info = checked_architecture(path, allow_pickle=allow_pickle)
+    with _quiet():
+        return _tokenizers(info)
+
+
 def load_text_encoders(path, device="cpu", dtype=torch.float32, allow_pickle: bool = False) -> TextEncoders:
     """Tokenizers and text encoders only, from a single file (conditioner.* tensors) or a diffusers folder."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     info = checked_architecture(path, allow_pickle=allow_pickle)
     with _quiet():
+        tok, tok2 = _tokenizers(info)
         if info.format == "diffusers":
-            from transformers import AutoTokenizer
-
-            own = _folder_tokenizers(info.path)
-            tok = own.get("tokenizer") or AutoTokenizer.from_pretrained(info.path / "tokenizer", local_files_only=True)
-            tok2 = own.get("tokenizer_2") or AutoTokenizer.from_pretrained(info.path / "tokenizer_2", local_files_only=True)
             common = dict(local_files_only=True, dtype=dtype, variant=_variant(info.path))
             te1 = CLIPTextModel.from_pretrained(info.path / "text_encoder", **common)
             te2 = CLIPTextModelWithProjection.from_pretrained(info.path / "text_encoder_2", **common)
         else:
             from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 
-            from luna.models.tokenizers import sdxl_tokenizers
-
-            tok, tok2 = sdxl_tokenizers()
             state = _conditioner_tensors(info.path, allow_pickle)
             common = dict(config=str(info.config_dir), local_files_only=True, torch_dtype=dtype)
             te1 = create_diffusers_clip_model_from_ldm(CLIPTextModel, state, subfolder="text_encoder", **common)
@@ -338,18 +354,27 @@ def load_text_encoders(path, device="cpu", dtype=torch.float32, allow_pickle: bo
 
 
 @torch.no_grad()
-def _encode(enc: TextEncoders, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(tokenizers, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids `[B, 77]` of `prompts` from both SDXL tokenizers `(tokenizer, tokenizer_2)`, as
+    `encode_prompt` feeds them to the encoders."""
+    return tuple(tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids for tok in tokenizers)
+
+
+def encode_ids(enc: TextEncoders, ids: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond [B,77,C1+C2], pooled [B,P]) of token ids from `tokenize`: the encoders' half of `encode_prompt`."""
     hidden, pooled = [], None
-    for tokenizer, encoder in ((enc.tokenizer, enc.text_encoder), (enc.tokenizer_2, enc.text_encoder_2)):
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+    for tok_ids, encoder in ((ids, enc.text_encoder), (ids_2, enc.text_encoder_2)):
+        out = encoder(tok_ids.to(next(encoder.parameters()).device), output_hidden_states=True)
         if out[0].ndim == 2:  # text_encoder_2's projected pooled output
             pooled = out[0]
         hidden.append(out.hidden_states[-2])
     cond = torch.cat(hidden, dim=-1).to(enc.dtype)
     return cond, pooled
+
+
+def _encode(enc: TextEncoders, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    return encode_ids(enc, *tokenize((enc.tokenizer, enc.tokenizer_2), prompts))
 
 
 def encode_prompt(enc: TextEncoders, prompts, negative=None):

@@ -69,16 +69,20 @@ def test_online_targets_equal_the_stored_ones(extracted):
         b = online.on_after_batch_transfer(b, 0)
         np.testing.assert_allclose(b["cond"].float().numpy(), a["cond"].float().numpy(), rtol=2e-3, atol=2e-3)
         np.testing.assert_allclose(b["pooled"].float().numpy(), a["pooled"].float().numpy(), rtol=2e-3, atol=2e-3)
-    # a loader worker reads image rows only (it gets no encoders); the main process completes the batch
+    # a loader worker reads image rows only (it gets no encoders) and tokenizes the batch's prompts with
+    # each fingerprint's tokenizers; the main process encodes those ids (no cache: every prompt encoded)
     online.num_workers = 1
+    online.source.online._cache.clear()
+    encoded = text.prompts_encoded
     seen = []
     for b in online.train_dataloader():
-        assert "cond" not in b
+        assert "cond" not in b and b["input_ids"].shape == b["input_ids_2"].shape == (len(b["prompt"]), 77)
         b = online.on_after_batch_transfer(b, 0)
         np.testing.assert_allclose(b["cond"].float().numpy(), stored.pairs.cond(b["prompt"].numpy()).astype(np.float32),
                                    rtol=2e-3, atol=2e-3)
         seen += b["prompt"].tolist()
     assert len(seen) == len(online.splits["train"])
+    assert text.prompts_encoded - encoded == len(np.unique(online.pairs.prompt_id[online.splits["train"]]))
     for k in stored.stats:
         np.testing.assert_allclose(online.stats[k], stored.stats[k], rtol=1e-2, atol=1e-3, err_msg=k)
     assert online.knn == pytest.approx(stored.knn, abs=1e-3)
