@@ -15,9 +15,9 @@ fails prints its error and the others still run):
   projector   one training step of the full-size learned-query decoder (1024 -> 77x2048, batch 256,
               AdamW, bf16 autocast on GPU) vs the chunk-shuffled loader reading full-size pairs
               from disk (loader samples/s / step samples/s > 1: the GPU is fed); online targets
-              (`data.conditionings=online`): both tokenizers on the CPU and tokenizers + the
-              full-size SDXL text encoders (CLIP-L + bigG, random weights, fp16) on the device, per
-              new prompt, vs the step and vs the stored loader
+              (`data.conditionings=online`): both tokenizers on one CPU core and the full-size SDXL
+              text encoders (CLIP-L + bigG, random weights, fp16) on the device, per new prompt,
+              vs the step and vs the stored loader
   faiss       faiss-gpu single-query and batched latency (Flat and IVF) at 500k x 1024 vs the
               vault's CPU HNSW32 default on one thread (faiss-cpu when no GPU build is installed)
 Random weights: the ratios, not the images, are what is measured. Figures go into BENCHMARKS.md
@@ -295,39 +295,41 @@ def text_encoders(args):
 
 
 def online_targets(args, batch: int, step_rate: float, load_rate: float) -> None:
-    """`data.conditionings=online` on this device: prompts/s of both tokenizers (the training process's
-    CPU) and of tokenizers + text encoders (`encode_prompt`, what `OnlineTargets` runs once a batch is on
-    the device), every prompt new (one image per prompt: no cache hits), against the training step."""
+    """`data.conditionings=online` on this device: prompts/s of both tokenizers (one CPU core: the loader
+    workers tokenize) and of the text encoders on the token ids (`encode_ids`, what `OnlineTargets` runs
+    once a batch is on the device), every prompt new (one image per prompt: no cache hits), against the
+    training step."""
     import torch
 
-    from luna.models.sdxl import encode_prompt
+    from luna.models.sdxl import encode_ids, tokenize
 
     enc = text_encoders(args)
     words = "blue eyes close-up gold ring hand silk dress red green freckles hair silver necklace denim jacket".split()
     n_batches = 2 if args.tiny else 8
     prompts = [f"{i} " + " ".join(words[(i * 7 + k) % len(words)] for k in range(3 + i % 15))
                for i in range((n_batches + 1) * batch)]
+    toks = (enc.tokenizer, enc.tokenizer_2)
+    ids = [tokenize(toks, prompts[:batch])]  # warm-up: the tokenizers' caches of these words
+    t = time.perf_counter()
+    ids += [tokenize(toks, prompts[i : i + batch]) for i in range(batch, len(prompts), batch)]
+    tok_rate = (len(prompts) - batch) / (time.perf_counter() - t)
     with torch.inference_mode():
-        encode_prompt(enc, prompts[:batch])  # warm-up: kernels, allocator, the tokenizers' caches of other words
+        encode_ids(enc, *ids[0])  # warm-up: kernels, allocator
         sync(args.device)
         t = time.perf_counter()
-        for i in range(batch, len(prompts), batch):
-            cond, pooled = encode_prompt(enc, prompts[i : i + batch])[:2]
+        for pair in ids[1:]:
+            cond, pooled = encode_ids(enc, *(i.to(args.device, non_blocking=True) for i in pair))
         sync(args.device)
         enc_rate = (len(prompts) - batch) / (time.perf_counter() - t)
-    t = time.perf_counter()
-    for i in range(batch, len(prompts), batch):
-        for tok in (enc.tokenizer, enc.tokenizer_2):
-            tok(prompts[i : i + batch], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                return_tensors="pt")
-    tok_rate = (len(prompts) - batch) / (time.perf_counter() - t)
     online_rate = 1 / (1 / enc_rate + 1 / step_rate)  # encoders then the step, one after the other on the device
     say(f"projector online targets (conditioning {tuple(cond.shape[1:])} + {tuple(pooled.shape[1:])}, batch {batch}, "
-        f"new prompts): tokenizers {tok_rate:,.0f} prompts/s on the CPU, tokenizers + text encoders "
+        f"new prompts): tokenizers {tok_rate:,.0f} prompts/s on one CPU core (the loader workers run them), "
+        f"text encoders on the device "
         f"{enc_rate:,.0f} prompts/s; a training step with online targets {online_rate:,.0f} samples/s "
         f"(step alone {step_rate:,.0f})")
     ratio("projector online encoders/step", enc_rate / step_rate, "> 1: encoding a batch's prompts costs less than its step")
-    ratio("projector online tokenizers/step", tok_rate / step_rate, "> 1: the CPU tokenizers keep up with the step")
+    ratio("projector online tokenizers/step", tok_rate / step_rate,
+          "> 1: one core's tokenizers keep up with the step; else data.num_workers of them")
     stored_rate = min(step_rate, load_rate)  # stored conditionings: the step, or the loader when it is slower
     ratio("projector online / stored training samples/s", online_rate / stored_rate,
           f"> 1: online targets train faster than stored ones read from disk ({stored_rate:,.0f} samples/s)")

@@ -353,13 +353,15 @@ def main(argv=None) -> int:
             dmo.setup()
             drop_cache(folder)
             rate, n = chunked(dmo, args.max_seconds)  # the loader alone: the encoders run after it, on the device
-            rows.append((f"online: image embeddings + prompt ids, {w} workers", rate, n, load(), False))
+            what = "+ token ids (tokenized in the workers)" if w else "(the training process tokenizes)"
+            rows.append((f"online: image embeddings + prompt ids {what}, {w} workers", rate, n, load(), False))
             if not enc:
                 pids = np.unique(dm.pairs.prompt_id[train])[: args.encode_prompts]
                 enc["tokenize"] = (tokenize_rate([dm.pairs.prompt_text[p] for p in pids], args.batch), load())
                 enc["tiny"] = (encode_rate(dmo, pids, args.batch), load())
             dmo.teardown()
         dm.teardown()
+        disk_after = disk_read(folder), load()
         if args.full_encoder_prompts:
             enc["full"] = (full_encoders_cpu(args.full_encoder_prompts), load())
     finally:
@@ -372,8 +374,9 @@ def main(argv=None) -> int:
         f"({per / 1e3:.0f} KB a sample), image embedding 1024 fp16; {size / 1e9:.2f} GB in {args.parts} parts (written in "
         f"{gen_s:.0f} s); batch {args.batch}, chunk_rows {args.chunk_rows}; page cache dropped (posix_fadvise "
         "DONTNEED) before each first epoch. Load: the 1-minute load average after each measurement.", "",
-        f"Disk: the pairs files read start to end in 8 MB reads, page cache dropped: **{disk:,.0f} MB/s** (load "
-        f"{disk_load:.1f}), i.e. {disk * 1e6 / per:,.0f} samples/s of stored conditionings at most; 10x today "
+        f"Disk: the pairs files read start to end in 8 MB reads, page cache dropped: **{disk:,.0f} MB/s** before the "
+        f"loaders (load {disk_load:.1f}), **{disk_after[0]:,.0f} MB/s** after them (load {disk_after[1]:.1f}), i.e. "
+        f"{max(disk, disk_after[0]) * 1e6 / per:,.0f} samples/s of stored conditionings at most; 10x today "
         f"({10 * TODAY:,} samples/s) needs {10 * TODAY * per / 1e6:,.0f} MB/s.",
         f"Opening the folder from disk (`Pairs`: image columns and prompt tables into RAM, all the online loader "
         f"reads from disk): {open_s:.2f} s for {n_images:,} images ({n_images / open_s:,.0f} images/s).", "",
@@ -386,8 +389,8 @@ def main(argv=None) -> int:
     lines += ["", "Online targets' cost, apart from the loader (prompts/s = samples/s at one image per prompt; "
               "the loader rows above do not include it):", "",
               "| step | where it runs in training | prompts/s on this CPU | load |", "| --- | --- | ---: | ---: |",
-              f"| both SDXL tokenizers (transformers CLIPTokenizer), batch {args.batch} | the training process's CPU "
-              f"(`on_after_batch_transfer`), also with a GPU | {enc['tokenize'][0]:,.0f} | {enc['tokenize'][1]:.1f} |",
+              f"| both SDXL tokenizers (transformers CLIPTokenizer), batch {args.batch} | the CPU, also with a GPU: "
+              f"the loader workers (num_workers > 0), else the training process | {enc['tokenize'][0]:,.0f} | {enc['tokenize'][1]:.1f} |",
               f"| tokenizers + tiny text encoders ([77, 96] + [64]), batch {args.batch} | the training device | "
               f"{enc['tiny'][0]:,.0f} | {enc['tiny'][1]:.1f} |"]
     if "full" in enc:
