@@ -215,6 +215,8 @@ def section_projector(args) -> None:
     from projector import models
     from projector.data import PairsDataModule
 
+    if args.tiny:
+        torch.set_num_threads(1)  # two shared cores: more threads only contend
     dims = ({"in_dim": 32, "cond_dim": 48, "pooled_dim": 16, "seq_len": 77} if args.tiny
             else {"in_dim": 1024, "cond_dim": 2048, "pooled_dim": 1280, "seq_len": 77})
     spec = ({"_target_": "projector.models.LearnedQueryDecoder", "width": 64, "depth": 2, "heads": 4} if args.tiny
@@ -305,7 +307,7 @@ def online_targets(args, batch: int, step_rate: float, load_rate: float) -> None
 
     enc = text_encoders(args)
     words = "blue eyes close-up gold ring hand silk dress red green freckles hair silver necklace denim jacket".split()
-    n_batches = 2 if args.tiny else 8
+    n_batches = 4 if args.tiny else 8
     prompts = [f"{i} " + " ".join(words[(i * 7 + k) % len(words)] for k in range(3 + i % 15))
                for i in range((n_batches + 1) * batch)]
     toks = (enc.tokenizer, enc.tokenizer_2)

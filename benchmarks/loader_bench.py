@@ -327,8 +327,7 @@ def main(argv=None) -> int:
     rows, enc = [], {}
     load = lambda: os.getloadavg()[0]  # noqa: E731
     try:
-        disk = disk_read(folder)
-        disk_load = load()
+        disks = [(disk_read(folder), load())]  # shared disk: read before, between and after the loaders
         open_s, n_images = open_cold(folder)
         common = dict(batch_size=args.batch, val_prompts=0.05, val_checkpoints=0, chunk_rows=args.chunk_rows,
                       stats_prompts=256, knn_max_queries=16)
@@ -347,6 +346,7 @@ def main(argv=None) -> int:
             rate, n = chunked(dmw, args.max_seconds)
             rows.append((f"stored: chunk-shuffled runs, {w} workers, 2nd epoch (page cache warm)", rate, n, load(), True))
             dmw.teardown()
+        disks.append((disk_read(folder), load()))
         for w in args.workers:
             dmo = PairsDataModule(str(folder), num_workers=w, conditionings="online", text_encoders=str(ckpt),
                                   text_device="cpu", text_batch_size=args.batch, online_cache_gb=0.0, **common)
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
                 enc["tiny"] = (encode_rate(dmo, pids, args.batch), load())
             dmo.teardown()
         dm.teardown()
-        disk_after = disk_read(folder), load()
+        disks.append((disk_read(folder), load()))
         if args.full_encoder_prompts:
             enc["full"] = (full_encoders_cpu(args.full_encoder_prompts), load())
     finally:
@@ -374,9 +374,9 @@ def main(argv=None) -> int:
         f"({per / 1e3:.0f} KB a sample), image embedding 1024 fp16; {size / 1e9:.2f} GB in {args.parts} parts (written in "
         f"{gen_s:.0f} s); batch {args.batch}, chunk_rows {args.chunk_rows}; page cache dropped (posix_fadvise "
         "DONTNEED) before each first epoch. Load: the 1-minute load average after each measurement.", "",
-        f"Disk: the pairs files read start to end in 8 MB reads, page cache dropped: **{disk:,.0f} MB/s** before the "
-        f"loaders (load {disk_load:.1f}), **{disk_after[0]:,.0f} MB/s** after them (load {disk_after[1]:.1f}), i.e. "
-        f"{max(disk, disk_after[0]) * 1e6 / per:,.0f} samples/s of stored conditionings at most; 10x today "
+        "Disk: the pairs files read start to end in 8 MB reads, page cache dropped, before, between and after the "
+        f"loaders: **{' / '.join(f'{d:,.0f}' for d, _ in disks)} MB/s** (load {' / '.join(f'{ld:.1f}' for _, ld in disks)}),"
+        f" i.e. at most {max(d for d, _ in disks) * 1e6 / per:,.0f} samples/s of stored conditionings; 10x today "
         f"({10 * TODAY:,} samples/s) needs {10 * TODAY * per / 1e6:,.0f} MB/s.",
         f"Opening the folder from disk (`Pairs`: image columns and prompt tables into RAM, all the online loader "
         f"reads from disk): {open_s:.2f} s for {n_images:,} images ({n_images / open_s:,.0f} images/s).", "",
