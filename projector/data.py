@@ -240,7 +240,8 @@ class _Source:
         order = np.lexsort((rows, files))
         f, r = files[order], rows[order]
         shape, dtype = self.pairs.row_shape(name)
-        out = _batch_buffer((len(uniq), *shape), np.dtype(dtype), shared=torch.utils.data.get_worker_info() is not None)
+        shared = torch.utils.data.get_worker_info() is not None
+        out = _batch_buffer((len(uniq), *shape), np.dtype(dtype), shared)
         dst = out.numpy()
         cut = np.flatnonzero((np.diff(f) != 0) | (np.diff(r) != 1)) + 1
         for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(order)]):
@@ -249,7 +250,12 @@ class _Source:
         pos = np.empty(len(uniq), dtype=np.int64)
         pos[order] = np.arange(len(uniq))
         want = pos[inv]
-        return out if np.array_equal(want, np.arange(len(uniq))) else out[torch.from_numpy(want)]
+        if np.array_equal(want, np.arange(len(uniq))):
+            return out
+        # a prompt with several images in the batch: gathered into shared memory too inside a worker
+        # (else the batch would be copied there once more on its way to the training process)
+        dst = _batch_buffer((len(want), *shape), np.dtype(dtype), shared)
+        return torch.index_select(out, 0, torch.from_numpy(want), out=dst)
 
     def storage_order(self, images: np.ndarray) -> np.ndarray:
         """A sort key of image rows by where their conditioning is stored (file, row)."""
