@@ -119,9 +119,37 @@ def run_autofaiss(base: np.ndarray, q: np.ndarray, truth: np.ndarray, args) -> d
                            index_path=None, index_infos_path=None)
     build_s = time.perf_counter() - t
     _, found = index.search(q, 10)
-    ms = latencies(lambda x: index.search(x, 10), q[: args.latency_queries])
+    lq = q[: args.latency_queries]
+    ms = latencies(lambda x: index.search(x, 10), lq)
+    sweep = ef_sweep(index, q, truth, lq, args.ef_sweep) if args.ef_sweep else []
     key = (infos or {}).get("index_key") or type(faiss.downcast_index(index)).__name__
-    return dict(spec=key, params=index_params(index), build_s=build_s, recall=recall_at(found, truth), index=ms)
+    return dict(spec=key, params=index_params(index), build_s=build_s, recall=recall_at(found, truth), index=ms,
+                sweep=sweep)
+
+
+def at_equal_recall(points: list[tuple[float, float, str]], level: float) -> tuple[float, str] | None:
+    """The fastest (p50 ms, setting) among (recall, p50 ms, setting) points reaching `level`, if any."""
+    ok = [(ms, name) for rec, ms, name in points if rec >= level - 1e-9]
+    return min(ok) if ok else None
+
+
+def equal_recall_rows(r: dict) -> list[str]:
+    """Luna vs autofaiss at equal recall: for each recall level either index reaches (its default
+    point or an efSearch of the sweep), each one's fastest setting reaching it and their ratio."""
+    a = r["auto"]
+    luna = [(r["recall"], p50(r["index"]), f"default {r['params']}")]
+    luna += [(e["recall"], p50(e["index"]), f"efSearch={e['ef']}") for e in r.get("sweep", [])]
+    auto = [(a["recall"], p50(a["index"]), f"default {a['params']}")]
+    auto += [(e["recall"], p50(e["index"]), f"efSearch={e['ef']}") for e in a.get("sweep", [])]
+    out = []
+    for level in sorted({round(x[0], 3) for x in luna + auto} | {0.97, 0.99}):
+        lb, ab = at_equal_recall(luna, level), at_equal_recall(auto, level)
+        if not lb and not ab:
+            continue
+        ratio = f"{ab[0] / lb[0]:.1f}x" if lb and ab else "n/a"
+        cell = lambda b: f"{b[0]:.3f} ({b[1]})" if b else "not reached"  # noqa: E731
+        out.append(f"| {r['n']:,} | {level:.3f} | {cell(lb)} | {cell(ab)} | {ratio} |")
+    return out
 
 
 def run_size(n: int, spec: str | None, args, work: Path) -> dict:
@@ -226,6 +254,13 @@ def report(rows: list[dict], args) -> str:
             lines.append(f"| {r['n']:,} | {a['spec']} ({a['params']}) | {a['build_s']:.1f} | {a['recall']:.3f} "
                          f"| {pct(a['index'])} | {p50(a['index']) / p50(r['index']):.1f}x faster "
                          f"| {r['recall'] - a['recall']:+.3f} |")
+    equal = [row for r in rows if r["auto"] and (r.get("sweep") or r["auto"].get("sweep"))
+             for row in equal_recall_rows(r)]
+    if equal:
+        lines += ["", "At equal recall (the fastest setting of each index reaching it; default points and both "
+                  "efSearch sweeps on the same held-out queries):", "",
+                  "| N | recall@10 ≥ | Luna p50 ms (setting) | autofaiss p50 ms (setting) | autofaiss p50 / Luna p50 |",
+                  "|---|---|---|---|---|", *equal]
     sweeps = [r for r in rows if r.get("sweep")]
     if sweeps:
         lines += ["", "| N | Luna index at efSearch | recall@10 held-out | index p50/p99 ms | vs autofaiss p50 "
@@ -236,6 +271,12 @@ def report(rows: list[dict], args) -> str:
                 vs = f"{p50(a['index']) / p50(e['index']):.1f}x faster" if a else "n/a"
                 d = f"{e['recall'] - a['recall']:+.3f}" if a else "n/a"
                 lines.append(f"| {r['n']:,} | {e['ef']} | {e['recall']:.3f} | {pct(e['index'])} | {vs} | {d} |")
+    auto_sweeps = [r for r in rows if r["auto"] and r["auto"].get("sweep")]
+    if auto_sweeps:
+        lines += ["", "| N | autofaiss index at efSearch | recall@10 held-out | index p50/p99 ms |", "|---|---|---|---|"]
+        for r in auto_sweeps:
+            for e in r["auto"]["sweep"]:
+                lines.append(f"| {r['n']:,} | {e['ef']} | {e['recall']:.3f} | {pct(e['index'])} |")
     lines.append("")
     for r in rows:
         lines.append(f"- N={r['n']:,}: {r['prompts']:,} prompts; indices {r['index_b']:,.0f} B/sample; synthetic "
@@ -262,7 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--latency-queries", type=int, default=500)
     ap.add_argument("--ef-sweep", type=int, nargs="*", default=[],
-                    help="also measure the Luna HNSW index at these efSearch values (recall and latency)")
+                    help="also measure the Luna HNSW index and autofaiss's (when HNSW) at these efSearch values "
+                         "(recall and latency), and compare the two at equal recall")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = ap.parse_args(argv)
