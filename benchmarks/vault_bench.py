@@ -128,8 +128,9 @@ def run_autofaiss(base: np.ndarray, q: np.ndarray, truth: np.ndarray, args) -> d
 
 
 def at_equal_recall(points: list[tuple[float, float, str]], level: float) -> tuple[float, str] | None:
-    """The fastest (p50 ms, setting) among (recall, p50 ms, setting) points reaching `level`, if any."""
-    ok = [(ms, name) for rec, ms, name in points if rec >= level - 1e-9]
+    """The fastest (p50 ms, setting) among (recall, p50 ms, setting) points reaching `level` (recall
+    compared at the 3 decimals the tables print), if any."""
+    ok = [(ms, name) for rec, ms, name in points if round(rec, 3) >= level - 1e-9]
     return min(ok) if ok else None
 
 
