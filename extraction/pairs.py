@@ -20,8 +20,12 @@ Parts are written to a temporary name and renamed, so a part that exists is comp
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +42,7 @@ _STR = h5py.string_dtype(encoding="utf-8")
 IMAGE_COLUMNS = ("key", "embed", "prompt_id", "checkpoint", "category", "campaign", "seed")
 PROMPT_COLUMNS = ("text", "cond", "pooled", "te_fingerprint")
 OPTIONAL_PROMPT_COLUMNS = ("clip_l_cond", "clip_l_pooled")
+log = logging.getLogger(__name__)
 
 
 class PairsFormatError(ValueError):
@@ -359,3 +364,117 @@ class Pairs:
         state = self.__dict__.copy()
         state["_handles"], state["_datasets"] = {}, {}
         return state
+
+
+# --- prompt token ids, beside the parts --------------------------------------------------------
+TOKEN_IDS_DIR = "token_ids"
+_FINGERPRINT = re.compile(r"[0-9A-Za-z_-]{1,128}")
+
+
+def _compact_ids(ids, ids_2) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids as uint16 when every id fits (CLIP's 49,408), else int32."""
+    ids, ids_2 = np.asarray(ids), np.asarray(ids_2)
+    lo, hi = min(ids.min(initial=0), ids_2.min(initial=0)), max(ids.max(initial=0), ids_2.max(initial=0))
+    dtype = np.uint16 if lo >= 0 and hi <= np.iinfo(np.uint16).max else np.int32
+    return ids.astype(dtype, copy=False), ids_2.astype(dtype, copy=False)
+
+
+class PromptTokenIds:
+    """Both SDXL tokenizers' ids `[77]` of prompt texts, tokenized once per pairs folder and kept in
+    `<folder>/token_ids/<tokenizers fingerprint>/ids-<digest>.h5` (what online targets train from).
+
+    A block file holds /text [n] (utf-8), /ids and /ids_2 [n, 77] (uint16 when every id fits, else
+    int32); it is written atomically, so a block that exists is complete and an interrupted run keeps
+    the blocks it wrote. Ids are keyed by prompt **text** under the tokenizers' fingerprint
+    (`luna.models.sdxl.tokenizers_fingerprint`): valid whatever parts are added, removed or
+    re-extracted, and never reused by tokenizers that would give other ids. Prompts that no block
+    holds are tokenized by `get` and written as new blocks; blocks are never rewritten."""
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str):
+        if not _FINGERPRINT.fullmatch(str(fingerprint)):
+            raise PairsFormatError(f"token ids: {fingerprint!r} is not a tokenizers fingerprint (hex digest)")
+        folder = Path(folder)
+        self.dir = (folder if folder.is_dir() else folder.parent) / TOKEN_IDS_DIR / str(fingerprint)
+        self.tokenized = 0  # prompts this object sent to the tokenizers
+        self.writable = True
+
+    def blocks(self) -> list[Path]:
+        return sorted(self.dir.glob("ids-*.h5")) if self.dir.is_dir() else []
+
+    def read(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(texts, ids [n, 77], ids_2 [n, 77]) of every block, in file-name order."""
+        texts, ids, ids_2 = [], [], []
+        for path in self.blocks():
+            try:
+                with h5py.File(path, "r") as f:
+                    t, a, b = _strings(f["text"]), f["ids"][()], f["ids_2"][()]
+            except (OSError, KeyError) as e:
+                raise PairsFormatError(f"{path}: not a readable token-ids block ({e}); remove it to tokenize its "
+                                       "prompts again") from e
+            if not (len(t) == len(a) == len(b)) or a.ndim != 2 or a.shape != b.shape:
+                raise PairsFormatError(f"{path}: token-ids block with {len(t)} texts, ids {a.shape}, ids_2 {b.shape}")
+            texts += t
+            ids.append(a)
+            ids_2.append(b)
+        if not ids:
+            return [], np.zeros((0, SEQ_LEN), np.uint16), np.zeros((0, SEQ_LEN), np.uint16)
+        return texts, np.concatenate(ids), np.concatenate(ids_2)
+
+    def write(self, texts: list[str], ids: np.ndarray, ids_2: np.ndarray) -> Path | None:
+        """One new block (None when the folder cannot be written: the ids then last this run only)."""
+        ids, ids_2 = _compact_ids(ids, ids_2)
+        path = self.dir / f"ids-{hashlib.sha256(chr(0).join(texts).encode()).hexdigest()[:24]}.h5"
+        try:
+            with atomic_path(path) as tmp:
+                with h5py.File(tmp, "w") as f:
+                    f.create_dataset("text", data=np.asarray(texts, dtype=object), dtype=_STR)
+                    f.create_dataset("ids", data=ids)
+                    f.create_dataset("ids_2", data=ids_2)
+                    f.attrs["seq_len"] = ids.shape[1]
+        except OSError as e:
+            if self.writable:
+                log.warning("cannot store token ids in %s (%s): prompts are tokenized again on every run", self.dir, e)
+            self.writable = False
+            return None
+        return path
+
+    def get(self, texts: list[str], tokenize, block: int = 65536, batch: int = 1024,
+            progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, ids_2) `[len(texts), 77]` of `texts`: stored rows, and the prompts no block holds yet
+        tokenized by `tokenize(list of texts) -> (ids [n, 77], ids_2 [n, 77])`, `batch` at a time, and
+        stored every `block` prompts (a progress bar on a terminal; `progress=None`: only there)."""
+        known, ids, ids_2 = self.read()
+        row: dict[str, int] = {}
+        for i, t in enumerate(known):
+            row.setdefault(t, i)
+        missing = list(dict.fromkeys(t for t in texts if t not in row))
+        if missing:
+            from tqdm.auto import tqdm
+
+            start = time.perf_counter()
+            new_a, new_b = [ids], [ids_2]
+            bar = tqdm(total=len(missing), unit="prompt", desc="tokenizing prompts (once per pairs folder)",
+                       disable=progress if progress is None else not progress, dynamic_ncols=True)
+            with bar:
+                for lo in range(0, len(missing), block):
+                    chunk = missing[lo : lo + block]
+                    parts = []
+                    for i in range(0, len(chunk), batch):
+                        parts.append([np.asarray(a) for a in tokenize(chunk[i : i + batch])])
+                        bar.update(len(chunk[i : i + batch]))
+                    a, b = (np.concatenate([p[k] for p in parts]) for k in (0, 1))
+                    if a.shape != (len(chunk), SEQ_LEN) or b.shape != a.shape:
+                        raise PairsFormatError(f"token ids: the tokenizers gave {a.shape} and {b.shape} for "
+                                               f"{len(chunk)} prompts, expected [n, {SEQ_LEN}]")
+                    a, b = _compact_ids(a, b)
+                    self.write(chunk, a, b)
+                    for i, t in enumerate(chunk):
+                        row[t] = len(known) + lo + i
+                    new_a.append(a)
+                    new_b.append(b)
+            self.tokenized += len(missing)
+            dtype = np.result_type(*new_a, *new_b)
+            ids, ids_2 = (np.concatenate([x.astype(dtype, copy=False) for x in xs]) for xs in (new_a, new_b))
+            log.info("tokenized %d prompts into %s in %.1f s", len(missing), self.dir, time.perf_counter() - start)
+        take = np.fromiter((row[t] for t in texts), dtype=np.int64, count=len(texts))
+        return ids[take], ids_2[take]

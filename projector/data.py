@@ -10,9 +10,10 @@
   shuffled, then the images within a window of one batch of chunks; a batch's conditionings are
   then a few contiguous runs of rows, each read in one call (`_Source.cond`), by `num_workers`
   processes. Every image is still seen once per epoch, in an order fixed by the seed and epoch.
-- Online targets (`conditionings=online`): the loader reads image columns only (its workers also
-  tokenize each batch's prompts), and the conditioning of each batch's prompts is computed after
-  the batch reaches the training device
+- Online targets (`conditionings=online`): the loader reads image columns only, plus each batch's
+  prompts' token ids gathered from RAM (every prompt tokenized once per pairs folder and tokenizers,
+  stored beside the parts: `extraction.pairs.PromptTokenIds`), and the conditioning of each batch's
+  prompts is computed after the batch reaches the training device
   (`on_after_batch_transfer`) by the checkpoint's frozen text encoders, found by each prompt's
   text-encoder fingerprint among `text_encoders` (checkpoints or folders of them; none: where the
   factory recorded the checkpoints, as `luna extract` finds them) and run by the
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from extraction.pairs import Pairs
+from extraction.pairs import Pairs, PromptTokenIds
 from projector import metrics
 from projector.splits import COMBO, split_images, with_combinations  # noqa: F401 - split_images re-exported
 from projector.targets import target_view
@@ -90,9 +91,11 @@ def _std(x: np.ndarray, axis) -> np.ndarray:
 class OnlineTargets:
     """Conditionings of global prompt ids computed on demand with the frozen text encoders of each
     prompt's fingerprint (`data.conditionings=online`), exactly as extraction computes the stored
-    ones, rounded to `out_dtype` (the pairs' storage dtype). A loader worker gets a copy without
-    the encoders but with their tokenizers: it adds each batch's token ids (`tokenize`), and the
-    batch is completed on the training device, in the main process, from those ids."""
+    ones, rounded to `out_dtype` (the pairs' storage dtype). `check` gives every prompt its token ids,
+    tokenized once and stored beside the pairs (`extraction.pairs.PromptTokenIds`); the loader adds
+    each batch's ids by prompt id (`token_ids`, a gather: no tokenizer in the per-batch path), and the
+    batch is completed on the training device, in the main process, from those ids. A loader worker
+    gets a copy without the encoders."""
 
     def __init__(self, pairs: Pairs, text_encoders, device: str = "cpu", dtype: str = "auto", batch_size: int = 64,
                  cache_gb: float = 1.0, out_dtype: str = "float16"):
@@ -101,6 +104,7 @@ class OnlineTargets:
         dirs = [text_encoders] if isinstance(text_encoders, (str, Path)) else list(text_encoders or [])
         self.dirs = [str(d) for d in dirs]  # none: where the factory recorded the checkpoints (inventory cache)
         self.texts, self.fps = pairs.prompt_text, pairs.te_fingerprint
+        self.folder = pairs.parts[0].parent  # where the token ids are stored
         names: dict[str, dict] = {}  # fingerprint -> the checkpoint names its images record (ordered, once each)
         for pid, name in zip(pairs.prompt_id, pairs.checkpoint):
             names.setdefault(self.fps[int(pid)], {}).setdefault(name, None)
@@ -113,19 +117,51 @@ class OnlineTargets:
         self.cache_rows = int(cache_gb * 1e9 // max(row_bytes, 1))
         self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.tokenizers: dict[str, tuple] = {}  # fingerprint -> its encoders' (tokenizer, tokenizer_2), from check()
+        self.ids: tuple[np.ndarray, np.ndarray] | None = None  # [num_prompts, 77] each, by global prompt id
+        self.has_ids = np.zeros(len(self.texts), dtype=bool)
+        self.tokenized = 0  # prompts tokenized by check() (not found in the token-ids store)
 
     def check(self, prompt_ids: np.ndarray) -> None:
         """Every fingerprint of `prompt_ids` has a checkpoint under `text_encoders` (a clear error now,
-        not in the first training step); its tokenizers are kept for the loader workers."""
+        not in the first training step), and every prompt its token ids (`load_token_ids`)."""
         from luna.models.conditioner import TextEncoderNotFound
 
-        for fp in sorted({self.fps[int(p)] for p in np.unique(prompt_ids)}):
+        prompt_ids = np.unique(np.asarray(prompt_ids, dtype=np.int64))
+        for fp in sorted({self.fps[int(p)] for p in prompt_ids}):
             try:
                 self.tokenizers[fp] = self.conditioner.tokenizers(fp, self.hints.get(fp, []))
             except TextEncoderNotFound as e:
                 raise PairsDataError(f"data.conditionings=online, data.text_encoders={self.dirs or None}: {e} (the pairs "
                                      "record fingerprints and checkpoint names, not paths: data.text_encoders=PATH names "
                                      "a checkpoint or a folder of them)") from e
+        self.load_token_ids(prompt_ids)
+
+    def load_token_ids(self, prompt_ids: np.ndarray, progress: bool | None = None) -> None:
+        """Token ids of `prompt_ids` from the pairs folder's store, keyed by their tokenizers'
+        fingerprint; prompts it lacks are tokenized now (once: they are stored for later runs)."""
+        from luna.models.sdxl import tokenize, tokenizers_fingerprint
+
+        groups: dict[str, tuple[tuple, list[int]]] = {}  # tokenizers fingerprint -> (tokenizers, prompt ids)
+        digests = {fp: tokenizers_fingerprint(toks) for fp, toks in self.tokenizers.items()}
+        for p in (int(p) for p in prompt_ids):
+            fp = self.fps[p]
+            groups.setdefault(digests[fp], (self.tokenizers[fp], []))[1].append(p)
+        found = []
+        for digest, (toks, pids) in sorted(groups.items()):
+            store = PromptTokenIds(self.folder, digest)
+            encode = lambda texts, toks=toks: [t.numpy() for t in tokenize(toks, texts)]  # noqa: E731
+            found.append((pids, store.get([self.texts[p] for p in pids], encode, progress=progress)))
+            self.tokenized += store.tokenized
+        if not found:
+            return
+        dtype = np.result_type(*(self.ids or ()), *(a for _, got in found for a in got))
+        old, self.ids = self.ids, tuple(np.zeros((len(self.texts), SEQ_LEN), dtype=dtype) for _ in range(2))
+        for dst, src in zip(self.ids, old or ()):
+            dst[:] = src
+        for pids, got in found:
+            for dst, src in zip(self.ids, got):
+                dst[pids] = src
+            self.has_ids[pids] = True
 
     @property
     def device(self) -> torch.device:
@@ -137,28 +173,21 @@ class OnlineTargets:
             self.conditioner.to(device)
             self._cache.clear()
 
-    def tokenize(self, prompt_ids) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Token ids `[N, 77]` of both tokenizers for `prompt_ids` (what a loader worker adds to a batch, so
-        the training process does not tokenize); None when a fingerprint's tokenizers are not known."""
-        from luna.models.sdxl import tokenize
-
-        uniq, inv = np.unique(np.asarray(prompt_ids, dtype=np.int64).reshape(-1), return_inverse=True)
-        out = (torch.zeros((len(uniq), SEQ_LEN), dtype=torch.int64), torch.zeros((len(uniq), SEQ_LEN), dtype=torch.int64))
-        by_fp: dict[str, list[int]] = {}
-        for k, p in enumerate(uniq):
-            by_fp.setdefault(self.fps[int(p)], []).append(k)
-        for fp, ks in by_fp.items():
-            if fp not in self.tokenizers:
-                return None
-            for dst, ids in zip(out, tokenize(self.tokenizers[fp], [self.texts[int(uniq[k])] for k in ks])):
-                dst[ks] = ids
-        index = torch.from_numpy(inv)
-        return out[0][index], out[1][index]
+    def token_ids(self, prompt_ids) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Token ids `[N, 77]` (int64, as `luna.models.sdxl.tokenize` gives them) of both tokenizers for
+        `prompt_ids`, gathered from the stored ids (what the loader adds to a batch); None when a
+        prompt has none (not given to `check`)."""
+        p = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        if self.ids is None or not self.has_ids[p].all():
+            return None
+        return tuple(torch.from_numpy(a[p].astype(np.int64)) for a in self.ids)
 
     def __call__(self, prompt_ids, token_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond [N, 77, C], pooled [N, P]) in `out_dtype` on the encoders' device; `token_ids`: the rows'
-        token ids from `tokenize` (in a loader worker), else the prompts are tokenized here."""
+        token ids (the batch's, from `token_ids`), else the stored ones (a prompt without: tokenized here)."""
         ids = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        if token_ids is None:
+            token_ids = self.token_ids(ids)
         uniq, first, inv = np.unique(ids, return_index=True, return_inverse=True)
         missing = [int(p) for p in uniq if int(p) not in self._cache]
         fresh = {}
@@ -191,9 +220,9 @@ class OnlineTargets:
         index = torch.from_numpy(inv).to(self.device)
         return torch.stack([r[0] for r in rows])[index], torch.stack([r[1] for r in rows])[index]
 
-    def __getstate__(self):  # loader workers never encode
+    def __getstate__(self):  # loader workers never encode nor tokenize: they gather stored ids
         state = self.__dict__.copy()
-        state["conditioner"], state["_cache"] = None, OrderedDict()
+        state["conditioner"], state["_cache"], state["tokenizers"] = None, OrderedDict(), {}
         return state
 
 class _Source:
@@ -282,8 +311,8 @@ class _Source:
             else:
                 cond, pooled = self._read_runs("cond", pid), self._read_runs("pooled", pid)
             out.update(cond=cond, pooled=pooled)
-        elif torch.utils.data.get_worker_info() is not None:  # tokenized here, in parallel, not by the training process
-            tok = self.online.tokenize(pid)
+        else:  # online: the prompts' stored token ids (a gather; the encoders run on the training device)
+            tok = self.online.token_ids(pid)
             if tok is not None:
                 out["input_ids"], out["input_ids_2"] = tok
         return out

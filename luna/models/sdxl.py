@@ -361,6 +361,37 @@ def tokenize(tokenizers, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor
                      return_tensors="pt").input_ids for tok in tokenizers)
 
 
+def tokenizers_fingerprint(tokenizers) -> str:
+    """A hex digest of everything that decides what `tokenize` gives with `(tokenizer, tokenizer_2)`:
+    each one's class, vocabulary, merges, normalizer and pre-tokenizer (its whole `tokenizer.json`),
+    special tokens, padding token and maximum length. Token ids stored under it are valid for any
+    checkpoint whose tokenizers have the same digest (most SDXL families share SDXL's)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for tok in tokenizers:
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None:
+            spec = backend.to_str()
+            cut = spec.find(',"added_tokens":')  # what precedes it (truncation, padding) is the last call's state
+            if spec.startswith('{"version"') and cut > 0:
+                spec = spec[cut:]
+            else:
+                spec = json.loads(spec)
+                spec.pop("truncation", None)
+                spec.pop("padding", None)
+                spec = json.dumps(spec, sort_keys=True)
+        else:  # a pure-Python tokenizer: its vocabulary and settings
+            spec = json.dumps({"vocab": sorted(tok.get_vocab().items()),
+                               "init": {k: str(v) for k, v in sorted(tok.init_kwargs.items())}})
+        settings = {"class": type(tok).__name__, "model_max_length": int(tok.model_max_length),
+                    "pad_token_id": tok.pad_token_id, "padding_side": tok.padding_side,
+                    "truncation_side": tok.truncation_side, "special": list(tok.all_special_tokens)}
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        h.update(spec.encode())
+    return h.hexdigest()[:32]
+
+
 def encode_ids(enc: TextEncoders, ids: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond [B,77,C1+C2], pooled [B,P]) of token ids from `tokenize`: the encoders' half of `encode_prompt`."""
     hidden, pooled = [], None
