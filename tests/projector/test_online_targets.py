@@ -119,3 +119,51 @@ def test_a_projector_trains_on_online_targets_like_on_stored_ones(extracted, tmp
     assert metrics["online"].keys() == metrics["stored"].keys() and "val/cos_content" in metrics["online"]
     for k, v in metrics["stored"].items():
         assert np.isfinite(metrics["online"][k]) and metrics["online"][k] == pytest.approx(v, abs=1e-3), k
+
+
+def test_online_loader_gathers_stored_token_ids_and_never_tokenizes(extracted, tmp_path, monkeypatch):
+    """Every prompt is tokenized once, at the first setup, into the pairs folder's token-ids store; later
+    setups read it; the loaders (0 and 1 workers) and the targets gather ids by prompt id, equal to
+    what `tokenize` gives, with the tokenizers out of reach."""
+    import shutil
+
+    from extraction.pairs import TOKEN_IDS_DIR
+    from luna.models import sdxl
+
+    src, te_dir = extracted
+    pairs = tmp_path / "pairs"
+    shutil.copytree(src, pairs, ignore=shutil.ignore_patterns(TOKEN_IDS_DIR))
+    first = PairsDataModule(str(pairs), conditionings="online", text_encoders=str(te_dir), text_device="cpu", **COMMON)
+    first.setup()
+    online = first.source.online
+    # 26 prompts: 13 texts under 2 fingerprints whose checkpoints share SDXL's tokenizers: 13 tokenized
+    assert online.tokenized == len(set(first.pairs.prompt_text)) == 13
+    digests = {sdxl.tokenizers_fingerprint(t) for t in online.tokenizers.values()}
+    assert sorted(p.name for p in (pairs / TOKEN_IDS_DIR).iterdir()) == sorted(digests)
+    toks = next(iter(online.tokenizers.values()))
+    want = [t.numpy() for t in sdxl.tokenize(toks, first.pairs.prompt_text)]
+    np.testing.assert_array_equal(online.ids[0], want[0])
+    np.testing.assert_array_equal(online.ids[1], want[1])
+    assert online.ids[0].dtype == np.uint16
+
+    def no_tokenizer(*a, **k):
+        raise AssertionError("tokenized after setup")
+
+    second = PairsDataModule(str(pairs), conditionings="online", text_encoders=str(te_dir), text_device="cpu", **COMMON)
+    monkeypatch.setattr(sdxl, "tokenize", no_tokenizer)  # forked loader workers inherit it too
+    second.setup()
+    assert second.source.online.tokenized == 0
+    np.testing.assert_array_equal(second.source.online.ids[0], want[0])
+    for workers in (0, 1):
+        second.num_workers = workers
+        second.source.online._cache.clear()
+        for b in second.train_dataloader():
+            pid = b["prompt"].numpy()
+            assert b["input_ids"].dtype == torch.int64
+            np.testing.assert_array_equal(b["input_ids"].numpy(), want[0][pid])
+            np.testing.assert_array_equal(b["input_ids_2"].numpy(), want[1][pid])
+            b = second.on_after_batch_transfer(b, 0)
+            np.testing.assert_allclose(b["cond"].float().numpy(), first.pairs.cond(pid).astype(np.float32),
+                                       rtol=2e-3, atol=2e-3)
+    second.teardown()
+    first.teardown()
