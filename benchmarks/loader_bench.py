@@ -17,16 +17,18 @@ and training batches per second delivered by
                read one HDF5 row per call (`Pairs.cond`), in this process (the baseline)
   chunked      `PairsDataModule(in_memory=False)`'s train loader: chunk-shuffled batches, each read
                as a few contiguous runs, with 0 and --workers loader processes
-  online       `PairsDataModule(conditionings="online")`'s train loader: image embeddings, prompt ids
-               and token counts, i.e. everything a training step needs before the text encoders
-               run on the training device (`on_after_batch_transfer`), which is not included here
+  online       `PairsDataModule(conditionings="online")`'s train loader: image embeddings, prompt ids,
+               token counts and each prompt's token ids gathered from the pairs folder's token-ids
+               store, i.e. everything a training step needs before the text encoders run on the
+               training device (`on_after_batch_transfer`), which is not included here
 Each measurement starts with the pairs files dropped from the page cache (posix_fadvise
 DONTNEED), so it reads from disk, and covers one epoch (at most --max-seconds) less its first
 batch (which includes starting loader workers). Ratios are against row-by-row in the same run and
-against the 573 samples/s issue 16 measured. The online targets' cost is reported apart: prompts/s
-of both SDXL tokenizers (CPU work in the training process, also with a GPU) and of tokenizers +
-the tiny text encoders on this CPU (--encode-prompts of them); --full-encoder-prompts N adds the
-full-size encoders on this CPU. On a GPU the encoders are part of the training step, which
+against the 573 samples/s issue 16 measured. The online targets' cost is reported apart: the one-off
+tokenizing of every prompt into the token-ids store (the store removed first) and reading it back at
+a later setup, prompts/s of both SDXL tokenizers at batch size (what the store saves per sample and
+epoch) and of the tiny text encoders on the stored ids on this CPU (--encode-prompts of them);
+--full-encoder-prompts N adds the full-size encoders on this CPU. On a GPU the encoders are part of the training step, which
 `benchmarks/gpu_all.py` measures.
 
 --online writes a tiny-preset checkpoint (`luna.models.tiny`), encodes --images prompts (one image
@@ -58,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.report import command, emit  # noqa: E402
 
-from extraction.pairs import Pairs  # noqa: E402
+from extraction.pairs import TOKEN_IDS_DIR, Pairs  # noqa: E402
 from extraction.synthetic import write_synthetic_pairs  # noqa: E402
 from projector.data import PairsDataModule  # noqa: E402
 
@@ -271,7 +273,7 @@ def tokenize_rate(texts: list[str], batch: int) -> float:
 
 
 def encode_rate(dm: PairsDataModule, prompt_ids: np.ndarray, batch: int) -> float:
-    """Prompts/s of the online targets (tokenize + the text encoders) of new prompts, where `dm` runs them."""
+    """Prompts/s of the online targets (the text encoders on the stored token ids) of new prompts, where `dm` runs them."""
     online = dm.source.online
     online._cache.clear()
     online.cache_rows = 0  # every prompt new: no cache hits
@@ -282,6 +284,22 @@ def encode_rate(dm: PairsDataModule, prompt_ids: np.ndarray, batch: int) -> floa
 
 
 TODAY = 573  # samples/s of the row-by-row reader the issue measured (issue 16)
+
+
+def tokenize_once(dm: PairsDataModule, prompt_ids: np.ndarray) -> tuple[float, float, int, int]:
+    """(seconds to tokenize `prompt_ids` into an empty token-ids store, seconds to read them back from it at
+    a later setup, prompts tokenized, bytes stored): the one-off cost of stored token ids."""
+    online = dm.source.online
+    shutil.rmtree(dm.path / TOKEN_IDS_DIR, ignore_errors=True)
+    before = online.tokenized
+    start = time.perf_counter()
+    online.load_token_ids(prompt_ids, progress=False)
+    once = time.perf_counter() - start
+    start = time.perf_counter()
+    online.load_token_ids(prompt_ids, progress=False)
+    read = time.perf_counter() - start
+    size = sum(f.stat().st_size for f in (dm.path / TOKEN_IDS_DIR).rglob("*.h5"))
+    return once, read, online.tokenized - before, size
 
 
 def main(argv=None) -> int:
@@ -347,15 +365,17 @@ def main(argv=None) -> int:
             rows.append((f"stored: chunk-shuffled runs, {w} workers, 2nd epoch (page cache warm)", rate, n, load(), True))
             dmw.teardown()
         disks.append((disk_read(folder), load()))
+        shutil.rmtree(folder / TOKEN_IDS_DIR, ignore_errors=True)  # the first online setup tokenizes every prompt
         for w in args.workers:
             dmo = PairsDataModule(str(folder), num_workers=w, conditionings="online", text_encoders=str(ckpt),
                                   text_device="cpu", text_batch_size=args.batch, online_cache_gb=0.0, **common)
             dmo.setup()
             drop_cache(folder)
             rate, n = chunked(dmo, args.max_seconds)  # the loader alone: the encoders run after it, on the device
-            what = "+ token ids (tokenized in the workers)" if w else "(the training process tokenizes)"
-            rows.append((f"online: image embeddings + prompt ids {what}, {w} workers", rate, n, load(), False))
+            rows.append((f"online: image embeddings + prompt ids + stored token ids, {w} workers", rate, n, load(), False))
             if not enc:
+                used = np.unique(dm.pairs.prompt_id)
+                enc["once"] = (*tokenize_once(dmo, used), load())
                 pids = np.unique(dm.pairs.prompt_id[train])[: args.encode_prompts]
                 enc["tokenize"] = (tokenize_rate([dm.pairs.prompt_text[p] for p in pids], args.batch), load())
                 enc["tiny"] = (encode_rate(dmo, pids, args.batch), load())
@@ -389,9 +409,16 @@ def main(argv=None) -> int:
     lines += ["", "Online targets' cost, apart from the loader (prompts/s = samples/s at one image per prompt; "
               "the loader rows above do not include it):", "",
               "| step | where it runs in training | prompts/s on this CPU | load |", "| --- | --- | ---: | ---: |",
-              f"| both SDXL tokenizers (transformers CLIPTokenizer), batch {args.batch} | the CPU, also with a GPU: "
-              f"the loader workers (num_workers > 0), else the training process | {enc['tokenize'][0]:,.0f} | {enc['tokenize'][1]:.1f} |",
-              f"| tokenizers + tiny text encoders ([77, 96] + [64]), batch {args.batch} | the training device | "
+              f"| tokenizing every prompt once into the token-ids store ({enc['once'][2]:,} prompts in "
+              f"{enc['once'][0]:.2f} s = {enc['once'][0] / max(enc['once'][2], 1) * 1e6:.0f} µs a prompt; "
+              f"{enc['once'][3] / max(enc['once'][2], 1):.0f} B a prompt on disk) | the first setup on a pairs "
+              f"folder, once | {enc['once'][2] / enc['once'][0]:,.0f} | {enc['once'][4]:.1f} |",
+              f"| reading the store back at a later setup ({enc['once'][2]:,} prompts in {enc['once'][1]:.2f} s; plus "
+              "~0.1 s a tokenizer pair to fingerprint it) | every later setup | "
+              f"{enc['once'][2] / enc['once'][1]:,.0f} | {enc['once'][4]:.1f} |",
+              f"| both SDXL tokenizers (transformers CLIPTokenizer), batch {args.batch}: what the store saves per "
+              f"sample and epoch | nowhere in training now | {enc['tokenize'][0]:,.0f} | {enc['tokenize'][1]:.1f} |",
+              f"| tiny text encoders ([77, 96] + [64]) on the stored ids, batch {args.batch} | the training device | "
               f"{enc['tiny'][0]:,.0f} | {enc['tiny'][1]:.1f} |"]
     if "full" in enc:
         lines.append(f"| tokenizers + full-size SDXL text encoders (CLIP-L + bigG, random weights, fp32), batch "

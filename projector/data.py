@@ -119,6 +119,7 @@ class OnlineTargets:
         self.tokenizers: dict[str, tuple] = {}  # fingerprint -> its encoders' (tokenizer, tokenizer_2), from check()
         self.ids: tuple[np.ndarray, np.ndarray] | None = None  # [num_prompts, 77] each, by global prompt id
         self.has_ids = np.zeros(len(self.texts), dtype=bool)
+        self.digests: dict[str, str] = {}  # fingerprint -> its tokenizers' fingerprint (the store's key)
         self.tokenized = 0  # prompts tokenized by check() (not found in the token-ids store)
 
     def check(self, prompt_ids: np.ndarray) -> None:
@@ -142,7 +143,10 @@ class OnlineTargets:
         from luna.models.sdxl import tokenize, tokenizers_fingerprint
 
         groups: dict[str, tuple[tuple, list[int]]] = {}  # tokenizers fingerprint -> (tokenizers, prompt ids)
-        digests = {fp: tokenizers_fingerprint(toks) for fp, toks in self.tokenizers.items()}
+        for fp, toks in self.tokenizers.items():
+            if fp not in self.digests:  # ~0.1 s a pair: it hashes both tokenizers' vocabularies and merges
+                self.digests[fp] = tokenizers_fingerprint(toks)
+        digests = self.digests
         for p in (int(p) for p in prompt_ids):
             fp = self.fps[p]
             groups.setdefault(digests[fp], (self.tokenizers[fp], []))[1].append(p)
