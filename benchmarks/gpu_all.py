@@ -15,9 +15,9 @@ fails prints its error and the others still run):
   projector   one training step of the full-size learned-query decoder (1024 -> 77x2048, batch 256,
               AdamW, bf16 autocast on GPU) vs the chunk-shuffled loader reading full-size pairs
               from disk (loader samples/s / step samples/s > 1: the GPU is fed); online targets
-              (`data.conditionings=online`): both tokenizers on one CPU core and the full-size SDXL
-              text encoders (CLIP-L + bigG, random weights, fp16) on the device, per new prompt,
-              vs the step and vs the stored loader
+              (`data.conditionings=online`): the full-size SDXL text encoders (CLIP-L + bigG, random
+              weights, fp16) on the device, per new prompt, vs the step and vs the stored loader, and
+              both tokenizers on one CPU core (once per prompt: the ids are stored with the pairs)
   faiss       faiss-gpu single-query and batched latency (Flat and IVF) at 500k x 1024 vs the
               vault's CPU HNSW32 default on one thread (faiss-cpu when no GPU build is installed)
 Random weights: the ratios, not the images, are what is measured. Figures go into BENCHMARKS.md
@@ -297,10 +297,10 @@ def text_encoders(args):
 
 
 def online_targets(args, batch: int, step_rate: float, load_rate: float) -> None:
-    """`data.conditionings=online` on this device: prompts/s of both tokenizers (one CPU core: the loader
-    workers tokenize) and of the text encoders on the token ids (`encode_ids`, what `OnlineTargets` runs
-    once a batch is on the device), every prompt new (one image per prompt: no cache hits), against the
-    training step."""
+    """`data.conditionings=online` on this device: prompts/s of the text encoders on the token ids
+    (`encode_ids`, what `OnlineTargets` runs once a batch is on the device), every prompt new (one image
+    per prompt: no cache hits), against the training step; and of both tokenizers on one CPU core (each
+    prompt once, at the first setup on a pairs folder: the loader gathers stored ids)."""
     import torch
 
     from luna.models.sdxl import encode_ids, tokenize
@@ -325,13 +325,12 @@ def online_targets(args, batch: int, step_rate: float, load_rate: float) -> None
         enc_rate = (len(prompts) - batch) / (time.perf_counter() - t)
     online_rate = 1 / (1 / enc_rate + 1 / step_rate)  # encoders then the step, one after the other on the device
     say(f"projector online targets (conditioning {tuple(cond.shape[1:])} + {tuple(pooled.shape[1:])}, batch {batch}, "
-        f"new prompts): tokenizers {tok_rate:,.0f} prompts/s on one CPU core (the loader workers run them), "
+        f"new prompts): tokenizers {tok_rate:,.0f} prompts/s on one CPU core (once per prompt, stored with the "
+        "pairs), "
         f"text encoders on the device "
         f"{enc_rate:,.0f} prompts/s; a training step with online targets {online_rate:,.0f} samples/s "
         f"(step alone {step_rate:,.0f})")
     ratio("projector online encoders/step", enc_rate / step_rate, "> 1: encoding a batch's prompts costs less than its step")
-    ratio("projector online tokenizers/step", tok_rate / step_rate,
-          "> 1: one core's tokenizers keep up with the step; else data.num_workers of them")
     stored_rate = min(step_rate, load_rate)  # stored conditionings: the step, or the loader when it is slower
     ratio("projector online / stored training samples/s", online_rate / stored_rate,
           f"> 1: online targets train faster than stored ones read from disk ({stored_rate:,.0f} samples/s)")

@@ -290,6 +290,8 @@ def tokenize_once(dm: PairsDataModule, prompt_ids: np.ndarray) -> tuple[float, f
     """(seconds to tokenize `prompt_ids` into an empty token-ids store, seconds to read them back from it at
     a later setup, prompts tokenized, bytes stored): the one-off cost of stored token ids."""
     online = dm.source.online
+    for fp in online.tokenizers:  # fresh tokenizers: their caches of words cold, as in a first run
+        online.tokenizers[fp] = online.conditioner.tokenizers(fp, online.hints.get(fp, []))
     shutil.rmtree(dm.path / TOKEN_IDS_DIR, ignore_errors=True)
     before = online.tokenized
     start = time.perf_counter()

@@ -17,6 +17,10 @@ before; a reader that needs one checks `has_*` and names the part that lacks it)
   /prompts/clip_l_pooled [P, 768]     CLIP-L pooled EOS state (Flux's `vector`)
 written by `luna extract clip_l=true` from the same CLIP-L encoder as the SDXL conditioning.
 Parts are written to a temporary name and renamed, so a part that exists is complete.
+
+Beside the parts, `token_ids/<tokenizers fingerprint>/ids-*.h5` (`PromptTokenIds`) keeps both SDXL
+tokenizers' ids of prompt texts, written by the first projector run with online targets (it is no
+part: `*.h5` is not searched below the folder).
 """
 from __future__ import annotations
 

@@ -146,10 +146,9 @@ class OnlineTargets:
         for fp, toks in self.tokenizers.items():
             if fp not in self.digests:  # ~0.1 s a pair: it hashes both tokenizers' vocabularies and merges
                 self.digests[fp] = tokenizers_fingerprint(toks)
-        digests = self.digests
         for p in (int(p) for p in prompt_ids):
             fp = self.fps[p]
-            groups.setdefault(digests[fp], (self.tokenizers[fp], []))[1].append(p)
+            groups.setdefault(self.digests[fp], (self.tokenizers[fp], []))[1].append(p)
         found = []
         for digest, (toks, pids) in sorted(groups.items()):
             store = PromptTokenIds(self.folder, digest)
