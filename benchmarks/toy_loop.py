@@ -109,7 +109,8 @@ def compare_projectors(pipe, tower, pairs_dir: Path, work: Path, held, epochs: i
         projector = open_projector(work / experiment, CropEmbedder(tower))
         projectors[name] = projector
         out = tq.projected_generation(pipe, projector, tower, held)
-        entry = {"accuracy": out["accuracy"], "val_cos_content": trained["metrics"].get("val/cos_content"),
+        entry = {"accuracy": out["accuracy"], "acc_hits": attribute_hits(out["images"], held),
+                 "val_cos_content": trained["metrics"].get("val/cos_content"),
                  "val_cos_shuffled": trained["metrics"].get("val/cos_shuffled"),
                  "knn_cos": trained["metrics"].get("val/knn_cos"), "parameters": trained["parameters"],
                  "train_seconds": trained["seconds"], "hits": out["hits"], "metrics": trained["metrics"],
@@ -123,6 +124,16 @@ def compare_projectors(pipe, tower, pairs_dir: Path, work: Path, held, epochs: i
     return entries, projectors
 
 
+def attribute_hits(images, scenes) -> list[float]:
+    """Per image: the share of the five scene attributes the oracle reads right (paired measures of mean accuracy)."""
+    import numpy as np
+
+    from luna.models.toy import oracle, world
+
+    return [float(np.mean(list(oracle.agreement(oracle.read(np.asarray(im)), s, world.SCENE_ATTRIBUTES).values())))
+            for im, s in zip(images, scenes)]
+
+
 def queries_minus_mlp(models: dict) -> dict:
     """Learned queries - seed MLP (entries of `compare_projectors`): joint accuracy of the images generated
     from their conditioning, its paired bootstrap CI (same held-out scenes), and val cosine."""
@@ -133,6 +144,7 @@ def queries_minus_mlp(models: dict) -> dict:
     q, m = models["learned queries"], models["seed MLP"]
     return {"joint": q["accuracy"]["joint"] - m["accuracy"]["joint"],
             "paired": tq.bootstrap_diff(np.asarray(q["hits"]), np.asarray(m["hits"])),
+            "acc": tq.bootstrap_diff(np.asarray(q["acc_hits"]), np.asarray(m["acc_hits"])),
             "val_cos_content": (q["val_cos_content"] or float("nan")) - (m["val_cos_content"] or float("nan"))}
 
 

@@ -330,11 +330,16 @@ def summary_markdown(record: dict) -> str:
     t = record.get("tune")
     if t:
         m = t["metric"]
-        lines += ["", f"## Per-category tuning ({t['method']}, metric `{m}`, {len(t['search_indices'])} search crops, "
-                  f"{len(t['eval_indices'])} evaluation crops)", "", "| category | n | default | best | settings |",
-                  "|---|---|---|---|---|"]
+        lines += ["", f"## Per-category tuning ({t['method']}, metric `{m}`, rule `{t.get('rule', 'best')}`, "
+                  f"{len(t['search_indices'])} search crops, {len(t['eval_indices'])} evaluation crops)", "",
+                  "| category | n | default | search's best | its paired gain (one-sided bound) | kept | settings |",
+                  "|---|---|---|---|---|---|---|"]
         for cat, e in t["categories"].items():
-            lines.append(f"| {cat} | {e['n']} | {e['default_score']:.4f} | {e['best_score']:.4f} | {e['best']} |")
+            top, g = e.get("search_best") or {}, e.get("gain") or {}
+            gain = (f"{g['mean']:+.4f} (> {g['low']:+.4f} at {100 * g['level']:.2f}%)"
+                    if g and g.get("mean") == g.get("mean") else "-")
+            lines.append(f"| {cat} | {e['n']} | {e['default_score']:.4f} | {top.get('score', e['best_score']):.4f} | "
+                         f"{gain} | {'tuned' if e.get('departed', True) else 'global'} | {e['best']} |")
         d = (t.get("vs_default", {}).get(m) or {}).get("diff")
         lines += ["", f"`vault_tuned` - `vault` on the evaluation crops, `{m}`: {abstats.fmt(d)}",
                   f"Settings file: `{t['settings_file']}`"]

@@ -8,6 +8,13 @@ scored by `tune_metric`; crops without a category route tune the `default` entry
 settings go to OUT/category_settings.json, which `luna refine retrieval.settings=FILE` reads. The
 evaluation crops are then refined with `vault` (the global settings) and `vault_tuned` (the
 file), so the comparison is on crops the search never saw.
+
+Which candidate replaces the global setting (`tune_rule`):
+  significant  (default) the best candidate, only when its paired gain over the global setting on
+               the search crops is significant: the bootstrap lower bound at `tune_alpha` divided by
+               the number of candidates (Bonferroni: the best of many noisy candidates looks better
+               than it is) is above 0; else the global setting stays.
+  best         the best candidate whenever its search score is higher than the global setting's.
 """
 from __future__ import annotations
 
@@ -55,71 +62,123 @@ def split_crops(n: int, fraction: float, seed: int) -> tuple[list[int], list[int
     return sorted(order[:k].tolist()), sorted(order[k:].tolist())
 
 
-def tune_categories(ctx, c: dict, crops: list, oracle, text_fn, out) -> dict:
-    from lsd_runtime.arms import Arm, refine_crops, score
-
-    metric = tune_metric(c, oracle, text_fn)
+def global_table(ctx) -> tuple[CategoryTable, list[str]]:
+    """(the table of the global `retrieval` settings and the vault's routes, the vault's categories)."""
     ret = dict(ctx.ret)
     known = list(ctx.vault.info().get("categories") or [])
     routes = {lab: cat for lab, cat in {**DEFAULT_ROUTES, **(ret.get("routes") or {})}.items() if cat in known}
     table = CategoryTable(routes=routes, default=CategorySettings.from_dict(
         {"weight": ret.get("weight", 0.5), "k": ret.get("k", 8), "weighting": ret.get("weighting", "mean"),
          "temperature": ret.get("temperature", 0.05)}, "retrieval"))
+    return table, known
+
+
+def category_scores(ctx, table: CategoryTable, cat: str, s: CategorySettings, crops: list, metric: str, oracle,
+                    text_fn, prompt) -> list:
+    """Per crop: `metric` of the crop refined by the vault arm with `table`, category `cat` set to `s`
+    (None where not measured). Crop i takes noise row i of `crops`, as in every `luna ab` arm."""
+    from lsd_runtime.arms import Arm, refine_crops, score
+
+    trial = CategoryTable(routes=dict(table.routes), default=table.default, categories=dict(table.categories))
+    if cat == DEFAULT:
+        trial.default = s
+    else:
+        trial.categories[cat] = s
+    r = {**ctx.ret, "settings": None, "category": "route", "routes": trial.routes,
+         "weight": trial.default.weight, "k": trial.default.k, "weighting": trial.default.weighting,
+         "temperature": trial.default.temperature,
+         "per_category": {k: asdict(v) for k, v in trial.categories.items()}}
+    refined, _, _ = refine_crops(ctx, Arm("vault_tune", memory="vault"), crops, prompt, r)
+    vals = [v.get(metric) for v in score(ctx, crops, refined, oracle, text_fn,
+                                          [cr.prompt if prompt is None else prompt for cr in crops])]
+    return [None if v is None or not np.isfinite(v) else float(v) for v in vals]
+
+
+def tune_categories(ctx, c: dict, crops: list, oracle, text_fn, out) -> dict:
+    from lsd_runtime.arms import Arm
+
+    metric = tune_metric(c, oracle, text_fn)
+    ret = dict(ctx.ret)
+    table, known = global_table(ctx)
     search, held = split_crops(len(crops), float(c.get("tune_fraction", 0.5)), int(c["seed"]))
     groups: dict[str, list[int]] = {}
     for i in search:
         cat = table.route(crops[i].label, known)
         groups.setdefault(cat if cat in known else DEFAULT, []).append(i)
     cands = candidates(c.get("tune_grid") or {})
-    arm = Arm("vault_tune", memory="vault")
     prompt = c.get("prompt")
 
-    def objective(cat: str, s: CategorySettings) -> float:
-        idx = groups[cat]
-        sub = [crops[i] for i in idx]
-        trial = CategoryTable(routes=dict(table.routes), default=table.default, categories=dict(table.categories))
-        if cat == DEFAULT:
-            trial.default = s
-        else:
-            trial.categories[cat] = s
-        r = {**ret, "settings": None, "category": "route", "routes": trial.routes,
-             "weight": trial.default.weight, "k": trial.default.k, "weighting": trial.default.weighting,
-             "temperature": trial.default.temperature,
-             "per_category": {k: asdict(v) for k, v in trial.categories.items()}}
-        refined, _, _ = refine_crops(ctx, arm, sub, prompt, r)
-        vals = [v.get(metric) for v in score(ctx, sub, refined, oracle, text_fn,
-                                              [cr.prompt if prompt is None else prompt for cr in sub])]
-        vals = [v for v in vals if v is not None and np.isfinite(v)]
-        if not vals:
+    def objective(cat: str, s: CategorySettings) -> list:
+        """Per search crop of `cat`: `metric` of the crop refined with `s` (None where not measured)."""
+        vals = category_scores(ctx, table, cat, s, [crops[i] for i in groups[cat]], metric, oracle, text_fn, prompt)
+        if all(v is None for v in vals):
             raise ValueError(f"tune_metric={metric}: not measured on these crops (set oracle=, or tune_metric=cos_in)")
-        return float(np.mean(vals))
+        return vals
 
-    evidence: dict = {"metric": metric, "method": c.get("tune_method", "grid"), "search_indices": search,
-                      "eval_indices": held, "candidates": len(cands), "categories": {}}
+    rule = str(c.get("tune_rule") or "significant")
+    if rule not in RULES:
+        raise ValueError(f"tune_rule={rule!r}: one of {list(RULES)}")
+    alpha = float(c.get("tune_alpha", 0.05))
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"tune_alpha={alpha}: a level in (0, 1), e.g. 0.05")
+    evidence: dict = {"metric": metric, "method": c.get("tune_method", "grid"), "rule": rule, "alpha": alpha,
+                      "search_indices": search, "eval_indices": held, "candidates": len(cands), "categories": {}}
     from tqdm.auto import tqdm
 
     for cat in sorted(groups):
-        base = objective(cat, table.settings_for(None if cat == DEFAULT else cat))
+        current = table.settings_for(None if cat == DEFAULT else cat)
+        base_vals = objective(cat, current)
         if str(c.get("tune_method", "grid")) == "optuna":
-            best, best_val, tried = _optuna(lambda s: objective(cat, s), cands, int(c.get("tune_trials", 20)),
-                                            int(c["seed"]))
+            tried = _optuna(lambda s: objective(cat, s), cands, int(c.get("tune_trials", 20)), int(c["seed"]))
         else:
             tried = [(s, objective(cat, s)) for s in tqdm(cands, desc=f"luna ab: tune {cat}", unit="setting")]
-            best, best_val = max(tried, key=lambda t: t[1])
-        if best_val <= base:  # keep the global setting unless the search found better on the search crops
-            best, best_val = table.settings_for(None if cat == DEFAULT else cat), base
+        choice = choose(current, base_vals, tried, rule, alpha, int(c["seed"]))
         if cat == DEFAULT:
-            table.default = best
+            table.default = choice["best"]
         else:
-            table.categories[cat] = best
-        evidence["categories"][cat] = {"n": len(groups[cat]), "default_score": base, "best_score": best_val,
-                                       "best": asdict(best), "tried": len(tried)}
+            table.categories[cat] = choice["best"]
+        evidence["categories"][cat] = {"n": len(groups[cat]), **choice, "best": asdict(choice["best"]),
+                                       "tried": len(tried)}
     table.tuned = evidence
     path = table.write(out / "category_settings.json")
     held_crops = [crops[i] for i in held]
     tuned_arm = Arm("vault_tuned", memory="vault")
     tuned_arm.ret = {**ret, "settings": str(path), "category": "route"}
     return {**evidence, "settings_file": str(path), "eval_crops": held_crops, "arms": [tuned_arm]}
+
+
+RULES = ("significant", "best")
+
+
+def _mean(vals) -> float:
+    x = [v for v in vals if v is not None]
+    return float(np.mean(x)) if x else float("nan")
+
+
+def choose(current: CategorySettings, base_vals: list, tried: list, rule: str = "significant", alpha: float = 0.05,
+           seed: int = 0) -> dict:
+    """The setting a category keeps: {best, default_score, best_score, search_best, gain, departed}.
+
+    `base_vals` / each tried candidate's values: the metric per search crop (same crops, same order).
+    The top candidate by mean (ties: the earlier one) replaces `current` only if its mean is higher
+    and, with rule "significant", the bootstrap lower bound of its paired gain at level alpha / len(tried)
+    (one-sided, Bonferroni over the candidates) is above 0. `gain` is that paired gain (mean, low, high)."""
+    from lsd_runtime.abstats import bootstrap_ci
+
+    base = _mean(base_vals)
+    top, top_vals = max(tried, key=lambda t: _mean(t[1])) if tried else (current, base_vals)
+    pairs = [(a, b) for a, b in zip(top_vals, base_vals) if a is not None and b is not None]
+    m = max(1, len(tried))
+    a = alpha / m
+    n_boot = max(2000, int(np.ceil(20.0 / a)))  # ~20 resamples beyond the quantile used
+    d = [x - y for x, y in pairs]
+    gm, lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed, level=1.0 - 2.0 * a) if d else (float("nan"),) * 3
+    better = _mean(top_vals) > base
+    departed = better if rule == "best" else bool(better and len(d) > 1 and lo > 0)
+    return {"best": top if departed else current, "default_score": base,
+            "best_score": _mean(top_vals) if departed else base, "search_best": {**asdict(top), "score": _mean(top_vals)},
+            "gain": {"mean": gm, "low": lo, "high": hi, "n": len(d), "level": 1.0 - a, "one_sided": True},
+            "departed": departed}
 
 
 def _optuna(objective, cands: list[CategorySettings], trials: int, seed: int):
@@ -133,8 +192,7 @@ def _optuna(objective, cands: list[CategorySettings], trials: int, seed: int):
         s = cands[trial.suggest_categorical("candidate", list(range(len(cands))))]
         v = objective(s)
         tried.append((s, v))
-        return v
+        return _mean(v)
 
     study.optimize(f, n_trials=min(trials, len(cands) * 2))
-    best = max(tried, key=lambda t: t[1])
-    return best[0], best[1], tried
+    return tried
