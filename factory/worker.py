@@ -19,6 +19,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -140,9 +141,11 @@ class FactoryWorker:
         level = img.get("png_level")
         gate = functools.partial(_gate_and_encode, qcfg=qcfg, ext=ext, quality=jpeg_q,
                                  png_level=None if level is None else int(level))
-        pool = self._pool(int(img.get("encode_threads", 2)))
+        threads = int(img.get("encode_threads", 2))
+        pool = self._pool(threads)
         scorer = self._agreement(qcfg)
         batch = max(1, int(sampler.get("batch_size", 4)))
+        ahead = 2 * threads + batch  # images generated but not yet gated and encoded, at most, before the next batch
         samples = task["samples"]
         history: dict[str, list[list[str]]] = {s["key"]: [] for s in samples}
         encoded: dict[str, bytes] = {}
@@ -156,6 +159,12 @@ class FactoryWorker:
             # each image's quality gate and encoding run on the pool while the next batch generates
             jobs = []
             for i in range(0, len(pending), batch):
+                if pool is not None and len(jobs) >= ahead:
+                    # a generator faster than the pool waits here (GIL released) instead of running ahead: the
+                    # pool threads are not kept from the GIL, and the images waiting in memory stay bounded
+                    t = time.time()
+                    futures.wait([jobs[len(jobs) - ahead][3]])
+                    wait_s += time.time() - t
                 chunk = pending[i : i + batch]
                 seeds = [qgate.derive_seed(s["seed"], attempt) for s in chunk]
                 t = time.time()
