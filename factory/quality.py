@@ -108,7 +108,12 @@ def check_image(image: np.ndarray, cfg: QualityConfig = QualityConfig()) -> list
     reasons = check_finite(a)
     if reasons:
         return reasons
-    x = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+    if a.dtype == np.uint8:
+        x = a.astype(np.float32) / 255.0
+    elif a.dtype == np.float32 and a.flags.c_contiguous:
+        x = a  # what astype would copy, value for value and in the same layout: the same mean and std
+    else:
+        x = a.astype(np.float32)
     if float(x.mean()) < cfg.black_mean:
         return ["black"]
     if float(x.std()) < cfg.flat_std:
@@ -164,10 +169,9 @@ class AgreementScorer:
 
 
 def _to_uint8(image: Any) -> np.ndarray:
-    a = np.asarray(image)
-    if a.dtype == np.uint8:
-        return a
-    return (np.clip(np.nan_to_num(a.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    from factory.shards import to_uint8
+
+    return to_uint8(image)
 
 
 def derive_seed(seed: int, attempt: int) -> int:
