@@ -96,6 +96,42 @@ def test_overlapped_encoding_keeps_order_keys_and_bytes(fakes, fmt):
         assert got["timings"]["encode_s"] > 0 and got["timings"]["wait_s"] >= 0
 
 
+def test_a_generator_faster_than_the_pool_waits_for_it(fakes, monkeypatch):
+    # encoding slower than generation: the images generated but not yet gated and encoded stay bounded
+    # (2 * encode_threads + batch_size, less the batch about to be made), not the whole unit
+    import threading
+    import time
+
+    from factory import worker
+
+    finished, lock, real = [0], threading.Lock(), worker._gate_and_encode
+
+    def slow_gate(image, score, **kw):
+        time.sleep(0.005)
+        out = real(image, score, **kw)
+        with lock:
+            finished[0] += 1
+        return out
+
+    class Counting(fakes.FakeGenerator):
+        made, pending = 0, []
+
+        def generate(self, prompts, negatives, seeds, sampler):
+            with lock:
+                self.pending.append(self.made - finished[0])
+            out = super().generate(prompts, negatives, seeds, sampler)
+            self.made += len(out)
+            return out
+
+    monkeypatch.setattr(worker, "_gate_and_encode", slow_gate)
+    task = make_tasks({"ck": ["pc1"]}, 1, per_unit=24)[0]
+    task["sampler"] = dict(SAMPLER, batch_size=3)
+    task["image"] = {"format": "png", "encode_threads": 1}
+    got = FactoryWorker("w0", "pc1", Counting).run(task)
+    assert [s["key"] for s in got["samples"]] == [f"ck_0_{i}" for i in range(24)]
+    assert len(Counting.pending) == 8 and max(Counting.pending) <= 2 * 1 + 3 - 1, Counting.pending
+
+
 def test_png_level_changes_the_effort_not_the_pixels(fakes):
     import io
 
