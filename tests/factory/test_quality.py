@@ -55,3 +55,19 @@ def test_poison_settings_are_checked():
         quality.QualityConfig.from_cfg({"poison_rate": 1.5})
     with pytest.raises(ValueError, match="poison_window"):
         quality.QualityConfig.from_cfg({"poison_window": 0})
+
+
+def test_gate_decides_as_on_a_float32_copy_for_any_layout():
+    # the gate reads a contiguous float32 image without copying it: the decision of the check it replaced (on
+    # `astype(float32)`, a copy), near both thresholds and for other float types and layouts
+    def on_copy(image, cfg=quality.QualityConfig()):
+        x = image.astype(np.float32)
+        return ["black"] if float(x.mean()) < cfg.black_mean else ["flat"] if float(x.std()) < cfg.flat_std else []
+
+    images = [np.full((12, 10, 3), v, np.float32) for v in (0.0199, 0.02, 0.0201)]  # about the black mean
+    for d in (0.0099, 0.01, 0.0101):  # half the pixels 0.5 - d, half 0.5 + d: std about the flat threshold
+        images.append(np.where(np.arange(12 * 10 * 3).reshape(12, 10, 3) % 2, 0.5 + d, 0.5 - d).astype(np.float32))
+    assert [on_copy(a) for a in images] == [["black"], ["black"], ["flat"], ["flat"], ["flat"], []]  # float32 edges
+    for a in images:
+        for layout in (a, np.asfortranarray(a), a[::2], a.astype(np.float64), a.astype(np.float16)):
+            assert quality.check_image(layout) == on_copy(layout), (a.flat[:2], layout.dtype)

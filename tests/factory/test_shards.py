@@ -156,3 +156,19 @@ def test_reads_a_shard_written_by_the_format_v1_writer_and_writes_the_same_membe
         assert [(m.name, m.size, m.mode) for m in old] == [(m.name, m.size, m.mode) for m in new]
         assert [old.extractfile(m).read() for m in old] == [new.extractfile(m).read() for m in new]
     assert shards.read_stats(tmp_path / tar.name) == stats
+
+
+def test_in_place_uint8_conversion_gives_the_pixels_of_the_plain_expression():
+    # the encoder converts on one float32 copy, in place: the pixels (hence the png bytes) of the expression it
+    # replaced, for NaN, +-inf, out-of-range values, float16/64 and non-contiguous arrays; the input is untouched
+    rng = np.random.default_rng(7)
+    for i, dtype in enumerate([np.float32, np.float64, np.float16] * 4):
+        a = (rng.standard_normal((19, 23, 3)) * 0.7 + 0.5).astype(dtype)
+        a.flat[rng.integers(a.size, size=6)] = [np.nan, np.inf, -np.inf, 1.0000001, -0.0, 0.5 / 255]
+        a = a[::2, 1:] if i % 3 == 1 else np.asfortranarray(a) if i % 3 == 2 else a
+        before = a.copy()
+        plain = (np.clip(np.nan_to_num(a.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        assert np.array_equal(shards.to_uint8(a), plain) and np.array_equal(a, before, equal_nan=True), dtype
+        assert shards.encode_image(a) == shards.encode_image(plain)
+    u8 = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)
+    assert shards.to_uint8(u8) is u8
