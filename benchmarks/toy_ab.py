@@ -388,6 +388,8 @@ def main(argv=None) -> int:
                     help='tune=true candidates, JSON (default conf/ab.yaml tune_grid), e.g. \'{"weight": [0.5, 1.0], "k": [1, 5]}\'')
     ap.add_argument("--tune-rules", nargs="+", default=["significant", "best"],
                     help="tune_rule of each tune=true run, on the same crops; the first decides the target (default %(default)s)")
+    ap.add_argument("--tune-seed", type=int, default=5,
+                    help="seed of the tuning crops (scenes and degradation); another seed gives crops no earlier run saw")
     ap.add_argument("--tuning-only", action="store_true", help="only the tuning section (e.g. with another --tune-grid)")
     ap.add_argument("--prompt", default="a shape on a background", help="the user's prompt of every crop")
     ap.add_argument("--seed", type=int, default=0)
@@ -491,7 +493,8 @@ def main(argv=None) -> int:
 
         timings["interpolation"] = round(time.perf_counter() - t_all - sum(timings.values()), 1)
     # 3. per-category tuning on a held-out split
-    tcrops = degraded_crops(tq.held_out_scenes(args.tune_crops or args.crops, seed=5, exclude_prompts=seen), seed=5)
+    tcrops = degraded_crops(tq.held_out_scenes(args.tune_crops or args.crops, seed=args.tune_seed, exclude_prompts=seen),
+                            seed=args.tune_seed)
     grid = {"tune_grid": args.tune_grid} if args.tune_grid else {}
     for k, rule in enumerate(args.tune_rules):
         res = ab(work / ("ab_tune" if k == 0 else f"ab_tune_{rule}"), tcrops, args, data["vault"], None, ["vault"],

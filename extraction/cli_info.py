@@ -11,7 +11,7 @@ from pathlib import Path
 
 import h5py
 
-from extraction.pairs import SEQ_LEN, Pairs, PairsFormatError
+from extraction.pairs import SEQ_LEN, TOKEN_IDS_DIR, Pairs, PairsFormatError
 
 FULL_COND_WIDTH, FULL_POOLED = 2048, 1280  # SDXL: CLIP-L 768 + bigG 1280, pooled bigG projection
 FULL_PROMPT_BYTES = (SEQ_LEN * FULL_COND_WIDTH + FULL_POOLED) * 2  # fp16: 317,952 B
@@ -53,6 +53,27 @@ def storage(pairs: Pairs) -> dict:
     }
 
 
+def token_id_stores(folder) -> dict:
+    """The online-targets token-id stores of a pairs folder (`token_ids/<tokenizers fingerprint>/`):
+    per fingerprint, its block files, the prompts they hold and their bytes on disk."""
+    root = Path(folder) / TOKEN_IDS_DIR
+    out = {}
+    for store in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        blocks = sorted(store.glob("ids-*.h5"))
+        prompts = 0
+        for block in blocks:
+            try:
+                with h5py.File(block, "r") as handle:
+                    prompts += len(handle["text"])
+            except (OSError, KeyError) as e:
+                raise PairsFormatError(f"{block}: not a readable token-ids block ({e}); remove it to tokenize "
+                                       "its prompts again") from e
+        size = sum(b.stat().st_size for b in blocks)
+        out[store.name] = {"blocks": len(blocks), "prompts": prompts, "bytes": size,
+                           "bytes_per_prompt": size / prompts if prompts else 0.0}
+    return out
+
+
 def pairs_info(folder) -> dict:
     """Statistics of a pairs folder as plain data."""
     with Pairs(folder) as pairs:
@@ -74,6 +95,7 @@ def pairs_info(folder) -> dict:
             "bytes": size,
             "bytes_per_sample": size / images if images else 0.0,
             "storage": storage(pairs),
+            "token_ids": token_id_stores(folder),
         }
 
 
@@ -97,6 +119,9 @@ def info_text(folder) -> str:
         f"  at full size     {SEQ_LEN}x{FULL_COND_WIDTH} + {FULL_POOLED} fp16 = {FULL_PROMPT_BYTES:,} B per prompt: "
         f"stored mode {full['bytes_per_image_stored']:,.0f} B/image, prompts-only {full['bytes_per_image_prompts_only']:,.0f} "
         f"B/image; tokens=true adds {full['token_bytes_per_image_vit_h']:,} B/image at ViT-H-14",
+        *(f"  token ids        {fp[:12]}: {st['prompts']} prompts in {st['blocks']} block(s), {st['bytes']:,} B "
+          f"({st['bytes_per_prompt']:.0f} B per prompt; online targets, tokenized once)"
+          for fp, st in info["token_ids"].items()),
         "  text encoders    " + ", ".join(f"{fingerprint}: {count} prompts" for fingerprint, count in info["text_encoders"].items()),
         "  categories:",
     ]
