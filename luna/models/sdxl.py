@@ -353,7 +353,6 @@ def load_text_encoders(path, device="cpu", dtype=torch.float32, allow_pickle: bo
     return TextEncoders(tok, tok2, te1.to(device).eval(), te2.to(device).eval())
 
 
-@torch.no_grad()
 def tokenize(tokenizers, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids `[B, 77]` of `prompts` from both SDXL tokenizers `(tokenizer, tokenizer_2)`, as
     `encode_prompt` feeds them to the encoders."""
@@ -392,6 +391,7 @@ def tokenizers_fingerprint(tokenizers) -> str:
     return h.hexdigest()[:32]
 
 
+@torch.no_grad()
 def encode_ids(enc: TextEncoders, ids: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond [B,77,C1+C2], pooled [B,P]) of token ids from `tokenize`: the encoders' half of `encode_prompt`."""
     hidden, pooled = [], None
