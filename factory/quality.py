@@ -29,6 +29,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from factory.shards import to_uint8
+
 _SEED_STRIDE = 0x9E3779B1  # golden-ratio step: retry seeds far from the plan's own seeds
 
 
@@ -162,16 +164,10 @@ class AgreementScorer:
         out: list[float] = []
         step = int(self.cfg.batch_size)
         for i in range(0, len(images), step):
-            pil = [Image.fromarray(_to_uint8(im)) for im in images[i : i + step]]
+            pil = [Image.fromarray(to_uint8(im)) for im in images[i : i + step]]
             emb = vision.embed(self.tower, pil).embed
             out.extend(vision.text_agreement(emb, self.text(list(prompts[i : i + step]))))
         return out
-
-
-def _to_uint8(image: Any) -> np.ndarray:
-    from factory.shards import to_uint8
-
-    return to_uint8(image)
 
 
 def derive_seed(seed: int, attempt: int) -> int:
