@@ -333,7 +333,7 @@ def maybe_to_gpu(index: faiss.Index, use_gpu: bool) -> faiss.Index:
     """Move a GPU-capable index (Flat, IVF) to every GPU when faiss-gpu is installed and asked for."""
     if not use_gpu or not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
         return index
-    if isinstance(faiss.downcast_index(index), (faiss.IndexHNSW,)):
+    if _is_hnsw(index):
         return index  # HNSW has no GPU implementation
     try:
         return faiss.index_cpu_to_all_gpus(index)
