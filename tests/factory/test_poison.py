@@ -38,6 +38,16 @@ def _ckpts() -> dict:
     return {c.name: c for c in (base, pony)}
 
 
+def _setup(tmp_path: Path):
+    """(checkpoints, the guard campaign's plan, an output folder with its shards/ folder)."""
+    camp = tmp_path / "guard.yaml"
+    camp.write_text(CAMPAIGN)
+    ckpts = _ckpts()
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    return ckpts, plan(load_campaign(camp), list(ckpts.values())), out
+
+
 def _drive(pending, watch, ckpts, out: Path, gen, cfg: dict = CFG) -> RunReport:
     """What Scheduler.run does with one unit in flight per actor: next task, run, sink, guard."""
     index = shards.scan(out / "shards", "guard")
@@ -65,13 +75,8 @@ def _drive(pending, watch, ckpts, out: Path, gen, cfg: dict = CFG) -> RunReport:
 
 
 def test_flat_checkpoint_is_stopped_and_the_other_fills_the_quota(tmp_path, fakes):
-    camp = tmp_path / "guard.yaml"
-    camp.write_text(CAMPAIGN)
-    ckpts = _ckpts()
-    the_plan = plan(load_campaign(camp), list(ckpts.values()))
+    ckpts, the_plan, out = _setup(tmp_path)
     assert {u.checkpoint for u in the_plan.units} == {"good-base", "flat-pony"} and len(the_plan) == 20
-    out = tmp_path / "out"
-    (out / "shards").mkdir(parents=True)
     gen = functools.partial(fakes.FakeGenerator, flat_paths=["flat-pony"])
     lines: list[str] = []
     report = RunReport(campaign="guard")
@@ -107,12 +112,7 @@ def test_flat_checkpoint_is_stopped_and_the_other_fills_the_quota(tmp_path, fake
 
 def test_killed_before_the_moved_units_ran_resumes_them(tmp_path, fakes):
     """The record holds the moved units: a driver killed right after the stop resumes them, not the flat ones."""
-    camp = tmp_path / "guard.yaml"
-    camp.write_text(CAMPAIGN)
-    ckpts = _ckpts()
-    the_plan = plan(load_campaign(camp), list(ckpts.values()))
-    out = tmp_path / "out"
-    (out / "shards").mkdir(parents=True)
+    ckpts, the_plan, out = _setup(tmp_path)
     gen = functools.partial(fakes.FakeGenerator, flat_paths=["flat-pony"])
     report = RunReport(campaign="guard")
     pending, watch = prepare_units(the_plan, ckpts, shards.scan(out / "shards", "guard"), out, CFG, report,
@@ -138,12 +138,7 @@ def test_killed_before_the_moved_units_ran_resumes_them(tmp_path, fakes):
 
 def _run_with(tmp_path, fakes, agreement) -> tuple[RunReport, list[dict], list[str]]:
     tmp_path.mkdir()
-    camp = tmp_path / "guard.yaml"
-    camp.write_text(CAMPAIGN)
-    ckpts = _ckpts()
-    the_plan = plan(load_campaign(camp), list(ckpts.values()))
-    out = tmp_path / "out"
-    (out / "shards").mkdir(parents=True)
+    ckpts, the_plan, out = _setup(tmp_path)
     cfg = {**CFG, "quality": {**CFG["quality"], "agreement": agreement}}
     lines: list[str] = []
     report = RunReport(campaign="guard")
