@@ -123,7 +123,8 @@ def add_vectors(index: faiss.Index, vectors: np.ndarray, batch: int = 65536, see
         raise VaultError(f"vectors of dim {x.shape[1]} cannot go into an index of dim {index.d}")
     n0 = index.ntotal
     if not _is_hnsw(index):
-        _add_rows(index, x, np.arange(len(x)), with_ids=False, batch=batch, desc=desc)
+        for i in range(0, len(x), batch):  # slices: no gathered copy
+            index.add(x[i : i + batch])
         return
     order = np.random.default_rng([seed, 11]).permutation(len(x))
     _add_rows(index, x, order, with_ids=False, batch=batch, desc=desc)
