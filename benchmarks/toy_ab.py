@@ -406,7 +406,9 @@ def tuning(args, work: Path, data: dict, seen: set, results: dict) -> None:
         t = res.record["tune"]
         tu = {"metric": t["metric"], "method": t["method"], "rule": t["rule"], "alpha": t["alpha"],
               "search": len(t["search_indices"]), "candidates": t["candidates"],
-              "eval": len(t["eval_indices"]), "categories": t["categories"],
+              "eval": len(t["eval_indices"]),
+              "categories": {c: {k: v for k, v in e.items() if k != "search_scores"}  # those stay in ab_json
+                             for c, e in t["categories"].items()},
               "best": {c: e["best"] for c, e in t["categories"].items()},
               "vs_default": {m: (t["vs_default"].get(m) or {}).get("diff") for m in METRICS},
               "ab_json": str(res.paths["ab_json"])}

@@ -145,8 +145,12 @@ def tune_categories(ctx, c: dict, crops: list, oracle, text_fn, out) -> dict:
         else:
             table.categories[cat] = choice["best"]
         evidence["categories"][cat] = {"n": len(groups[cat]), **choice, "best": asdict(choice["best"]),
-                                       "tried": len(tried)}
-    table.tuned = evidence
+                                       "tried": len(tried),
+                                       # per search crop (groups[cat] order): to re-check the choice or try another rule
+                                       "search_scores": {"crops": groups[cat], "global": base_vals,
+                                                         "candidates": [{**asdict(s), "values": v} for s, v in tried]}}
+    table.tuned = {**evidence, "categories": {k: {x: y for x, y in e.items() if x != "search_scores"}  # ab.json keeps them
+                                              for k, e in evidence["categories"].items()}}
     path = table.write(out / "category_settings.json")
     held_crops = [crops[i] for i in held]
     tuned_arm = Arm("vault_tuned", memory="vault")

@@ -157,6 +157,11 @@ def test_tune_writes_per_category_settings_that_refine_reads(inputs, tmp_path):
     assert table.tuned["metric"] == "cos_in" and set(t["categories"]) <= {"faces", "hands", "eyes", "default"}
     for cat, e in t["categories"].items():
         assert e["best_score"] >= e["default_score"] and e["tried"] == 2
+        sc = e["search_scores"]  # per search crop, every candidate: the choice can be re-checked from ab.json
+        assert len(sc["candidates"]) == 2 and all(len(c["values"]) == len(sc["crops"]) == e["n"] for c in sc["candidates"])
+        top = max(sc["candidates"], key=lambda c: np.mean(c["values"]))
+        assert np.mean(top["values"]) == pytest.approx(e["search_best"]["score"])
+        assert "search_scores" not in table.tuned["categories"][cat]  # the settings file stays small
         got = table.default if cat == "default" else table.categories[cat]
         assert got.weight == e["best"]["weight"]
     assert len(res.record["results"]) == 3  # the evaluation crop under none, vault and vault_tuned
