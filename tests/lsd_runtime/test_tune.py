@@ -103,3 +103,13 @@ def test_a_gain_shared_by_neighbouring_candidates_is_found_with_fewer_crops_than
 
     bonferroni = top.mean() - norm.ppf(1 - 0.05 / 40) * top.std(ddof=1) / np.sqrt(40)
     assert got["departed"] and got["gain"]["low"] > 0 > bonferroni
+
+
+def test_a_few_search_crops_are_not_enough_to_leave_the_global_setting():
+    """Three crops: the bootstrap's max-T quantile alone would be ~1.2 and bound this gain above 0; the
+    Student t floor (t(2) = 2.92) keeps the global setting."""
+    base = [0.8, 0.4, 0.8]
+    tried = [(CategorySettings(weight=0.5), [0.8, 0.8, 1.0]), (CategorySettings(weight=0.8), list(base))]
+    got = choose(GLOBAL, base, tried, rule="significant")
+    se = np.std([0.0, 0.4, 0.2], ddof=1) / np.sqrt(3)
+    assert not got["departed"] and got["gain"]["low"] == pytest.approx(0.2 - 2.92 * se, abs=0.01)
