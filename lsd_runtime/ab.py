@@ -217,6 +217,35 @@ def demo_stage(out, *, shards, vault=None, projector=None, pairs=None, split: st
     return res.as_dict()
 
 
+def with_tuned(arms: list[Arm], tuned: list[Arm]) -> list[Arm]:
+    """The run's arms with tune=true's two: its `vault` (routed by label as the search was, global
+    settings) in place of the plain one (or added), then `vault_tuned`; IP-Adapter arms stay last, since
+    loading the adapter changes the UNet for every later call."""
+    base, tuned_arm = tuned
+    out = [base if a.name == "vault" else a for a in arms]
+    if base not in out:
+        out.append(base)
+    out.append(tuned_arm)
+    return sorted(out, key=lambda a: a.ip)  # stable
+
+
+def check_config(c: dict) -> None:
+    """The settings `luna ab` can refuse before loading anything: arm names, the working size, tune_*."""
+    unknown = [a for a in (c.get("arms") or ARMS) if a not in ARMS]
+    if unknown:
+        raise ABError(f"arms: unknown {unknown}; known {list(ARMS)}")
+    ws = int(c["detail"]["working_size"])
+    if ws % 8 or ws < 8:
+        raise ABError(f"detail.working_size={ws}: must be a positive multiple of 8")
+    if c.get("tune"):
+        from lsd_runtime.tune import check_settings
+
+        try:
+            check_settings(c)
+        except ValueError as e:
+            raise ABError(str(e)) from e
+
+
 def run(c: dict, crops: list | None = None) -> ABResult:
     """The task body over a plain config dict."""
     out = Path(str(c["out"]))
@@ -228,6 +257,7 @@ def run(c: dict, crops: list | None = None) -> ABResult:
                  for i, cr in enumerate(crops)]
     if not crops:
         raise ABError("no crops to compare")
+    check_config(c)  # before any model is loaded
     ctx, have = prepare(c)
     arms, missing = plan_arms(c, have)
     if not arms:
@@ -249,7 +279,7 @@ def run(c: dict, crops: list | None = None) -> ABResult:
             raise ABError("tune=true searches the vault's per-category settings: give vault=DIR")
         tuned = tune_categories(ctx, c, crops, oracle, text_fn, out)
         eval_crops = tuned["eval_crops"]
-        arms = arms + tuned["arms"]
+        arms = with_tuned(arms, tuned["arms"])
     rows, images = evaluate(ctx, arms, eval_crops, c.get("prompt"), oracle, text_fn)
     return write_outputs(c, out, eval_crops, arms, missing, rows, images, tuned)
 

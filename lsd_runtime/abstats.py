@@ -43,7 +43,7 @@ def summarise(results: list[dict], metrics: list[str], baseline: str = "none", s
         out[arm] = {}
         for m in metrics:
             vals = {c: r.get(m) for c, r in rows.items()}
-            present = [v for v in vals.values() if v is not None]
+            present = [v for v in vals.values() if v is not None and np.isfinite(v)]  # n counts what the interval uses
             if not present:
                 continue
             mean, lo, hi = bootstrap_ci(present, seed=seed)

@@ -282,7 +282,7 @@ class Context:
             src = memory_source(ret or self.ret, text, self.embedder,
                                 vault=self.vault if arm.memory in ("vault", "hybrid") else None,
                                 projector=self.projector if arm.memory in ("projector", "hybrid") else None,
-                                hybrid=arm.hybrid)
+                                hybrid=arm.hybrid, te_fingerprint=self.components.te_fingerprint)  # hashed once a run
         return WithImageEmbeds(src, self.embedder) if arm.ip else src
 
 

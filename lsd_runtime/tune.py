@@ -91,19 +91,47 @@ def category_scores(ctx, table: CategoryTable, cat: str, s: CategorySettings, cr
         trial.default = s
     else:
         trial.categories[cat] = s
-    r = {**ctx.ret, "settings": None, "category": "route", "routes": trial.routes,
-         "weight": trial.default.weight, "k": trial.default.k, "weighting": trial.default.weighting,
-         "temperature": trial.default.temperature,
-         "per_category": {k: asdict(v) for k, v in trial.categories.items()}}
-    refined, _, _ = refine_crops(ctx, Arm("vault_tune", memory="vault"), crops, prompt, r)
+    refined, _, _ = refine_crops(ctx, Arm("vault_tune", memory="vault"), crops, prompt, routed(ctx.ret, trial))
     vals = [v.get(metric) for v in score(ctx, crops, refined, oracle, text_fn,
                                           [cr.prompt if prompt is None else prompt for cr in crops])]
     return [None if v is None or not np.isfinite(v) else float(v) for v in vals]
 
 
+def routed(ret: dict, table: CategoryTable) -> dict:
+    """Retrieval settings that route every crop by its label through `table` (its routes, default and
+    per-category settings): what the search scores and what the `vault` arm of a tune=true run uses."""
+    return {**ret, "settings": None, "category": "route", "routes": dict(table.routes),
+            "weight": table.default.weight, "k": table.default.k, "weighting": table.default.weighting,
+            "temperature": table.default.temperature,
+            "per_category": {k: asdict(v) for k, v in table.categories.items()}}
+
+
+def check_settings(c: dict) -> None:
+    """Refuse bad tune_* settings before anything is loaded or refined (each error names its key)."""
+    from lsd_runtime.arms import METRICS
+
+    m = str(c.get("tune_metric") or "auto")
+    if m != "auto" and (m not in METRICS or m == "seconds"):
+        raise ValueError(f"tune_metric={m!r}: auto or one of {[x for x in METRICS if x != 'seconds']}")
+    rule = str(c.get("tune_rule") or "significant")
+    if rule not in RULES:
+        raise ValueError(f"tune_rule={rule!r}: one of {list(RULES)}")
+    alpha = float(c.get("tune_alpha", 0.05))
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"tune_alpha={alpha}: a level in (0, 1), e.g. 0.05")
+    method = str(c.get("tune_method", "grid"))
+    if method not in ("grid", "optuna"):
+        raise ValueError(f"tune_method={method!r}: grid or optuna")
+    fraction = float(c.get("tune_fraction", 0.5))
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"tune_fraction={fraction}: the share of the crops searched, in (0, 1)")
+    candidates(c.get("tune_grid") or {})  # every candidate in range (CategorySettingsError names tune_grid)
+
+
 def tune_categories(ctx, c: dict, crops: list, oracle, text_fn, out) -> dict:
     from lsd_runtime.arms import Arm
 
+    check_settings(c)
     metric = tune_metric(c, oracle, text_fn)
     ret = dict(ctx.ret)
     table, known = global_table(ctx)
@@ -122,40 +150,41 @@ def tune_categories(ctx, c: dict, crops: list, oracle, text_fn, out) -> dict:
             raise ValueError(f"tune_metric={metric}: not measured on these crops (set oracle=, or tune_metric=cos_in)")
         return vals
 
-    rule = str(c.get("tune_rule") or "significant")
-    if rule not in RULES:
-        raise ValueError(f"tune_rule={rule!r}: one of {list(RULES)}")
-    alpha = float(c.get("tune_alpha", 0.05))
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"tune_alpha={alpha}: a level in (0, 1), e.g. 0.05")
+    rule, alpha = str(c.get("tune_rule") or "significant"), float(c.get("tune_alpha", 0.05))
     evidence: dict = {"metric": metric, "method": c.get("tune_method", "grid"), "rule": rule, "alpha": alpha,
                       "search_indices": search, "eval_indices": held, "candidates": len(cands), "categories": {}}
     from tqdm.auto import tqdm
 
+    chosen: dict[str, CategorySettings] = {}
     for cat in sorted(groups):
-        current = table.settings_for(None if cat == DEFAULT else cat)
+        current = table.settings_for(None if cat == DEFAULT else cat)  # the global table's, never a tuned one
         base_vals = objective(cat, current)
         if str(c.get("tune_method", "grid")) == "optuna":
             tried = _optuna(lambda s: objective(cat, s), cands, int(c.get("tune_trials", 20)), int(c["seed"]))
         else:
             tried = [(s, objective(cat, s)) for s in tqdm(cands, desc=f"luna ab: tune {cat}", unit="setting")]
         choice = choose(current, base_vals, tried, rule, alpha, int(c["seed"]))
-        if cat == DEFAULT:
-            table.default = choice["best"]
-        else:
-            table.categories[cat] = choice["best"]
+        chosen[cat] = choice["best"]
         evidence["categories"][cat] = {"n": len(groups[cat]), **choice, "best": asdict(choice["best"]),
                                        "tried": len(tried),
-                                       # per search crop (groups[cat] order): to re-check the choice or try another rule
-                                       "search_scores": {"crops": groups[cat], "global": base_vals,
+                                       # per search crop (these keys, in order): to re-check the choice or try another rule
+                                       "search_scores": {"crops": [crops[i].key for i in groups[cat]], "global": base_vals,
                                                          "candidates": [{**asdict(s), "values": v} for s, v in tried]}}
+    baseline = Arm("vault", memory="vault")  # the global settings, routed as the search routed them
+    baseline.ret = routed(ret, table)
+    for cat, s in chosen.items():  # applied after the loop: every category was searched against the global table
+        if cat == DEFAULT:
+            table.default = s
+        else:
+            table.categories[cat] = s
     table.tuned = {**evidence, "categories": {k: {x: y for x, y in e.items() if x != "search_scores"}  # ab.json keeps them
                                               for k, e in evidence["categories"].items()}}
     path = table.write(out / "category_settings.json")
     held_crops = [crops[i] for i in held]
     tuned_arm = Arm("vault_tuned", memory="vault")
     tuned_arm.ret = {**ret, "settings": str(path), "category": "route"}
-    return {**evidence, "settings_file": str(path), "eval_crops": held_crops, "arms": [tuned_arm]}
+    evidence.update(search_keys=[crops[i].key for i in search], eval_keys=[cr.key for cr in held_crops])
+    return {**evidence, "settings_file": str(path), "eval_crops": held_crops, "arms": [baseline, tuned_arm]}
 
 
 RULES = ("significant", "best")

@@ -214,3 +214,63 @@ def test_demo_stage_samples_the_projectors_validation_split(inputs, tmp_path):
     assert [c["key"] for c in rec["crops"]] == held
     json.dumps(d)  # what the demo stores in results.json
     assert "<table>" in render_section(d["paths"]["ab_json"])
+
+
+def test_tuned_arms_replace_the_plain_vault_and_ip_adapter_arms_stay_last():
+    """vault_tuned runs before any IP-Adapter arm (loading the adapter changes the UNet for later calls), and
+    the tune run's routed `vault` takes the plain one's place."""
+    from lsd_runtime.ab import with_tuned
+    from lsd_runtime.arms import Arm
+
+    arms = [Arm("none"), Arm("vault", memory="vault"), Arm("ip_adapter", ip=True), Arm("vault+ip_adapter", ip=True)]
+    base, tuned = Arm("vault", memory="vault", ret={"category": "route"}), Arm("vault_tuned", memory="vault")
+    got = with_tuned(arms, [base, tuned])
+    assert [a.name for a in got] == ["none", "vault", "vault_tuned", "ip_adapter", "vault+ip_adapter"]
+    assert got[1] is base
+    assert [a.name for a in with_tuned([Arm("ip_adapter", ip=True)], [base, tuned])] == ["vault", "vault_tuned", "ip_adapter"]
+
+
+def test_bad_settings_are_refused_before_any_model_loads(monkeypatch):
+    import lsd_runtime.ab as ab
+
+    def no_load(c):
+        raise AssertionError("prepare() ran before the settings were checked")
+
+    monkeypatch.setattr(ab, "prepare", no_load)
+    crops = [Image.new("RGB", (64, 64))] * 2
+    with pytest.raises(ab.ABError, match="vualt"):
+        run_ab("/tmp/unused", crops=crops, preset="tiny", arms=["none", "vualt"])
+    with pytest.raises(ab.ABError, match="tune_metric"):
+        run_ab("/tmp/unused", crops=crops, preset="tiny", arms=["vault"], tune=True, tune_metric="cosin")
+    with pytest.raises(ab.ABError, match="working_size"):
+        run_ab("/tmp/unused", crops=crops, preset="tiny", detail__working_size=60)
+
+
+def test_n_counts_only_the_values_the_interval_uses():
+    s = abstats.summarise([{"crop": i, "arm": "none", "psnr": v} for i, v in enumerate([1.0, 2.0, float("nan"), None])],
+                          ["psnr"])
+    assert s["none"]["psnr"]["n"] == 2 and s["none"]["psnr"]["mean"] == pytest.approx(1.5)
+
+
+def test_the_text_encoders_are_fingerprinted_once_per_run(monkeypatch):
+    """Every vault source of a run gets the checkpoint's cached fingerprint (family=same), instead of hashing
+    both text encoders again per batch, prompt, arm and tuning candidate."""
+    from types import SimpleNamespace as NS
+
+    import luna.models.fingerprint as fp
+    from lsd_runtime.arms import Arm, Context
+    from lsd_runtime.conditioning import CropEmbedder
+    from lsd_runtime.workflow import tiny_components
+
+    comps = tiny_components()
+    real, calls = fp.te_fingerprint_of_encoders, []
+    monkeypatch.setattr(fp, "te_fingerprint_of_encoders", lambda *a: calls.append(1) or real(*a))
+    mine = real(comps.encoders.text_encoder, comps.encoders.text_encoder_2)
+    vault = NS(info=lambda: {"vision_model": comps.vision.model_id, "vision_dim": comps.vision.dim, "categories": [],
+                             "te_fingerprints": [mine]})
+    ctx = Context(comps, CropEmbedder(comps.vision), vault, None, {"family": "same"}, None, 64, 4, 0, None)
+    for _ in range(3):
+        for prompt in ("a cat", "a dog"):
+            src = ctx.source(Arm("vault", memory="vault"), prompt)
+            assert src.te_fingerprint == mine
+    assert len(calls) <= 1

@@ -113,3 +113,48 @@ def test_a_few_search_crops_are_not_enough_to_leave_the_global_setting():
     got = choose(GLOBAL, base, tried, rule="significant")
     se = np.std([0.0, 0.4, 0.2], ddof=1) / np.sqrt(3)
     assert not got["departed"] and got["gain"]["low"] == pytest.approx(0.2 - 2.92 * se, abs=0.01)
+
+
+def test_every_category_is_searched_against_the_global_setting(tmp_path, monkeypatch):
+    """A category that sorts after "default" is compared with the global setting, not with the default entry
+    tuned before it; the `vault` arm of the evaluation routes by label with the global settings."""
+    from types import SimpleNamespace as NS
+
+    import lsd_runtime.tune as tune
+    from lsd_runtime.categories import CategoryTable
+
+    vault = NS(info=lambda: {"categories": ["animals", "faces"]})
+    ctx = NS(ret={"weight": 0.5, "k": 8}, vault=vault)
+
+    def fake_scores(ctx, table, cat, s, crops, metric, oracle, text_fn, prompt):
+        noise = np.random.default_rng(len(crops)).normal(0, 0.01, len(crops))
+        if cat == tune.DEFAULT:  # unrouted crops gain from weight 0.9; the categories from nothing
+            return list(0.5 + (0.2 if s.weight == 0.9 else 0.0) + noise)
+        return list(0.5 + noise)
+
+    monkeypatch.setattr(tune, "category_scores", fake_scores)
+    crops = [NS(label=lab, key=f"c{i}") for i, lab in enumerate(["faces", "animals", "cat"] * 20)]
+    res = tune.tune_categories(ctx, {"seed": 0, "tune_metric": "cos_in", "tune_grid": {"weight": [0.5, 0.9]}},
+                               crops, None, None, tmp_path)
+    cats = res["categories"]
+    assert cats["default"]["departed"] and not cats["faces"]["departed"] and not cats["animals"]["departed"]
+    table = CategoryTable.read(res["settings_file"])
+    assert table.default.weight == 0.9 and table.categories["faces"].weight == 0.5
+    assert table.categories["animals"].weight == 0.5
+    base, tuned = res["arms"]
+    assert (base.name, tuned.name) == ("vault", "vault_tuned")
+    assert base.ret["category"] == "route" and base.ret["weight"] == 0.5 and not base.ret["per_category"]
+    assert cats["faces"]["search_scores"]["crops"] == [k for k in res["search_keys"] if int(k[1:]) % 3 == 0]
+    assert sorted(res["search_keys"] + res["eval_keys"], key=lambda k: int(k[1:])) == [c.key for c in crops]
+
+
+def test_check_settings_names_the_key_at_fault():
+    from lsd_runtime.tune import check_settings
+
+    for bad, key in [({"tune_metric": "cosin"}, "tune_metric"), ({"tune_metric": "seconds"}, "tune_metric"),
+                     ({"tune_rule": "loose"}, "tune_rule"), ({"tune_alpha": 1.5}, "tune_alpha"),
+                     ({"tune_method": "random"}, "tune_method"), ({"tune_fraction": 1.0}, "tune_fraction"),
+                     ({"tune_grid": {"weight": [2.0]}}, "tune_grid")]:
+        with pytest.raises(ValueError, match=key):
+            check_settings(bad)
+    check_settings({"tune_metric": "oracle_acc", "tune_rule": "best", "tune_grid": {"k": [1, 4]}})
