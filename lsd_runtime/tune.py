@@ -261,13 +261,14 @@ def _optuna(objective, cands: list[CategorySettings], trials: int, seed: int):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    tried = []
+    tried, seen = [], {}
 
     def f(trial):
-        s = cands[trial.suggest_categorical("candidate", list(range(len(cands))))]
-        v = objective(s)
-        tried.append((s, v))
-        return _mean(v)
+        i = trial.suggest_categorical("candidate", list(range(len(cands))))
+        if i not in seen:  # TPE suggests a candidate again: its crops were refined already, reuse the scores
+            seen[i] = objective(cands[i])
+            tried.append((cands[i], seen[i]))
+        return _mean(seen[i])
 
     study.optimize(f, n_trials=min(trials, len(cands) * 2))
     return tried

@@ -158,3 +158,18 @@ def test_check_settings_names_the_key_at_fault():
         with pytest.raises(ValueError, match=key):
             check_settings(bad)
     check_settings({"tune_metric": "oracle_acc", "tune_rule": "best", "tune_grid": {"k": [1, 4]}})
+
+
+def test_optuna_refines_each_candidate_once():
+    """TPE suggests candidates again; each is refined (scored) once and listed once."""
+    from lsd_runtime.tune import _optuna
+
+    cands = candidates({"weight": [0.25, 0.5, 1.0], "k": [4]})
+    calls = []
+
+    def objective(s):
+        calls.append(s.weight)
+        return [s.weight, s.weight]
+
+    tried = _optuna(objective, cands, trials=6, seed=0)
+    assert len(calls) == len(set(calls)) == len(tried) <= 3
