@@ -84,8 +84,8 @@ def _new_index(x: np.ndarray, spec: str, seed: int) -> faiss.Index:
         index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise VaultError(f"index={spec!r}: not a valid faiss index_factory string for dim {d} ({e})") from e
-    inner = faiss.downcast_index(index)
-    if isinstance(inner, faiss.IndexHNSW):
+    inner = _hnsw_of(index)
+    if inner is not None:
         inner.hnsw.efConstruction = max(inner.hnsw.efConstruction, HNSW_EF_CONSTRUCTION)
     m = re.search(r"IVF(\d+)", spec)
     if m and int(m.group(1)) > n:
@@ -105,8 +105,21 @@ def build_index(vectors: np.ndarray, spec: str, seed: int = 0) -> faiss.Index:
     return index
 
 
+def _hnsw_of(index: faiss.Index) -> faiss.IndexHNSW | None:
+    """The HNSW index inside `index` (itself, or behind a PCA / OPQ IndexPreTransform), else None."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+
 def _is_hnsw(index: faiss.Index) -> bool:
-    return isinstance(faiss.downcast_index(index), faiss.IndexHNSW)
+    return _hnsw_of(index) is not None
+
+
+def _permute_entries(index: faiss.Index, perm: np.ndarray) -> None:
+    """Reorder an HNSW index's entries (through a pre-transform, which only maps vectors)."""
+    _hnsw_of(index).permute_entries(perm)
 
 
 def add_vectors(index: faiss.Index, vectors: np.ndarray, batch: int = 65536, seed: int = 0,
@@ -128,7 +141,7 @@ def add_vectors(index: faiss.Index, vectors: np.ndarray, batch: int = 65536, see
         return
     order = np.random.default_rng([seed, 11]).permutation(len(x))
     _add_rows(index, x, order, with_ids=False, batch=batch, desc=desc)
-    index.permute_entries(np.concatenate([np.arange(n0), n0 + np.argsort(order)]).astype(np.int64))
+    _permute_entries(index, np.concatenate([np.arange(n0), n0 + np.argsort(order)]).astype(np.int64))
 
 
 def exact_search(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -283,7 +296,7 @@ def build_tuned(vectors: np.ndarray, spec: str, target: float = 0.97, budget_ms:
                                       map_ids=rest if hnsw else None)
     _add_rows(index, x, held, with_ids=not hnsw)
     if hnsw:  # entries are in (rest, held) order: permute them back to row order
-        index.permute_entries(np.argsort(np.concatenate([rest, held])).astype(np.int64))
+        _permute_entries(index, np.argsort(np.concatenate([rest, held])).astype(np.int64))
     return index, Tuning(params, recall, met, target, lat, budget_ms, n_hold, "held-out", k)
 
 
