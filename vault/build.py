@@ -37,23 +37,31 @@ def _code(table: list[str], values: list[str]) -> np.ndarray:
     return out
 
 
-def build_vault(pairs, out, index: str | None = None, mode: str = "stored", memory_budget="4G",
-                categories: bool = True, tune_recall: float = 0.97, shards=None, rebuild: bool = False,
+def build_vault(pairs, out, index: str | None = None, mode: str | None = None, memory_budget="4G",
+                categories: bool | None = None, tune_recall: float = 0.97, shards=None, rebuild: bool = False,
                 seed: int = 0, tune_latency_ms: float | None = 1.0, tune_queries: int = 1000) -> Manifest:
     """Build `out` from the parts of `pairs` (a folder, a part file, or a list of them).
 
     If `out` already is a vault (and not `rebuild`), only parts it does not list yet are
     added (see `add_pairs`). `index` is a faiss index_factory string; None chooses by size
     and `memory_budget` as autofaiss does. `mode`: "stored" keeps fp16 conditionings,
-    "prompts" keeps only prompt texts for re-encoding at query time. efSearch / nprobe are tuned
+    "prompts" keeps only prompt texts for re-encoding at query time (None: "stored" for a new vault,
+    the vault's own when adding); `categories` None means True for a new vault, the vault's own when
+    adding; an explicit `index`, `mode` or `categories` that differs from an existing vault's is an error
+    (rebuild=True to change them). efSearch / nprobe are tuned
     on held-out vectors to recall@10 >= `tune_recall` within `tune_latency_ms` per query (p50,
     one thread); a target that cannot be met is a warning and is recorded in the manifest.
     """
     out = Path(out)
-    if mode not in MODES:
+    if mode is not None and mode not in MODES:
         raise VaultError(f"mode={mode!r}: expected one of {MODES}")
+    tune = _tune_args(tune_recall, tune_latency_ms, tune_queries)
     if (out / MANIFEST).exists() and not rebuild:
-        return add_pairs(out, pairs, shards=shards)
+        _check_same(out, Manifest.read(out), index=index, mode=mode, categories=categories)
+        return add_pairs(out, pairs, shards=shards, tune_recall=tune_recall, seed=seed,
+                         tune_latency_ms=tune_latency_ms, tune_queries=tune_queries)
+    mode = mode or "stored"
+    categories = True if categories is None else categories
     parts = _collect_parts(pairs)
     with atomic_dir(out) as tmp:  # an existing vault is replaced only once the new one is complete
         first = Pairs(parts[0])
@@ -64,15 +72,26 @@ def build_vault(pairs, out, index: str | None = None, mode: str = "stored", memo
         )
         manifest.shard_folders = [str(s) for s in _as_list(shards) or _shards_of(first)]
         first.close()
-        _add(tmp, manifest, None, parts, index_override=index, categories=categories,
-             tune=_tune_args(tune_recall, tune_latency_ms, tune_queries), seed=seed)
+        _add(tmp, manifest, None, parts, index_override=index, categories=categories, tune=tune, seed=seed)
     return manifest
+
+
+def _check_same(out: Path, manifest: Manifest, **asked) -> None:
+    """An add keeps the vault's index, mode and categories: an explicit different value is an error."""
+    has = {"index": manifest.index_spec, "mode": manifest.mode, "categories": bool(manifest.categories)}
+    for key, value in asked.items():
+        if value is not None and value != has[key]:
+            raise VaultError(
+                f"{key}={value!r}: {out} is an existing vault with {key}={has[key]!r}; adding pairs keeps it "
+                f"(leave {key} unset, or pass rebuild=true to build the vault anew)"
+            )
 
 
 def add_pairs(vault_dir, pairs, shards=None, tune_recall: float = 0.97, seed: int = 0,
               tune_latency_ms: float | None = 1.0, tune_queries: int = 1000) -> Manifest:
     """Add the parts of `pairs` that the vault does not hold yet (incremental, no rebuild)."""
     vault_dir = Path(vault_dir)
+    tune = _tune_args(tune_recall, tune_latency_ms, tune_queries)
     manifest = Manifest.read(vault_dir)
     new = [p for p in _collect_parts(pairs) if str(p.resolve()) not in set(manifest.sources)]
     for s in _as_list(shards):
@@ -83,7 +102,7 @@ def add_pairs(vault_dir, pairs, shards=None, tune_recall: float = 0.97, seed: in
         return manifest
     meta = Metadata.read(vault_dir / manifest.files["metadata"])
     _add(vault_dir, manifest, meta, new, index_override=None, categories=bool(manifest.categories),
-         tune=_tune_args(tune_recall, tune_latency_ms, tune_queries), seed=seed)
+         tune=tune, seed=seed)
     return manifest
 
 
