@@ -125,6 +125,18 @@ def _report_tuning(what: str, t: vindex.Tuning) -> None:
                 "or choose another index=)", what, t.k, t.target, budget, t.describe())
 
 
+def _add_retuned(what: str, index, x: np.ndarray, spec: str, old: dict, tune: dict, seed: int):
+    """Add `x` to `index`, re-tuning its search parameters on held-out new vectors (None: could not)."""
+    tuning = vindex.add_tuned(index, x, spec, seed=seed, **tune)
+    if tuning is None:
+        log.warning("%s: search parameters %s kept from before this add (too few new vectors to hold out, or "
+                    "the index cannot return its vectors); its recorded recall %s is stale", what,
+                    old.get("params") or "-", old.get("recall", "-"))
+    else:
+        _report_tuning(f"{what} after the add", tuning)
+    return tuning
+
+
 def _shards_of(pairs: Pairs) -> list[str]:
     """Shard folders a pairs part records (extraction writes where its images came from)."""
     for key in ("shards", "shards_dir", "shard_folders", "source_shards"):
@@ -228,7 +240,13 @@ def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Pa
         manifest.tuning = tuning.as_dict()
     else:
         g = vindex.read_index(folder / manifest.files["global"])
-        vindex.add_vectors(g, x)
+        tuning = _add_retuned(f"global index {manifest.index_spec}", g, x, manifest.index_spec, manifest.tuning,
+                              tune, seed)
+        if tuning is not None:
+            manifest.search_params, manifest.tuned_recall = tuning.params, tuning.recall
+            manifest.tuning = tuning.as_dict()
+        else:
+            manifest.tuning = {**manifest.tuning, "stale": True}
     vindex.write_index(g, folder / gname)
     written.append(gname)
     del g
@@ -260,7 +278,12 @@ def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Pa
                         "tuning": tuning.as_dict()}
             else:
                 ci = vindex.read_index(folder / info["file"])
-                vindex.add_vectors(ci, x[rows])
+                tuning = _add_retuned(f"category {name!r} index {info['index_spec']}", ci, x[rows],
+                                      info["index_spec"], info.get("tuning") or {}, tune, seed)
+                if tuning is not None:
+                    info = {**info, "search_params": tuning.params, "tuning": tuning.as_dict()}
+                else:
+                    info = {**info, "tuning": {**(info.get("tuning") or {}), "stale": True}}
             info = {**info, "count": int(info["count"] + len(rows)), "file": fname}
             vindex.write_index(ci, folder / fname)
             written.append(fname)
