@@ -186,8 +186,11 @@ def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Pa
                 f"{part}: embeddings of {pairs.vision_model} (dim {pairs.vision_dim}) cannot join a vault of "
                 f"{manifest.vision_model} (dim {manifest.vision_dim})"
             )
-        if list(pairs.text_dims) != list(manifest.text_dims) or int(pairs.attrs["pooled_dim"]) != manifest.pooled_dim:
-            raise VaultError(f"{part}: text dims {pairs.text_dims} differ from the vault's {manifest.text_dims}")
+        if list(pairs.text_dims) != list(manifest.text_dims):
+            raise VaultError(f"{part}: text dims {list(pairs.text_dims)} differ from the vault's {manifest.text_dims}")
+        if int(pairs.attrs["pooled_dim"]) != manifest.pooled_dim:
+            raise VaultError(f"{part}: pooled dim {int(pairs.attrs['pooled_dim'])} differs from the vault's "
+                             f"{manifest.pooled_dim}")
         pi = len(pairs_list)
         pairs_list.append(pairs)
         remap = np.empty(pairs.num_prompts, dtype=np.int64)

@@ -113,3 +113,19 @@ def test_adding_to_a_vault_checks_and_uses_the_build_settings(tmp_path):
                     tune_recall=0.6, tune_latency_ms=None)
     assert m.count == 600 and m.generation == 2
     assert m.categories["hands"]["tuning"]["target"] == 0.6 and m.categories["hands"]["tuning"]["budget_ms"] is None
+
+
+def test_mismatch_errors_name_the_quantity_at_fault(tmp_path):
+    from vault.store import read_prompts, write_prompts
+
+    write_synthetic_pairs(tmp_path / "a", 200, 20, 8, seed=0)
+    build_vault(tmp_path / "a", tmp_path / "v", categories=False)
+    other = write_synthetic_pairs(tmp_path / "b", 200, 20, 8, seed=1, pooled_dim=32)
+    with pytest.raises(VaultError, match=r"part-00000\.h5: pooled dim 32 differs from the vault's 64"):
+        build_vault(other, tmp_path / "v")
+    m = Manifest.read(tmp_path / "v")
+    text, fps = read_prompts(tmp_path / "v" / m.files["prompts"])
+    write_prompts(tmp_path / "v" / m.files["prompts"], text[:-1], fps[:-1])
+    with pytest.raises(VaultError, match=r"prompts\.g1\.h5: prompt table \(19 prompts\) disagrees with manifest\.json "
+                                         r"num_prompts \(20\)"):
+        Vault.open(tmp_path / "v")
