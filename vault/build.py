@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extraction.pairs import Pairs, PairsFormatError, list_parts
+from extraction.pairs import Pairs, PairsFormatError, list_parts, read_attrs
 from luna.files import atomic_dir
 from vault import index as vindex
 from vault.manifest import MANIFEST, MODES, Manifest, VaultError
@@ -70,7 +70,7 @@ def build_vault(pairs, out, index: str | None = None, mode: str | None = None, m
             pooled_dim=int(first.attrs["pooled_dim"]), mode=mode, index_spec=index or "",
             memory_budget=vindex.parse_bytes(memory_budget),
         )
-        manifest.shard_folders = [str(s) for s in _as_list(shards) or _shards_of(first)]
+        manifest.shard_folders = [str(s) for s in _as_list(shards)] or _shard_folders(parts)
         first.close()
         _add(tmp, manifest, None, parts, index_override=index, categories=categories, tune=tune, seed=seed)
     return manifest
@@ -94,7 +94,7 @@ def add_pairs(vault_dir, pairs, shards=None, tune_recall: float = 0.97, seed: in
     tune = _tune_args(tune_recall, tune_latency_ms, tune_queries)
     manifest = Manifest.read(vault_dir)
     new = [p for p in _collect_parts(pairs) if str(p.resolve()) not in set(manifest.sources)]
-    for s in _as_list(shards):
+    for s in [str(s) for s in _as_list(shards)] or _shard_folders(new):
         if str(s) not in manifest.shard_folders:
             manifest.shard_folders.append(str(s))
     if not new:
@@ -137,13 +137,25 @@ def _add_retuned(what: str, index, x: np.ndarray, spec: str, old: dict, tune: di
     return tuning
 
 
-def _shards_of(pairs: Pairs) -> list[str]:
-    """Shard folders a pairs part records (extraction writes where its images came from)."""
+def _shards_of(attrs: dict) -> list[str]:
+    """Shard folders a pairs part's attrs record (extraction writes `shards_dir`, the folder it read)."""
     for key in ("shards", "shards_dir", "shard_folders", "source_shards"):
-        value = pairs.attrs.get(key)
+        value = attrs.get(key)
         if value:
             return [str(v) for v in _as_list(value)]
     return []
+
+
+def _shard_folders(parts: list[Path]) -> list[str]:
+    """The shard folders the parts record, in order, each once."""
+    out: list[str] = []
+    for part in parts:
+        try:
+            attrs = read_attrs(part)
+        except PairsFormatError as e:
+            raise VaultError(str(e)) from e
+        out.extend(s for s in _shards_of(attrs) if s not in out)
+    return out
 
 
 def _as_list(x) -> list:
