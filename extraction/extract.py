@@ -135,7 +135,8 @@ def build_part(shard: Shard, images: ShardImages, store: PromptStore, text: Text
         "cond_row": np.array([row.get(k, -1) for k in unique], dtype=np.int64),
         **(store.extras(stored) if stored else {}),  # optional clip_l_cond / clip_l_pooled, rows as cond's
     }
-    return pairs_fmt.PairsPart(images_cols, prompts, dict(attrs, source_shard=shard.path.name)), stored
+    return pairs_fmt.PairsPart(images_cols, prompts, dict(attrs, source_shard=shard.path.name,
+                                                                        shards_dir=str(shard.path.parent.resolve()))), stored
 
 
 def in_shard_order(results: Iterator[ShardImages]) -> Iterator[ShardImages]:

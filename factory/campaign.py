@@ -250,9 +250,12 @@ class Campaign:
     # ---- arithmetic
     def combinations(self, job: str) -> int:
         """Distinct draws of a job's templates (entries counted as distinct), saturating at
-        COMBINATIONS_CAP; computed arithmetically, never by enumeration."""
+        COMBINATIONS_CAP; computed arithmetically, never by enumeration. Templates weighted 0 (never
+        drawn) do not count."""
         memo: dict = {}
         total = 0
         for t in self.job(job).templates:
+            if t.weight <= 0:
+                continue
             total = min(COMBINATIONS_CAP, total + count_combinations(t.parts, self._entries, memo))
         return total

@@ -328,15 +328,26 @@ def prepare_units(the_plan, ckpts: dict, index: shards.ShardIndex, out: Path, cf
                 if smp.key not in index.done_keys and smp.key not in live_keys:
                     orphans.setdefault(u.job, []).append(smp)
     pending = [u for u in all_units if u.id not in index.done_units and u.checkpoint not in stopped]
-    report.skipped_units = sum(1 for u in all_units if u.id in index.done_units)
+    # a unit whose every key is already in the shards was rendered under another id (an edited
+    # wildcard list or template, or its samples moved off a checkpoint the guard stopped): it is done
+    rendered = [u for u in pending if all(s.key in index.done_keys for s in u.samples)]
+    pending = [u for u in pending if not all(s.key in index.done_keys for s in u.samples)]
+    report.skipped_units = sum(1 for u in all_units if u.id in index.done_units) + len(rendered)
     if report.skipped_units:
         echo(f"resuming: {report.skipped_units} of {len(all_units)} units already done")
-    clash = sorted({s.key for u in pending for s in u.samples} & index.done_keys)
-    if clash:  # the plan changed (other checkpoints, quotas, settings) since those shards were written
+    if rendered:
+        echo(f"{len(rendered)} unit(s) changed since their samples were rendered (e.g. {rendered[0].keys[0]}): "
+             f"the samples already in {shards_dir} are kept, not rendered again")
+    partial = [u for u in pending if any(s.key in index.done_keys for s in u.samples)]
+    if partial:  # samples are grouped into units differently from the run that wrote those shards
+        u = partial[0]
+        done = [s.key for s in u.samples if s.key in index.done_keys]
         raise FactoryError(
-            f"{len(clash)} key(s) of this plan (e.g. {clash[0]}) are already in {shards_dir} from units of a "
-            "different plan (checkpoints, quotas or sampler settings changed): use a new out= folder, "
-            "or remove those shards, so the dataset holds no duplicate keys")
+            f"{len(partial)} unit(s) of this plan are partly in {shards_dir} already (e.g. the unit of job "
+            f"{u.job!r} on checkpoint {u.checkpoint}: {len(done)} of its {len(u.samples)} keys, such as {done[0]}): "
+            "this plan cuts the samples into units differently from the run that wrote those shards "
+            "(sampler batch_size, quotas, jobs or checkpoints changed). Restore those settings, use a new "
+            "out= folder, or remove those shards, so the dataset holds no duplicate keys")
     qcfg = quality_config(cfg)
     guard = qgate.PoisonGuard(qcfg.poison_rate if qcfg.enabled else None, qcfg.poison_window)
     for name, v in stopped.items():

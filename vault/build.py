@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extraction.pairs import Pairs, PairsFormatError, list_parts
+from extraction.pairs import Pairs, PairsFormatError, list_parts, read_attrs
 from luna.files import atomic_dir
 from vault import index as vindex
 from vault.manifest import MANIFEST, MODES, Manifest, VaultError
@@ -37,23 +37,31 @@ def _code(table: list[str], values: list[str]) -> np.ndarray:
     return out
 
 
-def build_vault(pairs, out, index: str | None = None, mode: str = "stored", memory_budget="4G",
-                categories: bool = True, tune_recall: float = 0.97, shards=None, rebuild: bool = False,
+def build_vault(pairs, out, index: str | None = None, mode: str | None = None, memory_budget="4G",
+                categories: bool | None = None, tune_recall: float = 0.97, shards=None, rebuild: bool = False,
                 seed: int = 0, tune_latency_ms: float | None = 1.0, tune_queries: int = 1000) -> Manifest:
     """Build `out` from the parts of `pairs` (a folder, a part file, or a list of them).
 
     If `out` already is a vault (and not `rebuild`), only parts it does not list yet are
     added (see `add_pairs`). `index` is a faiss index_factory string; None chooses by size
     and `memory_budget` as autofaiss does. `mode`: "stored" keeps fp16 conditionings,
-    "prompts" keeps only prompt texts for re-encoding at query time. efSearch / nprobe are tuned
+    "prompts" keeps only prompt texts for re-encoding at query time (None: "stored" for a new vault,
+    the vault's own when adding); `categories` None means True for a new vault, the vault's own when
+    adding; an explicit `index`, `mode` or `categories` that differs from an existing vault's is an error
+    (rebuild=True to change them). efSearch / nprobe are tuned
     on held-out vectors to recall@10 >= `tune_recall` within `tune_latency_ms` per query (p50,
     one thread); a target that cannot be met is a warning and is recorded in the manifest.
     """
     out = Path(out)
-    if mode not in MODES:
+    if mode is not None and mode not in MODES:
         raise VaultError(f"mode={mode!r}: expected one of {MODES}")
+    tune = _tune_args(tune_recall, tune_latency_ms, tune_queries)
     if (out / MANIFEST).exists() and not rebuild:
-        return add_pairs(out, pairs, shards=shards)
+        _check_same(out, Manifest.read(out), index=index, mode=mode, categories=categories)
+        return add_pairs(out, pairs, shards=shards, tune_recall=tune_recall, seed=seed,
+                         tune_latency_ms=tune_latency_ms, tune_queries=tune_queries)
+    mode = mode or "stored"
+    categories = True if categories is None else categories
     parts = _collect_parts(pairs)
     with atomic_dir(out) as tmp:  # an existing vault is replaced only once the new one is complete
         first = Pairs(parts[0])
@@ -62,20 +70,31 @@ def build_vault(pairs, out, index: str | None = None, mode: str = "stored", memo
             pooled_dim=int(first.attrs["pooled_dim"]), mode=mode, index_spec=index or "",
             memory_budget=vindex.parse_bytes(memory_budget),
         )
-        manifest.shard_folders = [str(s) for s in _as_list(shards) or _shards_of(first)]
+        manifest.shard_folders = [str(s) for s in _as_list(shards)] or _shard_folders(parts)
         first.close()
-        _add(tmp, manifest, None, parts, index_override=index, categories=categories,
-             tune=_tune_args(tune_recall, tune_latency_ms, tune_queries), seed=seed)
+        _add(tmp, manifest, None, parts, index_override=index, categories=categories, tune=tune, seed=seed)
     return manifest
+
+
+def _check_same(out: Path, manifest: Manifest, **asked) -> None:
+    """An add keeps the vault's index, mode and categories: an explicit different value is an error."""
+    has = {"index": manifest.index_spec, "mode": manifest.mode, "categories": bool(manifest.categories)}
+    for key, value in asked.items():
+        if value is not None and value != has[key]:
+            raise VaultError(
+                f"{key}={value!r}: {out} is an existing vault with {key}={has[key]!r}; adding pairs keeps it "
+                f"(leave {key} unset, or pass rebuild=true to build the vault anew)"
+            )
 
 
 def add_pairs(vault_dir, pairs, shards=None, tune_recall: float = 0.97, seed: int = 0,
               tune_latency_ms: float | None = 1.0, tune_queries: int = 1000) -> Manifest:
     """Add the parts of `pairs` that the vault does not hold yet (incremental, no rebuild)."""
     vault_dir = Path(vault_dir)
+    tune = _tune_args(tune_recall, tune_latency_ms, tune_queries)
     manifest = Manifest.read(vault_dir)
     new = [p for p in _collect_parts(pairs) if str(p.resolve()) not in set(manifest.sources)]
-    for s in _as_list(shards):
+    for s in [str(s) for s in _as_list(shards)] or _shard_folders(new):
         if str(s) not in manifest.shard_folders:
             manifest.shard_folders.append(str(s))
     if not new:
@@ -83,7 +102,7 @@ def add_pairs(vault_dir, pairs, shards=None, tune_recall: float = 0.97, seed: in
         return manifest
     meta = Metadata.read(vault_dir / manifest.files["metadata"])
     _add(vault_dir, manifest, meta, new, index_override=None, categories=bool(manifest.categories),
-         tune=_tune_args(tune_recall, tune_latency_ms, tune_queries), seed=seed)
+         tune=tune, seed=seed)
     return manifest
 
 
@@ -106,13 +125,37 @@ def _report_tuning(what: str, t: vindex.Tuning) -> None:
                 "or choose another index=)", what, t.k, t.target, budget, t.describe())
 
 
-def _shards_of(pairs: Pairs) -> list[str]:
-    """Shard folders a pairs part records (extraction writes where its images came from)."""
+def _add_retuned(what: str, index, x: np.ndarray, spec: str, old: dict, tune: dict, seed: int):
+    """Add `x` to `index`, re-tuning its search parameters on held-out new vectors (None: could not)."""
+    tuning = vindex.add_tuned(index, x, spec, seed=seed, **tune)
+    if tuning is None:
+        log.warning("%s: search parameters %s kept from before this add (too few new vectors to hold out, or "
+                    "the index cannot return its vectors); its recorded recall %s is stale", what,
+                    old.get("params") or "-", old.get("recall", "-"))
+    else:
+        _report_tuning(f"{what} after the add", tuning)
+    return tuning
+
+
+def _shards_of(attrs: dict) -> list[str]:
+    """Shard folders a pairs part's attrs record (extraction writes `shards_dir`, the folder it read)."""
     for key in ("shards", "shards_dir", "shard_folders", "source_shards"):
-        value = pairs.attrs.get(key)
+        value = attrs.get(key)
         if value:
             return [str(v) for v in _as_list(value)]
     return []
+
+
+def _shard_folders(parts: list[Path]) -> list[str]:
+    """The shard folders the parts record, in order, each once."""
+    out: list[str] = []
+    for part in parts:
+        try:
+            attrs = read_attrs(part)
+        except PairsFormatError as e:
+            raise VaultError(str(e)) from e
+        out.extend(s for s in _shards_of(attrs) if s not in out)
+    return out
 
 
 def _as_list(x) -> list:
@@ -155,8 +198,11 @@ def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Pa
                 f"{part}: embeddings of {pairs.vision_model} (dim {pairs.vision_dim}) cannot join a vault of "
                 f"{manifest.vision_model} (dim {manifest.vision_dim})"
             )
-        if list(pairs.text_dims) != list(manifest.text_dims) or int(pairs.attrs["pooled_dim"]) != manifest.pooled_dim:
-            raise VaultError(f"{part}: text dims {pairs.text_dims} differ from the vault's {manifest.text_dims}")
+        if list(pairs.text_dims) != list(manifest.text_dims):
+            raise VaultError(f"{part}: text dims {list(pairs.text_dims)} differ from the vault's {manifest.text_dims}")
+        if int(pairs.attrs["pooled_dim"]) != manifest.pooled_dim:
+            raise VaultError(f"{part}: pooled dim {int(pairs.attrs['pooled_dim'])} differs from the vault's "
+                             f"{manifest.pooled_dim}")
         pi = len(pairs_list)
         pairs_list.append(pairs)
         remap = np.empty(pairs.num_prompts, dtype=np.int64)
@@ -209,7 +255,13 @@ def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Pa
         manifest.tuning = tuning.as_dict()
     else:
         g = vindex.read_index(folder / manifest.files["global"])
-        vindex.add_vectors(g, x)
+        tuning = _add_retuned(f"global index {manifest.index_spec}", g, x, manifest.index_spec, manifest.tuning,
+                              tune, seed)
+        if tuning is not None:
+            manifest.search_params, manifest.tuned_recall = tuning.params, tuning.recall
+            manifest.tuning = tuning.as_dict()
+        else:
+            manifest.tuning = {**manifest.tuning, "stale": True}
     vindex.write_index(g, folder / gname)
     written.append(gname)
     del g
@@ -241,7 +293,12 @@ def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Pa
                         "tuning": tuning.as_dict()}
             else:
                 ci = vindex.read_index(folder / info["file"])
-                vindex.add_vectors(ci, x[rows])
+                tuning = _add_retuned(f"category {name!r} index {info['index_spec']}", ci, x[rows],
+                                      info["index_spec"], info.get("tuning") or {}, tune, seed)
+                if tuning is not None:
+                    info = {**info, "search_params": tuning.params, "tuning": tuning.as_dict()}
+                else:
+                    info = {**info, "tuning": {**(info.get("tuning") or {}), "stale": True}}
             info = {**info, "count": int(info["count"] + len(rows)), "file": fname}
             vindex.write_index(ci, folder / fname)
             written.append(fname)

@@ -31,6 +31,8 @@ def _build(config: dict) -> None:
     size = sum(path.stat().st_size for path in Path(config["out"]).rglob("*") if path.is_file())
     tuning = manifest.tuning or {}
     missed = "" if tuning.get("met", True) else f", TARGET {tuning.get('target')} NOT MET"
+    if tuning.get("stale"):
+        missed += ", STALE: tuned before the last add (rebuild=true to re-tune)"
     print(f"vault {config['out']}: {manifest.count} images, {manifest.num_prompts} prompts, mode {manifest.mode}, "
           f"index {manifest.index_spec} ({manifest.search_params or 'exact'}, recall@10 {manifest.tuned_recall:.4f} on "
           f"{tuning.get('method', 'held-in')} queries{missed}), "

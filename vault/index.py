@@ -84,8 +84,8 @@ def _new_index(x: np.ndarray, spec: str, seed: int) -> faiss.Index:
         index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise VaultError(f"index={spec!r}: not a valid faiss index_factory string for dim {d} ({e})") from e
-    inner = faiss.downcast_index(index)
-    if isinstance(inner, faiss.IndexHNSW):
+    inner = _hnsw_of(index)
+    if inner is not None:
         inner.hnsw.efConstruction = max(inner.hnsw.efConstruction, HNSW_EF_CONSTRUCTION)
     m = re.search(r"IVF(\d+)", spec)
     if m and int(m.group(1)) > n:
@@ -105,8 +105,21 @@ def build_index(vectors: np.ndarray, spec: str, seed: int = 0) -> faiss.Index:
     return index
 
 
+def _hnsw_of(index: faiss.Index) -> faiss.IndexHNSW | None:
+    """The HNSW index inside `index` (itself, or behind a PCA / OPQ IndexPreTransform), else None."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+
 def _is_hnsw(index: faiss.Index) -> bool:
-    return isinstance(faiss.downcast_index(index), faiss.IndexHNSW)
+    return _hnsw_of(index) is not None
+
+
+def _permute_entries(index: faiss.Index, perm: np.ndarray) -> None:
+    """Reorder an HNSW index's entries (through a pre-transform, which only maps vectors)."""
+    _hnsw_of(index).permute_entries(perm)
 
 
 def add_vectors(index: faiss.Index, vectors: np.ndarray, batch: int = 65536, seed: int = 0,
@@ -128,7 +141,7 @@ def add_vectors(index: faiss.Index, vectors: np.ndarray, batch: int = 65536, see
         return
     order = np.random.default_rng([seed, 11]).permutation(len(x))
     _add_rows(index, x, order, with_ids=False, batch=batch, desc=desc)
-    index.permute_entries(np.concatenate([np.arange(n0), n0 + np.argsort(order)]).astype(np.int64))
+    _permute_entries(index, np.concatenate([np.arange(n0), n0 + np.argsort(order)]).astype(np.int64))
 
 
 def exact_search(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -283,8 +296,74 @@ def build_tuned(vectors: np.ndarray, spec: str, target: float = 0.97, budget_ms:
                                       map_ids=rest if hnsw else None)
     _add_rows(index, x, held, with_ids=not hnsw)
     if hnsw:  # entries are in (rest, held) order: permute them back to row order
-        index.permute_entries(np.argsort(np.concatenate([rest, held])).astype(np.int64))
+        _permute_entries(index, np.argsort(np.concatenate([rest, held])).astype(np.int64))
     return index, Tuning(params, recall, met, target, lat, budget_ms, n_hold, "held-out", k)
+
+
+def _stored_vectors(index: faiss.Index) -> np.ndarray | None:
+    """All vectors of `index` in id order (decoded; through a pre-transform), None if it cannot reconstruct."""
+    if index.ntotal == 0:
+        return np.zeros((0, index.d), np.float32)
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    made_map = False
+    try:
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+            ivf.make_direct_map()
+            made_map = True
+        return index.reconstruct_n(0, index.ntotal)
+    except RuntimeError:
+        return None
+    finally:
+        if made_map:
+            ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+
+
+def add_tuned(index: faiss.Index, vectors: np.ndarray, spec: str, target: float = 0.97,
+              budget_ms: float | None = 1.0, n_queries: int = 1000, k: int = 10, seed: int = 0) -> Tuning | None:
+    """Append `vectors` (ids continue the row numbers) and re-tune efSearch / nprobe as `build_tuned` does.
+
+    A random slice of the new vectors (up to `n_queries`, at most a tenth) is held out while the
+    others are added, the search parameter is swept on it against exact neighbours among the
+    stored vectors plus the added ones, then the slice is added too. Returns None, leaving the
+    search parameters as they were, when the index cannot give back its stored vectors or there
+    are too few new vectors to hold out: the caller must then mark the old tuning stale.
+    """
+    x = normalize(vectors)
+    if x.shape[1] != index.d:
+        raise VaultError(f"vectors of dim {x.shape[1]} cannot go into an index of dim {index.d}")
+    options = _tunable(spec, k)
+    n_hold = min(n_queries, len(x) // 10)
+    old = _stored_vectors(index) if options and n_hold >= MIN_HELD_OUT else None
+    if not options or old is None:
+        add_vectors(index, x, seed=seed)
+        return Tuning("", 1.0, True, target) if not options else None
+    n0 = index.ntotal
+    rng = np.random.default_rng([seed, 13])
+    held = np.sort(rng.choice(len(x), size=n_hold, replace=False))
+    rest = np.setdiff1d(np.arange(len(x)), held)
+    hnsw = _is_hnsw(index)
+    if hnsw:  # a graph gets its rows in random order (see add_vectors)
+        rest = rng.permutation(rest)
+    ids = lambda rows: (n0 + rows).astype(np.int64)  # noqa: E731
+    if hnsw:
+        _add_rows(index, x, rest, with_ids=False, desc="index")
+    else:
+        for i in range(0, len(rest), 65536):
+            index.add_with_ids(x[rest[i : i + 65536]], ids(rest[i : i + 65536]))
+    every = np.concatenate([normalize(old), x])
+    k = min(k, n0 + len(rest))
+    truth = _exact_excluding(every, x[held], k, n0 + held)
+    map_ids = np.concatenate([np.arange(n0), n0 + rest]) if hnsw else None
+    params, recall, lat, met = _sweep(index, x[held], truth, options, target, budget_ms, map_ids=map_ids)
+    if hnsw:
+        _add_rows(index, x, held, with_ids=False)
+        _permute_entries(index, np.concatenate([np.arange(n0), n0 + np.argsort(np.concatenate([rest, held]))]).astype(np.int64))
+    else:
+        index.add_with_ids(x[held], ids(held))
+    return Tuning(params, recall, met, target, lat, budget_ms, n_hold, "held-out", k)
 
 
 def _add_rows(index: faiss.Index, x: np.ndarray, rows: np.ndarray, with_ids: bool, batch: int = 65536,

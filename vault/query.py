@@ -49,9 +49,12 @@ class Vault:
             raise VaultError(f"{folder}/manifest.json: lists no index files; the vault is incomplete")
         self.meta = Metadata.read(folder / files["metadata"])
         self.prompt_text, self.prompt_fingerprint = read_prompts(folder / files["prompts"])
-        if len(self.meta) != manifest.count or len(self.prompt_text) != manifest.num_prompts:
-            raise VaultError(f"{folder}: metadata ({len(self.meta)} images) disagrees with manifest.json "
-                             f"({manifest.count}); rebuild the vault")
+        if len(self.meta) != manifest.count:
+            raise VaultError(f"{folder / files['metadata']}: metadata ({len(self.meta)} images) disagrees with "
+                             f"manifest.json count ({manifest.count}); rebuild the vault")
+        if len(self.prompt_text) != manifest.num_prompts:
+            raise VaultError(f"{folder / files['prompts']}: prompt table ({len(self.prompt_text)} prompts) disagrees "
+                             f"with manifest.json num_prompts ({manifest.num_prompts}); rebuild the vault")
         self.index = self._open_index(files["global"], manifest.search_params, manifest.count, use_gpu)
         self.cat_names = list(manifest.category_table)
         self.cat_index, self.cat_members = {}, {}

@@ -230,3 +230,14 @@ def test_resume_after_kill_gives_the_uninterrupted_result(extracted, shards_dir,
     assert resumed.text["prompts_encoded"] < full.text["prompts_encoded"]
     assert resumed.unique_prompts == full.unique_prompts
     assert_same_parts(reference, out)
+
+
+def test_parts_record_their_shard_folder_and_a_vault_finds_it(extracted, shards_dir, tmp_path):
+    from extraction.pairs import read_attrs
+    from vault.build import build_vault
+
+    out, _ = extracted
+    parts = sorted(out.glob("*.h5"))
+    assert parts and all(read_attrs(p)["shards_dir"] == str(shards_dir.resolve()) for p in parts)
+    m = build_vault(out, tmp_path / "v", categories=False)  # no shards=: the folder comes from the parts
+    assert m.shard_folders == [str(shards_dir.resolve())]

@@ -137,3 +137,12 @@ def test_quota_is_exact_and_zero_is_allowed(tmp_path):
     assert list(c.draws("j")) == []
     c = campaign_with(tmp_path, template="{a|b}", quota=137)
     assert len(list(c.draws("j"))) == 137 and c.total_quota == 137
+
+
+def test_zero_weight_templates_add_no_combinations():
+    from factory.campaign_file import campaign_from_dict
+
+    c = campaign_from_dict({"campaign": "t", "wildcards": {"c": ["red", "0::blue", "green"]},
+                            "jobs": {"j": {"quota": 200, "templates": ["0::never {a|b|c|d}", "x __c__"]}}})
+    assert {s.prompt for s in c.draws("j")} == {"x red", "x green"}
+    assert c.combinations("j") == 2

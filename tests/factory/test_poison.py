@@ -7,8 +7,11 @@ import functools
 import json
 from pathlib import Path
 
+import pytest
+
 from factory import shards
 from factory.campaign_file import load_campaign
+from factory.errors import FactoryError
 from factory.inventory import CheckpointInfo
 from factory.planner import plan
 from factory.run import RunReport, ShardSink, _task, prepare_units, record_path
@@ -161,3 +164,56 @@ def test_agreement_below_min_score_stops_checkpoints_and_scores_reach_the_metada
     assert set(report.rejected_reasons) == {"agreement"}  # counted by kind, not by score
     assert any(line.startswith("stopped checkpoint good-base: 8 of 8 images failed the quality gate (agreement 8)")
                for line in lines), lines
+
+
+def test_deleting_the_record_after_a_stop_renders_nothing_twice(tmp_path, fakes):
+    """docs/factory.md: delete the record to give a stopped checkpoint another chance; what the healthy
+    checkpoint already rendered for it stays, so the rerun has nothing left and refuses nothing."""
+    ckpts, the_plan, out = _setup(tmp_path)
+    gen = functools.partial(fakes.FakeGenerator, flat_paths=["flat-pony"])
+    pending, watch = prepare_units(the_plan, ckpts, shards.scan(out / "shards", "guard"), out, CFG,
+                                   RunReport(campaign="guard"), lambda line: None)
+    _drive(pending, watch, ckpts, out, gen)
+    record_path(out, "guard").unlink()
+    lines: list[str] = []
+    again = RunReport(campaign="guard")
+    pending2, _ = prepare_units(the_plan, ckpts, shards.scan(out / "shards", "guard"), out, CFG, again, lines.append)
+    assert pending2 == [] and not again.poisoned and again.skipped_units == len(the_plan.units)
+    assert any("changed since their samples were rendered" in line for line in lines), lines
+
+
+def _plan_of(tmp_path: Path, text: str, ckpts: dict):
+    camp = tmp_path / "edited.yaml"
+    camp.write_text(text)
+    return plan(load_campaign(camp), list(ckpts.values()))
+
+
+def test_editing_a_list_after_a_partial_run_resumes_the_rest(tmp_path, fakes):
+    ckpts, the_plan, out = _setup(tmp_path)
+    pending, watch = prepare_units(the_plan, ckpts, shards.scan(out / "shards", "guard"), out, CFG,
+                                   RunReport(campaign="guard"), lambda line: None)
+    _drive(pending[:3], watch, ckpts, out, fakes.FakeGenerator)  # interrupted after three units
+    first = {json.loads(s["json"])["key"]: json.loads(s["json"])["prompt"]
+             for t in shards.complete_shards(out / "shards", "guard") for s in shards.read_shard(t)}
+    edited = _plan_of(tmp_path, CAMPAIGN.replace("amber eyes", "hazel eyes"), ckpts)
+    assert {u.id for u in edited.units[:3]} != {u.id for u in the_plan.units[:3]}  # their prompts changed
+    pending2, watch2 = prepare_units(edited, ckpts, shards.scan(out / "shards", "guard"), out, CFG,
+                                     RunReport(campaign="guard"), lambda line: None)
+    assert {s.key for u in pending2 for s in u.samples} == {s.key for u in edited.units for s in u.samples} - set(first)
+    _drive(pending2, watch2, ckpts, out, fakes.FakeGenerator)
+    metas = [json.loads(s["json"]) for t in shards.complete_shards(out / "shards", "guard") for s in shards.read_shard(t)]
+    keys = [m["key"] for m in metas]
+    assert len(keys) == 20 and len(set(keys)) == 20  # the whole quota, each key once
+    assert {m["key"]: m["prompt"] for m in metas if m["key"] in first} == first  # rendered samples are kept
+
+
+def test_units_cut_differently_from_the_shards_are_refused_with_the_cause(tmp_path, fakes):
+    ckpts, the_plan, out = _setup(tmp_path)
+    pending, watch = prepare_units(the_plan, ckpts, shards.scan(out / "shards", "guard"), out, CFG,
+                                   RunReport(campaign="guard"), lambda line: None)
+    _drive(pending[:1], watch, ckpts, out, fakes.FakeGenerator)  # one unit of 2 samples
+    regrouped = _plan_of(tmp_path, CAMPAIGN.replace("batch_size: 2", "batch_size: 3"), ckpts)
+    with pytest.raises(FactoryError, match=r"partly in .*shards already .*: 2 of its 3 keys, .*cuts the samples into "
+                                           r"units differently .*batch_size"):
+        prepare_units(regrouped, ckpts, shards.scan(out / "shards", "guard"), out, CFG, RunReport(campaign="guard"),
+                      lambda line: None)

@@ -13,7 +13,7 @@ from extraction.pairs import Pairs
 from extraction.synthetic import synthetic_encode, write_synthetic_pairs
 from tests.vault.conftest import DIM, _queries
 from vault.build import add_pairs, build_vault, drop_conditionings
-from vault.manifest import FORMAT_VERSION, VaultError
+from vault.manifest import FORMAT_VERSION, Manifest, VaultError
 from vault.query import Vault
 
 
@@ -95,3 +95,37 @@ def test_broken_vault_files_are_clear_errors(pairs_dir, tmp_path):
         Vault.open(out)
     with pytest.raises(VaultError, match="not a vault"):
         Vault.open(tmp_path / "p")
+
+
+def test_adding_to_a_vault_checks_and_uses_the_build_settings(tmp_path):
+    src = tmp_path / "pairs"
+    write_synthetic_pairs(src, 300, 30, 16, categories=("eyes",), seed=0)
+    build_vault(src, tmp_path / "v", tune_recall=0.5, tune_latency_ms=None)
+    more = write_synthetic_pairs(tmp_path / "more", 300, 30, 16, categories=("hands",), seed=1)
+    (more / "part-00000.h5").rename(src / "part-00001.h5")
+    with pytest.raises(ValueError, match=r"tune_recall=5\.0"):
+        build_vault(src, tmp_path / "v", tune_recall=5.0)
+    for key, value, has in (("mode", "prompts", "'stored'"), ("index", "HNSW32", "'Flat'"), ("categories", False, "True")):
+        with pytest.raises(ValueError, match=rf"{key}={value!r}: .*existing vault with {key}={has}"):
+            build_vault(src, tmp_path / "v", **{key: value})
+    assert Manifest.read(tmp_path / "v").count == 300  # refused adds change nothing
+    m = build_vault(src, tmp_path / "v", mode="stored", index="Flat", categories=True,
+                    tune_recall=0.6, tune_latency_ms=None)
+    assert m.count == 600 and m.generation == 2
+    assert m.categories["hands"]["tuning"]["target"] == 0.6 and m.categories["hands"]["tuning"]["budget_ms"] is None
+
+
+def test_mismatch_errors_name_the_quantity_at_fault(tmp_path):
+    from vault.store import read_prompts, write_prompts
+
+    write_synthetic_pairs(tmp_path / "a", 200, 20, 8, seed=0)
+    build_vault(tmp_path / "a", tmp_path / "v", categories=False)
+    other = write_synthetic_pairs(tmp_path / "b", 200, 20, 8, seed=1, pooled_dim=32)
+    with pytest.raises(VaultError, match=r"part-00000\.h5: pooled dim 32 differs from the vault's 64"):
+        build_vault(other, tmp_path / "v")
+    m = Manifest.read(tmp_path / "v")
+    text, fps = read_prompts(tmp_path / "v" / m.files["prompts"])
+    write_prompts(tmp_path / "v" / m.files["prompts"], text[:-1], fps[:-1])
+    with pytest.raises(VaultError, match=r"prompts\.g1\.h5: prompt table \(19 prompts\) disagrees with manifest\.json "
+                                         r"num_prompts \(20\)"):
+        Vault.open(tmp_path / "v")

@@ -62,3 +62,25 @@ def test_hnsw_rows_go_in_shuffled_and_keep_their_row_numbers():
         r_file = recall_at(file_order.search(q, 10)[1], truth)
         r_shuffled = recall_at(shuffled.search(q, 10)[1], truth)
         assert r_shuffled >= r_file + 0.01, (ef, r_file, r_shuffled)  # measured +0.035 / +0.030
+
+
+@pytest.mark.parametrize("spec", ["PCA16,HNSW32", "OPQ8,HNSW32,Flat"])
+def test_hnsw_behind_a_pre_transform_is_built_shuffled_and_tuned(spec):
+    import faiss
+
+    from vault.index import HNSW_EF_CONSTRUCTION, build_tuned, normalize
+
+    rng = np.random.default_rng(3)
+    x = normalize(rng.standard_normal((2000, 16)).astype(np.float32) @ rng.standard_normal((16, 32)).astype(np.float32))
+    index, tuning = build_tuned(x, spec, target=0.95, budget_ms=None, n_queries=200)
+    pre = faiss.downcast_index(index)
+    assert isinstance(pre, faiss.IndexPreTransform)
+    hnsw = faiss.downcast_index(pre.index)
+    assert hnsw.hnsw.efConstruction == HNSW_EF_CONSTRUCTION
+    assert tuning.method == "held-out" and tuning.params.startswith("efSearch=")
+    assert index.ntotal == len(x)
+    # entry i holds row i (transformed): the held-out rows were permuted back, ids are row numbers
+    transformed = faiss.downcast_VectorTransform(pre.chain.at(0)).apply(x)
+    assert np.allclose(hnsw.reconstruct_n(0, len(x)), transformed, atol=1e-5)
+    if spec.startswith("OPQ"):  # a rotation keeps inner products: the tuned search reaches the target
+        assert tuning.met and tuning.recall >= 0.95

@@ -95,3 +95,39 @@ def test_cli_build_says_when_the_target_is_not_met(tmp_path, capsys, caplog):
     assert main(["build", f"pairs={pairs}", f"out={tmp_path / 'v2'}", "index=HNSW16", "categories=false",
                  "tune_recall=0.5"]) == 0
     assert "NOT MET" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["HNSW8", "IVF32,Flat"])
+def test_an_add_re_tunes_on_held_out_new_vectors(one_thread, spec):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4000, 32)).astype(np.float32)
+    index, first = vindex.build_tuned(x[:1000], spec, target=0.98, budget_ms=None, n_queries=100)
+    t = vindex.add_tuned(index, x[1000:], spec, target=0.98, budget_ms=None, n_queries=300)
+    assert t.method == "held-out" and t.queries == 300 and t.met and t.recall >= 0.98
+    assert index.ntotal == len(x)
+    if spec.startswith("IVF"):  # the direct map made to read the stored vectors is not kept
+        assert faiss.extract_index_ivf(index).direct_map.type == faiss.DirectMap.NoMap
+    # the recorded recall holds for new queries at the re-tuned setting
+    q = vindex.normalize(rng.standard_normal((300, 32)).astype(np.float32))
+    _, truth = vindex.exact_search(x, q, 10)
+    vindex.apply_search_params(index, t.params)
+    assert vindex.recall_at(index.search(q, 10)[1], truth) >= t.recall - 0.03
+    # every row, old or new, is in the index under its own row number
+    vindex.apply_search_params(index, "efSearch=512" if spec.startswith("HNSW") else "nprobe=32")
+    _, ids = index.search(vindex.normalize(x[::97]), 1)
+    assert ids[:, 0].tolist() == list(range(0, len(x), 97))
+
+
+def test_manifest_tuning_follows_adds_or_says_it_is_stale(tmp_path):
+    src = tmp_path / "pairs"
+    write_synthetic_pairs(src, 2000, 200, 32, seed=0)
+    build_vault(src, tmp_path / "v", index="HNSW16", categories=False, tune_recall=0.95, tune_latency_ms=None)
+    for n, seed in ((2000, 1), (100, 2)):
+        more = write_synthetic_pairs(tmp_path / f"more{seed}", n, n // 10, 32, seed=seed)
+        (more / "part-00000.h5").rename(src / f"part-0000{seed}.h5")
+    m = build_vault(sorted(src.glob("*.h5"))[:2], tmp_path / "v", tune_recall=0.95, tune_latency_ms=None)
+    assert m.count == 4000 and m.tuning["method"] == "held-out" and m.tuning["queries"] == 200
+    assert "stale" not in m.tuning and m.tuned_recall == m.tuning["recall"] and m.search_params == m.tuning["params"]
+    m = build_vault(src, tmp_path / "v", tune_recall=0.95, tune_latency_ms=None)  # 100 new rows: 10 < 20 to hold out
+    assert m.count == 4100 and m.tuning["stale"] is True and m.tuning["queries"] == 200
+    assert json.loads((tmp_path / "v" / "manifest.json").read_text())["tuning"]["stale"] is True
