@@ -127,15 +127,42 @@ class CategoryRouter:
     """
 
     def __init__(self, make_source: Callable, table: CategoryTable, known: list[str], text, embedder,
-                 name: str = "vault"):
+                 name: str = "vault", settings_file: str | None = None):
         self.make_source, self.table, self.known = make_source, table, list(known)
         self.text, self.embedder, self.name = text, embedder, name
+        self.settings_file = settings_file
         self._sources: dict = {}
 
     def source_for(self, category):
         if category not in self._sources:
             self._sources[category] = self.make_source(category, self.table.settings_for(category))
         return self._sources[category]
+
+    def reachable(self) -> list:
+        """Categories whose source differs in settings: every route's, every per-category entry's, and
+        the fallback of unrouted labels ("auto", or None without categories). A label naming a category
+        directly gets the default settings, as the fallback does, so its source fails exactly when that one does."""
+        cats = [*self.table.routes.values(), *self.table.categories, "auto" if self.known else None]
+        return list(dict.fromkeys(cats))
+
+    def build_all(self) -> "CategoryRouter":
+        """Build the source of every reachable category now, so a setting its source refuses (family,
+        vision tower, hybrid.*) is an error before any detection or denoising, not at the first crop."""
+        for cat in self.reachable():
+            self.source_for(cat)
+        return self
+
+    def describe(self) -> dict:
+        """What the record says about retrieval: the family filter and warning (as a single source's),
+        the routes, the default and per-category settings, the settings file, and each built source's own."""
+        sources = {str(cat): src.describe() for cat, src in self._sources.items() if hasattr(src, "describe")}
+        fallback = sources.get(str("auto" if self.known else None)) or next(iter(sources.values()), {})
+        warnings = list(dict.fromkeys(d.get("warning") for d in sources.values() if d.get("warning")))
+        return {**{k: v for k, v in fallback.items() if k in ("family", "te_fingerprint", "filters")},
+                "warning": "; ".join(warnings) or None, "routed": True, "source": self.name,
+                "routes": dict(self.table.routes), "default": asdict(self.table.default),
+                "categories": {k: asdict(v) for k, v in self.table.categories.items()}, "known": list(self.known),
+                "settings": self.settings_file, "sources": sources}
 
     def rows(self, crops, labels=None) -> list[CondRow]:
         labels = list(labels) if labels is not None else [None] * len(crops)
@@ -164,31 +191,57 @@ def rows_for(conditioner, crops, detections) -> list[CondRow]:
 # ---------------------------------------------------------------------- building from config
 
 
+def _global_settings(ret: dict) -> CategorySettings:
+    return CategorySettings.from_dict({"weight": ret.get("weight", 0.5), "k": ret.get("k", 8),
+                                       "weighting": ret.get("weighting", "mean"),
+                                       "temperature": ret.get("temperature", 0.05)}, "retrieval")
+
+
 def table_from_config(ret: dict) -> CategoryTable | None:
-    """The routing table `retrieval` asks for (a settings file, or category=route), else None."""
+    """The routing table `retrieval` asks for (a settings file, category=route, or per_category without
+    a fixed category), else None (one source: the whole vault, `auto` or a fixed category)."""
     settings = ret.get("settings")
     if settings:
         table = CategoryTable.read(settings)
-    elif ret.get("category") == ROUTE:
+    elif ret.get("category") == ROUTE or (ret.get("per_category") and ret.get("category") is None):
         table = CategoryTable(routes=dict(DEFAULT_ROUTES))
     else:
         return None
     if ret.get("routes"):
         table.routes.update({str(k).lower(): str(v) for k, v in ret["routes"].items()})
     if not settings:
-        table.default = CategorySettings.from_dict(
-            {"weight": ret.get("weight", 0.5), "k": ret.get("k", 8), "weighting": ret.get("weighting", "mean"),
-             "temperature": ret.get("temperature", 0.05)}, "retrieval")
+        table.default = _global_settings(ret)
     for cat, over in (ret.get("per_category") or {}).items():
         base = asdict(table.settings_for(cat))
         table.categories[str(cat)] = CategorySettings.from_dict({**base, **dict(over)}, f"retrieval.per_category.{cat}")
     return table
 
 
+def fixed_settings(ret: dict) -> CategorySettings:
+    """The settings of an unrouted source: the global ones, with `per_category`'s entry for a fixed
+    `category` applied; an entry that could never apply (another category, or `auto`, whose category
+    is chosen per crop by the vault) is an error naming it rather than silently ignored."""
+    s = _global_settings(ret)
+    per = {str(k): v for k, v in (ret.get("per_category") or {}).items()}
+    if not per:
+        return s
+    category = ret.get("category")
+    other = sorted(k for k in per if k != category)
+    if other:
+        raise CategorySettingsError(
+            f"retrieval.per_category: {other} never apply with retrieval.category={category!r} (every crop uses "
+            f"{'the nearest centroid' if category == 'auto' else repr(category)}); set retrieval.category=route to "
+            "route each detection by its label, or drop those entries")
+    return CategorySettings.from_dict({**asdict(s), **dict(per[category] or {})},
+                                      f"retrieval.per_category.{category}")
+
+
 def memory_source(ret: dict, text, embedder, *, vault=None, projector=None, hybrid: dict | None = None,
                   family: str | None = None, te_fingerprint: str | None = None):
     """The crops' source from plain config: vault, projector or both (hybrid), routed by label when
-    `ret` asks for it (`category: route`, `settings: FILE`, `per_category`); None without memory."""
+    `ret` asks for it (`category: route`, `settings: FILE`, `per_category` without a fixed category);
+    None without memory. A fixed category takes its `per_category` entry. A routed source builds every
+    category's source here, so whatever one of them refuses is an error before any denoising."""
     from lsd_runtime.conditioning import ProjectorSource, VaultSource
     from lsd_runtime.hybrid import HybridSettings, HybridSource
 
@@ -212,13 +265,19 @@ def memory_source(ret: dict, text, embedder, *, vault=None, projector=None, hybr
         return HybridSource(vs, ps, settings=hs, weight=s.weight, blend=blend)
 
     if table is None:
-        s = CategorySettings.from_dict({"weight": ret.get("weight", 0.5), "k": ret.get("k", 8),
-                                        "weighting": ret.get("weighting", "mean"),
-                                        "temperature": ret.get("temperature", 0.05)}, "retrieval")
+        s = fixed_settings(ret)
+        info = vault.info()
+        if category is not None and "categories" in info:  # refused here, not by the vault at the first crop
+            known = list(info["categories"] or [])
+            if (category == "auto" and not known) or (category != "auto" and category not in known):
+                raise CategorySettingsError(f"retrieval.category={category!r}: the vault has categories "
+                                            f"{known or 'none (built with categories=false)'}")
         return make(category, s)
     known = list(vault.info().get("categories") or [])
     # default routes to categories this vault lacks are dropped; configured ones must exist
     table.routes = {lab: cat for lab, cat in table.routes.items()
                     if cat in known or DEFAULT_ROUTES.get(lab) != cat or lab in (ret.get("routes") or {})}
     table.check_against(known, str(ret.get("settings") or "retrieval.routes"))
-    return CategoryRouter(make, table, known, text, embedder, name="hybrid" if projector is not None else "vault")
+    router = CategoryRouter(make, table, known, text, embedder, name="hybrid" if projector is not None else "vault",
+                            settings_file=str(ret["settings"]) if ret.get("settings") else None)
+    return router.build_all()

@@ -125,7 +125,7 @@ def run(cfg) -> dict:
     result.record["input"] = {"image": config["image"], "checkpoint": config["checkpoint"], "preset": config["preset"],
                               "vault": config["vault"], "projector": config["projector"]}
     inner = getattr(source, "source", source)
-    if hasattr(inner, "describe"):  # a vault source: its family filter, and the warning of retrieval.family=any
+    if hasattr(inner, "describe"):  # vault, hybrid or routed: the family filter, the warning of retrieval.family=any
         result.record["retrieval"] = inner.describe()
     return write_outputs(result, config["out"])
 

@@ -99,6 +99,16 @@ class HybridSource:
         self.embedder: CropEmbedder = vault_source.embedder
         self.weight, self.blend = float(weight), blend
 
+    def describe(self) -> dict:
+        """What the record says about retrieval: the vault part's family filter and warning (as a
+        VaultSource's), the policy, and both parts' settings."""
+        v, p = self.vault_source, self.projector_source
+        return {**v.describe(), "source": self.name, "hybrid": asdict(self.settings), "weight": self.weight,
+                "blend": self.blend,
+                "parts": {"vault": {"k": v.k, "category": v.category, "weighting": v.weighting,
+                                    "temperature": v.temperature, "vision_model": v.vision_model},
+                          "projector": {"vision_model": p.embedder.model_id, "weight": p.weight, "blend": p.blend}}}
+
     def rows(self, crops) -> list[CondRow]:
         embeds = self.embedder(crops)
         v = self.vault_source

@@ -149,3 +149,69 @@ def test_refine_config_with_vault_and_projector_builds_the_hybrid(vault, project
     src = build_conditioning(c, comps, "a face", None)
     assert isinstance(src, CategoryRouter) and src.name == "hybrid"
     assert isinstance(src.source_for("faces"), HybridSource)
+
+
+def test_per_category_alone_turns_routing_on(vault, text, embedder, crops):
+    """retrieval.per_category without retrieval.category routes by label, as documented (never ignored)."""
+    from lsd_runtime.detect import Detection
+
+    ret = {"k": 4, "weight": 0.5, "per_category": {"hands": {"k": 2, "weight": 0.9}}}
+    source = memory_source(ret, text, embedder, vault=vault, family="any")
+    assert isinstance(source, CategoryRouter)
+    rows = source.rows_for(crops[:2], [Detection(box=(0, 0, 1, 1), label="face"),
+                                       Detection(box=(0, 0, 1, 1), label="hand")])
+    assert {n["category"] for n in rows[1].neighbours} == {"hands"} and len(rows[1].neighbours) == 2
+    assert rows[1].strength == 0.9 and rows[0].strength == 0.5 and len(rows[0].neighbours) == 4
+
+
+def test_fixed_category_takes_its_per_category_entry_and_refuses_the_others(vault, text, embedder, crops):
+    ret = {"category": "hands", "k": 4, "weight": 0.5, "per_category": {"hands": {"k": 2, "weight": 0.9}}}
+    source = memory_source(ret, text, embedder, vault=vault, family="any")
+    assert isinstance(source, VaultSource) and (source.category, source.k, source.weight) == ("hands", 2, 0.9)
+    rows = source.rows(crops[:1])
+    assert {n["category"] for n in rows[0].neighbours} == {"hands"} and len(rows[0].neighbours) == 2
+    with pytest.raises(CategorySettingsError, match=r"retrieval.per_category: \['faces'\] never apply"):
+        memory_source({**ret, "per_category": {"faces": {"k": 2}}}, text, embedder, vault=vault, family="any")
+    with pytest.raises(CategorySettingsError, match="retrieval.category='auto'"):
+        memory_source({**ret, "category": "auto"}, text, embedder, vault=vault, family="any")
+    with pytest.raises(CategorySettingsError, match="retrieval.category='feet'"):
+        memory_source({"category": "feet"}, text, embedder, vault=vault, family="any")
+
+
+@pytest.mark.parametrize("ret", [{"category": "route"}, {"per_category": {"hands": {"k": 2}}},
+                                 {"category": "route", "routes": {"person": "faces"}}])
+def test_routed_sources_are_built_and_checked_before_any_crop(vault, projector, text, embedder, ret):
+    """A setting some category's source refuses is an error from memory_source, not at the first crop."""
+    from lsd_runtime.conditioning import ConditioningError
+
+    src = memory_source(ret, text, embedder, vault=vault, family="any")
+    known = vault.info()["categories"]
+    assert set(src._sources) >= {*src.table.routes.values(), *src.table.categories, "auto"}
+    assert set(src.table.routes.values()) <= set(known)
+    with pytest.raises(ConditioningError, match="no conditionings of this checkpoint's text encoders"):
+        memory_source(ret, text, embedder, vault=vault, family="same", te_fingerprint="not-this-vaults")
+    with pytest.raises(ConditioningError, match="hybrid.policy='nearest'"):
+        memory_source(ret, text, embedder, vault=vault, projector=projector, hybrid={"policy": "nearest"},
+                      family="any")
+    with pytest.raises(CategorySettingsError, match="retrieval.per_category.faces"):
+        memory_source({**ret, "per_category": {"faces": {"weight": 2.0}}}, text, embedder, vault=vault, family="any")
+
+
+def test_routed_and_hybrid_sources_describe_the_retrieval_and_its_warning(vault, projector, text, embedder):
+    """record.json's `retrieval` (cli.run) comes from describe(): routed and hybrid sources have one too."""
+    held = vault.info()["te_fingerprints"]
+    ret = {"category": "route", "per_category": {"faces": {"k": 3}}}
+    d = memory_source(ret, text, embedder, vault=vault, family="any", te_fingerprint="mine").describe()
+    assert d["family"] == "any" and "retrieval.family=any" in d["warning"] and str(held[0]) in d["warning"]
+    assert d["routed"] and d["routes"]["face"] == "faces" and d["categories"]["faces"]["k"] == 3
+    assert d["sources"]["faces"]["warning"] and "auto" in d["sources"]
+    json.dumps(d)  # goes into record.json as it is
+    h = memory_source({"k": 5}, text, embedder, vault=vault, projector=projector, hybrid={"policy": "mix", "tau": 0.3},
+                      family="any", te_fingerprint="mine").describe()
+    assert isinstance(h, dict) and h["hybrid"] == {"policy": "mix", "tau": 0.3, "softness": 0.05}
+    assert "retrieval.family=any" in h["warning"] and h["parts"]["vault"]["k"] == 5
+    assert h["parts"]["projector"]["vision_model"] == TINY_VISION
+    routed = memory_source(ret, text, embedder, vault=vault, projector=projector, family="any",
+                           te_fingerprint="mine").describe()
+    assert routed["source"] == "hybrid" and routed["sources"]["faces"]["hybrid"]["policy"] == "gate"
+    json.dumps(h), json.dumps(routed)
