@@ -20,6 +20,9 @@ from lsd_runtime.scaffold import derived_generator
 from lsd_runtime.tiles import accumulate, chessboard_passes, tile_grid, tile_weights
 
 
+PASSES = ("chessboard", "disjoint")  # tiles.chessboard_passes modes
+
+
 @dataclass
 class RefineTileSettings:
     tile: int = 1024
@@ -33,6 +36,10 @@ class RefineTileSettings:
             raise ValueError(f"refine.tile={self.tile}: must be a positive multiple of 8")
         if int(self.batch_size) < 1:
             raise ValueError(f"refine.batch_size={self.batch_size}: must be >= 1")
+        if self.overlap is not None and not 0 <= int(self.overlap) < self.tile:
+            raise ValueError(f"refine.overlap={self.overlap}: must be in [0, refine.tile={self.tile})")
+        if self.passes not in PASSES:
+            raise ValueError(f"refine.passes={self.passes!r}: choose one of {PASSES}")
 
 
 def refine_tiles(canvas: np.ndarray, scaffold, conditioner, denoise, settings: RefineTileSettings,

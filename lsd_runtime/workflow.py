@@ -25,11 +25,12 @@ from lsd_runtime.detailer import DetailSettings, crop_json, detail
 from lsd_runtime.geometry import pad_to_multiple, unpad
 from lsd_runtime.refiner import RefineTileSettings, refine_tiles
 from lsd_runtime.denoiser import DiffusersDenoiser
-from lsd_runtime.sampler import DenoiseItem, Sampler, SamplerSettings, auto_batch_size, time_ids
+from lsd_runtime.sampler import DenoiseItem, Sampler, SamplerError, SamplerSettings, auto_batch_size, time_ids
 from lsd_runtime.scaffold import NoiseScaffold
 from luna.settings import resolve_device
 
 FORMAT_VERSION = 2  # 2: record.settings shaped as conf/refine.yaml (detail, refine, draft)
+TILE_CONDITIONING = ("text", "same")  # refine.conditioning: the prompt's row, or the crops' source per tile
 
 
 class ImageReadError(ValueError):
@@ -172,7 +173,7 @@ class DetailStage(SamplerSettings, DetailSettings):
 
     def check(self) -> None:
         DetailSettings.check(self)
-        SamplerSettings.check(self)
+        _check_sampler(self, "detail")
 
 
 @dataclass
@@ -181,11 +182,21 @@ class RefineStage(SamplerSettings, RefineTileSettings):
     strength: float = 0.2
     batch_size: Any = "auto"  # tiles per batch; auto: by free GPU memory (4 on CPU)
     enabled: bool = True
-    conditioning: str = "text"  # text | same (the crops' source, per tile)
+    conditioning: str = "text"  # TILE_CONDITIONING: text | same (the crops' source, per tile)
 
     def check(self) -> None:
         RefineTileSettings.check(self)
-        SamplerSettings.check(self)
+        _check_sampler(self, "refine")
+        if self.conditioning not in TILE_CONDITIONING:
+            raise ValueError(f"refine.conditioning={self.conditioning!r}: choose one of {TILE_CONDITIONING}")
+
+
+def _check_sampler(stage: SamplerSettings, key: str) -> None:
+    """SamplerSettings.check, its error naming the stage's key (refine.steps=0, not steps=0)."""
+    try:
+        SamplerSettings.check(stage)
+    except SamplerError as e:
+        raise SamplerError(f"{key}.{e}") from None
 
 
 @dataclass
@@ -353,6 +364,9 @@ def refine(image, prompt: str, *, components: Components, detector=None, detecti
     from lsd_runtime.conditioning import TextSource, WithImageEmbeds
 
     settings = _resolve_batches(settings or RefineSettings(), components.sampler)
+    settings.detail.check()  # every setting is refused before any detection or denoising, not after the crops
+    if settings.refine.enabled:
+        settings.refine.check()
     if denoise is None:  # a checkpoint that cannot be sampled with a stage's sampler is refused before any work
         components.sampler.scheduler_plan(settings.detail.sampler)
     if settings.refine.enabled and tile_denoise is None and denoise is None:

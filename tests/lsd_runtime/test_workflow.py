@@ -1,7 +1,10 @@
 """lsd_runtime.workflow: refine() at the tiny preset's sizes (conf/preset/tiny.yaml), settings from the config."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
+import pytest
 
 
 def tiny_settings(*overrides: str):
@@ -55,3 +58,42 @@ def test_from_draft_runs_draft_smoothing_and_upscale():
     assert res.image.size == (512, 512)
     assert res.record["draft"] == {"draft_size": [128, 128], "smooth_size": [192, 192]}
     assert np.asarray(res.image).std() > 1.0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("refine.tile=100", "refine.tile=100"), ("refine.passes=diagonal", "refine.passes='diagonal'"),
+    ("refine.steps=0", "refine.steps=0"), ("refine.conditioning=sme", "refine.conditioning='sme'"),
+    ("refine.overlap=300", "refine.overlap=300"), ("detail.sampler=heun", "detail.sampler='heun'")])
+def test_bad_stage_settings_are_refused_before_any_crop_is_denoised(override, message):
+    """refine.* / detail.* are checked when refine() starts, not after every crop has been denoised."""
+    from lsd_runtime.detailer import identity_denoiser
+    from lsd_runtime.detect import Detection
+    from lsd_runtime.workflow import refine, tiny_components
+
+    calls = []
+
+    def counting(items):
+        calls.append(len(items))
+        return identity_denoiser(items)
+
+    class Detector:
+        def detect(self, image, prompts):
+            calls.append("detect")
+            return [Detection(box=(0.1, 0.1, 0.4, 0.4), label="face")]
+
+    img = np.full((256, 256, 3), 120, np.uint8)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        refine(img, "x", components=tiny_components(), detector=Detector(), settings=tiny_settings(override),
+               denoise=counting, tile_denoise=counting)
+    assert calls == []
+
+
+def test_both_refine_conditioning_values_are_accepted():
+    from lsd_runtime.detailer import identity_denoiser
+    from lsd_runtime.workflow import refine, tiny_components
+
+    img = np.full((256, 256, 3), 120, np.uint8)
+    for value in ("text", "same"):
+        res = refine(img, "x", components=tiny_components(), detections=[], denoise=identity_denoiser,
+                     settings=tiny_settings(f"refine.conditioning={value}"))
+        assert res.record["tiles"] and res.record["settings"]["refine"]["conditioning"] == value
