@@ -43,17 +43,31 @@ class Tile:
 
 
 def _starts(extent: int, tile: int, overlap: int, multiple: int) -> list[int]:
+    """Starts of `tile`-px tiles over `extent` px, evenly spread, on multiples of `multiple` (the last
+    one ends on the edge), every two neighbours overlapping by at least `overlap` px.
+
+    Rounding the even spread to the grid can widen a gap by up to `multiple` px, so the count grows
+    until no gap exceeds `tile - overlap` (it always can when that stride is at least `multiple`).
+    """
     if extent <= tile:
         return [0]
-    n = math.ceil((extent - overlap) / (tile - overlap))
-    n = max(n, 2)
+    stride = tile - overlap  # the widest gap that keeps the overlap
+    if stride < multiple:
+        raise ValueError(f"overlap {overlap} with tile {tile} leaves a stride of {stride} px, below the "
+                         f"{multiple} px grid the tiles start on: use an overlap of at most {tile - multiple}")
     span = extent - tile
-    starts = [int(round(i * span / (n - 1) / multiple)) * multiple for i in range(n - 1)]
-    return starts + [span]  # the last tile ends exactly on the canvas edge
+    n = max(math.ceil((extent - overlap) / stride), 2)
+    while True:
+        starts = sorted({int(round(i * span / (n - 1) / multiple)) * multiple for i in range(n - 1)} - {span})
+        starts = [s for s in starts if s < span] + [span]  # the last tile ends exactly on the canvas edge
+        if all(b - a <= stride for a, b in zip(starts, starts[1:])):
+            return starts
+        n += 1
 
 
 def tile_grid(canvas_wh: tuple[int, int], tile: int = 1024, overlap: int | None = None, *, multiple: int = 8) -> list[Tile]:
-    """Overlapping tiles covering the canvas, row-major; `overlap` is the minimum overlap.
+    """Overlapping tiles covering the canvas, row-major; `overlap` is the minimum overlap: every two
+    neighbouring tiles overlap by at least that many px (after rounding their starts to the grid).
 
     Tile starts are multiples of `multiple` and the last tile ends on the canvas edge, so on a
     canvas padded to a multiple of 8 (geometry.pad_to_multiple) every tile sits on the latent

@@ -37,6 +37,39 @@ def test_grid_covers_the_canvas_with_equal_tiles_on_the_grid(canvas, tile):
         assert (x0 % 8 == 0 or x1 == cw) and (y0 % 8 == 0 or y1 == ch)
 
 
+def _overlaps(starts, tile):
+    return [tile - (b - a) for a, b in zip(starts, starts[1:])]
+
+
+def test_rounding_to_the_grid_never_leaves_an_overlap_below_the_minimum():
+    """2872 px, tile 1024, overlap 100: the even spread 0, 924, 1848 is off the 8 px grid, and 928 would
+    leave 96 px; no start on the grid gives three tiles with >= 100 px, so the grid takes four."""
+    starts = sorted({t.box[0] for t in tile_grid((2872, 1024), tile=1024, overlap=100)})
+    assert starts[0] == 0 and starts[-1] == 2872 - 1024 and all(s % 8 == 0 for s in starts)
+    assert min(_overlaps(starts, 1024)) >= 100 and len(starts) == 4
+
+
+@pytest.mark.parametrize("tile,overlap", [(1024, 100), (1024, None), (256, 64), (256, 1), (128, 120), (96, 0),
+                                          (1024, 1013), (200, 37)])
+def test_every_overlap_reaches_the_minimum_on_many_widths(tile, overlap):
+    """Property: on every width (multiples of 8 and not), each neighbour pair overlaps by >= `overlap`,
+    starts sit on the 8 px grid (the last ends on the edge), and no tile repeats."""
+    want = tile // 4 if overlap is None else overlap
+    for width in range(tile + 1, 6 * tile, 1 if tile <= 256 else 7):
+        starts = sorted(t.box[0] for t in tile_grid((width, 8), tile=tile, overlap=overlap))
+        assert len(set(starts)) == len(starts) and starts[0] == 0 and starts[-1] == width - tile
+        assert all(s % 8 == 0 for s in starts[:-1]), (width, starts)
+        assert min(_overlaps(starts, tile)) >= want, (width, starts)
+        if width % 8 == 0:  # on a padded canvas no smaller count would do: n - 1 gaps of <= the grid stride
+            stride8 = (tile - want) // 8 * 8
+            assert (len(starts) - 2) * stride8 < width - tile, (width, starts)
+
+
+def test_an_overlap_leaving_a_stride_below_the_grid_is_an_error():
+    with pytest.raises(ValueError, match="stride of 4 px"):
+        tile_grid((2048, 1024), tile=1024, overlap=1020)
+
+
 def test_default_chessboard_is_two_passes_without_edge_neighbours_together():
     tiles = tile_grid((4096, 4096))
     passes = chessboard_passes(tiles)
