@@ -8,6 +8,9 @@
     OUT/overlays/tiles.png       the global refiner's tiles, coloured by chessboard pass
     OUT/masks/crop_NNN.png       each crop's paste mask in the image frame
     OUT/scaffold.safetensors     the noise scaffold (reload it to reproduce the run)
+    OUT/detections.json          the detections used, in FileDetector's format (detect.write_detections,
+                                 masks as detections-maskNNN.png beside it): edit it and pass it back
+                                 with detect=file detect.path=OUT/detections.json
 
 Every file is written to a temporary name and renamed.
 """
@@ -78,7 +81,8 @@ def _json_default(x):
 
 
 def write_outputs(result, out_dir, name: str = "refined.png") -> dict:
-    """Write the result's image, overlays, masks, scaffold and record.json into `out_dir`; returns the paths."""
+    """Write the result's image, overlays, masks, scaffold, detections.json and record.json into `out_dir`;
+    returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"image": _save_png(result.image, out / name)}
@@ -89,6 +93,10 @@ def write_outputs(result, out_dir, name: str = "refined.png") -> dict:
         files[f"mask_{key}"] = _save_png(Image.fromarray(arr), out / "masks" / f"{key}.png")
     if result.scaffold is not None:
         files["scaffold"] = str(result.scaffold.save(out / "scaffold.safetensors"))
+    if getattr(result, "detections", None) is not None:  # FileDetector's format, not record.json's
+        from lsd_runtime.detect import write_detections
+
+        files["detections"] = str(write_detections(out / "detections.json", result.detections))
     record = dict(result.record)
     record["files"] = {k: os.path.relpath(v, out) for k, v in files.items()}
     files["record"] = str(write_json(record, out / "record.json"))

@@ -251,6 +251,8 @@ class RefineResult:
     masks: dict = field(default_factory=dict)  # name -> HxW float32 canvas-frame mask
     overlays: dict = field(default_factory=dict)  # name -> PIL image
     scaffold: NoiseScaffold | None = None
+    detections: list = field(default_factory=list)  # the detections used, in the frame of the image detected on
+    # (before padding): record.write_outputs writes them as detections.json, which detect=file reads back
 
 
 # ---------------------------------------------------------------------- helpers
@@ -420,6 +422,7 @@ def refine(image, prompt: str, *, components: Components, detector=None, detecti
     t = time.perf_counter()
     if detections is None:
         detections = detector.detect(rgb, list(settings.detect_prompts)) if detector is not None else []
+    used = list(detections)  # normalised to `rgb`: what detections.json holds (FileDetector on this image)
     detections = _padded_detections(detections, orig_wh, (pw, ph))
     timings["detect"] = time.perf_counter() - t
     record["detections"] = [d.to_json() for d in detections]
@@ -461,7 +464,7 @@ def refine(image, prompt: str, *, components: Components, detector=None, detecti
 
     overlays = {"detections": detection_overlay(unpad(before, orig_wh), record),
                 "tiles": tile_overlay(unpad(before, orig_wh), record)}
-    return RefineResult(out, record, masks, overlays, scaffold)
+    return RefineResult(out, record, masks, overlays, scaffold, used)
 
 
 def _settings_json(s: RefineSettings) -> dict:

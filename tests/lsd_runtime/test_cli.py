@@ -65,15 +65,23 @@ def test_refine_astronaut_with_a_vault_writes_image_overlays_masks_and_record(as
     mask = np.asarray(Image.open(out / "masks" / "crop_000.png"))
     assert mask.shape == (512, 512) and mask[y0:y1, x0:x1].max() == 255 and mask[:y0].max() == 0
     assert Image.open(out / "overlays" / "detections.png").size == (512, 512)
+    from lsd_runtime.detect import FileDetector  # the detections used, ready for detect=file
+
+    back = FileDetector(out / "detections.json").detect(Image.open(astronaut), [])
+    keys = ("box", "label", "score", "has_mask")  # the detector's extra evidence (hits) stays in record.json
+    assert [d.to_json() for d in back] == [{k: d[k] for k in keys} for d in record["detections"]]  # unpadded
 
 
-def test_retrieval_family_any_is_recorded_as_a_warning(astronaut, vault_dir, tmp_path, capsys):
+@pytest.mark.parametrize("routing", [[], ["retrieval.category=route"]])
+def test_retrieval_family_any_is_recorded_as_a_warning(astronaut, vault_dir, tmp_path, capsys, routing):
+    """Also when the crops are routed by label (the record's `retrieval` comes from the router's describe())."""
     out = tmp_path / "run"
     rc = main([f"image={astronaut}", "prompt=an astronaut", f"out={out}", "preset=tiny", f"vault={vault_dir}",
-               "retrieval.k=6", "retrieval.family=any", "detect.prompts=[face]", "refine.enabled=false"])
+               "retrieval.k=6", "retrieval.family=any", "detect.prompts=[face]", "refine.enabled=false", *routing])
     assert rc == 0, capsys.readouterr().err
     record = json.loads((out / "record.json").read_text())
     assert record["retrieval"]["family"] == "any" and "other-family-te" in record["retrieval"]["warning"]
+    assert record["retrieval"].get("routed", False) == bool(routing)
 
 
 def test_unreadable_image_is_one_line_error(tmp_path, capsys):

@@ -1,10 +1,12 @@
 """lsd_runtime.workflow: refine() at the tiny preset's sizes (conf/preset/tiny.yaml), settings from the config."""
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
 import pytest
+from PIL import Image
 
 
 def tiny_settings(*overrides: str):
@@ -97,3 +99,41 @@ def test_both_refine_conditioning_values_are_accepted():
         res = refine(img, "x", components=tiny_components(), detections=[], denoise=identity_denoiser,
                      settings=tiny_settings(f"refine.conditioning={value}"))
         assert res.record["tiles"] and res.record["settings"]["refine"]["conditioning"] == value
+
+
+def test_output_folder_detections_round_trip_through_the_file_detector(tmp_path):
+    """OUT/detections.json holds the detections used, in FileDetector's format: fed back with detect=file
+    it reproduces the run's detections and crops (the docs' edit-and-feed-back loop)."""
+    from dataclasses import replace
+
+    from lsd_runtime.detect import Detection, FileDetector
+    from lsd_runtime.record import write_outputs
+    from lsd_runtime.workflow import refine, tiny_components
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (203, 301, 3), dtype=np.uint8)  # odd size: the canvas is padded
+    mask = np.zeros((203, 301), np.float32)
+    mask[70:120, 130:170] = 1.0
+    dets = [Detection(box=(0.4, 0.3, 0.6, 0.6), mask=mask, label="face", score=0.9),
+            Detection(box=(0.05, 0.6, 0.3, 0.95), label="hand", score=0.7)]
+    settings = tiny_settings("refine.enabled=false")
+
+    def brighten(items):
+        return [np.clip(it.image + 40.0, 0, 255) for it in items]
+
+    first = refine(img, "x", components=tiny_components(), detections=dets, settings=settings, denoise=brighten)
+    files = write_outputs(first, tmp_path / "run")
+    assert files["detections"] == str(tmp_path / "run" / "detections.json")
+    assert first.record["padded"] == [3, 5]
+    back = FileDetector(files["detections"]).detect(Image.fromarray(img), [])
+    assert [(d.label, d.score) for d in back] == [("face", 0.9), ("hand", 0.7)]
+    for d, b in zip(dets, back):
+        np.testing.assert_allclose(b.box, d.box, atol=1e-12)  # the image's frame, not the padded canvas's
+    assert back[1].mask is None and np.array_equal(back[0].mask, mask)
+    again = refine(img, "x", components=tiny_components(), detector=FileDetector(files["detections"]),
+                   settings=replace(settings, detect_prompts=["face", "hand"]), denoise=brighten)
+    assert again.record["detections"] == first.record["detections"]
+    assert [c["crop_box"] for c in again.record["crops"]] == [c["crop_box"] for c in first.record["crops"]]
+    assert np.array_equal(np.asarray(again.image), np.asarray(first.image))
+    relisted = json.loads((tmp_path / "run" / "record.json").read_text())["files"]
+    assert relisted["detections"] == "detections.json"
