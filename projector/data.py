@@ -9,7 +9,8 @@
   conditioning is stored, cut into chunks of `chunk_rows` consecutive images, the chunks are
   shuffled, then the images within a window of one batch of chunks; a batch's conditionings are
   then a few contiguous runs of rows, each read in one call (`_Source.cond`), by `num_workers`
-  processes. Every image is still seen once per epoch, in an order fixed by the seed and epoch.
+  processes. Every image is still seen once per epoch, in an order fixed by the seed and epoch;
+  under DDP each rank takes every world_size-th batch of that order, all ranks as many.
 - Online targets (`conditionings=online`): the loader reads image columns only, plus each batch's
   prompts' token ids gathered from RAM (every prompt tokenized once per pairs folder and tokenizers,
   stored beside the parts: `extraction.pairs.PromptTokenIds`), and the conditioning of each batch's
@@ -37,7 +38,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from extraction.pairs import Pairs, PromptTokenIds
 from projector import metrics
@@ -329,30 +330,69 @@ class _Source:
         return batch
 
 
-class ChunkShuffleSampler(Sampler):
+class _EpochForward:
+    """`batch_sampler.sampler` of a `ChunkShuffleSampler`: Lightning sets the epoch on a loader's
+    sampler and on its batch sampler's `sampler`, never on the batch sampler itself; this passes the
+    epoch on to the batch sampler (and to a sampler Lightning injected, which orders nothing here)."""
+
+    def __init__(self, owner: ChunkShuffleSampler, injected=None):
+        self.owner, self.injected = owner, injected
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+        if callable(getattr(self.injected, "set_epoch", None)):
+            self.injected.set_epoch(epoch)
+
+
+class ChunkShuffleSampler(BatchSampler):
     """Batches of dataset positions for reads from disk: positions sorted by `key` (where their
     data lies), cut into chunks of `chunk_rows` (boundaries shifted at random each epoch), chunks
     shuffled, then the positions within each window of `window` batches' worth of chunks shuffled
     and batched, each batch listed in storage order (the order within a batch does not matter to
     training). Every position once per epoch; the order depends only on (seed, epoch). With
-    `batch_size` a multiple of `chunk_rows`, a batch is at most batch_size / chunk_rows + 1 runs."""
+    `batch_size` a multiple of `chunk_rows`, a batch is at most batch_size / chunk_rows + 1 runs.
+
+    Distributed (`num_replicas` > 1): every rank draws the same epoch and takes every
+    `num_replicas`-th batch from `rank`, so the ranks' batches are disjoint and cover the epoch;
+    all ranks get the same number of batches (`len`), the step count DDP needs in lock-step: the
+    last batches are split into smaller ones (`drop_last`: the extra last batches are dropped;
+    rows are repeated only when there are fewer rows than batches to fill).
+    Lightning re-creates a loader's batch sampler under DDP with its `DistributedSampler` as
+    `sampler` and the other arguments as given (this class subclasses `BatchSampler` so that
+    Lightning records them): its `num_replicas` and `rank` are taken, its order is not. Lightning
+    calls `set_epoch` on `self.sampler` (`_EpochForward`), which sets this sampler's epoch."""
 
     def __init__(self, key: np.ndarray, batch_size: int, chunk_rows: int = 32, window: int = 1, seed: int = 0,
-                 drop_last: bool = False):
+                 drop_last: bool = False, sampler=None, num_replicas: int = 1, rank: int = 0):
+        if isinstance(key, Sampler):
+            raise TypeError(f"ChunkShuffleSampler: key is a {type(key).__name__}, expected the storage position of "
+                            "each dataset row (a sampler is passed as sampler=, as Lightning does when it re-creates "
+                            "a loader that a dataloader hook returned)")
         if chunk_rows < 1 or batch_size < 1 or window < 1:
             raise PairsDataError(f"chunk_rows={chunk_rows}, batch_size={batch_size}, window={window}: expected >= 1")
+        if sampler is not None and hasattr(sampler, "num_replicas") and hasattr(sampler, "rank"):
+            num_replicas, rank = sampler.num_replicas, sampler.rank  # the process group Lightning runs
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise PairsDataError(f"ChunkShuffleSampler: rank {rank} of num_replicas={num_replicas}")
         self.order = np.argsort(np.asarray(key), kind="stable")
         self.batch_size, self.chunk_rows, self.window = batch_size, chunk_rows, window
         self.seed, self.epoch, self.drop_last = seed, 0, drop_last
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.sampler = _EpochForward(self, sampler)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __len__(self) -> int:
+    def _num_batches(self) -> int:  # of the whole epoch, before it is shared out between ranks
         n = len(self.order)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self):
+    def __len__(self) -> int:
+        b, r = self._num_batches(), self.num_replicas
+        return b // r if self.drop_last else -(-b // r)
+
+    def _epoch_batches(self) -> list[np.ndarray]:
+        """The whole epoch's batches (every rank draws the same)."""
         rng = np.random.default_rng([self.seed, self.epoch])
         n = len(self.order)
         c = self.chunk_rows
@@ -364,12 +404,33 @@ class ChunkShuffleSampler(Sampler):
         per_window = max(1, self.window * self.batch_size // self.chunk_rows)
         rows = np.concatenate([rng.permutation(np.concatenate(chunks[i : i + per_window]))
                                for i in range(0, len(chunks), per_window)]) if chunks else self.order
-        rank = np.empty(n, dtype=np.int64)
-        rank[self.order] = np.arange(n)
-        for i in range(0, n, self.batch_size):
-            batch = rows[i : i + self.batch_size]
-            if len(batch) == self.batch_size or not self.drop_last:
-                yield batch[np.argsort(rank[batch])].tolist()  # in storage order: read straight into the batch
+        return [rows[i : i + self.batch_size] for i in range(0, self._num_batches() * self.batch_size, self.batch_size)]
+
+    def _even(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """`batches` made a multiple of `num_replicas`: the extra ones dropped (`drop_last`), else the
+        last ones' rows split into more, smaller batches (rows repeated only when too few)."""
+        r = self.num_replicas
+        if len(batches) % r == 0:
+            return batches
+        if self.drop_last:
+            return batches[: len(batches) - len(batches) % r]
+        need = r - len(batches) % r  # batches to add
+        t = 1
+        while t < len(batches) and sum(len(b) for b in batches[-t:]) < t + need:
+            t += 1
+        tail = np.concatenate(batches[-t:])
+        if len(tail) < t + need:  # fewer rows than batches: the first ones again
+            tail = np.resize(tail, t + need)
+        return batches[:-t] + np.array_split(tail, t + need)
+
+    def __iter__(self):
+        batches = self._epoch_batches()
+        if self.num_replicas > 1:
+            batches = self._even(batches)[self.rank :: self.num_replicas]
+        pos = np.empty(len(self.order), dtype=np.int64)  # storage rank of each position
+        pos[self.order] = np.arange(len(self.order))
+        for batch in batches:
+            yield batch[np.argsort(pos[batch])].tolist()  # in storage order: read straight into the batch
 
 
 _STALE_HANDLES: list = []  # a forked worker must not close (or share) the parent's HDF5 handles
@@ -574,7 +635,13 @@ class PairsDataModule(L.LightningDataModule):
         workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
                    "worker_init_fn": _reopen_files if self.num_workers > 0 else None}
         if shuffle and not self.source.in_memory and self.source.online is None and self.chunk_rows > 0:
-            sampler = ChunkShuffleSampler(self.source.storage_order(rows), batch_size, self.chunk_rows, seed=self.seed)
+            # under DDP each rank takes its share of the batches (Lightning re-creates the sampler with its
+            # DistributedSampler, which gives the same num_replicas and rank: ChunkShuffleSampler)
+            trainer = getattr(self, "trainer", None)
+            world = int(getattr(trainer, "world_size", 1) or 1)
+            rank = int(getattr(trainer, "global_rank", 0) or 0) if world > 1 else 0
+            sampler = ChunkShuffleSampler(self.source.storage_order(rows), batch_size, self.chunk_rows, seed=self.seed,
+                                          num_replicas=world, rank=rank)
             return DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch, **workers)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=_whole_batch,
                           drop_last=False, **workers)

@@ -1,6 +1,8 @@
 """The pairs data module: splits, padding positions, statistics, RAM vs chunked reads, k-NN baseline."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +129,112 @@ def test_chunked_loader_from_disk_with_workers_reads_the_right_rows(tiny_pairs, 
         assert torch.equal(b["cond"], ref["cond"]) and torch.equal(b["pooled"], ref["pooled"])
     again = torch.cat([b["prompt"] for b in disk.train_dataloader()]).numpy()
     assert np.array_equal(again, pids)  # persistent workers, same epoch: the same order
+
+
+def test_chunk_shuffle_shares_an_epoch_between_ranks():
+    from projector.data import ChunkShuffleSampler
+
+    key = np.random.default_rng(0).permutation(1003)
+    whole = list(ChunkShuffleSampler(key, 64, 16, seed=7))  # 16 batches: 8 a rank, every other one
+    for batch_size, drop_last in ((64, False), (100, False), (100, True)):  # 16, 11, 10 batches
+        ranks = [ChunkShuffleSampler(key, batch_size, 16, seed=7, drop_last=drop_last, num_replicas=2, rank=r)
+                 for r in (0, 1)]
+        epochs = [list(s) for s in ranks]
+        assert len(epochs[0]) == len(epochs[1]) == len(ranks[0]) == len(ranks[1])  # DDP steps in lock-step
+        rows = [np.concatenate(e) for e in epochs]
+        assert not set(rows[0]) & set(rows[1])  # disjoint
+        union = np.sort(np.concatenate(rows))
+        if drop_last:
+            assert len(union) == 10 * 100 and all(len(b) == 100 for e in epochs for b in e)
+        else:
+            assert np.array_equal(union, np.arange(1003)), batch_size  # the ranks cover the epoch once
+        if batch_size == 64:
+            assert epochs[0] == whole[0::2] and epochs[1] == whole[1::2]
+    # 1003 batches of one row for 2 ranks: one row is seen twice, the only way both get 502 steps
+    ones = [list(ChunkShuffleSampler(key, 1, 16, seed=7, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ones[0]) == len(ones[1]) == 502 and sorted(set(np.concatenate(ones[0] + ones[1]))) == list(range(1003))
+    with pytest.raises(TypeError, match="DistributedSampler"):  # a sampler where the storage keys go
+        ChunkShuffleSampler(torch.utils.data.DistributedSampler(range(4), num_replicas=2, rank=0), 2)
+
+
+def test_lightning_rebuilds_the_chunk_sampler_for_each_rank(tiny_pairs):
+    """Under DDP Lightning re-creates the train loader's batch sampler with its DistributedSampler as
+    `sampler` (the other arguments as the dataloader hook gave them): each rank gets its share."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    disk = PairsDataModule(str(tiny_pairs), batch_size=8, val_prompts=0.25, val_checkpoints=1, in_memory=False, chunk_rows=4)
+    disk.setup()
+    with _replace_dunder_methods(BatchSampler):  # as Lightning calls a dataloader hook
+        loader = disk.train_dataloader()
+    rebuilt = [_update_dataloader(loader, DistributedSampler(loader.dataset, num_replicas=2, rank=r, shuffle=True),
+                                  mode=RunningStage.TRAINING) for r in (0, 1)]
+    for r, new in enumerate(rebuilt):
+        s = new.batch_sampler
+        assert (s.num_replicas, s.rank, s.chunk_rows, s.seed) == (2, r, 4, disk.seed)
+        assert np.array_equal(s.order, loader.batch_sampler.order)
+    positions = [[i for b in new.batch_sampler for i in b] for new in rebuilt]
+    assert len(rebuilt[0].batch_sampler) == len(rebuilt[1].batch_sampler) == -(-len(loader.batch_sampler) // 2)
+    assert not set(positions[0]) & set(positions[1])
+    assert sorted(positions[0] + positions[1]) == list(range(len(disk.splits["train"])))
+    disk.trainer = SimpleNamespace(world_size=2, global_rank=1)  # the hook reads the ranks from the trainer
+    s = disk.train_dataloader().batch_sampler
+    assert (s.num_replicas, s.rank) == (2, 1) and [i for b in s for i in b] == positions[1]
+
+
+class _SeenPrompts(__import__("lightning").Callback):
+    """The prompt ids of every training batch, by epoch."""
+
+    def __init__(self):
+        self.epochs: dict[int, list[list[int]]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.epochs.setdefault(trainer.current_epoch, []).append(batch["prompt"].tolist())
+
+
+def _fit_from_disk(tiny_pairs, epochs: int, **trainer_kw):
+    import lightning as L
+
+    from projector.module import ProjectorModule
+
+    disk = PairsDataModule(str(tiny_pairs), batch_size=8, val_prompts=0.25, val_checkpoints=1, in_memory=False,
+                           chunk_rows=4, knn_max_queries=8)
+    disk.setup()
+    model = ProjectorModule({"_target_": "projector.models.LearnedQueryDecoder", "width": 8, "depth": 1, "heads": 2,
+                             "memory_tokens": 2}, disk.dims, {"_target_": "projector.models.PooledHead", "hidden": 8})
+    model.projector.set_stats(disk.stats)
+    seen = _SeenPrompts()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[seen], **trainer_kw)
+    trainer.fit(model, datamodule=disk)
+    return disk, trainer, seen.epochs
+
+
+def test_a_ddp_epoch_from_disk_covers_the_training_split_once(tiny_pairs, monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)  # whatever DDP sets up is undone after the test
+    try:
+        disk, trainer, epochs = _fit_from_disk(tiny_pairs, 1, strategy="ddp")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert type(trainer.train_dataloader.batch_sampler).__name__ == "ChunkShuffleSampler"
+    pids = np.concatenate(epochs[0])
+    assert np.array_equal(np.sort(pids), np.sort(disk.pairs.prompt_id[disk.splits["train"]]))
+
+
+def test_the_chunk_shuffle_changes_every_epoch_under_a_trainer(tiny_pairs):
+    """Lightning sets the epoch on `batch_sampler.sampler`, never on the batch sampler itself."""
+    from projector.data import ChunkShuffleSampler
+
+    disk, trainer, epochs = _fit_from_disk(tiny_pairs, 3)
+    train = disk.splits["train"]
+    for e in range(3):
+        assert np.array_equal(np.sort(np.concatenate(epochs[e])), np.sort(disk.pairs.prompt_id[train]))
+        s = ChunkShuffleSampler(disk.source.storage_order(train), 8, 4, seed=disk.seed)
+        s.set_epoch(e)  # the order depends only on (seed, epoch)
+        assert epochs[e] == [disk.pairs.prompt_id[train[b]].tolist() for b in s]
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
