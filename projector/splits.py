@@ -4,8 +4,9 @@
 eyes" to the `val_combo` split, while prompts with only one of them stay where they were: the
 model sees each attribute, never the pair, so `val_combo` measures whether it composes them
 (the seed's "interpolation" claim). A term matches as a whole word or phrase, case-insensitive.
-Every term must still appear without its partner in what remains for training, else the split
-would measure something else: that is a `CombinationSplitError` naming the term.
+Every term must still appear without its partner in the training split's prompts (validation
+prompts do not count: training never sees them), else the split would measure something else:
+that is a `CombinationSplitError` naming the term.
 
 Pure functions over prompt texts, with the prompt/checkpoint split (`split_images`) they refine:
 `PairsDataModule` and `luna ab crops.pairs=... crops.split=...` use them, so the runtime's
@@ -48,11 +49,13 @@ def _normalise(combinations) -> list[tuple[str, ...]]:
     return out
 
 
-def held_out_prompts(texts: list[str], combinations) -> np.ndarray:
+def held_out_prompts(texts: list[str], combinations, training: list[str] | None = None) -> np.ndarray:
     """Mask over `texts`: True where the prompt holds every term of at least one combination.
 
-    Raises CombinationSplitError when no prompt holds a combination, or when a term of a
-    combination never appears in the remaining (training) prompts.
+    `training`: the prompts the training split keeps (default: all of `texts`). Raises
+    CombinationSplitError when no prompt holds a combination, or when a term of a combination
+    appears in no training prompt that is not held out (a term seen alone only in validation
+    prompts is never trained on alone).
     """
     combos = _normalise(combinations)
     held = np.zeros(len(texts), dtype=bool)
@@ -61,12 +64,15 @@ def held_out_prompts(texts: list[str], combinations) -> np.ndarray:
         if not rows.any():
             raise CombinationSplitError(f"val_combinations: no prompt contains all of {list(combo)}")
         held |= rows
+    is_held = lambda t: any(all(has_term(t, term) for term in combo) for combo in combos)  # noqa: E731
+    kept = [t for t, h in zip(texts, held) if not h] if training is None else [t for t in training if not is_held(t)]
     for combo in combos:
         for term in combo:
-            if not any(has_term(t, term) for t, h in zip(texts, held) if not h):
+            if not any(has_term(t, term) for t in kept):
                 raise CombinationSplitError(
-                    f"val_combinations: {term!r} (of {list(combo)}) appears only in held-out combinations; training "
-                    "would never see it alone, so the split could not measure interpolation")
+                    f"val_combinations: {term!r} (of {list(combo)}) appears in no training prompt without the "
+                    "combination (only in held-out combinations or validation prompts); training would never see "
+                    "it alone, so the split could not measure interpolation")
     return held
 
 
@@ -74,13 +80,15 @@ def with_combinations(splits: dict[str, np.ndarray], texts_of_row, combinations)
     """`splits` (image rows per split) with the rows of combination prompts moved to `val_combo`.
 
     `texts_of_row(rows) -> list of prompt texts` of image rows. Rows of held-out checkpoints stay in
-    `val_ckpt` only if their prompt is not a combination (a row belongs to one split)."""
+    `val_ckpt` only if their prompt is not a combination (a row belongs to one split). Each term
+    must appear alone in the `train` split's prompts (`held_out_prompts`)."""
     if not combinations:
         return splits
     rows = np.concatenate([np.asarray(v, dtype=np.int64) for v in splits.values()])
     texts = list(texts_of_row(rows))
     uniq = sorted(set(texts))
-    held_text = dict(zip(uniq, held_out_prompts(uniq, combinations)))
+    training = sorted(set(texts_of_row(np.asarray(splits.get("train", ()), dtype=np.int64))))
+    held_text = dict(zip(uniq, held_out_prompts(uniq, combinations, training)))
     held_rows = {int(r) for r, t in zip(rows, texts) if held_text[t]}
     out = {k: np.asarray([r for r in v if int(r) not in held_rows], dtype=np.int64) for k, v in splits.items()}
     out[COMBO] = np.asarray(sorted(held_rows), dtype=np.int64)

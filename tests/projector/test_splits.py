@@ -50,3 +50,20 @@ def test_datamodule_reports_the_combination_split_separately(tiny_pairs):
     assert COMBO in dm.knn and np.isfinite(dm.knn[COMBO])
     keys = split_keys(tiny_pairs, COMBO, combinations=[["blue", "hair"]], val_prompts=0.25, val_checkpoints=1)
     assert sorted(keys) == sorted(p.key[i] for i in combo)
+
+
+def test_a_term_seen_alone_only_in_validation_prompts_is_a_clear_error():
+    """Validation prompts are never trained on: a term must appear alone in the training split."""
+    from projector.splits import with_combinations
+
+    texts = ["neon city", "blue eyes portrait", "neon girl with blue eyes", "red car", "green tree", "old house"]
+    of = lambda rows: [texts[r] for r in rows]  # noqa: E731
+    combos = [["neon", "blue eyes"]]
+    leaky = {"train": np.array([1, 2, 3, 4]), "val": np.array([0, 5]), "val_ckpt": np.array([], dtype=np.int64)}
+    with pytest.raises(CombinationSplitError, match=r"'neon' \(of \['neon', 'blue eyes'\]\)"):
+        with_combinations(leaky, of, combos)
+    with pytest.raises(CombinationSplitError, match="'neon'"):
+        held_out_prompts(texts, combos, training=[texts[i] for i in (1, 2, 3)])
+    fine = {"train": np.array([0, 1, 2, 3]), "val": np.array([4, 5]), "val_ckpt": np.array([], dtype=np.int64)}
+    out = with_combinations(fine, of, combos)
+    assert out[COMBO].tolist() == [2] and out["train"].tolist() == [0, 1, 3]
