@@ -11,8 +11,9 @@ One part file holds
 Each (prompt, fingerprint) conditioning is stored once per folder whatever the number of parts
 (format_version 2; version 1 parts, which store every prompt they use, are still read).
 
-Optional datasets (format_version stays 1: a reader that does not know them reads the file as
-before; a reader that needs one checks `has_*` and names the part that lacks it):
+Optional datasets (they do not change format_version, which stays 2: a reader that does not know
+them reads the file as before; a reader that needs one checks `has_*` and names the part that lacks
+it; a part that stores no conditionings may lack them):
   /prompts/clip_l_cond [P, 77, 768]   CLIP-L final layer after its final norm (SD 1.x's conditioning)
   /prompts/clip_l_pooled [P, 768]     CLIP-L pooled EOS state (Flux's `vector`)
 written by `luna extract clip_l=true` from the same CLIP-L encoder as the SDXL conditioning.
@@ -231,6 +232,7 @@ class Pairs:
         self.prompt_id = np.concatenate(prompt_id)
         self._handles: dict[int, h5py.File] = {}
         self._datasets: dict[tuple[int, str], h5py.Dataset] = {}  # (file, name) -> open dataset (read_rows)
+        self._row_shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}  # name -> row_shape(name)
         self._files = list(self.parts)  # the parts, then siblings holding conditionings they use
         if any(loc[0] < 0 for loc in self._prompt_loc):
             self._find_in_siblings(index)
@@ -314,9 +316,18 @@ class Pairs:
         return out
 
     def row_shape(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
-        """(shape of one row, dtype) of /prompts/`name` as stored."""
-        ds = self._file(0)[f"prompts/{name}"]
-        return ds.shape[1:], ds.dtype
+        """(shape of one row, dtype) of /prompts/`name` as stored, read from a file that stores
+        conditionings of this folder's prompts (a part whose prompts are all stored by another part
+        may lack the optional columns: `luna extract clip_l=true` writes them only beside rows)."""
+        if name not in self._row_shapes:
+            files = sorted({fi for fi, _ in self._prompt_loc if fi >= 0})
+            holding = [fi for fi in files if f"prompts/{name}" in self._file(fi)]
+            if not holding:
+                raise PairsFormatError(f"{self.parts[0].parent}: no part that stores conditionings has /prompts/{name} "
+                                       f"({[self._files[fi].name for fi in files] or 'none stores any'})")
+            ds = self._file(holding[0])[f"prompts/{name}"]
+            self._row_shapes[name] = (ds.shape[1:], ds.dtype)
+        return self._row_shapes[name]
 
     def _read_prompts(self, name: str, ids) -> np.ndarray:
         files, rows = self.prompt_locations(ids)

@@ -114,6 +114,25 @@ def test_removed_part_is_a_clear_error_when_its_conditionings_are_read(tmp_path)
             p.cond([0])
 
 
+def test_row_shape_is_read_from_a_part_that_stores_the_column(tmp_path):
+    """A part whose prompts another part stores keeps no conditionings, and `luna extract clip_l=true`
+    writes no /prompts/clip_l_* there: the shape of a row comes from a part that holds rows."""
+    stored = _part(["blue eyes", "red hair"], ["blue eyes", "red hair"], 1)
+    stored.prompts["clip_l_cond"] = np.ones((2, 77, 3))
+    stored.prompts["clip_l_pooled"] = np.ones((2, 3))
+    write_part(tmp_path / "b.h5", stored)
+    empty = _part(["red hair", "blue eyes"], ["red hair"], 0)  # sorts first; stores nothing
+    empty.prompts.update(cond_row=np.array([-1, -1]), cond=np.zeros((0, 77, 10)), pooled=np.zeros((0, 6)))
+    write_part(tmp_path / "a.h5", empty)
+    with Pairs(tmp_path) as p:
+        assert p.parts[0].name == "a.h5" and p.has_clip_l
+        assert p.row_shape("clip_l_cond") == ((77, 3), np.dtype(np.float16))
+        assert p.row_shape("clip_l_pooled") == ((3,), np.dtype(np.float16))
+        assert p.row_shape("cond") == ((77, 10), np.dtype(np.float16))
+        with pytest.raises(PairsFormatError, match="no part that stores conditionings has /prompts/tokens.*b.h5"):
+            p.row_shape("tokens")
+
+
 def test_format_1_parts_still_read(tmp_path):
     path = write_part(tmp_path / "a.h5", _part(["blue eyes", "red hair"], ["red hair", "blue eyes"]))
     with h5py.File(path, "a") as f:  # what format 1 wrote: no cond_row, every prompt stored

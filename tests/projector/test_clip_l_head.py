@@ -100,3 +100,37 @@ def test_clip_l_targets_from_disk_are_the_clip_l_datasets(clip_l_pairs):
         assert np.array_equal(b["pooled"].numpy(), ram.source.pooled(pid))
     disk.teardown()
     ram.teardown()
+
+
+def test_clip_l_from_disk_when_the_first_part_stores_no_conditionings(clip_l_pairs, tmp_path):
+    """A part whose prompts another part stores has no /prompts/clip_l_* (as `luna extract clip_l=true`
+    writes it); sorting first, it must not be where the loader looks for the row shape."""
+    import shutil
+
+    from extraction.pairs import Pairs, PairsPart, write_part
+    from projector.data import PairsDataModule
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    shutil.copy(clip_l_pairs / "part-00000.h5", folder / "part-00000.h5")
+    with Pairs(clip_l_pairs) as p:
+        rows = np.flatnonzero(p.prompt_id < 4)
+        images = {"key": np.array([f"again-{p.key[i]}" for i in rows], dtype=object), "embed": p.embed[rows],
+                  "prompt_id": p.prompt_id[rows], "checkpoint": np.array([p.checkpoint[i] for i in rows], dtype=object),
+                  "category": np.array([p.category[i] for i in rows], dtype=object),
+                  "campaign": np.array([p.campaign[i] for i in rows], dtype=object), "seed": p.seed[rows]}
+        prompts = {"text": np.array(p.prompt_text[:4], dtype=object), "te_fingerprint": np.array(p.te_fingerprint[:4], dtype=object),
+                   "cond_row": np.full(4, -1), "cond": np.zeros((0, 77, sum(p.text_dims))),
+                   "pooled": np.zeros((0, int(p.attrs["pooled_dim"])))}
+        write_part(folder / "a-stored-elsewhere.h5",
+                   PairsPart(images, prompts, {k: p.attrs[k] for k in ("vision_model", "vision_dim", "text_dims", "pooled_dim")}))
+    disk = PairsDataModule(str(folder), batch_size=16, val_prompts=0.25, val_checkpoints=0, targets="clip_l",
+                           in_memory=False, chunk_rows=4)
+    disk.setup()
+    assert disk.pairs.parts[0].name == "a-stored-elsewhere.h5"
+    with Pairs(clip_l_pairs) as ref:
+        for b in disk.train_dataloader():
+            pid = b["prompt"].numpy()
+            assert b["cond"].shape[1:] == (77, 16)
+            np.testing.assert_array_equal(b["cond"].numpy(), ref.clip_l(pid).astype(b["cond"].numpy().dtype))
+    disk.teardown()
