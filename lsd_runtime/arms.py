@@ -134,6 +134,28 @@ def crops_from_shards(folder, size: int, n: int, seed: int = 0, keys: set | None
     return out
 
 
+def crops_te_fingerprint(c: dict) -> str | None:
+    """The `data.te_fingerprint` the projector's pairs were split with (it changes every split): the one
+    its projector.json records (`trained.data`, exports since the split settings are recorded), else
+    `crops.te_fingerprint` as configured (null: all fingerprints; a `wandb:` projector or an older
+    export records none, so set it to the training's `data.te_fingerprint`). A configured one that
+    differs from the recorded one is an error: those crops would not be the projector's held-out images."""
+    configured = (c.get("crops") or {}).get("te_fingerprint")
+    data = {}
+    if c.get("projector") and not str(c["projector"]).startswith("wandb:"):
+        path = Path(str(c["projector"]))
+        cfg_file = (path if path.is_dir() else path.parent) / "projector.json"
+        if cfg_file.is_file():
+            data = (json.loads(cfg_file.read_text()).get("trained") or {}).get("data") or {}
+    if "te_fingerprint" not in data:
+        return configured
+    if configured is not None and configured != data["te_fingerprint"]:
+        raise ABError(f"crops.te_fingerprint={configured!r}, but the projector ({c['projector']}) was trained with "
+                      f"data.te_fingerprint={data['te_fingerprint']!r}: its held-out images are split from those; "
+                      "leave crops.te_fingerprint unset")
+    return data["te_fingerprint"]
+
+
 def load_crops(c: dict) -> list[Crop]:
     """The crops `crops.*` names: images, or a shards folder (optionally one pairs split), degraded on request."""
     cc = c["crops"]
@@ -147,9 +169,13 @@ def load_crops(c: dict) -> list[Crop]:
         if cc.get("pairs"):
             from projector.splits import split_keys
 
-            keys = set(split_keys(cc["pairs"], cc.get("split") or "val", combinations=cc.get("combinations"),
-                                  val_prompts=float(cc.get("val_prompts", 0.1)),
-                                  val_checkpoints=int(cc.get("val_checkpoints", 1)), seed=int(c["seed"])))
+            try:
+                keys = set(split_keys(cc["pairs"], cc.get("split") or "val", combinations=cc.get("combinations"),
+                                      val_prompts=float(cc.get("val_prompts", 0.1)),
+                                      val_checkpoints=int(cc.get("val_checkpoints", 1)), seed=int(c["seed"]),
+                                      te_fingerprint=crops_te_fingerprint(c)))
+            except ValueError as e:
+                raise ABError(f"crops.pairs={cc['pairs']}: {e}") from e
         crops = crops_from_shards(cc["shards"], size, int(cc["n"]), int(c["seed"]), keys, cc.get("label"))
     else:
         raise ABError("give crops.images=PATH (an image, a folder or a list) or crops.shards=DIR")

@@ -130,7 +130,10 @@ def train(cfg) -> float | None:
         save_projector(module.projector, workdir, meta={
             "te_fingerprints": datamodule.te_fingerprints,
             "metrics": found,
-            "trained": {"pairs": str(cfg.pairs), "global_step": int(trainer.global_step), "epochs": int(trainer.current_epoch)},
+            "trained": {"pairs": str(cfg.pairs), "global_step": int(trainer.global_step), "epochs": int(trainer.current_epoch),
+                        # how the pairs were split (`luna ab crops.pairs=...` samples the same held-out images)
+                        "data": {k: plain(cfg.data.get(k)) for k in ("te_fingerprint", "val_prompts", "val_checkpoints",
+                                                                       "val_combinations", "seed")}},
         })
         log.info("exported %s", workdir / "projector.json")
         _log_artifact(loggers, workdir, found)

@@ -42,7 +42,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from extraction.pairs import Pairs, PromptTokenIds
 from projector import metrics
-from projector.splits import COMBO, split_images, with_combinations  # noqa: F401 - split_images re-exported
+from projector.splits import (COMBO, CombinationSplitError, fingerprint_rows, split_images,  # noqa: F401 - split_images re-exported
+                              split_pairs, with_combinations)
 from projector.targets import target_view
 
 log = logging.getLogger(__name__)
@@ -523,17 +524,15 @@ class PairsDataModule(L.LightningDataModule):
         pairs = target_view(Pairs(self.path), self.targets)
         if self.input == "tokens" and not pairs.has_tokens:
             raise PairsDataError(f"{self.path}: data.input=tokens but the pairs have no /images/tokens")
-        keep = np.arange(len(pairs))
-        if self.te_fingerprint is not None:
-            fps = np.array(pairs.te_fingerprint)
-            keep = keep[fps[pairs.prompt_id] == self.te_fingerprint]
-            if not len(keep):
-                raise PairsDataError(f"{self.path}: no images with te_fingerprint {self.te_fingerprint!r}; have {sorted(set(fps))}")
+        try:  # the one implementation of the splits: `luna ab crops.split=...` samples the same (split_keys)
+            splits = split_pairs(pairs, val_prompts=self.val_prompts, val_checkpoints=self.val_checkpoints,
+                                 seed=self.seed, combinations=self.val_combinations, te_fingerprint=self.te_fingerprint)
+        except CombinationSplitError:
+            raise
+        except ValueError as e:
+            raise PairsDataError(f"{self.path}: {e}") from e
+        keep = fingerprint_rows(pairs, self.te_fingerprint)
         texts = [pairs.prompt_text[p] for p in pairs.prompt_id[keep]]
-        ckpts = [pairs.checkpoint[i] for i in keep]
-        splits = {k: keep[v] for k, v in split_images(texts, ckpts, self.val_prompts, self.val_checkpoints, self.seed).items()}
-        splits = with_combinations(splits, lambda rows: [pairs.prompt_text[p] for p in pairs.prompt_id[rows]],
-                                   self.val_combinations)
         if not len(splits["train"]) or not len(splits["val"]):
             raise PairsDataError(
                 f"{self.path}: {len(keep)} images of {len(set(texts))} prompts give {len(splits['train'])} training"

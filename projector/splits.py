@@ -121,15 +121,47 @@ def split_images(
     }
 
 
+def fingerprint_rows(pairs, te_fingerprint: str | None = None) -> np.ndarray:
+    """Image rows of `pairs` whose prompt's conditioning is of the text encoders `te_fingerprint`
+    (all rows when None); a fingerprint no image has is a ValueError naming those the pairs have."""
+    keep = np.arange(len(pairs))
+    if te_fingerprint is None:
+        return keep
+    fps = np.array(pairs.te_fingerprint, dtype=object)
+    keep = keep[fps[pairs.prompt_id] == te_fingerprint] if len(keep) else keep
+    if not len(keep):
+        raise ValueError(f"no images with te_fingerprint {te_fingerprint!r}; have {sorted(set(fps))}")
+    return keep
+
+
+def split_pairs(pairs, *, val_prompts: float = 0.1, val_checkpoints: int = 1, seed: int = 0, combinations=None,
+                te_fingerprint: str | None = None) -> dict[str, np.ndarray]:
+    """Image rows (of all of `pairs`, an open `Pairs`) of each split, the one split `PairsDataModule`
+    trains and validates on: with `te_fingerprint` (`data.te_fingerprint`) only the images whose
+    prompt's conditioning is of those text encoders are split (the others are in no split), then
+    `split_images` and `with_combinations`. A fingerprint no image has is a ValueError naming those
+    the pairs have."""
+    keep = fingerprint_rows(pairs, te_fingerprint)
+    texts = [pairs.prompt_text[p] for p in pairs.prompt_id[keep]]
+    ckpts = [pairs.checkpoint[i] for i in keep]
+    splits = {k: keep[v] for k, v in split_images(texts, ckpts, val_prompts, val_checkpoints, seed).items()}
+    return with_combinations(splits, lambda rows: [pairs.prompt_text[p] for p in pairs.prompt_id[rows]], combinations)
+
+
 def split_keys(pairs, split: str = "val", *, combinations=None, val_prompts: float = 0.1, val_checkpoints: int = 1,
-               seed: int = 0) -> list[str]:
-    """Image keys of one split of a pairs folder, as `PairsDataModule` splits it (same arguments)."""
+               seed: int = 0, te_fingerprint: str | None = None) -> list[str]:
+    """Image keys of one split of a pairs folder, as `PairsDataModule` splits it (same arguments:
+    `te_fingerprint` is its `data.te_fingerprint`, which changes every split, not only which images)."""
     from extraction.pairs import Pairs
 
     with Pairs(pairs) as p:
-        texts = [p.prompt_text[i] for i in p.prompt_id]
-        splits = split_images(texts, list(p.checkpoint), val_prompts, val_checkpoints, seed)
-        splits = with_combinations(splits, lambda rows: [texts[r] for r in rows], combinations)
+        try:
+            splits = split_pairs(p, val_prompts=val_prompts, val_checkpoints=val_checkpoints, seed=seed,
+                                 combinations=combinations, te_fingerprint=te_fingerprint)
+        except CombinationSplitError:
+            raise
+        except ValueError as e:
+            raise ValueError(f"{pairs}: {e}") from e
         if split not in splits:
             raise CombinationSplitError(f"split={split!r}: this pairs folder has splits {sorted(splits)}"
                                         + ("" if combinations else " (val_combo needs combinations)"))

@@ -105,6 +105,28 @@ def test_two_process_ddp_on_cpu_with_gloo(tiny_pairs, tmp_path, fast, small_quer
     assert "val/cos_content" in json.loads((out / "projector.json").read_text())["metrics"]
 
 
+def test_two_process_ddp_from_disk_shares_the_chunk_shuffled_epoch(tiny_pairs, tmp_path, fast, small_queries):
+    """Conditionings read per batch (ChunkShuffleSampler) under two DDP processes: each rank takes half
+    the epoch's batches, in lock-step (Lightning re-created the sampler as ChunkShuffleSampler(DistributedSampler)
+    and ran one batch of one row a rank); the export records how the pairs were split."""
+    from projector.data import PairsDataModule
+
+    out = tmp_path / "ddp_disk"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "projector.cli", f"pairs={tiny_pairs}", f"out={out}", "experiment=projector_queries",
+           "logger=csv", "trainer=ddp_lan", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=1",
+           "trainer.strategy.process_group_backend=gloo", "trainer.max_epochs=1", "data.in_memory=false",
+           "data.chunk_rows=4", "data.te_fingerprint=te-synthetic", *fast, *small_queries]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dm = PairsDataModule(str(tiny_pairs))
+    dm.setup()
+    batches = math.ceil(len(dm.splits["train"]) / 16)
+    assert _trained(out)["global_step"] == math.ceil(batches / 2)
+    assert _trained(out)["data"] == {"te_fingerprint": "te-synthetic", "val_prompts": 0.1, "val_checkpoints": 1,
+                                     "val_combinations": [], "seed": 0}
+
+
 def test_optuna_sweep_persists_its_study(tiny_pairs, tmp_path, fast):
     import optuna
 
