@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -184,7 +185,7 @@ def test_lightning_rebuilds_the_chunk_sampler_for_each_rank(tiny_pairs):
     assert (s.num_replicas, s.rank) == (2, 1) and [i for b in s for i in b] == positions[1]
 
 
-class _SeenPrompts(__import__("lightning").Callback):
+class _SeenPrompts(L.Callback):
     """The prompt ids of every training batch, by epoch."""
 
     def __init__(self):
@@ -195,8 +196,6 @@ class _SeenPrompts(__import__("lightning").Callback):
 
 
 def _fit_from_disk(tiny_pairs, epochs: int, **trainer_kw):
-    import lightning as L
-
     from projector.module import ProjectorModule
 
     disk = PairsDataModule(str(tiny_pairs), batch_size=8, val_prompts=0.25, val_checkpoints=1, in_memory=False,
