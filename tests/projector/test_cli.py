@@ -87,17 +87,22 @@ def test_user_errors_are_one_line_without_traceback(tiny_pairs, tmp_path, fast, 
     assert code == 2 and "nowhere" in err and "Traceback" not in err
 
 
+def _ddp_train(pairs, out, *overrides) -> None:
+    """`luna train` as conf/trainer/ddp_lan.yaml on one machine: two CPU processes over gloo, one epoch."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "projector.cli", f"pairs={pairs}", f"out={out}", "experiment=projector_queries",
+           "logger=csv", "trainer=ddp_lan", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=1",
+           "trainer.strategy.process_group_backend=gloo", "trainer.max_epochs=1", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_two_process_ddp_on_cpu_with_gloo(tiny_pairs, tmp_path, fast, small_queries):
     """conf/trainer/ddp_lan.yaml on one machine, two CPU processes over gloo: each rank takes half the data."""
     from projector.data import PairsDataModule
 
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "projector.cli", f"pairs={tiny_pairs}", f"out={out}", "experiment=projector_queries",
-           "logger=csv", "trainer=ddp_lan", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=1",
-           "trainer.strategy.process_group_backend=gloo", "trainer.max_epochs=1", *fast, *small_queries]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _ddp_train(tiny_pairs, out, *fast, *small_queries)
     dm = PairsDataModule(str(tiny_pairs))
     dm.setup()
     per_rank = math.ceil(len(dm.splits["train"]) / 2)
@@ -112,13 +117,8 @@ def test_two_process_ddp_from_disk_shares_the_chunk_shuffled_epoch(tiny_pairs, t
     from projector.data import PairsDataModule
 
     out = tmp_path / "ddp_disk"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "projector.cli", f"pairs={tiny_pairs}", f"out={out}", "experiment=projector_queries",
-           "logger=csv", "trainer=ddp_lan", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=1",
-           "trainer.strategy.process_group_backend=gloo", "trainer.max_epochs=1", "data.in_memory=false",
-           "data.chunk_rows=4", "data.te_fingerprint=te-synthetic", *fast, *small_queries]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _ddp_train(tiny_pairs, out, "data.in_memory=false", "data.chunk_rows=4", "data.te_fingerprint=te-synthetic",
+               *fast, *small_queries)
     dm = PairsDataModule(str(tiny_pairs))
     dm.setup()
     batches = math.ceil(len(dm.splits["train"]) / 16)
