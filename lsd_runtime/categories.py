@@ -16,11 +16,14 @@ not) from the plain `retrieval` / `hybrid` config, for `luna refine` and `luna a
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 from lsd_runtime.conditioning import ConditioningError, CondRow
+
+log = logging.getLogger(__name__)
 
 SETTINGS_FORMAT = 1
 SETTINGS_NAME = "category_settings.json"
@@ -191,6 +194,16 @@ def rows_for(conditioner, crops, detections) -> list[CondRow]:
 # ---------------------------------------------------------------------- building from config
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    """Log `msg` once per process (sources are built per batch and prompt)."""
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        log.warning(msg)
+
+
 def _global_settings(ret: dict) -> CategorySettings:
     return CategorySettings.from_dict({"weight": ret.get("weight", 0.5), "k": ret.get("k", 8),
                                        "weighting": ret.get("weighting", "mean"),
@@ -250,6 +263,10 @@ def memory_source(ret: dict, text, embedder, *, vault=None, projector=None, hybr
     if vault is None and projector is None:
         return None
     if vault is None:
+        routed = [k for k in ("settings", "per_category") if ret.get(k)] + (["category"] if ret.get("category") else [])
+        if routed:
+            _warn_once(f"retrieval.{'/'.join(routed)}: the projector alone has no categories; it uses retrieval.weight "
+                       f"{float(ret.get('weight', 0.5))} for every crop (categories need vault=DIR)")
         return ProjectorSource(projector, text, embedder, weight=float(ret.get("weight", 0.5)), blend=blend)
     table = table_from_config(ret)
     category = ret.get("category")

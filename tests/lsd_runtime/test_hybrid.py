@@ -215,3 +215,18 @@ def test_routed_and_hybrid_sources_describe_the_retrieval_and_its_warning(vault,
                            te_fingerprint="mine").describe()
     assert routed["source"] == "hybrid" and routed["sources"]["faces"]["hybrid"]["policy"] == "gate"
     json.dumps(h), json.dumps(routed)
+
+
+def test_projector_alone_says_once_that_it_ignores_category_settings(projector, text, embedder, caplog):
+    """The projector has no categories: routing / per-category settings given with it alone are named in one
+    warning (sources are built per batch and prompt), not silently dropped."""
+    import lsd_runtime.categories as categories
+
+    categories._WARNED.clear()
+    ret = {"category": "route", "per_category": {"faces": {"weight": 0.9}}, "weight": 0.4}
+    with caplog.at_level("WARNING", logger="lsd_runtime.categories"):
+        for _ in range(3):
+            src = categories.memory_source(ret, text, embedder, projector=projector)
+    assert isinstance(src, ProjectorSource) and src.weight == pytest.approx(0.4)
+    warned = [r.getMessage() for r in caplog.records if "projector alone" in r.getMessage()]
+    assert len(warned) == 1 and "per_category" in warned[0] and "category" in warned[0]
