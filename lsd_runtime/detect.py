@@ -164,7 +164,9 @@ class FileDetector:
             raise DetectionFileError(f"{where}: cannot read mask {mpath} ({exc})") from exc
 
     def detect(self, image: Image.Image, prompts: list[str]) -> list[Detection]:
-        return [d for d in self.detections if _wanted(d.label, prompts)]
+        """The file's detections (of `prompts`' labels), best score first as every detector returns them
+        (equal scores keep the file's order)."""
+        return sorted((d for d in self.detections if _wanted(d.label, prompts)), key=lambda d: -d.score)
 
 
 def write_detections(path: str | Path, detections: Sequence[Detection]) -> Path:

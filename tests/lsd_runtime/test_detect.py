@@ -82,7 +82,7 @@ def test_file_detector_reads_boxes_pixels_and_masks(tmp_path):
     det = make_detector("file", path=str(path))
     everything = det.detect(Image.new("RGB", (8, 8)), [])
     assert len(everything) == 2
-    face, hand = everything
+    hand, face = everything  # best score first (the hand's default 1.0), whatever the file's order
     assert face.box == pytest.approx((0.1, 0.2, 0.3, 0.4)) and face.score == 0.9
     assert face.mask.shape == (64, 64) and face.mask[20, 30] == 1.0 and face.mask[0, 0] == 0.0
     assert hand.box == pytest.approx((0.1, 0.1, 0.3, 0.5)) and hand.mask is None and hand.score == 1.0
