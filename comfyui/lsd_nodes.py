@@ -236,7 +236,8 @@ def build_source(positive, clip=None, clip_vision=None, vision_model="", vision_
             source = Routed(source, routing)
     if use_proj:
         try:
-            proj = HOST.get("projector", proj_dir, lambda: open_projector(proj_dir, embedder), (embedder.dim,))
+            # "sdxl" in the key: the Vision Translator caches the same folder without the SDXL targets check
+            proj = HOST.get("projector", proj_dir, lambda: open_projector(proj_dir, embedder), (embedder.dim, "sdxl"))
         except (ConditioningError, ValueError, OSError) as exc:
             raise InputError(f"input 'projector': {exc}") from exc
         pid = proj.dims.get("vision_model")

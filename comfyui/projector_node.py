@@ -34,7 +34,8 @@ def _projector(path: str, dim: int | None):
 
     folder = Path(path).expanduser()
     folder = folder if folder.is_dir() else folder.parent
-    return HOST.get("projector", str(folder), lambda: load_projector(folder, expect_dim=dim), (dim,))
+    # "any targets" in the key: the detailer caches the same folder only after its SDXL targets check
+    return HOST.get("projector", str(folder), lambda: load_projector(folder, expect_dim=dim), (dim, "any targets"))
 
 
 def _field(output, name: str):

@@ -33,6 +33,9 @@ class ComfyText:
         if not conditioning or not isinstance(conditioning, (list, tuple)) or len(conditioning[0]) != 2:
             raise InputError(f"input '{what}': not a ComfyUI CONDITIONING (connect CLIPTextEncode)")
         cond, extra = conditioning[0]
+        if len(conditioning) > 1 or cond.shape[0] > 1:  # combined or batched: one text row per crop is all we use
+            raise InputError(f"input '{what}': {len(conditioning)} conditioning entries of batch {cond.shape[0]}; the "
+                             "detailer takes one entry of batch 1 (one prompt; not ConditioningCombine or a batch)")
         self.cond = cond[0].float().cpu()
         pooled = extra.get("pooled_output")
         self.pooled = pooled[0].float().cpu() if pooled is not None else torch.zeros(0)

@@ -6,7 +6,8 @@ softmax temperature. Labels without a route go to the nearest category centroid 
 vault has categories, else to the whole vault.
 
 The settings file (`category_settings.json`, written by `luna ab tune=true`, read by `luna refine
-retrieval.settings=FILE` and the ComfyUI nodes) holds
+retrieval.settings=FILE`; the ComfyUI nodes route by label with `category_routing` but do not read
+per-category settings yet) holds
     {"format_version": 1, "routes": {label: category}, "default": {weight, k, weighting, temperature},
      "categories": {category: {weight, k, weighting, temperature}}, "tuned": {...evidence...}}
 

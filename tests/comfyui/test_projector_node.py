@@ -175,3 +175,36 @@ def test_clip_l_projector_is_refused_for_sdxl(node_module, clip_l_dir, projector
     sdxl_folder, _ = projector_dir  # and the other way round: an SDXL projector asked for SD 1.x
     with pytest.raises(ProjectorTargetsError, match=r"input 'projector': .*an SDXL projector .*target=sd1.x"):
         node.translate("none", 0.5, projector_path=str(sdxl_folder), clip_vision_output=out, target="sd1.x")
+
+
+def test_detailer_refuses_a_clip_l_projector_the_translator_has_cached(node_module, clip_l_dir):
+    """Both nodes keep loaded projectors in the shared cache: the detailer's SDXL targets check must hold
+    even when the Vision Translator loaded the same folder first (it loads without that check)."""
+    lsd_nodes, host = sys.modules["luna_comfy_nodes_pn.lsd_nodes"], sys.modules["luna_comfy_nodes_pn.host"]
+    InputError = sys.modules["luna_comfy_nodes_pn.sources"].InputError
+    folder, _ = clip_l_dir
+
+    class Vision:
+        def encode_image(self, image):
+            return SimpleNamespace(image_embeds=torch.randn(image.shape[0], 12))
+
+    positive = [[torch.randn(1, 77, 768), {"pooled_output": torch.randn(1, 768)}]]  # an SD 1.x prompt: widths agree
+    host.HOST.clear()
+    node_module.LunaVisionTranslator().translate("none", 0.5, projector_path=str(folder),
+                                                 clip_vision_output={"image_embeds": torch.randn(1, 12)})
+    with pytest.raises(InputError, match=r"input 'projector': .*clip_l targets"):
+        lsd_nodes.build_source(positive, clip_vision=Vision(), projector_path=str(folder), projector_strength=0.3)
+    host.HOST.clear()
+
+
+def test_detailer_refuses_a_combined_or_batched_positive(node_module):
+    """Only the first entry / row of `positive` would be used: ConditioningCombine or a batch is an error."""
+    lsd_nodes = sys.modules["luna_comfy_nodes_pn.lsd_nodes"]
+    InputError = sys.modules["luna_comfy_nodes_pn.sources"].InputError
+    one = [torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]
+    with pytest.raises(InputError, match=r"input 'positive': 2 conditioning entries"):
+        lsd_nodes.build_source([one, [torch.ones(1, 77, 2048), {"pooled_output": torch.ones(1, 1280)}]])
+    with pytest.raises(InputError, match=r"input 'positive': 1 conditioning entries of batch 2"):
+        lsd_nodes.build_source([[torch.zeros(2, 77, 2048), {"pooled_output": torch.zeros(2, 1280)}]])
+    source, hook = lsd_nodes.build_source([one])  # one prompt: the text source, no hook
+    assert hook is None and source.cond.shape == (77, 2048)
