@@ -12,6 +12,7 @@ User errors raise ValueError naming the node input, which ComfyUI shows as the n
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -177,6 +178,9 @@ def conditioning_inputs() -> dict:
         "vault_k": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "neighbours retrieved per crop"}),
         "category_routing": ("STRING", {"default": "", "tooltip": "per-label vault category, e.g. "
                              "face=faces, hand=hands (empty: the whole vault for every crop)"}),
+        "category_settings": ("STRING", {"default": "", "tooltip": "a category_settings.json written by `luna ab "
+                              "tune=true`: its label routes, and per-category strength, k, weighting and temperature "
+                              "(other crops keep vault_strength / vault_k; category_routing adds routes)"}),
         "projector": (folder_choices("luna_projectors"), {"default": NONE, "tooltip": "a trained projector in "
                       "models/luna_projectors/; none = no projection"}),
         "projector_path": ("STRING", {"default": "", "tooltip": "instead of the dropdown: a projector folder"}),
@@ -199,7 +203,7 @@ def conditioning_inputs() -> dict:
 
 
 def build_source(positive, clip=None, clip_vision=None, vision_model="", vision_weights="", vault=NONE,
-                 vault_path="", vault_strength=0.5, vault_k=8, category_routing="", projector=NONE,
+                 vault_path="", vault_strength=0.5, vault_k=8, category_routing="", category_settings="", projector=NONE,
                  projector_path="", projector_strength=0.3, ip_adapter=NONE, ip_adapter_path="",
                  ip_adapter_strength=0.6):
     """The conditioning of a detailer/refiner call: (source, IP-Adapter hook or None). The source gives text,
@@ -232,8 +236,9 @@ def build_source(positive, clip=None, clip_vision=None, vision_model="", vision_
         except ConditioningError as exc:
             raise InputError(f"input 'vault': {exc}") from exc
         routing = parse_routing(category_routing)
-        if routing:
-            source = Routed(source, routing)
+        table = read_category_settings(category_settings)
+        if routing or table is not None:
+            source = Routed(source, routing, table, "category_settings" if table is not None else "category_routing")
     if use_proj:
         try:
             # "sdxl" in the key: the Vision Translator caches the same folder without the SDXL targets check
@@ -254,6 +259,18 @@ def build_source(positive, clip=None, clip_vision=None, vision_model="", vision_
     weights = load_ip_adapter(ip_file, what)
     weights.check_dim(embedder.dim, "clip_vision" if clip_vision is not None else f"vision_model {vision_model!r}", what)
     return WithImageEmbeds(source, embedder), ComfyIPAdapter(weights, float(ip_adapter_strength), what)
+
+
+def read_category_settings(path) -> object | None:
+    """The CategoryTable of input 'category_settings' (None when empty); errors name the input and file."""
+    if not path or not str(path).strip():
+        return None
+    from lsd_runtime.categories import CategorySettingsError, CategoryTable
+
+    try:
+        return CategoryTable.read(os.path.expanduser(str(path).strip()))
+    except (CategorySettingsError, OSError, ValueError) as exc:
+        raise InputError(f"input 'category_settings': {exc}") from exc
 
 
 def _same(a, b) -> bool:
@@ -484,7 +501,7 @@ def sampling_inputs(denoise: float) -> dict:
 
 def _source_kwargs(kw: dict) -> dict:
     keys = ("clip", "clip_vision", "vision_model", "vision_weights", "vault", "vault_path", "vault_strength", "vault_k",
-            "category_routing", "projector", "projector_path", "projector_strength", "ip_adapter", "ip_adapter_path",
+            "category_routing", "category_settings", "projector", "projector_path", "projector_strength", "ip_adapter", "ip_adapter_path",
             "ip_adapter_strength")
     return {k: kw[k] for k in keys if k in kw}
 

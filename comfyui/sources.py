@@ -199,15 +199,22 @@ def parse_routing(text: str) -> dict[str, str]:
 
 
 class Routed:
-    """A VaultSource queried per detection label's category (unrouted labels: the whole vault)."""
+    """A VaultSource queried per detection label's category (unrouted labels: the whole vault). With a
+    `category_settings.json` table (`luna ab tune=true`), its routes come first (`category_routing`
+    adds to them) and a category it lists is queried with its own strength, k, weighting and temperature;
+    other crops keep the node's vault_strength / vault_k."""
 
-    def __init__(self, vault_source, routing: dict[str, str]):
-        self.source, self.routing = vault_source, routing
+    KNOBS = ("weight", "k", "weighting", "temperature")
+
+    def __init__(self, vault_source, routing: dict[str, str], table=None, where: str = "category_routing"):
+        self.source, self.table = vault_source, table
+        self.routing = {**(table.routes if table is not None else {}), **routing}
         self.text, self.name = vault_source.text, vault_source.name
         cats = set(getattr(vault_source.vault, "info", lambda: {})().get("categories") or [])
-        missing = sorted(set(routing.values()) - cats) if cats else []
+        wanted = set(self.routing.values()) | (set(table.categories) if table is not None else set())
+        missing = sorted(wanted - cats) if cats else []
         if missing:
-            raise InputError(f"input 'category_routing': categories {missing} are not in the vault (it has {sorted(cats)})")
+            raise InputError(f"input '{where}': categories {missing} are not in the vault (it has {sorted(cats)})")
 
     def rows(self, crops):
         return self.source.rows(crops)
@@ -215,13 +222,17 @@ class Routed:
     def rows_for(self, crops, detections):
         cats = [self.routing.get(str(getattr(d, "label", "")).lower()) for d in detections]
         out: list = [None] * len(crops)
-        saved = self.source.category
+        saved = {k: getattr(self.source, k) for k in ("category", *self.KNOBS)}
         try:
             for cat in dict.fromkeys(cats):
                 idx = [i for i, c in enumerate(cats) if c == cat]
-                self.source.category = cat if cat is not None else saved
+                self.source.category = cat if cat is not None else saved["category"]
+                own = self.table.categories.get(cat) if self.table is not None and cat is not None else None
+                for k in self.KNOBS:
+                    setattr(self.source, k, getattr(own, k) if own is not None else saved[k])
                 for i, r in zip(idx, self.source.rows([crops[i] for i in idx])):
                     out[i] = r
         finally:
-            self.source.category = saved
+            for k, v in saved.items():
+                setattr(self.source, k, v)
         return out

@@ -6,8 +6,7 @@ softmax temperature. Labels without a route go to the nearest category centroid 
 vault has categories, else to the whole vault.
 
 The settings file (`category_settings.json`, written by `luna ab tune=true`, read by `luna refine
-retrieval.settings=FILE`; the ComfyUI nodes route by label with `category_routing` but do not read
-per-category settings yet) holds
+retrieval.settings=FILE` and by the ComfyUI detailer / refiner's `category_settings` input) holds
     {"format_version": 1, "routes": {label: category}, "default": {weight, k, weighting, temperature},
      "categories": {category: {weight, k, weighting, temperature}}, "tuned": {...evidence...}}
 

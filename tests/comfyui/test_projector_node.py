@@ -208,3 +208,36 @@ def test_detailer_refuses_a_combined_or_batched_positive(node_module):
         lsd_nodes.build_source([[torch.zeros(2, 77, 2048), {"pooled_output": torch.zeros(2, 1280)}]])
     source, hook = lsd_nodes.build_source([one])  # one prompt: the text source, no hook
     assert hook is None and source.cond.shape == (77, 2048)
+
+
+def test_category_settings_route_and_set_each_categorys_knobs(node_module, tmp_path):
+    """A tune=true settings file in the detailer: its routes send a face to `faces`, which is queried with the
+    file's strength / k / weighting / temperature; a hand (routed by category_routing) and an unrouted crop keep
+    the node's own settings; the source's settings are restored afterwards."""
+    from lsd_runtime.categories import CategorySettings, CategoryTable
+
+    sources = sys.modules["luna_comfy_nodes_pn.sources"]
+    lsd_nodes = sys.modules["luna_comfy_nodes_pn.lsd_nodes"]
+    table = CategoryTable(routes={"face": "faces"}, categories={"faces": CategorySettings(0.9, 3, "mean", 0.2)})
+    path = table.write(tmp_path / "category_settings.json")
+
+    class Stub:  # a VaultSource's knobs; rows() reports what each query used
+        text, name, category, weight, k, weighting, temperature = None, "vault", None, 0.5, 8, "softmax", 0.05
+        vault = SimpleNamespace(info=lambda: {"categories": ["faces", "hands"]})
+
+        def rows(self, crops):
+            return [(self.category, self.weight, self.k, self.weighting, self.temperature) for _ in crops]
+
+    stub = Stub()
+    routed = sources.Routed(stub, sources.parse_routing("hand=hands"), lsd_nodes.read_category_settings(str(path)))
+    dets = [SimpleNamespace(label=x) for x in ("Face", "hand", "tree")]
+    assert routed.rows_for([0, 1, 2], dets) == [("faces", 0.9, 3, "mean", 0.2), ("hands", 0.5, 8, "softmax", 0.05),
+                                                (None, 0.5, 8, "softmax", 0.05)]
+    assert (stub.category, stub.weight, stub.k, stub.weighting, stub.temperature) == (None, 0.5, 8, "softmax", 0.05)
+    InputError = sources.InputError
+    with pytest.raises(InputError, match=r"input 'category_settings': .*nope.json"):
+        lsd_nodes.read_category_settings(str(tmp_path / "nope.json"))
+    other = CategoryTable(categories={"eyes": CategorySettings()})
+    with pytest.raises(InputError, match=r"input 'category_settings': categories \['eyes'\] are not in the vault"):
+        sources.Routed(stub, {}, other, "category_settings")
+    assert lsd_nodes.read_category_settings("  ") is None
