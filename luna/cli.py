@@ -7,6 +7,7 @@ exit codes below are the same for every subcommand.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -139,10 +140,20 @@ def quote_free_text(argv: Sequence[str], keys: Sequence[str]) -> list[str]:
     out = []
     for arg in argv:
         key, eq, value = arg.partition("=")
-        if eq and key.lstrip("+") in keys and value and value[0] not in "'\"":
-            arg = key + "='" + value.replace("'", "\\'") + "'"
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        if eq and key.lstrip("+") in keys and value and not quoted:
+            arg = key + "=" + hydra_quote(value)
         out.append(arg)
     return out
+
+
+def hydra_quote(value: str) -> str:
+    """`value` as a single-quoted Hydra override value that parses back to exactly `value`: backslashes
+    before a quote, `${` or the end are doubled (elsewhere Hydra keeps them literal), quotes are escaped,
+    and `${` is escaped so OmegaConf does not read an interpolation."""
+    value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def override_value(argv: Sequence[str], key: str) -> str | None:

@@ -37,3 +37,15 @@ def resolve_device(name: str | None) -> str:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
     return str(name)
+
+
+def names(value: Any, key: str) -> list[str]:
+    """A setting that is one name or a list of names (`families=pony`, `families=[base,pony]`) as a list;
+    anything else is a ValueError naming `key` (a plain string is one name, not its letters)."""
+    value = plain(value)
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v for v in items):
+        raise ValueError(f"{key}={value!r}: a name or a list of names, e.g. {key}=[a,b]")
+    return list(items)

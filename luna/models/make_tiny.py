@@ -10,7 +10,9 @@ def make_tiny(cfg) -> None:
     from luna.models.fingerprint import te_fingerprint
 
     out = Path(cfg.out).expanduser().resolve()
-    written = tiny.write_checkpoints(out, n=int(cfg.n), families=tuple(cfg.families))
+    from luna.settings import names
+
+    written = tiny.write_checkpoints(out, n=int(cfg.n), families=tuple(names(cfg.families, "families")))
     for checkpoint in written:
         print(f"{checkpoint.name}: family={checkpoint.family} te_fingerprint={te_fingerprint(checkpoint.single_file)}")
         print(f"  single file: {checkpoint.single_file}")

@@ -88,3 +88,15 @@ def test_every_subcommand_module_has_main():
     for name, (module, _) in SUBCOMMANDS.items():
         assert callable(importlib.import_module(module).main), name
     assert main(["no-such-sub"]) == EXIT_USER_ERROR
+
+
+@pytest.mark.parametrize("prompt", ["a, b [c]", "dir C:\\x\\", "price ${x}", "it's \\' odd", "end\\\\", "\\${y} and $",
+                                    "'", "a=b, c:d {e}", "'already quoted'"])
+def test_free_text_prompts_reach_the_config_verbatim(prompt):
+    """`luna refine prompt=...` takes the text as typed: commas, brackets, backslashes, quotes and `${`."""
+    from luna.cli import compose, quote_free_text
+    from luna.settings import plain
+
+    cfg = plain(compose("refine", quote_free_text([f"prompt={prompt}"], ["prompt"]), {}))
+    want = prompt[1:-1] if prompt == "'already quoted'" else prompt  # a quoted value is Hydra's to unquote
+    assert cfg["prompt"] == want

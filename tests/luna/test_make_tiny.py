@@ -20,3 +20,10 @@ def test_make_tiny_command(tmp_path, capsys):
 def test_make_tiny_rejects_bad_n(tmp_path, capsys):
     assert main([f"out={tmp_path}", "n=0"]) == 2
     assert "n must be >= 1" in capsys.readouterr().err
+
+
+def test_make_tiny_takes_one_family_as_a_name_and_refuses_other_values(tmp_path, capsys):
+    assert main([f"out={tmp_path / 'one'}", "n=1", "families=pony", "write_vision=false"]) == 0
+    assert "family=pony " in capsys.readouterr().out  # not the letters p, o, n, y
+    assert main([f"out={tmp_path / 'bad'}", "n=1", "families=[1]", "write_vision=false"]) == 2
+    assert "families=" in capsys.readouterr().err

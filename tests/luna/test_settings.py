@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -34,3 +35,13 @@ def test_resolve_device():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto") == resolve_device(None) == resolve_device("") == expected
     assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"
+
+
+def test_names_takes_one_name_or_a_list_and_names_the_key_otherwise():
+    from luna.settings import names
+
+    assert names("pony", "families") == ["pony"] and names(["base", "pony"], "families") == ["base", "pony"]
+    assert names(None, "only") == []
+    for bad in ([1], "", [""], {"a": 1}):
+        with pytest.raises(ValueError, match=r"families="):
+            names(bad, "families")

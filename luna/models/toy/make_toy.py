@@ -9,6 +9,7 @@ def make_toy(cfg) -> None:
     """Run the stages `cfg` (conf/make_toy.yaml) asks for, export, and print what was written."""
     from luna.models.fingerprint import te_fingerprint
     from luna.models.toy import train
+    from luna.settings import names
 
     stages = {}
     for name in train.STAGES:
@@ -22,9 +23,9 @@ def make_toy(cfg) -> None:
     out = Path(cfg.out).expanduser().resolve()
     written = train.make_toy(work, out, seed=int(cfg.seed), stages=stages,
                              checkpoint_every_s=float(cfg.checkpoint_every_s), threads=cfg.get("threads"),
-                             only=list(cfg.get("only") or []), pool_size=int(cfg.pool_size))
+                             only=names(cfg.get("only"), "only"), pool_size=int(cfg.pool_size))
     if not written:
-        print(f"stages {list(cfg.only)} done in {work}; rerun without only= to export")
+        print(f"stages {names(cfg.only, 'only')} done in {work}; rerun without only= to export")
     for path in written:
         extra = f" te_fingerprint={te_fingerprint(path)}" if not path.stem.startswith(train.VISION_NAME) else ""
         print(f"{path} ({path.stat().st_size / 1e6:.2f} MB){extra}")
