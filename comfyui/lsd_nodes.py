@@ -265,7 +265,7 @@ def read_category_settings(path) -> object | None:
     """The CategoryTable of input 'category_settings' (None when empty); errors name the input and file."""
     if not path or not str(path).strip():
         return None
-    from lsd_runtime.categories import CategorySettingsError, CategoryTable
+    from lsd_runtime.api import CategorySettingsError, CategoryTable
 
     try:
         return CategoryTable.read(os.path.expanduser(str(path).strip()))

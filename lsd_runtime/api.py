@@ -2,6 +2,7 @@
 denoiser interface, in one place, so a front end depends on this module rather than on the
 runtime's internals. Everything here is defined in the module named beside it.
 """
+from lsd_runtime.categories import CategorySettingsError, CategoryTable  # noqa: F401
 from lsd_runtime.conditioning import (  # noqa: F401
     CondRow,
     ConditioningError,
