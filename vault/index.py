@@ -347,28 +347,22 @@ def add_tuned(index: faiss.Index, vectors: np.ndarray, spec: str, target: float 
     hnsw = _is_hnsw(index)
     if hnsw:  # a graph gets its rows in random order (see add_vectors)
         rest = rng.permutation(rest)
-    ids = lambda rows: (n0 + rows).astype(np.int64)  # noqa: E731
-    if hnsw:
-        _add_rows(index, x, rest, with_ids=False, desc="index")
-    else:
-        for i in range(0, len(rest), 65536):
-            index.add_with_ids(x[rest[i : i + 65536]], ids(rest[i : i + 65536]))
+    _add_rows(index, x, rest, with_ids=not hnsw, desc="index", id_offset=n0)
     every = np.concatenate([normalize(old), x])
     k = min(k, n0 + len(rest))
     truth = _exact_excluding(every, x[held], k, n0 + held)
     map_ids = np.concatenate([np.arange(n0), n0 + rest]) if hnsw else None
     params, recall, lat, met = _sweep(index, x[held], truth, options, target, budget_ms, map_ids=map_ids)
-    if hnsw:
-        _add_rows(index, x, held, with_ids=False)
+    _add_rows(index, x, held, with_ids=not hnsw, id_offset=n0)
+    if hnsw:  # entries are in (old, rest, held) order: permute the new ones back to row order
         _permute_entries(index, np.concatenate([np.arange(n0), n0 + np.argsort(np.concatenate([rest, held]))]).astype(np.int64))
-    else:
-        index.add_with_ids(x[held], ids(held))
     return Tuning(params, recall, met, target, lat, budget_ms, n_hold, "held-out", k)
 
 
 def _add_rows(index: faiss.Index, x: np.ndarray, rows: np.ndarray, with_ids: bool, batch: int = 65536,
-              desc: str | None = None) -> None:
-    """Add x[rows] in batches, with a progress bar (named `desc`) when there is more than one batch."""
+              desc: str | None = None, id_offset: int = 0) -> None:
+    """Add x[rows] in batches (ids `id_offset + rows` when `with_ids`), with a progress bar (named `desc`)
+    when there is more than one batch."""
     from tqdm.auto import tqdm
 
     with tqdm(total=len(rows), unit="vec", desc=desc or "index", dynamic_ncols=True,
@@ -376,7 +370,7 @@ def _add_rows(index: faiss.Index, x: np.ndarray, rows: np.ndarray, with_ids: boo
         for i in range(0, len(rows), batch):
             r = rows[i : i + batch]
             if with_ids:
-                index.add_with_ids(x[r], r.astype(np.int64))
+                index.add_with_ids(x[r], (id_offset + r).astype(np.int64))
             else:
                 index.add(x[r])
             bar.update(len(r))
