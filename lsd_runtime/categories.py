@@ -204,7 +204,8 @@ def _warn_once(msg: str) -> None:
         log.warning(msg)
 
 
-def _global_settings(ret: dict) -> CategorySettings:
+def global_settings(ret: dict) -> CategorySettings:
+    """The `retrieval` config's own weight / k / weighting / temperature (the defaults where unset)."""
     return CategorySettings.from_dict({"weight": ret.get("weight", 0.5), "k": ret.get("k", 8),
                                        "weighting": ret.get("weighting", "mean"),
                                        "temperature": ret.get("temperature", 0.05)}, "retrieval")
@@ -223,7 +224,7 @@ def table_from_config(ret: dict) -> CategoryTable | None:
     if ret.get("routes"):
         table.routes.update({str(k).lower(): str(v) for k, v in ret["routes"].items()})
     if not settings:
-        table.default = _global_settings(ret)
+        table.default = global_settings(ret)
     for cat, over in (ret.get("per_category") or {}).items():
         base = asdict(table.settings_for(cat))
         table.categories[str(cat)] = CategorySettings.from_dict({**base, **dict(over)}, f"retrieval.per_category.{cat}")
@@ -234,7 +235,7 @@ def fixed_settings(ret: dict) -> CategorySettings:
     """The settings of an unrouted source: the global ones, with `per_category`'s entry for a fixed
     `category` applied; an entry that could never apply (another category, or `auto`, whose category
     is chosen per crop by the vault) is an error naming it rather than silently ignored."""
-    s = _global_settings(ret)
+    s = global_settings(ret)
     per = {str(k): v for k, v in (ret.get("per_category") or {}).items()}
     if not per:
         return s

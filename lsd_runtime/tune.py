@@ -31,7 +31,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from lsd_runtime.categories import DEFAULT_ROUTES, CategorySettings, CategoryTable
+from lsd_runtime.categories import DEFAULT_ROUTES, CategorySettings, CategoryTable, global_settings
 
 log = logging.getLogger(__name__)
 DEFAULT = "default"
@@ -74,10 +74,7 @@ def global_table(ctx) -> tuple[CategoryTable, list[str]]:
     ret = dict(ctx.ret)
     known = list(ctx.vault.info().get("categories") or [])
     routes = {lab: cat for lab, cat in {**DEFAULT_ROUTES, **(ret.get("routes") or {})}.items() if cat in known}
-    table = CategoryTable(routes=routes, default=CategorySettings.from_dict(
-        {"weight": ret.get("weight", 0.5), "k": ret.get("k", 8), "weighting": ret.get("weighting", "mean"),
-         "temperature": ret.get("temperature", 0.05)}, "retrieval"))
-    return table, known
+    return CategoryTable(routes=routes, default=global_settings(ret)), known
 
 
 def category_scores(ctx, table: CategoryTable, cat: str, s: CategorySettings, crops: list, metric: str, oracle,
