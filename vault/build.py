@@ -138,12 +138,8 @@ def _add_retuned(what: str, index, x: np.ndarray, spec: str, old: dict, tune: di
 
 
 def _shards_of(attrs: dict) -> list[str]:
-    """Shard folders a pairs part's attrs record (extraction writes `shards_dir`, the folder it read)."""
-    for key in ("shards", "shards_dir", "shard_folders", "source_shards"):
-        value = attrs.get(key)
-        if value:
-            return [str(v) for v in _as_list(value)]
-    return []
+    """The shard folder a pairs part's attrs record (extraction writes `shards_dir`, the folder it read)."""
+    return [str(attrs["shards_dir"])] if attrs.get("shards_dir") else []
 
 
 def _shard_folders(parts: list[Path]) -> list[str]:
