@@ -18,6 +18,8 @@ fails prints its error and the others still run):
               (`data.conditionings=online`): the full-size SDXL text encoders (CLIP-L + bigG, random
               weights, fp16) on the device, per new prompt, vs the step and vs the stored loader, and
               both tokenizers on one CPU core (once per prompt: the ids are stored with the pairs)
+  toy         `luna make-toy`'s five stages for a few hundred steps on the device vs a few dozen on the
+              CPU: ms a step, speed-up, the default run's time projected
   faiss       faiss-gpu single-query and batched latency (Flat and IVF) at 500k x 1024 vs the
               vault's CPU HNSW32 default on one thread (faiss-cpu when no GPU build is installed)
 Random weights: the ratios, not the images, are what is measured. Figures go into BENCHMARKS.md
@@ -104,9 +106,7 @@ class InMemoryGenerator:
         from factory.worker import SDXLGenerator
 
         self.inner = SDXLGenerator(device=device, dtype="float16" if device.startswith("cuda") else "float32")
-        self.inner.pipe = pipe
-        self.inner._default_scheduler_config = dict(pipe.scheduler.config)
-        self.inner._scheduler = None
+        self.inner.adopt(pipe)
 
     def load(self, path: str) -> None:
         pass
@@ -358,6 +358,10 @@ def section_faiss(args) -> None:
         return float(np.median(out) * 1000)
 
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if not gpus and not args.tiny:  # the CPU side alone at this size is vault_bench's business (minutes of HNSW build)
+        say(f"faiss {getattr(faiss, '__version__', '?')}: no GPU build of faiss (faiss-gpu) here: GPU latency not "
+            "measured")
+        return
     from vault.index import build_tuned
 
     threads = faiss.omp_get_max_threads()
@@ -382,8 +386,83 @@ def section_faiss(args) -> None:
     ratio("faiss-gpu Flat p50 / CPU HNSW p50", flat_ms / cpu_ms, "< 1: the GPU answers a single query faster")
 
 
+# --------------------------------------------------------------------------- toy-world training
+def _toy_stages(args, steps, batch_scale, pool, defaults, per_step, calls) -> None:
+    """Each stage on the device, then on the CPU: seconds a step from the step calls' timestamps after
+    the first quarter (warm-up: first kernels, allocator), so the setup (models, latent pool) is out."""
+    from luna.models.toy import train
+
+    for where, device in (("device", args.device), ("cpu", "cpu")):
+        if where == "device" and args.device == "cpu":
+            continue
+        stages = {k: train.StageConfig(steps=steps[where][k], batch=max(2, int(defaults[k].batch * batch_scale)),
+                                       lr=float(defaults[k].lr)) for k in train.STAGES}
+        per_step[where] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("vae", "decoder", "base", "pony", "vision"):  # each after what it needs
+                calls.clear()
+                sync(device)
+                with contextlib.redirect_stderr(io.StringIO()):  # the stages' tqdm bars
+                    train.make_toy(tmp, Path(tmp) / "out", seed=2026, stages=stages, checkpoint_every_s=1e9,
+                                   only=[name], pool_size=pool, device=device)
+                sync(device)
+                calls.append(time.perf_counter())  # the last step's end
+                first = len(calls) // 4
+                per_step[where][name] = (calls[-1] - calls[first]) / (len(calls) - 1 - first)
+        say(f"toy make-toy on {where} ({device}, batches {[stages[k].batch for k in train.STAGES]}): " + ", ".join(
+            f"{k} {v * 1000:.1f} ms/step ({steps[where][k]} steps)" for k, v in per_step[where].items()))
+
+
+def section_toy(args) -> None:
+    """`luna make-toy`'s stages (luna.models.toy.train, batches rendered on the CPU as always) for a
+    few hundred steps on the device against a few dozen on this machine's CPU, same run: seconds a
+    step per stage (after a warm-up; the setup, e.g. the latent pool, left out), the speed-up, and the
+    whole default run (conf/make_toy.yaml's steps) projected from them."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from luna.models.toy import train
+
+    defaults = OmegaConf.load(ROOT / "conf" / "make_toy.yaml").stages
+    full = {k: int(defaults[k].steps) for k in train.STAGES}
+    if args.tiny:
+        torch.set_num_threads(1)
+        steps = {"device": {k: 4 for k in train.STAGES}, "cpu": {k: 4 for k in train.STAGES}}
+        batch_scale, pool = 0.25, 32
+    else:
+        steps = {"device": {"vae": 300, "decoder": 300, "base": 400, "pony": 200, "vision": 300},
+                 "cpu": {"vae": 20, "decoder": 20, "base": 20, "pony": 10, "vision": 20}}
+        batch_scale, pool = 1.0, 4096
+    calls: list[float] = []  # when each step began (its step_fn call): the stage's own loop, timed from outside
+    run = train.Stage.run
+
+    def timed_run(self, step_fn, *a, **kw):
+        def step(i):
+            calls.append(time.perf_counter())
+            return step_fn(i)
+        return run(self, step, *a, **kw)
+
+    train.Stage.run = timed_run
+    per_step: dict[str, dict[str, float]] = {}
+    try:
+        _toy_stages(args, steps, batch_scale, pool, defaults, per_step, calls)
+    finally:
+        train.Stage.run = run
+    cpu = per_step["cpu"]
+    serial_cpu = sum(full[k] * cpu[k] for k in full)
+    say(f"toy make-toy, default steps {full}, one process after another: CPU (torch threads "
+        f"{torch.get_num_threads()}) {serial_cpu / 60:.1f} min projected")
+    if "device" in per_step:
+        dev = per_step["device"]
+        serial_dev = sum(full[k] * dev[k] for k in full)
+        say(f"toy make-toy on the device: {serial_dev / 60:.1f} min projected, one stage after another")
+        for k in full:
+            ratio(f"toy {k} step device/CPU speed-up", cpu[k] / dev[k])
+        ratio("toy make-toy whole run CPU/device", serial_cpu / serial_dev, "> 1: the device trains the toy world faster")
+
+
 SECTIONS = {"factory": section_factory, "extraction": section_extraction, "runtime": section_runtime,
-            "projector": section_projector, "faiss": section_faiss}
+            "projector": section_projector, "toy": section_toy, "faiss": section_faiss}
 
 
 def main(argv=None) -> int:

@@ -57,12 +57,17 @@ class SDXLGenerator:
         from luna.models.sdxl import load_sdxl
 
         self.pipe = None  # free the old pipeline before loading the next one
-        self.pipe = load_sdxl(path, device=self.device, dtype=self.dtype)
+        self.adopt(load_sdxl(path, device=self.device, dtype=self.dtype), latent_statistics(path))
+
+    def adopt(self, pipe, latents: tuple = (None, None)) -> None:
+        """Use `pipe` (already loaded, e.g. by `load` or a benchmark) as this generator's pipeline;
+        `latents` = an EDM file's own latent statistics (mean, std), if it declares them."""
+        self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
         self._default_scheduler_config = dict(self.pipe.scheduler.config)
         vae = self.pipe.vae.config
         self._default_vae_config = {k: vae.get(k) for k in ("scaling_factor", "latents_mean", "latents_std")}
-        self._latents = latent_statistics(path)  # an EDM file's own latent statistics, if it declares them
+        self._latents = latents
         self._scheduler = None
 
     def _set_scheduler(self, name: str, prediction: str = "epsilon", timestep_spacing: str | None = None) -> None:

@@ -90,3 +90,12 @@ def test_export_loads_back_identically(trained):
 def test_cli_rejects_an_unknown_stage(tmp_path, capsys):
     assert main([f"work={tmp_path}", "only=[unet]", CLI_STAGES]) == 2
     assert "only=['unet']" in capsys.readouterr().err
+
+
+def test_make_toy_refuses_a_cuda_device_it_does_not_have(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda'"):
+        train.make_toy(tmp_path, tmp_path / "out", seed=8, stages=STAGES, pool_size=8, only=["vae"], device="cuda")
+    assert not (tmp_path / "vae.pt").exists()

@@ -14,7 +14,9 @@ Then `export` writes `<out>/toy-base-flat.safetensors`, `<out>/toy-pony-outline.
 (single-file SDXL, original key layout, fp16) and `<out>/luna-toy-vit.safetensors` (visual.* only).
 
 Every batch is drawn from an RNG seeded by (seed, stage, step), so a resumed run sees the same
-data as an uninterrupted one and the same seed gives the same weights.
+data as an uninterrupted one and the same seed gives the same weights on one device. Batches and
+noise are made on the CPU and moved, so `device="cuda"` sees the same data as a CPU run (its weights
+differ only by the device's arithmetic).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ LOGVAR = -12.0  # the toy VAE's posterior log-variance (a deterministic autoenco
 # image: with a plain pixel loss the VAE learns the background first and, after 1,200 steps, still
 # confuses the colours (red/blue -> purple: 13% right); weighted 1 + 10 it gets them 100% right.
 FG_WEIGHT = 10.0
+DEVICE = torch.device("cpu")  # where the stages train (make_toy's `device`); data is made on the CPU and moved
 
 
 @dataclass
@@ -64,7 +67,11 @@ def _config(sub: str) -> dict:
 def _built(build, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build()
+        return build().to(DEVICE)  # built (initialised) on the CPU: the same weights on every device
+
+
+def _dev(t: torch.Tensor) -> torch.Tensor:
+    return t.to(DEVICE, non_blocking=True)
 
 
 def new_vae(seed: int):
@@ -90,7 +97,7 @@ def new_text_encoders(seed: int):
 def new_vision(seed: int):
     from luna.models.vision import create_open_clip
 
-    return create_open_clip(VISION_NAME, seed=_seed(seed, "vision"))
+    return create_open_clip(VISION_NAME, seed=_seed(seed, "vision")).to(DEVICE)
 
 
 # ---------------------------------------------------------------- data
@@ -105,13 +112,13 @@ def render_batch(scenes, rng: np.random.Generator, style, size: int = SIZE) -> t
     styles = [style] * len(scenes) if isinstance(style, str) else list(style)
     imgs = [world.render(s, size, int(rng.integers(2**31)), st) for s, st in zip(scenes, styles)]
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
+    return _dev(x / 127.5 - 1.0)
 
 
 def recon_loss(y: torch.Tensor, x: torch.Tensor, scenes) -> torch.Tensor:
     """L1 + L2 reconstruction loss with the shape's pixels (anything off the flat background)
     weighted 1 + FG_WEIGHT."""
-    bg = torch.tensor([world.BACKGROUNDS[s.background] for s in scenes], dtype=x.dtype).view(-1, 3, 1, 1)
+    bg = torch.tensor([world.BACKGROUNDS[s.background] for s in scenes], dtype=x.dtype, device=x.device).view(-1, 3, 1, 1)
     fg = ((x - (bg / 127.5 - 1.0)).abs().amax(dim=1, keepdim=True) > 0.15).to(x.dtype)
     w = 1.0 + FG_WEIGHT * fg
     d = y - x
@@ -232,7 +239,7 @@ def train_vae(work: Path, cfg: StageConfig, seed: int, every_s: float, log_file=
         # _fold_latent_scale): a unit-std posterior sample would drown the latents in noise and
         # slow learning 10x; a little noise and an L2 bound keep the latent space smooth
         mean = vae.encode(x).latent_dist.mean
-        y = vae.decode(mean + 0.1 * torch.randn(mean.shape, generator=gen)).sample
+        y = vae.decode(mean + 0.1 * _dev(torch.randn(mean.shape, generator=gen))).sample
         return recon_loss(y, x, scenes) + 1e-4 * mean.pow(2).mean()
 
     stage.run(step, every_s, log_file=log_file)
@@ -275,7 +282,7 @@ def train_decoder(work: Path, cfg: StageConfig, seed: int, vae, every_s: float, 
         scenes, x, gen = _mixed_batch(seed, "decoder", i, cfg.batch)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
-            z = z + 0.02 / SCALING_FACTOR * torch.randn(z.shape, generator=gen)  # the UNet's latents are not exact
+            z = z + 0.02 / SCALING_FACTOR * _dev(torch.randn(z.shape, generator=gen))  # the UNet's latents are not exact
         y = vae.decode(z).sample
         return recon_loss(y, x, scenes)
 
@@ -339,8 +346,8 @@ def train_diffusion(work: Path, name: str, cfg: StageConfig, seed: int, vae, sty
     groups = [{"params": list(unet.parameters())},
               {"params": list(te1.parameters()) + list(te2.parameters()), "lr_scale": te_lr_scale}]
     stage = Stage(work, name, {"unet": unet, "te1": te1, "te2": te2}, groups, cfg, ema=["unet", "te1", "te2"])
-    acp = _alphas_cumprod()
-    empty_ids = _tokenize(tokenizers, [""])
+    acp = _dev(_alphas_cumprod())
+    empty_ids = tuple(_dev(t) for t in _tokenize(tokenizers, [""]))
     cache: dict[str, tuple] = {}
 
     def ids_of(prompts):
@@ -348,7 +355,7 @@ def train_diffusion(work: Path, name: str, cfg: StageConfig, seed: int, vae, sty
         if missing:
             a, b = _tokenize(tokenizers, missing)
             cache.update({p: (a[i], b[i]) for i, p in enumerate(missing)})
-        return torch.stack([cache[p][0] for p in prompts]), torch.stack([cache[p][1] for p in prompts])
+        return _dev(torch.stack([cache[p][0] for p in prompts])), _dev(torch.stack([cache[p][1] for p in prompts]))
 
     if stage.done:  # finished earlier (e.g. a run that only exports): no pool to encode
         return stage.final("unet"), stage.final("te1"), stage.final("te2")
@@ -360,8 +367,9 @@ def train_diffusion(work: Path, name: str, cfg: StageConfig, seed: int, vae, sty
         b = cfg.batch
         pick = torch.from_numpy(rng.integers(0, len(pool_scenes), b))
         scenes = [pool_scenes[int(j)] for j in pick]
+        pick = _dev(pick)
         mean, std = pool_mean[pick], pool_std[pick]
-        z = (mean + std * torch.randn(mean.shape, generator=gen)) * vae.config.scaling_factor
+        z = (mean + std * _dev(torch.randn(mean.shape, generator=gen))) * vae.config.scaling_factor
         ids1, ids2 = ids_of([world.prompt(s) for s in scenes])
         cond, pooled = encode_text(te1, te2, ids1, ids2)
         # 10% unconditional: half the encoded empty prompt (a "" negative), half zeros (force_zeros_for_empty_prompt)
@@ -377,10 +385,10 @@ def train_diffusion(work: Path, name: str, cfg: StageConfig, seed: int, vae, sty
                 cond[j], pooled[j] = 0.0, 0.0
         # half the batch with the true size ids, half with arbitrary ones, so that time ids carry nothing
         sizes = rng.choice(_TIME_SIZES, size=(b, 2))
-        tids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE] if rng.random() < 0.5 else
-                             [s[0], s[0], 0, 0, s[1], s[1]] for s in sizes], dtype=torch.float32)
-        t = torch.from_numpy(rng.integers(0, len(acp), b))
-        noise = torch.randn(z.shape, generator=gen)
+        tids = _dev(torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE] if rng.random() < 0.5 else
+                                  [s[0], s[0], 0, 0, s[1], s[1]] for s in sizes], dtype=torch.float32))
+        t = _dev(torch.from_numpy(rng.integers(0, len(acp), b)))
+        noise = _dev(torch.randn(z.shape, generator=gen))
         a = acp[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         pred = unet(noisy, t, cond, added_cond_kwargs={"text_embeds": pooled, "time_ids": tids}).sample
@@ -416,12 +424,12 @@ def vision_input(x: torch.Tensor, image_size: int) -> torch.Tensor:
     x = (x + 1) / 2
     if x.shape[-1] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False).clamp(0, 1)
-    return (x - _CLIP_MEAN) / _CLIP_STD
+    return (x - _CLIP_MEAN.to(x.device)) / _CLIP_STD.to(x.device)
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Per-image separable Gaussian blur (sigma in pixels, 0 = none), 5-tap."""
-    k = torch.arange(-2, 3, dtype=torch.float32)
+    k = torch.arange(-2, 3, dtype=torch.float32, device=x.device)
     w = torch.exp(-(k[None] ** 2) / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
     w = w / w.sum(dim=1, keepdim=True)  # [B,5]
     b, c, h, wd = x.shape
@@ -445,14 +453,14 @@ def train_vision(work: Path, cfg: StageConfig, seed: int, every_s: float, log_fi
         x = render_batch(scenes, rng, styles)
         with torch.no_grad():  # blur, noise and a colour shift: generated images are softer than renders
             gen = torch.Generator().manual_seed(_seed(seed, "vision-noise", i))
-            x = _blur(x, torch.rand(cfg.batch, generator=gen) * 1.2)
-            x = x + 0.08 * (torch.rand(cfg.batch, 3, 1, 1, generator=gen) - 0.5)
-            x = (x + 0.04 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+            x = _blur(x, _dev(torch.rand(cfg.batch, generator=gen) * 1.2))
+            x = x + 0.08 * _dev(torch.rand(cfg.batch, 3, 1, 1, generator=gen) - 0.5)
+            x = (x + 0.04 * _dev(torch.randn(x.shape, generator=gen))).clamp(-1, 1)
         logits = heads(visual(vision_input(x, size)))
         loss = 0.0
         for k in heads.names:
             values = list(_VALUES[k])
-            target = torch.tensor([values.index(getattr(s, k)) for s in scenes])
+            target = _dev(torch.tensor([values.index(getattr(s, k)) for s in scenes]))
             loss = loss + F.cross_entropy(logits[k], target)
         return loss
 
@@ -492,11 +500,12 @@ def export(out: Path, vae, diffusion: dict, vision_model) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    vae = vae.cpu()
     for stage, (unet, te1, te2) in diffusion.items():
         name, _ = CHECKPOINTS[stage]
-        written.append(write_single_file(make_pipeline(unet, vae, te1, te2), out / f"{name}.safetensors"))
+        written.append(write_single_file(make_pipeline(unet.cpu(), vae, te1.cpu(), te2.cpu()), out / f"{name}.safetensors"))
     if vision_model is not None:
-        state = {k: v.to(torch.float16).contiguous() for k, v in vision_model.state_dict().items() if k.startswith("visual.")}
+        state = {k: v.to("cpu", torch.float16).contiguous() for k, v in vision_model.state_dict().items() if k.startswith("visual.")}
         path = out / f"{VISION_NAME}.safetensors"
         with atomic_path(path) as tmp:
             save_file(state, str(tmp))
@@ -505,11 +514,17 @@ def export(out: Path, vae, diffusion: dict, vision_model) -> list[Path]:
 
 
 def make_toy(work, out, seed: int, stages: dict[str, StageConfig], checkpoint_every_s: float = 180.0,
-             threads: int | None = None, only=None, pool_size: int = 4096) -> list[Path]:
+             threads: int | None = None, only=None, pool_size: int = 4096, device: str = "cpu") -> list[Path]:
     """Run (or continue) every stage in `work`, then export the weights into `out`.
 
     `only` = a subset of STAGES runs just those (e.g. the vision stage in a second process, which
-    needs no other stage) and exports nothing; a later run without `only` finds them done."""
+    needs no other stage) and exports nothing; a later run without `only` finds them done.
+    `device` = where the stages train ("cpu", "cuda", "cuda:1"); a stage saved on one device
+    continues on another."""
+    global DEVICE
+    DEVICE = torch.device(device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: no CUDA device here (torch.cuda.is_available() is False)")
     work, out = Path(work), Path(out)
     work.mkdir(parents=True, exist_ok=True)
     if threads:
