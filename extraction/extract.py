@@ -19,7 +19,7 @@ import numpy as np
 from extraction import pairs as pairs_fmt
 from extraction.distributed import cluster_mode, connect_cluster, make_text_actor, ray_image_results
 from extraction.image import ImageEncoder, ShardImages, collect_shards, load_tower
-from extraction.reader import Shard, check_format_version, find_shards, stream_batches
+from extraction.reader import Shard, check_format_version, decode_workers, find_shards, stream_batches
 from extraction.text import PromptStore, TextConditioner, make_conditioner
 from luna.files import write_json_atomic
 from luna.settings import get, resolve_device
@@ -155,7 +155,7 @@ def in_shard_order(results: Iterator[ShardImages]) -> Iterator[ShardImages]:
 # --- the image side, single process ---------------------------------------------------------------
 def local_image_results(shards: list[Shard], encoder: ImageEncoder, preprocess, cfg) -> Iterator[ShardImages]:
     items = stream_batches([s.path for s in shards], preprocess, int(get(cfg, "batch_size", 64)),
-                           int(get(cfg, "workers", 2)))
+                           decode_workers(get(cfg, "workers", "auto"), encoder.device))
     yield from collect_shards(items, encoder, str(get(cfg, "dtype", "float16")))
 
 

@@ -1,0 +1,29 @@
+"""`workers: auto` sizes the decoding processes to the device: a GPU's forward outruns two of them."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from extraction.reader import AUTO_WORKERS_MAX, decode_workers
+
+
+@pytest.mark.parametrize("cores, device, expected", [
+    (16, "cuda", 14), (16, "cuda:1", 14), (64, "cuda", AUTO_WORKERS_MAX), (2, "cuda", 1), (3, "cuda", 1),
+    (16, "cpu", 2), (1, "cpu", 1),
+])
+def test_auto_follows_the_cores_and_the_device(monkeypatch, cores, device, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert decode_workers("auto", device) == expected
+    assert decode_workers("AUTO", device) == expected
+
+
+def test_a_number_is_taken_as_given():
+    assert decode_workers(0, "cuda") == 0
+    assert decode_workers("3", "cpu") == 3
+
+
+@pytest.mark.parametrize("bad", ["many", -1, None, "2.5"])
+def test_bad_values_name_the_setting(bad):
+    with pytest.raises(ValueError, match="workers="):
+        decode_workers(bad, "cpu")
