@@ -94,6 +94,43 @@ def degraded_crops(scenes, seed: int, label: str = "scenes"):
     return out
 
 
+DESCRIBED = "described"
+
+
+def described_crops(crops, scenes, fraction: float, seed: int, vague: str) -> None:
+    """A second category of crops: a seeded `fraction` of them labelled DESCRIBED and carrying their
+    scene's own prompt (a user whose prompt says what the detail shows); the others keep their label
+    and get the vague prompt `vague` explicitly. Their label routes to no vault category, so the tuner
+    searches them as its `default` entry and the runtime queries the whole vault for them."""
+    import numpy as np
+
+    from luna.models.toy import world
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"--tune-described {fraction}: a share strictly between 0 and 1")
+    pick = set(np.random.default_rng(seed + 9001).permutation(len(crops))[: round(fraction * len(crops))].tolist())
+    for i, (cr, s) in enumerate(zip(crops, scenes)):
+        if i in pick:
+            cr.label, cr.prompt = DESCRIBED, world.prompt(s)
+        else:
+            cr.prompt = vague
+
+
+def by_label(res, baseline: str, arms: list[str]) -> dict:
+    """{label: {n, metric: paired difference arm - baseline}} over the run's crops of each label."""
+    from lsd_runtime import abstats
+
+    crops = res.record["crops"]
+    out = {}
+    for label in sorted({c["label"] for c in crops}):
+        idx = {c["index"] for c in crops if c["label"] == label}
+        rows = [r for r in res.record["results"] if r["crop"] in idx]
+        summary = abstats.summarise(rows, METRICS, baseline=baseline, seed=0)
+        for arm in arms:
+            out[label] = {"n": len(idx), **{m: (summary.get(arm, {}).get(m) or {}).get("diff") for m in METRICS}}
+    return out
+
+
 def split_memory(data: dict, folder: Path, tower, combinations, val_prompts: float = 0.1, seed: int = 0,
                  split: str = "train") -> dict:
     """FOLDER/pairs and FOLDER/vault holding only the rows of one split of data["pairs"], split exactly as
@@ -139,7 +176,7 @@ def ab(out: Path, crops, args, vault, projector, arms, **overrides):
     weights = Path(args.weights)
     return run_ab(out, crops=crops, preset="toy", checkpoint=str(toy_models.checkpoint_paths(weights)["toy-base-flat"]),
                   vault=str(vault) if vault else None, projector=str(projector) if projector else None,
-                  oracle=ORACLE, arms=arms, prompt=args.prompt, seed=args.seed, crops__size=32,
+                  oracle=ORACLE, arms=arms, prompt=overrides.pop("prompt", args.prompt), seed=args.seed, crops__size=32,
                   detail__working_size=32, vision__weights=str(weights / toy_models.VISION_FILE.name), **overrides)
 
 
@@ -242,14 +279,24 @@ def markdown(results: dict, command: str) -> str:
 def tuning_section(r: dict) -> list[str]:
     """Markdown of the tuning section (the target's rule first, then the other rules on the same crops)."""
     tu = r["tuning"]
+    two = bool(tu.get("by_label"))
+    cats = (f"two categories: `{DESCRIBED}` crops ({100 * r.get('tune_described', 0):.0f}%) carry their scene's own "
+            "prompt and tune the `default` entry, `scenes` crops the vague prompt" if two
+            else "one category, the toy campaign's `scenes`")
     lines = ["", f"## Per-category tuning (`tune=true`, {tu['method']}, metric `{tu['metric']}`, "
-              f"{tu['candidates']} candidates, {tu['search']} search / {tu['eval']} evaluation crops; one category, "
-              "the toy campaign's `scenes`)", "",
+              f"{tu['candidates']} candidates, {tu['search']} search / {tu['eval']} evaluation crops; {cats})", "",
               "| tune_rule | settings kept | search: global → search's best (paired gain, one-sided bound) | "
               "`vault_tuned` − `vault` acc | joint |", "|---|---|---|---|---|"]
     for t in [tu, *(r.get("tuning_other_rules") or {}).values()]:
         lines.append(f"| {t.get('rule', 'best')}{' (target)' if t is tu else ''} | {t['best']} | {tuning_evidence(t)} | "
                      f"{interval(t['vs_default'].get('oracle_acc'))} | {interval(t['vs_default'].get('oracle_joint'))} |")
+    if two:
+        lines += ["", "Per label, on the evaluation crops (`vault_tuned` − `vault`, points):", "",
+                  "| tune_rule | label | n | acc | joint |", "|---|---|---|---|---|"]
+        for t in [tu, *(r.get("tuning_other_rules") or {}).values()]:
+            for label, d in (t.get("by_label") or {}).items():
+                lines.append(f"| {t.get('rule', 'best')} | {label} | {d['n']} | {interval(d['oracle_acc'])} | "
+                             f"{interval(d['oracle_joint'])} |")
     return lines + [""]
 
 
@@ -395,9 +442,12 @@ def tuning(args, work: Path, data: dict, seen: set, results: dict) -> None:
     """3. per-category tuning on a held-out split: `luna ab tune=true` once per --tune-rules on the same crops."""
     from demo import toy_quality as tq
 
-    tcrops = degraded_crops(tq.held_out_scenes(args.tune_crops or args.crops, seed=args.tune_seed, exclude_prompts=seen),
-                            seed=args.tune_seed)
+    scenes = tq.held_out_scenes(args.tune_crops or args.crops, seed=args.tune_seed, exclude_prompts=seen)
+    tcrops = degraded_crops(scenes, seed=args.tune_seed)
     grid = {"tune_grid": args.tune_grid} if args.tune_grid else {}
+    if args.tune_described:
+        described_crops(tcrops, scenes, args.tune_described, args.tune_seed, args.prompt)
+        grid["prompt"] = None  # each crop's own prompt: the vague one, or its scene's
     if args.tune_fraction is not None:
         grid["tune_fraction"] = args.tune_fraction
     for k, rule in enumerate(args.tune_rules):
@@ -411,6 +461,7 @@ def tuning(args, work: Path, data: dict, seen: set, results: dict) -> None:
                              for c, e in t["categories"].items()},
               "best": {c: e["best"] for c, e in t["categories"].items()},
               "vs_default": {m: (t["vs_default"].get(m) or {}).get("diff") for m in METRICS},
+              "by_label": by_label(res, "vault", ["vault_tuned"]) if args.tune_described else None,
               "ab_json": str(res.paths["ab_json"])}
         if k == 0:
             results["tuning"] = tu  # the harness's default rule decides the target
@@ -419,6 +470,9 @@ def tuning(args, work: Path, data: dict, seen: set, results: dict) -> None:
         print(f"tuning, rule {rule} ({tu['search']} search / {tu['eval']} evaluation crops): best {tu['best']}; "
               f"search {tuning_evidence(tu)}; vault_tuned - vault: acc {interval(tu['vs_default']['oracle_acc'])}, "
               f"joint {interval(tu['vs_default']['oracle_joint'])} points")
+        for label, d in (tu["by_label"] or {}).items():
+            print(f"  label {label} ({d['n']} evaluation crops): vault_tuned - vault: acc {interval(d['oracle_acc'])}, "
+                  f"joint {interval(d['oracle_joint'])} points")
 
 
 def main(argv=None) -> int:
@@ -441,6 +495,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tuning-only", action="store_true", help="only the tuning section (e.g. with another --tune-grid)")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS,
                     help="sections to run (default all; held_out needs projectors); --tuning-only = --sections tuning")
+    ap.add_argument("--tune-described", type=float, default=0.0,
+                    help="share of the tuning crops labelled 'described' with their scene's own prompt (a second "
+                         "category; the others keep the vague --prompt); default 0: one category")
     ap.add_argument("--tune-fraction", type=float, default=None,
                     help="share of the --tune-crops searched, the rest evaluate (default conf/ab.yaml tune_fraction, 0.5)")
     ap.add_argument("--refine-crops", type=int, default=0,
@@ -468,7 +525,7 @@ def main(argv=None) -> int:
     args.weights = Path(args.weights or toy_models.WEIGHTS_DIR).resolve()
     t_all, cpu0 = time.perf_counter(), time.process_time()
     load = os.getloadavg()[0]
-    results: dict = {"weights": str(args.weights), "threads": args.threads, "load": load, "prompt": args.prompt,
+    results: dict = {"weights": str(args.weights), "threads": args.threads, "load": load, "prompt": args.prompt, "tune_described": args.tune_described,
                      "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     results["weights_commit"] = weights_commit(args.weights)
     print(f"toy ab (weights {args.weights}, commit {results['weights_commit']}), {args.threads} torch thread(s), "
