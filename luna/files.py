@@ -10,8 +10,8 @@ from pathlib import Path
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, tmp: str | os.PathLike | None = None):
-    """Yield a temporary sibling path (or `tmp`); on success fsync it and rename it onto `path`,
-    on any error remove it."""
+    """Yield a temporary sibling path (or `tmp`); on success fsync it, rename it onto `path` and fsync
+    the folder (so the rename itself survives a power cut), on any error remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -23,6 +23,7 @@ def atomic_path(path: str | os.PathLike, tmp: str | os.PathLike | None = None):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

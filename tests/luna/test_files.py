@@ -55,3 +55,23 @@ def test_atomic_dir_error_on_a_new_folder_creates_nothing(tmp_path):
             (tmp / "x").write_text("x")
             raise ValueError("bad input")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_fsyncs_the_file_then_its_folder(tmp_path, monkeypatch):
+    """The rename is durable only once the folder's entry list is on disk: the folder is fsynced after it."""
+    import os
+
+    target = tmp_path / "sub" / "out.json"
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append((os.path.realpath(f"/proc/self/fd/{fd}"), target.exists()))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    with atomic_path(target) as tmp:
+        tmp.write_text("{}")
+    assert [os.path.basename(p) for p, _ in synced][-1] == "sub"  # the folder, last
+    assert synced[-1][1] is True  # after the rename
+    assert any(".out.json.tmp" in p for p, existed in synced if not existed)  # the file first, before it
