@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,25 @@ def read_safetensors_header(path) -> dict[str, dict]:
     return header
 
 
+# Transformer blocks per attention block of SDXL base 1.0 (original layout): transformer_layers_per_block
+# [1, 2, 10] down, 10 in the middle, the same mirrored up (three blocks a level on the way up).
+FULL_DEPTHS = {**{f"input_blocks.{i}.1": 2 for i in (4, 5)}, **{f"input_blocks.{i}.1": 10 for i in (7, 8)},
+               "middle_block.1": 10, **{f"output_blocks.{i}.1": 10 for i in (0, 1, 2)},
+               **{f"output_blocks.{i}.1": 2 for i in (3, 4, 5)}}
+_TRANSFORMER_KEY = re.compile(r"^model\.diffusion_model\.((?:input|output)_blocks\.\d+\.\d+|middle_block\.\d+)"
+                              r"\.transformer_blocks\.(\d+)\.")
+
+
+def transformer_depths(shapes) -> dict[str, int]:
+    """{attention block (e.g. "input_blocks.7.1"): its number of transformer blocks} of an original-layout UNet."""
+    out: dict[str, int] = {}
+    for key in shapes:
+        m = _TRANSFORMER_KEY.match(key)
+        if m:
+            out[m.group(1)] = max(out.get(m.group(1), 0), int(m.group(2)) + 1)
+    return out
+
+
 def classify_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str | None, str]:
     """(family, size, reason) of an original-layout state dict given as {name: shape}."""
     if _UNET_IN not in shapes:
@@ -113,6 +133,13 @@ def classify_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str | None
     for size, cfg_dir in (("full", SDXL_BASE), ("tiny", SDXL_TINY), ("toy", SDXL_TOY)):
         cfg = json.loads((cfg_dir / "unet" / "config.json").read_text())
         if width == cfg["block_out_channels"][0] and cross == cfg["cross_attention_dim"]:
+            if size == "full":
+                depths = transformer_depths(shapes)
+                off = {b: (depths.get(b, 0), n) for b, n in FULL_DEPTHS.items() if depths.get(b, 0) != n}
+                if off:
+                    where = ", ".join(f"{b} has {got} (SDXL base {n})" for b, (got, n) in list(off.items())[:3])
+                    return "sdxl", None, (f"SDXL layout with other transformer depths ({where}): a distilled or pruned "
+                                          "SDXL (e.g. SSD-1B, Vega), which the SDXL base config cannot load")
             return "sdxl", size, f"SDXL base layout ({size} size: UNet width {width}, cross-attention {cross})"
     return "sdxl", None, f"SDXL layout of an unsupported size (UNet width {width}, cross-attention {cross})"
 

@@ -151,3 +151,24 @@ def test_fp16_variant_folder(files, tmp_path):
     enc = sdxl.load_text_encoders(tmp_path / "variant")
     ref = sdxl.encode_prompt(sdxl.load_text_encoders(files["tiny-base-0"][0]), PROMPTS)
     assert all(torch.equal(a, b) for a, b in zip(sdxl.encode_prompt(enc, PROMPTS), ref))
+
+
+def _sdxl_shapes(depths: dict[str, int]) -> dict:
+    """A minimal original-layout SDXL header at full size, with `depths` transformer blocks per attention block."""
+    shapes = {sdxl._UNET_IN: (320, 4, 3, 3), sdxl._UNET_LABEL: (1280, 2816), sdxl._CLIP_L_POS: (77, 768),
+              sdxl._BIGG_POS: (77, 1280), sdxl._VAE_IN: (128, 3, 3, 3)}
+    for block, n in depths.items():
+        for t in range(n):
+            shapes[f"model.diffusion_model.{block}.transformer_blocks.{t}.attn1.to_q.weight"] = (640, 640)
+    return shapes
+
+
+def test_distilled_sdxl_single_files_are_not_taken_for_sdxl_base():
+    """SSD-1B-style files (SDXL's widths, fewer transformer blocks, no middle attention) would fail to load
+    with the base config: they are named as such instead of classified "full"."""
+    assert sdxl.classify_shapes(_sdxl_shapes(sdxl.FULL_DEPTHS))[:2] == ("sdxl", "full")
+    distilled = {**sdxl.FULL_DEPTHS, "input_blocks.7.1": 4, "input_blocks.8.1": 4, "middle_block.1": 0}
+    family, size, reason = sdxl.classify_shapes(_sdxl_shapes(distilled))
+    assert (family, size) == ("sdxl", None)
+    assert "input_blocks.7.1 has 4 (SDXL base 10)" in reason and "SSD-1B" in reason
+    assert "middle_block.1 has 0" in reason
