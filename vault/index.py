@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import faiss
@@ -77,9 +77,18 @@ def _train_size(spec: str, n: int) -> int:
 HNSW_EF_CONSTRUCTION = 120
 
 
-def _new_index(x: np.ndarray, spec: str, seed: int) -> faiss.Index:
-    """An empty, trained IP index of `spec` (trained on a random sample, up to 100 points per IVF cluster)."""
-    n, d = x.shape
+def _train_rows(n: int, spec: str, seed: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """The sorted rows an index of `spec` is trained on: a seeded random sample of `rows` (default: all n)."""
+    rows = np.arange(n) if rows is None else np.asarray(rows)
+    rng = np.random.default_rng(seed)
+    return np.sort(rows[rng.choice(len(rows), size=_train_size(spec, len(rows)), replace=False)])
+
+
+def _new_index(x: np.ndarray, spec: str, seed: int, rows: np.ndarray | None = None) -> tuple[faiss.Index, np.ndarray]:
+    """An empty, trained IP index of `spec` and the rows it was trained on (a random sample of `rows`,
+    default all, up to 100 points per IVF cluster; none when `spec` needs no training)."""
+    d = x.shape[1]
+    n = len(x) if rows is None else len(rows)
     try:
         index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
@@ -90,17 +99,17 @@ def _new_index(x: np.ndarray, spec: str, seed: int) -> faiss.Index:
     m = re.search(r"IVF(\d+)", spec)
     if m and int(m.group(1)) > n:
         raise VaultError(f"index={spec!r}: {m.group(1)} IVF clusters need at least as many vectors (have {n})")
-    if not index.is_trained:
-        rng = np.random.default_rng(seed)
-        sample = x[np.sort(rng.choice(n, size=_train_size(spec, n), replace=False))] if n else x
-        index.train(sample)
-    return index
+    if index.is_trained:
+        return index, np.zeros(0, np.int64)
+    trained = _train_rows(len(x), spec, seed, rows) if n else np.zeros(0, np.int64)
+    index.train(x[trained] if n else x)
+    return index, trained
 
 
 def build_index(vectors: np.ndarray, spec: str, seed: int = 0) -> faiss.Index:
     """Train (on a random sample, up to 100 points per IVF cluster) and fill an IP index."""
     x = normalize(vectors)
-    index = _new_index(x, spec, seed)
+    index, _ = _new_index(x, spec, seed)
     add_vectors(index, x, seed=seed)
     return index
 
@@ -184,9 +193,14 @@ class Tuning:
     queries: int = 0
     method: str = "exact"  # held-out | stored+noise | exact
     k: int = 10
+    # rows held out as queries and rows the index was trained on (held-out tuning only; not in the manifest)
+    held_rows: np.ndarray | None = field(default=None, repr=False, compare=False)
+    train_rows: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["held_rows"], out["train_rows"]
+        return out
 
     def describe(self) -> str:
         lat = f", p50 {self.latency_ms:.2f} ms" if self.latency_ms is not None else ""
@@ -282,10 +296,10 @@ def build_tuned(vectors: np.ndarray, spec: str, target: float = 0.97, budget_ms:
     if not options or n_hold < MIN_HELD_OUT:
         index = build_index(x, spec, seed=seed)
         return index, tune_search(index, x, spec, k=k, target=target, seed=seed, budget_ms=budget_ms)
-    index = _new_index(x, spec, seed)
     rng = np.random.default_rng([seed, 7])
     held = np.sort(rng.choice(n, size=n_hold, replace=False))
     rest = np.setdiff1d(np.arange(n), held)
+    index, trained = _new_index(x, spec, seed, rows=rest)  # queries the quantizer never saw either
     hnsw = _is_hnsw(index)
     if hnsw:  # a graph gets its rows in random order (see add_vectors)
         rest = rng.permutation(rest)
@@ -297,7 +311,8 @@ def build_tuned(vectors: np.ndarray, spec: str, target: float = 0.97, budget_ms:
     _add_rows(index, x, held, with_ids=not hnsw)
     if hnsw:  # entries are in (rest, held) order: permute them back to row order
         _permute_entries(index, np.argsort(np.concatenate([rest, held])).astype(np.int64))
-    return index, Tuning(params, recall, met, target, lat, budget_ms, n_hold, "held-out", k)
+    return index, Tuning(params, recall, met, target, lat, budget_ms, n_hold, "held-out", k,
+                         held_rows=held, train_rows=trained)
 
 
 def _stored_vectors(index: faiss.Index) -> np.ndarray | None:

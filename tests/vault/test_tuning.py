@@ -131,3 +131,19 @@ def test_manifest_tuning_follows_adds_or_says_it_is_stale(tmp_path):
     m = build_vault(src, tmp_path / "v", tune_recall=0.95, tune_latency_ms=None)  # 100 new rows: 10 < 20 to hold out
     assert m.count == 4100 and m.tuning["stale"] is True and m.tuning["queries"] == 200
     assert json.loads((tmp_path / "v" / "manifest.json").read_text())["tuning"]["stale"] is True
+
+
+@pytest.mark.parametrize("spec", ["IVF64,Flat", "IVF64,PQ8"])
+def test_ivf_is_trained_without_the_held_out_queries(one_thread, spec):
+    rng = np.random.default_rng(3)
+    data = rng.standard_normal((10_000, 32)).astype(np.float32)
+    x, fresh = data[:8000], vindex.normalize(data[8000:])
+    index, t = vindex.build_tuned(x, spec, target=0.95, budget_ms=None, n_queries=800)
+    assert t.method == "held-out" and len(t.held_rows) == t.queries == 800
+    # 100 points per cluster from the 7,200 rows left: the quantizer (and PQ codebooks) never saw a query
+    assert len(t.train_rows) == 6400 and not np.isin(t.held_rows, t.train_rows).any()
+    assert "held_rows" not in t.as_dict() and "train_rows" not in t.as_dict()
+    if spec.endswith("Flat"):  # the recorded recall is what new vectors get at the tuned nprobe
+        _, truth = vindex.exact_search(x, fresh, 10)
+        vindex.apply_search_params(index, t.params)
+        assert abs(vindex.recall_at(index.search(fresh, 10)[1], truth) - t.recall) <= 0.01
