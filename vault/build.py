@@ -126,15 +126,26 @@ def _report_tuning(what: str, t: vindex.Tuning) -> None:
 
 
 def _add_retuned(what: str, index, x: np.ndarray, spec: str, old: dict, tune: dict, seed: int):
-    """Add `x` to `index`, re-tuning its search parameters on held-out new vectors (None: could not)."""
-    tuning = vindex.add_tuned(index, x, spec, seed=seed, **tune)
+    """Add `x` to `index`, re-tuning its search parameters on held-out vectors: (the index, its tuning or None)."""
+    n0 = index.ntotal
+    index, tuning = vindex.add_tuned(index, x, spec, seed=seed, **tune)
     if tuning is None:
-        log.warning("%s: search parameters %s kept from before this add (too few new vectors to hold out, or "
-                    "the index cannot return its vectors); its recorded recall %s is stale", what,
-                    old.get("params") or "-", old.get("recall", "-"))
+        n, need = n0 + len(x), 10 * vindex.MIN_HELD_OUT
+        if tune["n_queries"] < vindex.MIN_HELD_OUT:
+            why = f"tune_queries={tune['n_queries']} is below the {vindex.MIN_HELD_OUT} held-out queries an add tunes on"
+        elif n < need:
+            why = (f"its {n} vectors are too few to hold out {vindex.MIN_HELD_OUT} tuning queries, a tenth of them; "
+                   f"a vault of {need} or more re-tunes on every add")
+        else:
+            why = "the index cannot return its stored vectors to re-tune on"
+        log.warning("%s: search parameters %s kept from before this add (%s); its recorded recall %s is stale",
+                    what, old.get("params") or "-", why, old.get("recall", "-"))
     else:
+        if tuning.method == "held-out" and len(x) < 10 * vindex.MIN_HELD_OUT:
+            log.info("%s: %d new vectors are too few to tune on; rebuilt over all %d to tune on held-out ones",
+                     what, len(x), index.ntotal)
         _report_tuning(f"{what} after the add", tuning)
-    return tuning
+    return index, tuning
 
 
 def _shards_of(attrs: dict) -> list[str]:
@@ -251,8 +262,8 @@ def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Pa
         manifest.tuning = tuning.as_dict()
     else:
         g = vindex.read_index(folder / manifest.files["global"])
-        tuning = _add_retuned(f"global index {manifest.index_spec}", g, x, manifest.index_spec, manifest.tuning,
-                              tune, seed)
+        g, tuning = _add_retuned(f"global index {manifest.index_spec}", g, x, manifest.index_spec, manifest.tuning,
+                                 tune, seed)
         if tuning is not None:
             manifest.search_params, manifest.tuned_recall = tuning.params, tuning.recall
             manifest.tuning = tuning.as_dict()
@@ -289,8 +300,8 @@ def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Pa
                         "tuning": tuning.as_dict()}
             else:
                 ci = vindex.read_index(folder / info["file"])
-                tuning = _add_retuned(f"category {name!r} index {info['index_spec']}", ci, x[rows],
-                                      info["index_spec"], info.get("tuning") or {}, tune, seed)
+                ci, tuning = _add_retuned(f"category {name!r} index {info['index_spec']}", ci, x[rows],
+                                          info["index_spec"], info.get("tuning") or {}, tune, seed)
                 if tuning is not None:
                     info = {**info, "search_params": tuning.params, "tuning": tuning.as_dict()}
                 else:

@@ -337,24 +337,34 @@ def _stored_vectors(index: faiss.Index) -> np.ndarray | None:
 
 
 def add_tuned(index: faiss.Index, vectors: np.ndarray, spec: str, target: float = 0.97,
-              budget_ms: float | None = 1.0, n_queries: int = 1000, k: int = 10, seed: int = 0) -> Tuning | None:
+              budget_ms: float | None = 1.0, n_queries: int = 1000, k: int = 10,
+              seed: int = 0) -> tuple[faiss.Index, Tuning | None]:
     """Append `vectors` (ids continue the row numbers) and re-tune efSearch / nprobe as `build_tuned` does.
 
     A random slice of the new vectors (up to `n_queries`, at most a tenth) is held out while the
     others are added, the search parameter is swept on it against exact neighbours among the
-    stored vectors plus the added ones, then the slice is added too. Returns None, leaving the
-    search parameters as they were, when the index cannot give back its stored vectors or there
-    are too few new vectors to hold out: the caller must then mark the old tuning stale.
+    stored vectors plus the added ones, then the slice is added too. With fewer than
+    10 x MIN_HELD_OUT new vectors the slice is drawn from the whole index instead: a graph cannot
+    leave stored rows out, so the stored vectors (decoded) and the new ones are built anew by
+    `build_tuned` (the cost of a build of them all). Returns (the index, now holding every row,
+    its tuning); the tuning is None, the search parameters left as they were, when the index
+    cannot give back its stored vectors or even all its vectors are too few to hold out
+    MIN_HELD_OUT: the caller must then mark the old tuning stale.
     """
     x = normalize(vectors)
     if x.shape[1] != index.d:
         raise VaultError(f"vectors of dim {x.shape[1]} cannot go into an index of dim {index.d}")
     options = _tunable(spec, k)
     n_hold = min(n_queries, len(x) // 10)
-    old = _stored_vectors(index) if options and n_hold >= MIN_HELD_OUT else None
+    whole = n_hold < MIN_HELD_OUT  # too few new vectors: hold out from the whole index
+    enough = min(n_queries, (index.ntotal + len(x)) // 10) >= MIN_HELD_OUT
+    old = _stored_vectors(index) if options and enough else None
     if not options or old is None:
         add_vectors(index, x, seed=seed)
-        return Tuning("", 1.0, True, target) if not options else None
+        return index, (Tuning("", 1.0, True, target) if not options else None)
+    if whole:
+        return build_tuned(np.concatenate([normalize(old), x]), spec, target=target, budget_ms=budget_ms,
+                           n_queries=n_queries, k=k, seed=seed)
     n0 = index.ntotal
     rng = np.random.default_rng([seed, 13])
     held = np.sort(rng.choice(len(x), size=n_hold, replace=False))
@@ -371,7 +381,7 @@ def add_tuned(index: faiss.Index, vectors: np.ndarray, spec: str, target: float 
     _add_rows(index, x, held, with_ids=not hnsw, id_offset=n0)
     if hnsw:  # entries are in (old, rest, held) order: permute the new ones back to row order
         _permute_entries(index, np.concatenate([np.arange(n0), n0 + np.argsort(np.concatenate([rest, held]))]).astype(np.int64))
-    return Tuning(params, recall, met, target, lat, budget_ms, n_hold, "held-out", k)
+    return index, Tuning(params, recall, met, target, lat, budget_ms, n_hold, "held-out", k, held_rows=n0 + held)
 
 
 def _add_rows(index: faiss.Index, x: np.ndarray, rows: np.ndarray, with_ids: bool, batch: int = 65536,

@@ -102,8 +102,8 @@ def test_an_add_re_tunes_on_held_out_new_vectors(one_thread, spec):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((4000, 32)).astype(np.float32)
     index, first = vindex.build_tuned(x[:1000], spec, target=0.98, budget_ms=None, n_queries=100)
-    t = vindex.add_tuned(index, x[1000:], spec, target=0.98, budget_ms=None, n_queries=300)
-    assert t.method == "held-out" and t.queries == 300 and t.met and t.recall >= 0.98
+    index, t = vindex.add_tuned(index, x[1000:], spec, target=0.98, budget_ms=None, n_queries=300)
+    assert (t.held_rows >= 1000).all() and t.method == "held-out" and t.queries == 300 and t.met and t.recall >= 0.98
     assert index.ntotal == len(x)
     if spec.startswith("IVF"):  # the direct map made to read the stored vectors is not kept
         assert faiss.extract_index_ivf(index).direct_map.type == faiss.DirectMap.NoMap
@@ -118,7 +118,7 @@ def test_an_add_re_tunes_on_held_out_new_vectors(one_thread, spec):
     assert ids[:, 0].tolist() == list(range(0, len(x), 97))
 
 
-def test_manifest_tuning_follows_adds_or_says_it_is_stale(tmp_path):
+def test_manifest_tuning_follows_adds_or_says_it_is_stale(tmp_path, caplog):
     src = tmp_path / "pairs"
     write_synthetic_pairs(src, 2000, 200, 32, seed=0)
     build_vault(src, tmp_path / "v", index="HNSW16", categories=False, tune_recall=0.95, tune_latency_ms=None)
@@ -128,9 +128,19 @@ def test_manifest_tuning_follows_adds_or_says_it_is_stale(tmp_path):
     m = build_vault(sorted(src.glob("*.h5"))[:2], tmp_path / "v", tune_recall=0.95, tune_latency_ms=None)
     assert m.count == 4000 and m.tuning["method"] == "held-out" and m.tuning["queries"] == 200
     assert "stale" not in m.tuning and m.tuned_recall == m.tuning["recall"] and m.search_params == m.tuning["params"]
-    m = build_vault(src, tmp_path / "v", tune_recall=0.95, tune_latency_ms=None)  # 100 new rows: 10 < 20 to hold out
-    assert m.count == 4100 and m.tuning["stale"] is True and m.tuning["queries"] == 200
-    assert json.loads((tmp_path / "v" / "manifest.json").read_text())["tuning"]["stale"] is True
+    # 100 new rows hold out only 10 < 20: the add tunes on 410 held out of the whole vault instead
+    m = build_vault(src, tmp_path / "v", tune_recall=0.95, tune_latency_ms=None)
+    assert m.count == 4100 and "stale" not in m.tuning and m.tuning["queries"] == 410
+    assert m.tuned_recall == m.tuning["recall"] and m.search_params == m.tuning["params"]
+    # a vault too small to hold out 20 queries keeps its old tuning, marked stale, and says why
+    small = write_synthetic_pairs(tmp_path / "small", 100, 10, 32, seed=3)
+    build_vault(small, tmp_path / "s", index="HNSW16", categories=False)
+    (write_synthetic_pairs(tmp_path / "more4", 50, 5, 32, seed=4) / "part-00000.h5").rename(small / "part-00004.h5")
+    with caplog.at_level(logging.WARNING, logger="vault.build"):
+        m = build_vault(small, tmp_path / "s")
+    assert m.count == 150 and m.tuning["stale"] is True and m.tuning["method"] == "stored+noise"
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["tuning"]["stale"] is True
+    assert any("150 vectors are too few to hold out 20 tuning queries" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("spec", ["IVF64,Flat", "IVF64,PQ8"])
@@ -147,3 +157,30 @@ def test_ivf_is_trained_without_the_held_out_queries(one_thread, spec):
         _, truth = vindex.exact_search(x, fresh, 10)
         vindex.apply_search_params(index, t.params)
         assert abs(vindex.recall_at(index.search(fresh, 10)[1], truth) - t.recall) <= 0.01
+
+
+@pytest.mark.parametrize("spec", ["HNSW8", "IVF64,Flat"])
+def test_a_small_add_re_tunes_on_the_whole_vault(one_thread, tmp_path, spec):
+    from extraction.pairs import Pairs
+    from extraction.synthetic import synthetic_queries
+
+    src = tmp_path / "pairs"
+    write_synthetic_pairs(src, 4000, 400, 32, seed=0, noise=1.0)  # wide prompts: recall below 1 at low settings
+    build_vault(src, tmp_path / "v", index=spec, categories=False, tune_recall=0.97, tune_latency_ms=None)
+    # one small campaign: 50 new rows are too few to hold out 20 queries from them alone
+    (write_synthetic_pairs(tmp_path / "more", 50, 5, 32, seed=1, noise=1.0) / "part-00000.h5").rename(src / "part-00001.h5")
+    m = build_vault(src, tmp_path / "v", tune_recall=0.97, tune_latency_ms=None)
+    assert m.count == 4050 and "stale" not in m.tuning
+    assert m.tuning["method"] == "held-out" and m.tuning["queries"] == 405 and m.search_params == m.tuning["params"]
+    # the recorded recall is what new images get from the vault's index at its recorded setting
+    x = np.concatenate([Pairs(p).embed for p in m.sources]).astype(np.float32)
+    q, _ = synthetic_queries(2000, 400, 32, seed=0, noise=1.0, query_seed=7)
+    _, truth = vindex.exact_search(x, q, 10)
+    index = vindex.read_index(tmp_path / "v" / m.files["global"])
+    assert index.ntotal == len(x)
+    vindex.apply_search_params(index, m.search_params)
+    assert abs(vindex.recall_at(index.search(vindex.normalize(q), 10)[1], truth) - m.tuned_recall) <= 0.01
+    # rows keep their numbers through the rebuild: each finds itself
+    vindex.apply_search_params(index, "efSearch=512" if spec.startswith("HNSW") else "nprobe=64")
+    _, ids = index.search(vindex.normalize(x[::41]), 1)
+    assert ids[:, 0].tolist() == list(range(0, len(x), 41))
