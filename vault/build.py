@@ -148,6 +148,19 @@ def _add_retuned(what: str, index, x: np.ndarray, spec: str, old: dict, tune: di
     return index, tuning
 
 
+def _check_budget(what: str, spec: str, n_before: int, n_after: int, d: int, budget: int) -> None:
+    """An add keeps the index type: refuse one that would take an index within `budget` over it."""
+    before, after = vindex.index_bytes(spec, n_before, d), vindex.index_bytes(spec, n_after, d)
+    if not budget or after is None or after <= budget or before > budget:
+        return  # no budget recorded, a spec it does not size, or over it from the build (index= chosen by hand)
+    raise VaultError(
+        f"memory_budget={budget}: {what} {spec} over {n_after} x {d} vectors would take about {after:,} bytes "
+        f"after this add, over the vault's memory_budget of {budget:,} bytes; an add keeps the index type: rebuild "
+        f"the vault from all its pairs (`luna vault build pairs=... out=... rebuild=true memory_budget={budget}` "
+        f"chooses an index that fits, or give a larger memory_budget=)"
+    )
+
+
 def _shards_of(attrs: dict) -> list[str]:
     """The shard folder a pairs part's attrs record (extraction writes `shards_dir`, the folder it read)."""
     return [str(attrs["shards_dir"])] if attrs.get("shards_dir") else []
@@ -248,6 +261,8 @@ def _add(folder: Path, manifest: Manifest, meta: Metadata | None, parts: list[Pa
         )
     offset = manifest.count
     written: list[str] = []
+    if meta is not None:  # before anything is written (category indices, with their shares, grow alike)
+        _check_budget("global index", manifest.index_spec, offset, len(new), x.shape[1], manifest.memory_budget)
 
     # global index
     idx_dir = folder / "index"

@@ -64,6 +64,19 @@ def choose_index_spec(n: int, d: int, memory_budget: int) -> str:
     )
 
 
+def index_bytes(spec: str, n: int, d: int) -> int | None:
+    """Memory of an index of `spec` over n x d vectors, as `choose_index_spec` reckons it (None for other specs)."""
+    if spec == "Flat":
+        return 4 * n * d
+    if m := re.fullmatch(r"HNSW(\d+)", spec):
+        return 4 * n * (d + 2 * int(m.group(1)))
+    if m := re.fullmatch(r"IVF(\d+),Flat", spec):
+        return n * (4 * d + 8) + int(m.group(1)) * 4 * d
+    if m := re.fullmatch(r"(?:OPQ\d+,)?IVF(\d+)(?:_HNSW\d+)?,PQ(\d+)(?:x8)?", spec):
+        return n * (int(m.group(2)) + 8) + int(m.group(1)) * 4 * d
+    return None
+
+
 def _train_size(spec: str, n: int) -> int:
     m = re.search(r"IVF(\d+)", spec)
     if not m:

@@ -129,3 +129,36 @@ def test_mismatch_errors_name_the_quantity_at_fault(tmp_path):
     with pytest.raises(VaultError, match=r"prompts\.g1\.h5: prompt table \(19 prompts\) disagrees with manifest\.json "
                                          r"num_prompts \(20\)"):
         Vault.open(tmp_path / "v")
+
+
+def test_an_add_that_would_exceed_the_memory_budget_is_refused(tmp_path):
+    from vault import index as vindex
+
+    src = tmp_path / "pairs"
+    budget = 4_000_000  # HNSW32 over 10,000 x 32 takes 4 * 10,000 * (32 + 2 * 32) = 3,840,000 bytes; over 12,000, 4,608,000
+    write_synthetic_pairs(src, 10_000, 1000, 32, seed=0)
+    m = build_vault(src, tmp_path / "v", memory_budget=budget, categories=False, tune_queries=200)
+    assert m.index_spec == "HNSW32" and m.memory_budget == budget
+    before = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "v").rglob("*") if f.is_file()}
+    (write_synthetic_pairs(tmp_path / "more", 2000, 200, 32, seed=1) / "part-00000.h5").rename(src / "part-00001.h5")
+    with pytest.raises(VaultError, match=r"memory_budget=4000000: global index HNSW32 over 12000 x 32 vectors would "
+                                         r"take about 4,608,000 bytes .* rebuild=true memory_budget=4000000"):
+        build_vault(src, tmp_path / "v")
+    # nothing was written: the vault is as it was
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "v").rglob("*") if f.is_file()} == before
+    assert Manifest.read(tmp_path / "v").count == 10_000
+    # the rebuild the error names chooses an index within the budget, as a build of 12,000 does
+    m = build_vault(src, tmp_path / "v", memory_budget=budget, categories=False, tune_queries=200, rebuild=True)
+    assert m.count == 12_000 and m.index_spec == vindex.choose_index_spec(12_000, 32, budget) == "HNSW25"
+    assert vindex.index_bytes("HNSW32", 10_000, 32) == 3_840_000 and vindex.index_bytes("HNSW25", 12_000, 32) <= budget
+
+
+def test_an_add_within_the_budget_or_to_a_hand_chosen_index_goes_ahead(tmp_path):
+    src = tmp_path / "pairs"
+    write_synthetic_pairs(src, 10_000, 1000, 32, seed=0)
+    (write_synthetic_pairs(tmp_path / "more", 2000, 200, 32, seed=1) / "part-00000.h5").rename(tmp_path / "p1.h5")
+    # index= chosen by hand is over the budget from the build on (the budget only picks the index type)
+    build_vault(src, tmp_path / "v", index="HNSW32", memory_budget=1_000_000, categories=False, tune_queries=200)
+    assert build_vault(tmp_path / "p1.h5", tmp_path / "v").count == 12_000
+    build_vault(src, tmp_path / "w", memory_budget="5M", categories=False, tune_queries=200)
+    assert build_vault(tmp_path / "p1.h5", tmp_path / "w").count == 12_000
