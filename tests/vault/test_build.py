@@ -135,7 +135,7 @@ def test_an_add_that_would_exceed_the_memory_budget_is_refused(tmp_path):
     from vault import index as vindex
 
     src = tmp_path / "pairs"
-    budget = 4_000_000  # HNSW32 over 10,000 x 32 takes 4 * 10,000 * (32 + 2 * 32) = 3,840,000 bytes; over 12,000, 4,608,000
+    budget = 4_000_000  # HNSW32: 4 * n * (32 + 2 * 32) bytes, 3,840,000 for 10,000 x 32, 4,608,000 for 12,000
     write_synthetic_pairs(src, 10_000, 1000, 32, seed=0)
     m = build_vault(src, tmp_path / "v", memory_budget=budget, categories=False, tune_queries=200)
     assert m.index_spec == "HNSW32" and m.memory_budget == budget

@@ -6,7 +6,7 @@ import pytest
 
 from tests.vault.conftest import _queries
 from vault.build import build_vault
-from vault.index import choose_index_spec, exact_search, recall_at
+from vault.index import choose_index_spec, exact_search, index_bytes, recall_at
 from vault.query import Vault
 
 
@@ -27,6 +27,10 @@ def test_index_choice_follows_size_and_memory():
     assert choose_index_spec(1_000_000, 1024, 4 * 2**30) == "HNSW24"
     assert choose_index_spec(200_000, 1024, 830_000_000) == "IVF2048,Flat"  # HNSW8 would not fit
     assert choose_index_spec(5_000_000, 1024, 16 * 2**30) == "OPQ256,IVF16384_HNSW32,PQ256x8"
+    # an add checks the budget with the same estimate the choice uses: every choice above 10k fits it
+    for n, budget in ((200_000, 16 * 2**30), (1_000_000, 4 * 2**30), (200_000, 830_000_000), (5_000_000, 16 * 2**30)):
+        assert index_bytes(choose_index_spec(n, 1024, budget), n, 1024) <= budget
+    assert index_bytes("HNSW24", 1_100_000, 1024) > 4 * 2**30 and index_bytes("PCA64,HNSW32", 10, 1024) is None
 
 
 def _prompt_blocks(n_prompts: int = 2000, per: int = 10, dim: int = 64, n_queries: int = 500):

@@ -168,7 +168,8 @@ def test_a_small_add_re_tunes_on_the_whole_vault(one_thread, tmp_path, spec):
     write_synthetic_pairs(src, 4000, 400, 32, seed=0, noise=1.0)  # wide prompts: recall below 1 at low settings
     build_vault(src, tmp_path / "v", index=spec, categories=False, tune_recall=0.97, tune_latency_ms=None)
     # one small campaign: 50 new rows are too few to hold out 20 queries from them alone
-    (write_synthetic_pairs(tmp_path / "more", 50, 5, 32, seed=1, noise=1.0) / "part-00000.h5").rename(src / "part-00001.h5")
+    more = write_synthetic_pairs(tmp_path / "more", 50, 5, 32, seed=1, noise=1.0)
+    (more / "part-00000.h5").rename(src / "part-00001.h5")
     m = build_vault(src, tmp_path / "v", tune_recall=0.97, tune_latency_ms=None)
     assert m.count == 4050 and "stale" not in m.tuning
     assert m.tuning["method"] == "held-out" and m.tuning["queries"] == 405 and m.search_params == m.tuning["params"]
