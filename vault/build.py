@@ -136,6 +136,10 @@ def _add_retuned(what: str, index, x: np.ndarray, spec: str, old: dict, tune: di
         elif n < need:
             why = (f"its {n} vectors are too few to hold out {vindex.MIN_HELD_OUT} tuning queries, a tenth of them; "
                    f"a vault of {need} or more re-tunes on every add")
+        elif len(x) < need and not vindex.whole_retune_ok(spec, n):
+            why = (f"{len(x)} new vectors are too few to tune on, and re-tuning on the whole vault would rebuild "
+                   + (f"{n} vectors (more than {vindex.WHOLE_RETUNE_MAX})" if n > vindex.WHOLE_RETUNE_MAX
+                      else f"{spec}'s lossy codes") + "; rebuild=true re-tunes it")
         else:
             why = "the index cannot return its stored vectors to re-tune on"
         log.warning("%s: search parameters %s kept from before this add (%s); its recorded recall %s is stale",

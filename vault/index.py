@@ -182,6 +182,16 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 NPROBE = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096)
 MIN_HELD_OUT = 20  # fewer held-out queries than this: tune on stored vectors plus noise instead
+# A small add re-tunes by rebuilding the index over its stored vectors plus the new ones (a graph cannot
+# leave stored rows out to hold them out): only where the stored vectors come back exactly (no PQ/SQ/PCA
+# codes, which a rebuild would re-quantise, compounding with every add) and the rebuild is short.
+WHOLE_RETUNE_MAX = 100_000
+
+
+def whole_retune_ok(spec: str, n: int) -> bool:
+    """Whether an add of too few vectors to tune on may rebuild `spec` over all n vectors to re-tune."""
+    lossless = bool(re.fullmatch(r"Flat|HNSW\d+(_Flat)?|IVF\d+(_HNSW\d+)?,Flat", spec))
+    return lossless and n <= WHOLE_RETUNE_MAX
 
 
 def _tunable(spec: str, k: int = 10) -> list[str]:
@@ -376,6 +386,9 @@ def add_tuned(index: faiss.Index, vectors: np.ndarray, spec: str, target: float 
         add_vectors(index, x, seed=seed)
         return index, (Tuning("", 1.0, True, target) if not options else None)
     if whole:
+        if not whole_retune_ok(spec, index.ntotal + len(x)):  # lossy codes or a long rebuild: stale instead
+            add_vectors(index, x, seed=seed)
+            return index, None
         return build_tuned(np.concatenate([normalize(old), x]), spec, target=target, budget_ms=budget_ms,
                            n_queries=n_queries, k=k, seed=seed)
     n0 = index.ntotal

@@ -185,3 +185,23 @@ def test_a_small_add_re_tunes_on_the_whole_vault(one_thread, tmp_path, spec):
     vindex.apply_search_params(index, "efSearch=512" if spec.startswith("HNSW") else "nprobe=64")
     _, ids = index.search(vindex.normalize(x[::41]), 1)
     assert ids[:, 0].tolist() == list(range(0, len(x), 41))
+
+
+def test_a_small_add_keeps_lossy_or_large_indices_stale_rather_than_rebuilding(one_thread, tmp_path, caplog, monkeypatch):
+    """The whole-vault re-tune rebuilds the index: never over re-quantised PQ codes (each add would lose
+    more), nor past WHOLE_RETUNE_MAX vectors (minutes for a 50-row add); the warning says which."""
+    import logging
+
+    assert vindex.whole_retune_ok("HNSW32", 4050) and vindex.whole_retune_ok("IVF64,Flat", 4050)
+    assert not vindex.whole_retune_ok("IVF64,PQ8", 4050) and not vindex.whole_retune_ok("PCA16,HNSW32", 4050)
+    assert not vindex.whole_retune_ok("HNSW32", vindex.WHOLE_RETUNE_MAX + 1)
+    src = tmp_path / "pairs"
+    write_synthetic_pairs(src, 4000, 400, 32, seed=0, noise=1.0)
+    build_vault(src, tmp_path / "v", index="HNSW8", categories=False, tune_recall=0.97, tune_latency_ms=None)
+    monkeypatch.setattr(vindex, "WHOLE_RETUNE_MAX", 4000)  # this vault stands for a big one
+    more = write_synthetic_pairs(tmp_path / "more", 50, 5, 32, seed=1, noise=1.0)
+    (more / "part-00000.h5").rename(src / "part-00001.h5")
+    with caplog.at_level(logging.WARNING, logger="vault.build"):
+        m = build_vault(src, tmp_path / "v", tune_recall=0.97, tune_latency_ms=None)
+    assert m.count == 4050 and m.tuning.get("stale") is True
+    assert "more than 4000" in caplog.text and "rebuild=true" in caplog.text
