@@ -86,8 +86,9 @@ def sd1_empty_prompt(clip, strength: float, width: int):
             "SDXL's it is not zeros): connect your checkpoint's CLIP, or a conditioning, or set strength 1")
     cond, pooled = clip_encoder(clip)([""])
     if cond.shape[-1] != width or pooled.shape[-1] != width:
-        raise ValueError(f"Luna Vision Translator: input 'clip' encodes the empty prompt {cond.shape[-1]} wide (pooled "
-                         f"{pooled.shape[-1]}), the CLIP-L projector gives {width}: connect an SD 1.x checkpoint's CLIP")
+        raise ValueError(f"Luna Vision Translator: input 'clip' encodes the empty prompt {cond.shape[-1]} wide "
+                         f"(pooled {pooled.shape[-1]}), the CLIP-L projector gives {width}: connect an SD 1.x "
+                         "checkpoint's CLIP")
     return [[cond.float().cpu(), {"pooled_output": pooled.float().cpu()}]]
 
 

@@ -188,7 +188,8 @@ def test_without_conditioning_strength_blends_against_the_empty_prompt(node_modu
     torch.testing.assert_close(out[0][1]["pooled_output"], s * want_pooled)
     folder, projector = clip_l_dir  # SD 1.x
     clip = _TextClip()
-    (out,) = node.translate("none", s, projector_path=str(folder), clip=clip, clip_vision_output={"image_embeds": embeds})
+    (out,) = node.translate("none", s, projector_path=str(folder), clip=clip,
+                            clip_vision_output={"image_embeds": embeds})
     assert clip.prompts == [""]
     empty_cond, empty_pooled = _TextClip().encode_from_tokens("", return_pooled=True)
     want_cond, want_pooled = (t.detach() for t in projector(embeds))
