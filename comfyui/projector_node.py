@@ -5,8 +5,11 @@ CLIP_VISION_OUTPUT (from ComfyUI's "CLIP Vision Encode") or an IMAGE with a visi
 (ComfyUI's CLIP_VISION, or a luna open_clip tower named by `vision_model` + `vision_weights`).
 The projected conditioning is blended into an optional CONDITIONING row by row:
 (1 - strength) * yours + strength * projected, one row per input image; strength 0 returns yours
-unchanged. Without one, the output is strength * projected (SDXL's empty prompt is all zeros)
-with the given width/height as SDXL size conditioning; a user's entries keep their own size keys.
+unchanged. Without one, strength blends against the model's empty prompt: for SDXL that is all zeros
+(force_zeros_for_empty_prompt), so the output is strength * projected, with the given width/height as
+SDXL size conditioning; a user's entries keep their own size keys. SD 1.x's empty prompt is CLIP-L's
+encoding of "" (not zeros): a CLIP-L projector without a conditioning blends against that, encoded by
+the `clip` input, which it needs unless strength is 1.
 Returns ComfyUI CONDITIONING `[[cond [B,77,C], {"pooled_output": [B,P], ...}]]`.
 
 What the conditioning is for follows the export's declared targets (projector.json `targets`):
@@ -25,7 +28,7 @@ import torch
 
 from .paths import NONE, choices as folder_choices, fingerprint_of, require as require_folder
 from .host import HOST
-from .sources import image_to_pil, luna_tower, match_length
+from .sources import clip_encoder, image_to_pil, luna_tower, match_length
 
 
 def _projector(path: str, dim: int | None):
@@ -71,8 +74,27 @@ def encode_inputs(kind: str, clip_vision_output=None, image=None, clip_vision=No
     )
 
 
+def sd1_empty_prompt(clip, strength: float, width: int):
+    """SD 1.x's empty-prompt CONDITIONING (CLIP-L's encoding of ""), what a CLIP-L projection without an input
+    conditioning is blended against; None at strength 1 (nothing of it would remain)."""
+    if strength == 1.0:
+        return None
+    if clip is None:
+        raise ValueError(
+            f"Luna Vision Translator: input 'clip': a CLIP-L (SD 1.x) projector without input 'conditioning' blends "
+            f"the projection into SD 1.x's empty prompt at strength {strength:g} (CLIP-L's encoding of \"\"; unlike "
+            "SDXL's it is not zeros): connect your checkpoint's CLIP, or a conditioning, or set strength 1")
+    cond, pooled = clip_encoder(clip)([""])
+    if cond.shape[-1] != width or pooled.shape[-1] != width:
+        raise ValueError(f"Luna Vision Translator: input 'clip' encodes the empty prompt {cond.shape[-1]} wide "
+                         f"(pooled {pooled.shape[-1]}), the CLIP-L projector gives {width}: connect an SD 1.x "
+                         "checkpoint's CLIP")
+    return [[cond.float().cpu(), {"pooled_output": pooled.float().cpu()}]]
+
+
 def blend(conditioning, cond: torch.Tensor, pooled: torch.Tensor, strength: float, size: dict):
-    """(1 - strength) * each CONDITIONING entry + strength * projected, row by row; strength * projected without one."""
+    """(1 - strength) * each CONDITIONING entry + strength * projected, row by row; without one, strength * projected
+    (a blend against SDXL's empty prompt, zeros; the CLIP-L path passes SD 1.x's empty prompt as `conditioning`)."""
     if conditioning is None:
         return [[cond * strength, {"pooled_output": pooled * strength, **size}]]
     if strength == 0.0:
@@ -108,7 +130,9 @@ class LunaVisionTranslator:
     OUTPUT_TOOLTIPS = ("one conditioning row per input image",)
     DESCRIPTION = ("A trained Luna projector maps the image embedding to an SDXL conditioning [77, 2048] + pooled "
                    "(or, for a CLIP-L head, an SD 1.x conditioning [77, 768] + pooled); blended as "
-                   "(1-strength)*yours + strength*projected. Strength 0 returns yours unchanged.")
+                   "(1-strength)*yours + strength*projected. Strength 0 returns yours unchanged. Without yours, "
+                   "strength blends against the empty prompt: SDXL's is zeros (strength*projected); SD 1.x's is "
+                   "CLIP-L's encoding of \"\", from the clip input.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -126,7 +150,10 @@ class LunaVisionTranslator:
                 "clip_vision": ("CLIP_VISION", {"tooltip": "the vision model the projector was trained on"}),
                 "vision_model": ("STRING", {"default": "", "tooltip": "luna open_clip tower, e.g. ViT-H-14 (instead of CLIP_VISION)"}),
                 "vision_weights": ("STRING", {"default": "", "tooltip": "local weights file of vision_model"}),
-                "conditioning": ("CONDITIONING", {"tooltip": "yours (CLIPTextEncode); its size keys are kept"}),
+                "conditioning": ("CONDITIONING", {"tooltip": "yours (CLIPTextEncode); its size keys are kept. "
+                                 "Without it, strength blends against the empty prompt (SDXL's: zeros)"}),
+                "clip": ("CLIP", {"tooltip": "SD 1.x only (CLIP-L projector, no conditioning, strength < 1): your "
+                                  "checkpoint's CLIP, to encode the empty prompt strength blends against"}),
                 "width": ("INT", {"default": 1024, "min": 64, "max": 16384, "step": 8, "tooltip":
                           "SDXL size conditioning, only when there is no input conditioning"}),
                 "height": ("INT", {"default": 1024, "min": 64, "max": 16384, "step": 8, "tooltip":
@@ -142,7 +169,8 @@ class LunaVisionTranslator:
         return fingerprint_of("luna_projectors", projector, projector_path, "projector")
 
     def translate(self, projector, strength, projector_path="", clip_vision_output=None, image=None, clip_vision=None,
-                  vision_model="", vision_weights="", conditioning=None, width=1024, height=1024, target="auto"):
+                  vision_model="", vision_weights="", conditioning=None, width=1024, height=1024, target="auto",
+                  clip=None):
         from projector.export import ProjectorLoadError, ProjectorMismatchError
 
         if conditioning is not None and float(strength) == 0.0:
@@ -151,6 +179,8 @@ class LunaVisionTranslator:
                                      "Luna Vision Translator", "choose a projector or set projector_path"))
         kind, targets = _declared(folder)
         check_targets(folder, targets, target, conditioning)
+        if targets == "clip_l" and conditioning is None:  # blend against SD 1.x's empty prompt, as SDXL's zeros
+            conditioning = sd1_empty_prompt(clip, float(strength), 768)
         x, model_id = encode_inputs(kind, clip_vision_output, image, clip_vision, vision_model, vision_weights)
         try:
             proj = _projector(str(folder), int(x.shape[-1]) if kind == "embed" else None)

@@ -1,7 +1,9 @@
 """ComfyUI "Luna Vault Query" node: images (crops) -> retrieved SDXL conditioning, one per image, optionally blended.
 
 ComfyUI types: IMAGE is a float tensor [B,H,W,C] in 0..1; CONDITIONING is a list of
-`[cond [B,T,2048], {"pooled_output": [B,1280], ...}]`. The output's batch is the image batch:
+`[cond [B,T,2048], {"pooled_output": [B,1280], ...}]`. Without an input conditioning the output carries
+the SDXL size keys CLIPTextEncodeSDXL sets (width, height, crop_w, crop_h, target_width, target_height:
+the node's width/height, crop 0); a user's entries keep their own. The output's batch is the image batch:
 image i gets the neighbours of image i (a conditioning batch equal to the latent batch conditions
 latent i with row i). Vaults come from the models/luna_vaults/ dropdown, or a typed folder or
 `ray:NAME` service address; they stay open in the model host and are reopened when their files change.
@@ -25,12 +27,20 @@ def _to_batch(t: torch.Tensor, b: int, what: str) -> torch.Tensor:
                      f"the image batch is {b}")
 
 
-def blend_conditioning(conditioning, cond: torch.Tensor, pooled: torch.Tensor, strength: float, blend: str):
-    """Blend retrieved rows (cond [B,77,C], pooled [B,P]) into every entry of a ComfyUI CONDITIONING, row by row."""
+def sdxl_size(width: int, height: int) -> dict:
+    """The size keys ComfyUI's CLIPTextEncodeSDXL puts beside pooled_output (no crop, target = size)."""
+    return {"width": int(width), "height": int(height), "crop_w": 0, "crop_h": 0,
+            "target_width": int(width), "target_height": int(height)}
+
+
+def blend_conditioning(conditioning, cond: torch.Tensor, pooled: torch.Tensor, strength: float, blend: str,
+                       size: dict | None = None):
+    """Blend retrieved rows (cond [B,77,C], pooled [B,P]) into every entry of a ComfyUI CONDITIONING, row by row;
+    without one, the retrieved rows with the SDXL `size` keys."""
     from vault.blend import blend_concat, blend_linear
 
     if conditioning is None:
-        return [[cond, {"pooled_output": pooled}]]
+        return [[cond, {"pooled_output": pooled, **(size or {})}]]
     b = cond.shape[0]
     out = []
     for c, extra in conditioning:
@@ -65,7 +75,8 @@ class LunaVaultQuery:
     OUTPUT_TOOLTIPS = ("one conditioning row per input image", "the neighbours (key, prompt, score) of every image, JSON")
     DESCRIPTION = ("k nearest vault images of each crop -> their prompts' SDXL conditioning (weighted), blended "
                    "linearly ((1-strength)*yours + strength*retrieved) or appended as extra tokens (concat). "
-                   "Strength 0 returns your conditioning unchanged.")
+                   "Strength 0 returns your conditioning unchanged. Without your conditioning: the retrieved one "
+                   "with CLIPTextEncodeSDXL's size keys (width/height, crop 0).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -92,6 +103,10 @@ class LunaVaultQuery:
                                 "softmax temperature over the neighbours' scores"}),
                 "category": ("STRING", {"default": "", "tooltip": "empty: whole vault; auto: the nearest category; "
                              "or a category name (faces, hands, ...)"}),
+                "width": ("INT", {"default": 1024, "min": 64, "max": 16384, "step": 8, "tooltip":
+                          "SDXL size conditioning, only when there is no input conditioning"}),
+                "height": ("INT", {"default": 1024, "min": 64, "max": 16384, "step": 8, "tooltip":
+                           "SDXL size conditioning, only when there is no input conditioning"}),
             },
         }
 
@@ -100,7 +115,7 @@ class LunaVaultQuery:
         return fingerprint_of("luna_vaults", vault, vault_path, "vault")
 
     def query(self, vault, image, k, strength, vault_path="", conditioning=None, clip=None, blend="linear",
-              weighting="softmax", temperature=0.05, category=""):
+              weighting="softmax", temperature=0.05, category="", width=1024, height=1024):
         if conditioning is not None and float(strength) == 0.0:
             return (conditioning, "[]")
         path = require_folder("luna_vaults", vault, vault_path, "vault", "Luna Vault Query",
@@ -116,7 +131,8 @@ class LunaVaultQuery:
         pooled = torch.as_tensor(result.pooled).float()
         neighbours = json.dumps([[{k_: n[k_] for k_ in ("key", "prompt", "score", "category", "checkpoint")}
                                   for n in nbs] for nbs in result.neighbours], indent=1)
-        return (blend_conditioning(conditioning, cond, pooled, float(strength), blend), neighbours)
+        return (blend_conditioning(conditioning, cond, pooled, float(strength), blend, sdxl_size(width, height)),
+                neighbours)
 
 
 NODE_CLASS_MAPPINGS = {"LunaVaultQuery": LunaVaultQuery}

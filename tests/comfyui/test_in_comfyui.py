@@ -555,6 +555,27 @@ def test_vault_query_and_translator_strength_zero_return_the_input(comfy, tiny_m
     assert out is pos and "width" not in out[0][1]
 
 
+def test_vault_query_without_conditioning_carries_clip_text_encode_sdxl_keys(comfy, tiny_models, luna_assets):
+    model, clip, _vae = tiny_models
+    encode_sdxl = comfy["nodes"].NODE_CLASS_MAPPINGS["CLIPTextEncodeSDXL"]  # ComfyUI's own node and dict layout
+    node = _luna(comfy, "LunaVaultQuery")()
+    image = canvas_image(64, 14)
+    for size in ({}, {"width": 832, "height": 1216}):  # the node's defaults (CLIPTextEncodeSDXL's), then its inputs
+        w, h = size.get("width", 1024), size.get("height", 1024)
+        want = encode_sdxl.execute(clip=clip, width=w, height=h, crop_w=0, crop_h=0, target_width=w, target_height=h,
+                                   text_g="a portrait", text_l="a portrait")[0][0][1]
+        (_, extra), = node.query("tiny-stored", image, 4, 0.5, **size)[0]
+        assert set(extra) == set(want)
+        assert {k: v for k, v in extra.items() if k != "pooled_output"} == \
+            {k: v for k, v in want.items() if k != "pooled_output"}
+        # the SDXL UNet's size embedding sees what CLIPTextEncodeSDXL gives it (a missing key reads as 768)
+        torch.testing.assert_close(model.model.encode_adm(**extra),
+                                   model.model.encode_adm(**{**want, "pooled_output": extra["pooled_output"]}))
+    pos = comfy["nodes"].CLIPTextEncode().encode(clip, "a portrait")[0]
+    (_, mixed), = node.query("tiny-stored", image, 4, 0.5, conditioning=pos)[0]
+    assert "width" not in mixed  # a user's conditioning keeps its own keys
+
+
 def test_translator_one_conditioning_per_image_keeps_user_size_keys(comfy, tiny_models, luna_assets):
     _model, clip, _vae = tiny_models
     pos = comfy["nodes"].CLIPTextEncode().encode(clip, "a portrait")[0]

@@ -160,6 +160,52 @@ def test_clip_l_projector_gives_an_sd1_conditioning(node_module, clip_l_dir):
     torch.testing.assert_close(mixed[0][1]["pooled_output"], 0.75 * user_pooled + 0.25 * want_pooled.detach())
 
 
+class _TextClip:
+    """ComfyUI CLIP stand-in (tokenize + encode_from_tokens(return_pooled=True)): a fixed non-zero encoding per
+    prompt, `width` wide (768: an SD 1.x checkpoint's CLIP-L)."""
+
+    def __init__(self, width=768, pooled=768):
+        self.width, self.pooled, self.prompts = width, pooled, []
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        self.prompts.append(tokens)
+        g = torch.Generator().manual_seed(len(tokens) + 1)
+        return torch.randn(1, 77, self.width, generator=g), torch.randn(1, self.pooled, generator=g)
+
+
+def test_without_conditioning_strength_blends_against_the_empty_prompt(node_module, clip_l_dir, projector_dir):
+    """One rule for both heads: (1 - s) * the model's empty prompt + s * projected. SDXL's empty prompt is zeros
+    (so s * projected); SD 1.x's is CLIP-L's encoding of "", from the clip input."""
+    embeds, s = torch.randn(2, 12), 0.3
+    node = node_module.LunaVisionTranslator()
+    folder, projector = projector_dir  # SDXL
+    (out,) = node.translate("none", s, projector_path=str(folder), clip_vision_output={"image_embeds": embeds})
+    want_cond, want_pooled = (t.detach() for t in projector(embeds))
+    torch.testing.assert_close(out[0][0], (1 - s) * torch.zeros_like(want_cond) + s * want_cond)
+    torch.testing.assert_close(out[0][1]["pooled_output"], s * want_pooled)
+    folder, projector = clip_l_dir  # SD 1.x
+    clip = _TextClip()
+    (out,) = node.translate("none", s, projector_path=str(folder), clip=clip,
+                            clip_vision_output={"image_embeds": embeds})
+    assert clip.prompts == [""]
+    empty_cond, empty_pooled = _TextClip().encode_from_tokens("", return_pooled=True)
+    want_cond, want_pooled = (t.detach() for t in projector(embeds))
+    cond, extra = out[0]
+    assert cond.shape == (2, 77, 768) and set(extra) == {"pooled_output"}  # one row per image, no SDXL size keys
+    torch.testing.assert_close(cond, (1 - s) * empty_cond + s * want_cond)
+    torch.testing.assert_close(extra["pooled_output"], (1 - s) * empty_pooled + s * want_pooled)
+    assert not torch.allclose(cond, s * want_cond)  # not a blend against zeros, which SD 1.x never sees
+    # without a clip, strength < 1 has nothing to blend against: an error naming the input (strength 1 needs none)
+    with pytest.raises(ValueError, match=r"input 'clip'.*connect your checkpoint's CLIP"):
+        node.translate("none", s, projector_path=str(folder), clip_vision_output={"image_embeds": embeds})
+    with pytest.raises(ValueError, match=r"input 'clip' encodes the empty prompt 2048 wide"):  # an SDXL CLIP
+        node.translate("none", s, projector_path=str(folder), clip=_TextClip(2048, 1280),
+                       clip_vision_output={"image_embeds": embeds})
+
+
 def test_clip_l_projector_is_refused_for_sdxl(node_module, clip_l_dir, projector_dir):
     from projector.export import ProjectorTargetsError
 
@@ -190,7 +236,7 @@ def test_detailer_refuses_a_clip_l_projector_the_translator_has_cached(node_modu
 
     positive = [[torch.randn(1, 77, 768), {"pooled_output": torch.randn(1, 768)}]]  # an SD 1.x prompt: widths agree
     host.HOST.clear()
-    node_module.LunaVisionTranslator().translate("none", 0.5, projector_path=str(folder),
+    node_module.LunaVisionTranslator().translate("none", 0.5, projector_path=str(folder), conditioning=positive,
                                                  clip_vision_output={"image_embeds": torch.randn(1, 12)})
     with pytest.raises(InputError, match=r"input 'projector': .*clip_l targets"):
         lsd_nodes.build_source(positive, clip_vision=Vision(), projector_path=str(folder), projector_strength=0.3)

@@ -85,6 +85,17 @@ def test_node_returns_comfyui_conditioning(nodes, vaults):
     assert not torch.allclose(pair[0], pair[1])  # different images, different neighbours
 
 
+def test_node_without_conditioning_sets_sdxl_size_keys(nodes, vaults):
+    node = nodes.NODE_CLASS_MAPPINGS["LunaVaultQuery"]()
+    (_, extra), = node.query("none", vault_path=str(vaults / "stored"), image=_images(1), k=3, strength=0.5)[0]
+    # CLIPTextEncodeSDXL's keys and defaults (comfy_extras/nodes_clip_sdxl.py); ComfyUI's SDXL reads 768 when absent
+    assert {k: v for k, v in extra.items() if k != "pooled_output"} == {
+        "width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0, "target_width": 1024, "target_height": 1024}
+    (_, extra), = node.query("none", vault_path=str(vaults / "stored"), image=_images(1), k=3, strength=0.5,
+                             width=832, height=1216)[0]
+    assert (extra["width"], extra["height"], extra["target_width"], extra["target_height"]) == (832, 1216, 832, 1216)
+
+
 def test_node_blends_with_user_conditioning(nodes, vaults):
     node = nodes.NODE_CLASS_MAPPINGS["LunaVaultQuery"]()
     (retrieved, r_extra), = node.query("none", vault_path=str(vaults / "stored"), image=_images(1), k=3, strength=1.0)[0]
