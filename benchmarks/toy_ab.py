@@ -44,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.toy_loop import compare_projectors, make_data, queries_minus_mlp, write_memory  # noqa: E402
+from demo.toy_quality import DESCRIBED, degraded_crops, described_crops  # noqa: E402
 
 ORACLE = "luna.models.toy.oracle:read"
 HELD_OUT_ARMS = ["none", "generic", "vault", "projector", "hybrid", "hybrid_mix"]
@@ -76,44 +77,6 @@ def combination_scenes(n: int, combinations, seed: int = 0):
             if len(out) == n:
                 return out
     raise ValueError(f"combination_scenes: fewer than {n} scenes hold one of {combinations}")
-
-
-def degraded_crops(scenes, seed: int, label: str = "scenes"):
-    """`luna ab` crops of held-out renders of `scenes`: degraded as toy_loop degrades them, truth = the scene."""
-    from PIL import Image
-
-    from demo import toy_quality as tq
-    from lsd_runtime.arms import Crop
-    from luna.models.toy import world
-
-    degrade = tq.Degrade()
-    out = []
-    for i, (s, im) in enumerate(zip(scenes, tq.renders(scenes, seed=seed))):
-        out.append(Crop(key=f"s{seed}-{i:03d}", image=Image.fromarray(degrade(im)), original=Image.fromarray(im),
-                        prompt=None, label=label, truth={a: getattr(s, a) for a in world.SCENE_ATTRIBUTES}))
-    return out
-
-
-DESCRIBED = "described"
-
-
-def described_crops(crops, scenes, fraction: float, seed: int, vague: str) -> None:
-    """A second category of crops: a seeded `fraction` of them labelled DESCRIBED and carrying their
-    scene's own prompt (a user whose prompt says what the detail shows); the others keep their label
-    and get the vague prompt `vague` explicitly. Their label routes to no vault category, so the tuner
-    searches them as its `default` entry and the runtime queries the whole vault for them."""
-    import numpy as np
-
-    from luna.models.toy import world
-
-    if not 0 < fraction < 1:
-        raise ValueError(f"--tune-described {fraction}: a share strictly between 0 and 1")
-    pick = set(np.random.default_rng(seed + 9001).permutation(len(crops))[: round(fraction * len(crops))].tolist())
-    for i, (cr, s) in enumerate(zip(crops, scenes)):
-        if i in pick:
-            cr.label, cr.prompt = DESCRIBED, world.prompt(s)
-        else:
-            cr.prompt = vague
 
 
 def by_label(res, baseline: str, arms: list[str]) -> dict:

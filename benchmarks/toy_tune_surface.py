@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from benchmarks.toy_ab import degraded_crops
+    from demo.toy_quality import degraded_crops
     from benchmarks.toy_loop import make_data
     from demo import toy_quality as tq
     from extraction.pairs import Pairs

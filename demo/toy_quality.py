@@ -346,3 +346,36 @@ def campaign_images(checkpoint, n: int, start: int = 0, campaign: str = "toy", j
         part = samples[k: k + 16]
         images += gen.generate([s.prompt for s in part], [s.negative for s in part], [s.seed for s in part], sampler)
     return images, [s.prompt for s in samples], [s.seed for s in samples]
+
+
+# ---------------------------------------------------------------------- luna ab crops
+
+
+def degraded_crops(scenes, seed: int, label: str = "scenes"):
+    """`luna ab` crops of held-out renders of `scenes`: degraded as toy_loop degrades them, truth = the scene."""
+    from lsd_runtime.arms import Crop
+
+    degrade = Degrade()
+    out = []
+    for i, (s, im) in enumerate(zip(scenes, renders(scenes, seed=seed))):
+        out.append(Crop(key=f"s{seed}-{i:03d}", image=Image.fromarray(degrade(im)), original=Image.fromarray(im),
+                        prompt=None, label=label, truth={a: getattr(s, a) for a in world.SCENE_ATTRIBUTES}))
+    return out
+
+
+DESCRIBED = "described"
+
+
+def described_crops(crops, scenes, fraction: float, seed: int, vague: str) -> None:
+    """A second category of crops: a seeded `fraction` of them labelled DESCRIBED and carrying their
+    scene's own prompt (a user whose prompt says what the detail shows); the others keep their label
+    and get the vague prompt `vague` explicitly. Their label routes to no vault category, so the tuner
+    searches them as its `default` entry and the runtime queries the whole vault for them."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"described_crops: fraction={fraction} must be strictly between 0 and 1")
+    pick = set(np.random.default_rng(seed + 9001).permutation(len(crops))[: round(fraction * len(crops))].tolist())
+    for i, (cr, s) in enumerate(zip(crops, scenes)):
+        if i in pick:
+            cr.label, cr.prompt = DESCRIBED, world.prompt(s)
+        else:
+            cr.prompt = vague

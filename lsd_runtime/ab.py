@@ -327,7 +327,7 @@ def write_outputs(c: dict, out: Path, crops, arms, missing, rows, images, tuned=
         record["tune"]["vs_default"] = abstats.summarise(pair, metrics, "vault", seed=int(c.get("seed", 0))).get(
             "vault_tuned", {})
     paths = {"ab_json": out / "ab.json", "summary_md": out / "summary.md", "html": out / "ab.html",
-             "images": img_dir, "wandb": None, "settings": tuned.get("settings_file") if tuned else None}
+             "images": img_dir, "wandb": None, "settings": Path(tuned["settings_file"]) if tuned else None}
     with atomic_path(paths["summary_md"]) as tmp:
         Path(tmp).write_text(summary_markdown(record))
     page = "<!doctype html><html><head><meta charset='utf-8'><title>luna ab</title></head><body>" \
