@@ -29,6 +29,7 @@ import torch
 from .paths import NONE, choices as folder_choices, fingerprint_of, require as require_folder
 from .host import HOST
 from .sources import clip_encoder, image_to_pil, luna_tower, match_length
+from .vault_node import sdxl_size
 
 
 def _projector(path: str, dim: int | None):
@@ -196,10 +197,7 @@ class LunaVisionTranslator:
             )
         with torch.no_grad():
             cond, pooled = proj(x.to(proj.input_mean.device))
-        size = {}
-        if targets == "sdxl":
-            size = {"width": int(width), "height": int(height), "crop_w": 0, "crop_h": 0,
-                    "target_width": int(width), "target_height": int(height)}
+        size = sdxl_size(width, height) if targets == "sdxl" else {}
         return (blend(conditioning, cond.cpu(), pooled.cpu(), float(strength), size),)
 
 
