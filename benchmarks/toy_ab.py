@@ -79,7 +79,7 @@ def combination_scenes(n: int, combinations, seed: int = 0):
     raise ValueError(f"combination_scenes: fewer than {n} scenes hold one of {combinations}")
 
 
-def by_label(res, baseline: str, arms: list[str]) -> dict:
+def by_label(res, baseline: str, arm: str) -> dict:
     """{label: {n, metric: paired difference arm - baseline}} over the run's crops of each label."""
     from lsd_runtime import abstats
 
@@ -89,8 +89,7 @@ def by_label(res, baseline: str, arms: list[str]) -> dict:
         idx = {c["index"] for c in crops if c["label"] == label}
         rows = [r for r in res.record["results"] if r["crop"] in idx]
         summary = abstats.summarise(rows, METRICS, baseline=baseline, seed=0)
-        for arm in arms:
-            out[label] = {"n": len(idx), **{m: (summary.get(arm, {}).get(m) or {}).get("diff") for m in METRICS}}
+        out[label] = {"n": len(idx), **{m: (summary.get(arm, {}).get(m) or {}).get("diff") for m in METRICS}}
     return out
 
 
@@ -424,7 +423,7 @@ def tuning(args, work: Path, data: dict, seen: set, results: dict) -> None:
                              for c, e in t["categories"].items()},
               "best": {c: e["best"] for c, e in t["categories"].items()},
               "vs_default": {m: (t["vs_default"].get(m) or {}).get("diff") for m in METRICS},
-              "by_label": by_label(res, "vault", ["vault_tuned"]) if args.tune_described else None,
+              "by_label": by_label(res, "vault", "vault_tuned") if args.tune_described else None,
               "ab_json": str(res.paths["ab_json"])}
         if k == 0:
             results["tuning"] = tu  # the harness's default rule decides the target
