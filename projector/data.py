@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -465,6 +466,34 @@ def _whole_batch(batch):  # __getitems__ already returns the collated batch
     return batch
 
 
+def available_ram_gb() -> float:
+    """Memory this machine can give now (MemAvailable; physical pages free where /proc is absent), GB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def ram_budget_gb(value) -> float:
+    """`data.max_ram_gb` in GB: a number as given, or "auto" = half the memory available now, shared by
+    this machine's training processes (LOCAL_WORLD_SIZE under DDP: each loads its own copy). On one H200
+    the step outruns a full-size loader from disk 3 to 1 (benchmarks/results/gpu_all.md); a campaign's
+    conditionings (50k prompts x 318 KB = 16 GB) fit in half of such a machine's 128 GiB."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return available_ram_gb() / 2 / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    try:
+        gb = float(value)
+    except (TypeError, ValueError):
+        raise PairsDataError(f"data.max_ram_gb={value!r}: give a number of GB or auto") from None
+    if gb < 0:
+        raise PairsDataError(f"data.max_ram_gb={gb}: must be >= 0 (0: never in RAM) or auto")
+    return gb
+
+
 class PairsDataModule(L.LightningDataModule):
     """Splits, statistics and loaders over a pairs folder; `dims` and `stats` after `setup()`."""
 
@@ -478,7 +507,7 @@ class PairsDataModule(L.LightningDataModule):
         input: str = "embed",
         te_fingerprint: str | None = None,
         in_memory: str | bool = "auto",
-        max_ram_gb: float = 8.0,
+        max_ram_gb: float | str = "auto",
         num_workers: int = 0,
         chunk_rows: int = 32,
         stats_prompts: int = 4096,
@@ -506,7 +535,7 @@ class PairsDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.val_prompts, self.val_checkpoints = val_prompts, val_checkpoints
         self.input, self.te_fingerprint = input, te_fingerprint
-        self.in_memory, self.max_ram_gb = in_memory, max_ram_gb
+        self.in_memory, self.max_ram_gb = in_memory, ram_budget_gb(max_ram_gb)
         self.num_workers, self.stats_prompts, self.seed = num_workers, stats_prompts, seed
         self.chunk_rows = chunk_rows
         self.knn_k, self.knn_max_queries = knn_k, knn_max_queries
