@@ -105,6 +105,8 @@ def detail(canvas: np.ndarray, detections: Sequence, scaffold, conditioner, deno
         raise ValueError(f"scaffold covers {scaffold.pixel_size[0]}x{scaffold.pixel_size[1]} px, canvas is {w}x{h}")
     seed = scaffold.seed if seed is None else int(seed)
     crops, skipped = plan_crops(detections, (w, h), settings, seed)
+    if crops:
+        canvas = canvas.copy()  # once: each crop is then pasted in place (the caller's array is never written)
     ws = int(settings.working_size)
     lat = ws // 8
     for b, group in enumerate(batches(crops, int(settings.batch_size))):
@@ -126,7 +128,7 @@ def detail(canvas: np.ndarray, detections: Sequence, scaffold, conditioner, deno
         for c, out in zip(group, outputs):
             x0, y0, x1, y1 = c.box
             patch = resize_lanczos(np.asarray(out, dtype=np.float32), (x1 - x0, y1 - y0))
-            canvas = blend(canvas, np.clip(patch, 0, 255), c.mask, c.box)
+            blend(canvas, np.clip(patch, 0, 255), c.mask, c.box, inplace=True)
         per = (time.perf_counter() - start) / max(1, len(group))
         for c in group:
             c.seconds = per

@@ -115,3 +115,19 @@ def test_mask_from_a_detection_object():
     assert m[64, 30] == 1.0 and m[64, 100] == 0.0
     only_box = mask_from_detection((0, 0, 128, 128), (128, 128), box=det.box, feather_px=4)
     assert only_box[64, 30] == 1.0 and only_box[64, 100] == 0.0
+
+
+def test_inplace_blend_writes_the_same_pixels_into_the_canvas_itself():
+    rng = np.random.default_rng(3)
+    canvas = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    patch = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    mask = rng.random((20, 24)).astype(np.float32)
+    expected = blend(canvas, patch, mask, (10, 30, 34, 50))
+    before = canvas.copy()
+    assert np.array_equal(canvas, before)  # the copying form left it alone
+    out = blend(canvas, patch, mask, (10, 30, 34, 50), inplace=True)
+    assert out is canvas and np.array_equal(canvas, expected) and not np.array_equal(canvas, before)
+    frozen = before.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        blend(frozen, patch, mask, (10, 30, 34, 50), inplace=True)

@@ -138,3 +138,10 @@ class _Zero:
         from lsd_runtime.conditioning import CondRow
 
         return [CondRow(torch.zeros(77, 8), torch.zeros(4), "text", 0.0) for _ in crops]
+
+
+def test_the_callers_canvas_is_never_written(canvas, tiny):
+    """Crops are pasted in place into one copy of the canvas, never into the array the caller passed."""
+    mine = canvas.copy()
+    out, crops, _ = _run(mine, tiny, batch_size=4)
+    assert crops and np.array_equal(mine, canvas) and out is not mine and not np.array_equal(out, mine)
