@@ -388,8 +388,9 @@ def section_faiss(args) -> None:
 
 # --------------------------------------------------------------------------- toy-world training
 def _toy_stages(args, steps, batch_scale, pool, defaults, per_step, calls) -> None:
-    """Each stage on the device, then on the CPU: seconds a step from the step calls' timestamps after
-    the first quarter (warm-up: first kernels, allocator), so the setup (models, latent pool) is out."""
+    """Each stage on the device, then on the CPU: seconds a step from the step calls' start times after
+    the first quarter (warm-up: first kernels, allocator), so the setup (models, latent pool) and the
+    end (the final save, the VAE's latent rescaling) are out."""
     from luna.models.toy import train
 
     for where, device in (("device", args.device), ("cpu", "cpu")):
@@ -405,8 +406,8 @@ def _toy_stages(args, steps, batch_scale, pool, defaults, per_step, calls) -> No
                 with contextlib.redirect_stderr(io.StringIO()):  # the stages' tqdm bars
                     train.make_toy(tmp, Path(tmp) / "out", seed=2026, stages=stages, checkpoint_every_s=1e9,
                                    only=[name], pool_size=pool, device=device)
-                sync(device)
-                calls.append(time.perf_counter())  # the last step's end
+                # step starts only: after the last one come the stage's final save and (vae) the latent
+                # rescaling, which are not steps
                 first = len(calls) // 4
                 per_step[where][name] = (calls[-1] - calls[first]) / (len(calls) - 1 - first)
         say(f"toy make-toy on {where} ({device}, batches {[stages[k].batch for k in train.STAGES]}): " + ", ".join(

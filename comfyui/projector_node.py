@@ -98,9 +98,9 @@ def blend(conditioning, cond: torch.Tensor, pooled: torch.Tensor, strength: floa
     (a blend against SDXL's empty prompt, zeros; the CLIP-L path passes SD 1.x's empty prompt as `conditioning`)."""
     if conditioning is None:
         return [[cond * strength, {"pooled_output": pooled * strength, **size}]]
-    if strength == 0.0:
-        return conditioning
     b = cond.shape[0]
+    if strength == 0.0 and all(c.shape[0] == b for c, _ in conditioning):
+        return conditioning
     out = []
     for c, extra in conditioning:
         if c.shape[-1] != cond.shape[-1]:

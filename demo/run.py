@@ -239,7 +239,7 @@ def stage_extract(cfg: dict, paths: Paths) -> dict:
 
     settings = cfg["extract"]
     values = {"shards": str(paths.shards), "out": str(paths.pairs), "checkpoints": {"dirs": [str(paths.single)]},
-              "batch_size": int(settings["batch_size"]), "workers": int(settings["workers"]),
+              "batch_size": int(settings["batch_size"]), "workers": settings["workers"],
               "progress": bool(cfg.get("progress", True))}
     toy = preset_of(cfg) == "toy"
     if toy:

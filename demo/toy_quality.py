@@ -369,8 +369,9 @@ DESCRIBED = "described"
 def described_crops(crops, scenes, fraction: float, seed: int, vague: str) -> None:
     """A second category of crops: a seeded `fraction` of them labelled DESCRIBED and carrying their
     scene's own prompt (a user whose prompt says what the detail shows); the others keep their label
-    and get the vague prompt `vague` explicitly. Their label routes to no vault category, so the tuner
-    searches them as its `default` entry and the runtime queries the whole vault for them."""
+    and get the vague prompt `vague` explicitly. Their label names no vault category, so the tuner
+    searches them as its `default` entry and the runtime routes them "auto" (the nearest category:
+    the toy vault's only one, `scenes`)."""
     if not 0 < fraction < 1:
         raise ValueError(f"described_crops: fraction={fraction} must be strictly between 0 and 1")
     pick = set(np.random.default_rng(seed + 9001).permutation(len(crops))[: round(fraction * len(crops))].tolist())

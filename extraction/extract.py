@@ -180,6 +180,7 @@ def extract(cfg, text: TextConditioner | None = None) -> ExtractResult:
         check_format_version(s)
     vision_cfg = get(cfg, "vision", {})
     device = resolve_device(get(cfg, "device", "auto"))
+    decode_workers(get(cfg, "workers", "auto"), device)  # a bad value is named before any model loads
     tokens = bool(get(cfg, "tokens", False))
     dtype = str(get(cfg, "dtype", "float16"))
     tower = load_tower(str(get(vision_cfg, "name", "tiny")), get(vision_cfg, "weights"), device)

@@ -274,6 +274,8 @@ def decode_workers(value, device: str) -> int:
             return max(1, min(AUTO_WORKERS_MAX, cores - 2))
         return min(2, cores)
     try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
         n = int(value)
     except (TypeError, ValueError):
         raise ValueError(f"workers={value!r}: give a number of decoding processes (0: in this process) or auto") from None

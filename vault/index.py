@@ -101,6 +101,9 @@ def _new_index(x: np.ndarray, spec: str, seed: int, rows: np.ndarray | None = No
     """An empty, trained IP index of `spec` and the rows it was trained on (a random sample of `rows`,
     default all, up to 100 points per IVF cluster; none when `spec` needs no training)."""
     d = x.shape[1]
+    m = re.search(r"IVF(\d+)", spec)
+    if rows is not None and m and int(m.group(1)) > len(rows):
+        rows = None  # fewer rows outside the held-out slice than clusters: train on all (as build_index would)
     n = len(x) if rows is None else len(rows)
     try:
         index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
@@ -109,7 +112,6 @@ def _new_index(x: np.ndarray, spec: str, seed: int, rows: np.ndarray | None = No
     inner = _hnsw_of(index)
     if inner is not None:
         inner.hnsw.efConstruction = max(inner.hnsw.efConstruction, HNSW_EF_CONSTRUCTION)
-    m = re.search(r"IVF(\d+)", spec)
     if m and int(m.group(1)) > n:
         raise VaultError(f"index={spec!r}: {m.group(1)} IVF clusters need at least as many vectors (have {n})")
     if index.is_trained:

@@ -33,7 +33,7 @@ import yaml
 from luna import CONF_DIR
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: distilled SDXL files (SSD-1B, Vega) are no longer "full"
 DEFAULT_FAMILIES = CONF_DIR / "families.yaml"
 
 KINDS = {

@@ -198,6 +198,10 @@ def test_without_conditioning_strength_blends_against_the_empty_prompt(node_modu
     torch.testing.assert_close(cond, (1 - s) * empty_cond + s * want_cond)
     torch.testing.assert_close(extra["pooled_output"], (1 - s) * empty_pooled + s * want_pooled)
     assert not torch.allclose(cond, s * want_cond)  # not a blend against zeros, which SD 1.x never sees
+    (out,) = node.translate("none", 0.0, projector_path=str(folder), clip=_TextClip(),
+                            clip_vision_output={"image_embeds": embeds})
+    assert out[0][0].shape == (2, 77, 768)  # strength 0: the empty prompt, still one row per image
+    torch.testing.assert_close(out[0][0], empty_cond.expand(2, -1, -1))
     # without a clip, strength < 1 has nothing to blend against: an error naming the input (strength 1 needs none)
     with pytest.raises(ValueError, match=r"input 'clip'.*connect your checkpoint's CLIP"):
         node.translate("none", s, projector_path=str(folder), clip_vision_output={"image_embeds": embeds})

@@ -238,10 +238,10 @@ def test_tune_gives_a_category_whose_prompt_is_right_its_own_weaker_blend(toy, w
 
     from lsd_runtime.ab import run_ab
 
-    scenes = tq.held_out_scenes(16, seed=17, exclude_prompts=toy["prompts"])
+    scenes = tq.held_out_scenes(24, seed=17, exclude_prompts=toy["prompts"])
     crops = tq.degraded_crops(scenes, seed=17)
     tq.described_crops(crops, scenes, 0.5, seed=17, vague=tq.GENERIC_PROMPT)
-    assert sum(c.label == tq.DESCRIBED for c in crops) == 8
+    assert sum(c.label == tq.DESCRIBED for c in crops) == 12
     assert all(c.prompt == (world.prompt(s) if c.label == tq.DESCRIBED else tq.GENERIC_PROMPT) for c, s in zip(crops, scenes))
     res = run_ab(tmp_path / "ab", crops=crops, preset="toy", checkpoint=str(toy["ckpt"]), vault=str(toy["root"] / "vault"),
                  oracle="luna.models.toy.oracle:read", arms=["vault"], prompt=None, crops__size=tq.SIZE,
@@ -250,11 +250,12 @@ def test_tune_gives_a_category_whose_prompt_is_right_its_own_weaker_blend(toy, w
                  tune_grid={"weight": [0.25, 0.8], "k": [5]}, retrieval__weight=0.8, retrieval__k=5)
     table = json.loads(res.paths["settings"].read_text())
     assert table["default"]["weight"] == 0.25, table  # the described crops' entry
+    assert table["categories"]["scenes"]["weight"] == 0.8, table  # the vague ones keep the strong blend
+    assert set(res.record["tune"]["categories"]) == {"default", "scenes"}
     record = json.loads(res.paths["ab_json"].read_text())
     described = {c["index"] for c in record["crops"] if c["label"] == tq.DESCRIBED}
     acc = {arm: np.mean([r["oracle_acc"] for r in record["results"] if r["arm"] == arm and r["crop"] in described])
            for arm in ("vault", "vault_tuned")}
-    print("described crops, mean attribute accuracy:", acc)
     assert acc["vault_tuned"] >= acc["vault"] + TUNED_DESCRIBED_GAIN, acc
 
 

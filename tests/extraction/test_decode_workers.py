@@ -28,3 +28,21 @@ def test_a_number_is_taken_as_given():
 def test_bad_values_name_the_setting(bad):
     with pytest.raises(ValueError, match="workers="):
         decode_workers(bad, "cpu")
+
+
+@pytest.mark.parametrize("bad", [True, 2.5])
+def test_bools_and_fractions_are_not_counts(bad):
+    with pytest.raises(ValueError, match="workers="):
+        decode_workers(bad, "cpu")
+
+
+def test_extract_names_a_bad_workers_value_before_loading_a_model(tmp_path, monkeypatch):
+    import extraction.extract as ex
+
+    loaded = []
+    monkeypatch.setattr(ex, "load_tower", lambda *a: loaded.append(a))
+    monkeypatch.setattr(ex, "find_shards", lambda *a, **k: ([], []))
+    cfg = {"shards": str(tmp_path), "out": str(tmp_path / "pairs"), "workers": "many", "device": "cpu"}
+    with pytest.raises(ValueError, match="workers='many'"):
+        ex.extract(cfg)
+    assert not loaded

@@ -99,3 +99,13 @@ def test_make_toy_refuses_a_cuda_device_it_does_not_have(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="device='cuda'"):
         train.make_toy(tmp_path, tmp_path / "out", seed=8, stages=STAGES, pool_size=8, only=["vae"], device="cuda")
     assert not (tmp_path / "vae.pt").exists()
+
+
+def test_make_toy_takes_auto_and_names_a_bad_device(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='gpu0'"):
+        train.make_toy(tmp_path / "a", tmp_path / "a" / "out", seed=8, stages=STAGES, pool_size=8, only=["vae"], device="gpu0")
+    train.make_toy(tmp_path / "b", tmp_path / "b" / "out", seed=8, stages=STAGES, pool_size=8, only=["vae"], device="auto")
+    assert train.DEVICE == torch.device("cpu") and (tmp_path / "b" / "vae.pt").is_file()

@@ -205,3 +205,10 @@ def test_a_small_add_keeps_lossy_or_large_indices_stale_rather_than_rebuilding(o
         m = build_vault(src, tmp_path / "v", tune_recall=0.97, tune_latency_ms=None)
     assert m.count == 4050 and m.tuning.get("stale") is True
     assert "more than 4000" in caplog.text and "rebuild=true" in caplog.text
+
+
+def test_ivf_with_nearly_as_many_clusters_as_vectors_still_builds_tuned():
+    """nlist between the rows outside the held-out slice and all rows: trained on all rows, as build_index does."""
+    x = np.random.default_rng(0).standard_normal((1100, 16)).astype(np.float32)
+    index, tuning = vindex.build_tuned(x, "IVF1024,Flat", target=0.9, budget_ms=None, n_queries=110)
+    assert index.ntotal == 1100 and tuning.queries == 110

@@ -14,9 +14,9 @@ Then `export` writes `<out>/toy-base-flat.safetensors`, `<out>/toy-pony-outline.
 (single-file SDXL, original key layout, fp16) and `<out>/luna-toy-vit.safetensors` (visual.* only).
 
 Every batch is drawn from an RNG seeded by (seed, stage, step), so a resumed run sees the same
-data as an uninterrupted one and the same seed gives the same weights on one device. Batches and
-noise are made on the CPU and moved, so `device="cuda"` sees the same data as a CPU run (its weights
-differ only by the device's arithmetic).
+data as an uninterrupted one and the same seed gives the same weights on the CPU. Batches and
+noise are made on the CPU and moved, so `device="cuda"` sees the same data as a CPU run; its weights
+differ by the device's arithmetic, and from run to run by cuDNN's non-deterministic backward kernels.
 """
 from __future__ import annotations
 
@@ -522,7 +522,12 @@ def make_toy(work, out, seed: int, stages: dict[str, StageConfig], checkpoint_ev
     `device` = where the stages train ("cpu", "cuda", "cuda:1"); a stage saved on one device
     continues on another."""
     global DEVICE
-    DEVICE = torch.device(device)
+    from luna.settings import resolve_device
+
+    try:
+        DEVICE = torch.device(resolve_device(device))
+    except RuntimeError as exc:
+        raise ValueError(f"device={device!r}: not a device (auto, cpu, cuda, cuda:1): {exc}") from None
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}: no CUDA device here (torch.cuda.is_available() is False)")
     work, out = Path(work), Path(out)
