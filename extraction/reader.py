@@ -268,20 +268,15 @@ def decode_workers(value, device: str) -> int:
     ViT-H-14's forward takes 930 images/s; 8 processes decode and resize 911 PNGs of 336 px a second
     and kept it fed (4096 images in 4.5 s of vision), 14 were no faster (860/s); 2, the old default,
     would give about a quarter of it."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if str(device).startswith("cuda"):
-            return max(1, min(AUTO_WORKERS_MAX, cores - 2))
-        return min(2, cores)
-    try:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"workers={value!r}: give a number of decoding processes (0: in this process) or auto") from None
-    if n < 0:
-        raise ValueError(f"workers={n}: must be >= 0 (0: decode in this process) or auto")
-    return n
+    from luna.settings import number_or_auto
+
+    n = number_or_auto(value, "workers", int, "a number of decoding processes (0: in this process)")
+    if n is not None:
+        return n
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if str(device).startswith("cuda"):
+        return max(1, min(AUTO_WORKERS_MAX, cores - 2))
+    return min(2, cores)
 
 
 def stream_batches(sources: list, preprocess: Callable, batch_size: int, workers: int):

@@ -49,3 +49,20 @@ def names(value: Any, key: str) -> list[str]:
     if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v for v in items):
         raise ValueError(f"{key}={value!r}: a name or a list of names, e.g. {key}=[a,b]")
     return list(items)
+
+
+def number_or_auto(value: Any, key: str, kind: type = int, what: str = "a number") -> int | float | None:
+    """A setting that is a non-negative number or "auto": None for auto (the caller decides), else the
+    number; anything else (a bool, a fraction where `kind` is int, a negative, text) is a ValueError
+    naming `key`. `what` says what the number counts, for the message."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        n = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value!r}: give {what} or auto") from None
+    if n < 0:
+        raise ValueError(f"{key}={n}: must be >= 0 or auto")
+    return n

@@ -483,14 +483,14 @@ def ram_budget_gb(value) -> float:
     this machine's training processes (LOCAL_WORLD_SIZE under DDP: each loads its own copy). On one H200
     the step outruns a full-size loader from disk 3 to 1 (benchmarks/results/gpu_all.md); a campaign's
     conditionings (50k prompts x 318 KB = 16 GB) fit in half of such a machine's 128 GiB."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return available_ram_gb() / 2 / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    from luna.settings import number_or_auto
+
     try:
-        gb = float(value)
-    except (TypeError, ValueError):
-        raise PairsDataError(f"data.max_ram_gb={value!r}: give a number of GB or auto") from None
-    if gb < 0:
-        raise PairsDataError(f"data.max_ram_gb={gb}: must be >= 0 (0: never in RAM) or auto")
+        gb = number_or_auto(value, "data.max_ram_gb", float, "a number of GB (0: never in RAM)")
+    except ValueError as exc:
+        raise PairsDataError(str(exc)) from None
+    if gb is None:
+        return available_ram_gb() / 2 / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return gb
 
 

@@ -45,3 +45,13 @@ def test_names_takes_one_name_or_a_list_and_names_the_key_otherwise():
     for bad in ([1], "", [""], {"a": 1}):
         with pytest.raises(ValueError, match=r"families="):
             names(bad, "families")
+
+
+def test_number_or_auto():
+    from luna.settings import number_or_auto
+
+    assert number_or_auto("auto", "k") is None and number_or_auto(" AUTO ", "k") is None
+    assert number_or_auto(3, "k") == 3 and number_or_auto("3", "k") == 3 and number_or_auto(2.5, "k", float) == 2.5
+    for bad, kind in ((True, int), (2.5, int), (-1, int), ("x", float), (None, float)):
+        with pytest.raises(ValueError, match=r"^k="):
+            number_or_auto(bad, "k", kind)
