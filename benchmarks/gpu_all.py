@@ -405,7 +405,7 @@ def _toy_stages(args, steps, batch_scale, pool, defaults, per_step, calls) -> No
                 sync(device)
                 with contextlib.redirect_stderr(io.StringIO()):  # the stages' tqdm bars
                     train.make_toy(tmp, Path(tmp) / "out", seed=2026, stages=stages, checkpoint_every_s=1e9,
-                                   only=[name], pool_size=pool, device=device)
+                                   only=[name], pool_size=pool, device=device, render_workers="auto")
                 # step starts only: after the last one come the stage's final save and (vae) the latent
                 # rescaling, which are not steps
                 first = len(calls) // 4

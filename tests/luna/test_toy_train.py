@@ -109,3 +109,25 @@ def test_make_toy_takes_auto_and_names_a_bad_device(tmp_path, monkeypatch):
         train.make_toy(tmp_path / "a", tmp_path / "a" / "out", seed=8, stages=STAGES, pool_size=8, only=["vae"], device="gpu0")
     train.make_toy(tmp_path / "b", tmp_path / "b" / "out", seed=8, stages=STAGES, pool_size=8, only=["vae"], device="auto")
     assert train.DEVICE == torch.device("cpu") and (tmp_path / "b" / "vae.pt").is_file()
+
+
+def test_render_workers_draw_the_same_batches_so_the_same_weights(trained, tmp_path):
+    """Batches rendered ahead by worker processes are the ones the step would draw itself: the vae and
+    vision stages (the ones that render per step) give the same files as the run without workers."""
+    root = trained
+    out = tmp_path / "w" / "out"
+    train.make_toy(tmp_path / "w", out, seed=7, stages=STAGES, pool_size=8, threads=1, render_workers=2)
+    assert train.RENDER_WORKERS == 2
+    assert _hashes(out) == _hashes(root / "a" / "out")
+
+
+def test_prefetch_serves_steps_in_order_and_after_a_jump():
+    import functools
+
+    p = train.Prefetch(functools.partial(pow, exp=2), workers=1, ahead=3)  # picklable: it runs in a worker
+    try:
+        assert [p(i) for i in range(5)] == [0, 1, 4, 9, 16]
+        assert p(10) == 100 and p(2) == 4  # a resumed stage asks from elsewhere
+    finally:
+        p.close()
+    assert p.pool is None

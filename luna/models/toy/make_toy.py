@@ -24,7 +24,7 @@ def make_toy(cfg) -> None:
     written = train.make_toy(work, out, seed=int(cfg.seed), stages=stages,
                              checkpoint_every_s=float(cfg.checkpoint_every_s), threads=cfg.get("threads"),
                              only=names(cfg.get("only"), "only"), pool_size=int(cfg.pool_size),
-                             device=str(cfg.get("device") or "cpu"))
+                             device=str(cfg.get("device") or "cpu"), render_workers=cfg.get("render_workers", 0))
     if not written:
         print(f"stages {names(cfg.only, 'only')} done in {work}; rerun without only= to export")
     for path in written:
