@@ -508,7 +508,7 @@ class PairsDataModule(L.LightningDataModule):
         te_fingerprint: str | None = None,
         in_memory: str | bool = "auto",
         max_ram_gb: float | str = "auto",
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         chunk_rows: int = 32,
         stats_prompts: int = 4096,
         knn_k: int = 8,
@@ -536,6 +536,12 @@ class PairsDataModule(L.LightningDataModule):
         self.val_prompts, self.val_checkpoints = val_prompts, val_checkpoints
         self.input, self.te_fingerprint = input, te_fingerprint
         self.in_memory, self.max_ram_gb = in_memory, ram_budget_gb(max_ram_gb)
+        from luna.settings import number_or_auto
+
+        try:
+            number_or_auto(num_workers, "data.num_workers", int, "a number of loader processes (0: in this process)")
+        except ValueError as exc:
+            raise PairsDataError(str(exc)) from None
         self.num_workers, self.stats_prompts, self.seed = num_workers, stats_prompts, seed
         self.chunk_rows = chunk_rows
         self.knn_k, self.knn_max_queries = knn_k, knn_max_queries
@@ -658,10 +664,26 @@ class PairsDataModule(L.LightningDataModule):
         return total / max(count, 1)
 
     # --- loaders -------------------------------------------------------------------------
+    def loader_workers(self) -> int:
+        """`num_workers` as a number. "auto": 0 when batches come from RAM (in RAM or online targets: a
+        worker would only add a copy between processes); from disk, every core but two (at most 8) when
+        a GPU trains, so reading overlaps the step (on one H200 the full-size step ran 10,218 samples/s,
+        8 workers read 3,115/s), and 0 on the CPU, where the step needs the cores (2 workers read
+        2,103-2,178/s against 3,267-3,720 with none here: benchmarks/results/loader.md)."""
+        from luna.settings import number_or_auto
+
+        n = number_or_auto(self.num_workers, "data.num_workers", int)
+        if n is not None:
+            return n
+        if self.source.in_memory or self.source.online is not None or not torch.cuda.is_available():
+            return 0
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(8, cores - 2))
+
     def _loader(self, rows: np.ndarray, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = PairsDataset(self.source, rows)
-        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
-                   "worker_init_fn": _reopen_files if self.num_workers > 0 else None}
+        n = self.loader_workers()
+        workers = {"num_workers": n, "persistent_workers": n > 0, "worker_init_fn": _reopen_files if n > 0 else None}
         if shuffle and not self.source.in_memory and self.source.online is None and self.chunk_rows > 0:
             # under DDP each rank takes its share of the batches (Lightning re-creates the sampler with its
             # DistributedSampler, which gives the same num_replicas and rank: ChunkShuffleSampler)
