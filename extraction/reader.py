@@ -268,12 +268,12 @@ def decode_workers(value, device: str) -> int:
     ViT-H-14's forward takes 930 images/s; 8 processes decode and resize 911 PNGs of 336 px a second
     and kept it fed (4096 images in 4.5 s of vision), 14 were no faster (860/s); 2, the old default,
     would give about a quarter of it."""
-    from luna.settings import number_or_auto
+    from luna.settings import number_or_auto, usable_cores
 
     n = number_or_auto(value, "workers", int, "a number of decoding processes (0: in this process)")
     if n is not None:
         return n
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if str(device).startswith("cuda"):
         return max(1, min(AUTO_WORKERS_MAX, cores - 2))
     return min(2, cores)

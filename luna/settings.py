@@ -51,6 +51,13 @@ def names(value: Any, key: str) -> list[str]:
     return list(items)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS tells it, else the machine's)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def number_or_auto(value: Any, key: str, kind: type = int, what: str = "a number") -> int | float | None:
     """A setting that is a non-negative number or "auto": None for auto (the caller decides), else the
     number; anything else (a bool, a fraction where `kind` is int, a negative, text) is a ValueError

@@ -670,15 +670,14 @@ class PairsDataModule(L.LightningDataModule):
         a GPU trains, so reading overlaps the step (on one H200 the full-size step ran 10,218 samples/s,
         8 workers read 3,115/s), and 0 on the CPU, where the step needs the cores (2 workers read
         2,103-2,178/s against 3,267-3,720 with none here: benchmarks/results/loader.md)."""
-        from luna.settings import number_or_auto
+        from luna.settings import number_or_auto, usable_cores
 
         n = number_or_auto(self.num_workers, "data.num_workers", int)
         if n is not None:
             return n
         if self.source.in_memory or self.source.online is not None or not torch.cuda.is_available():
             return 0
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(8, cores - 2))
+        return max(1, min(8, usable_cores() - 2))
 
     def _loader(self, rows: np.ndarray, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = PairsDataset(self.source, rows)

@@ -21,9 +21,9 @@ differ by the device's arithmetic, and from run to run by cuDNN's non-determinis
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
-import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -111,9 +111,12 @@ def batch_scenes(rng: np.random.Generator, n: int) -> list[world.Scene]:
 def render_batch(scenes, rng: np.random.Generator, style, size: int = SIZE) -> torch.Tensor:
     """[B,3,H,W] in [-1,1]; `style` is one style or a list of them (one per scene)."""
     styles = [style] * len(scenes) if isinstance(style, str) else list(style)
-    imgs = [world.render(s, size, int(rng.integers(2**31)), st) for s, st in zip(scenes, styles)]
-    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
-    return _dev(x / 127.5 - 1.0)
+    return as_batch(np.stack([world.render(s, size, int(rng.integers(2**31)), st) for s, st in zip(scenes, styles)]))
+
+
+def as_batch(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B,H,W,3] renders -> [B,3,H,W] in [-1,1] on the training device."""
+    return _dev(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
 
 
 def recon_loss(y: torch.Tensor, x: torch.Tensor, scenes) -> torch.Tensor:
@@ -229,11 +232,6 @@ def mixed_renders(seed: int, stage: str, n: int, i: int) -> tuple[list, np.ndarr
     return scenes, np.stack([world.render(s, SIZE, int(rng.integers(2**31)), st) for s, st in zip(scenes, styles)])
 
 
-def as_batch(images: np.ndarray) -> torch.Tensor:
-    """uint8 [B,H,W,3] renders -> [B,3,H,W] in [-1,1] on the training device (what render_batch gives)."""
-    return _dev(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
-
-
 class Prefetch:
     """`fn(i)` for the steps of a stage, computed by `workers` forked processes up to `ahead` steps before
     they are asked for (0 workers: in this process, when asked). Rendering is CPU work the training
@@ -267,22 +265,20 @@ class Prefetch:
 RENDER_WORKERS = 0  # make_toy's render_workers: processes drawing the autoencoder and vision stages' batches
 
 
-def _mixed_batch(seed: int, stage: str, i: int, n: int, renders=None):
-    """Step `i` of an autoencoder stage: `n` random scenes in random styles, rendered ([B,3,H,W] in
-    [-1,1]), and the step's own noise generator. `renders`: a Prefetch of mixed_renders for this stage."""
-    scenes, images = renders(i) if renders is not None else mixed_renders(seed, stage, n, i)
+def _mixed_batch(renders: Prefetch, seed: int, stage: str, i: int):
+    """Step `i` of an autoencoder stage: its scenes, their renders ([B,3,H,W] in [-1,1], from `renders`,
+    a Prefetch of this stage's mixed_renders) and the step's own noise generator."""
+    scenes, images = renders(i)
     return scenes, as_batch(images), torch.Generator().manual_seed(_seed(seed, f"{stage}-noise", i))
 
 
 def train_vae(work: Path, cfg: StageConfig, seed: int, every_s: float, log_file=None):
-    import functools
-
     vae = new_vae(seed)
     stage = Stage(work, "vae", {"vae": vae}, vae.parameters(), cfg)
     renders = Prefetch(functools.partial(mixed_renders, seed, "vae", cfg.batch), RENDER_WORKERS)
 
     def step(i: int) -> torch.Tensor:
-        scenes, x, gen = _mixed_batch(seed, "vae", i, cfg.batch, renders)
+        scenes, x, gen = _mixed_batch(renders, seed, "vae", i)
         # a deterministic autoencoder (the posterior's std is pinned near zero at export, see
         # _fold_latent_scale): a unit-std posterior sample would drown the latents in noise and
         # slow learning 10x; a little noise and an L2 bound keep the latent space smooth
@@ -328,12 +324,10 @@ def train_decoder(work: Path, cfg: StageConfig, seed: int, vae, every_s: float, 
         p.requires_grad_(True)
     parts = {"post_quant_conv": vae.post_quant_conv, "decoder": vae.decoder}
     stage = Stage(work, "decoder", parts, params, cfg)
-    import functools
-
     renders = Prefetch(functools.partial(mixed_renders, seed, "decoder", cfg.batch), RENDER_WORKERS)
 
     def step(i: int) -> torch.Tensor:
-        scenes, x, gen = _mixed_batch(seed, "decoder", i, cfg.batch, renders)
+        scenes, x, gen = _mixed_batch(renders, seed, "decoder", i)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
             z = z + 0.02 / SCALING_FACTOR * _dev(torch.randn(z.shape, generator=gen))  # the UNet's latents are not exact
@@ -502,9 +496,6 @@ def train_vision(work: Path, cfg: StageConfig, seed: int, every_s: float, log_fi
     heads = _built(lambda: _Heads(int(visual.output_dim)), _seed(seed, "heads"))
     stage = Stage(work, "vision", {"visual": visual, "heads": heads}, list(visual.parameters()) + list(heads.parameters()), cfg)
     size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
-
-    import functools
-
     renders = Prefetch(functools.partial(mixed_renders, seed, "vision", cfg.batch), RENDER_WORKERS)
 
     def step(i: int) -> torch.Tensor:
@@ -589,7 +580,7 @@ def make_toy(work, out, seed: int, stages: dict[str, StageConfig], checkpoint_ev
     project's 2-core machine with 1 torch thread, one worker took the vision stage from 176-183 to
     110-125 ms a step (the vae stage, 16 renders a step, 3-5%)."""
     global DEVICE, RENDER_WORKERS
-    from luna.settings import resolve_device
+    from luna.settings import number_or_auto, resolve_device, usable_cores
 
     try:
         DEVICE = torch.device(resolve_device(device))
@@ -597,10 +588,8 @@ def make_toy(work, out, seed: int, stages: dict[str, StageConfig], checkpoint_ev
         raise ValueError(f"device={device!r}: not a device (auto, cpu, cuda, cuda:1): {exc}") from None
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}: no CUDA device here (torch.cuda.is_available() is False)")
-    from luna.settings import number_or_auto
-
     n = number_or_auto(render_workers, "render_workers", int, "a number of processes (0: in this process)")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     spare = cores - 2 if DEVICE.type == "cuda" else min(1, cores - torch.get_num_threads())
     RENDER_WORKERS = n if n is not None else max(0, min(4, spare))
     work, out = Path(work), Path(out)
