@@ -130,18 +130,8 @@ def _add_retuned(what: str, index, x: np.ndarray, spec: str, old: dict, tune: di
     n0 = index.ntotal
     index, tuning = vindex.add_tuned(index, x, spec, seed=seed, **tune)
     if tuning is None:
-        n, need = n0 + len(x), 10 * vindex.MIN_HELD_OUT
-        if tune["n_queries"] < vindex.MIN_HELD_OUT:
-            why = f"tune_queries={tune['n_queries']} is below the {vindex.MIN_HELD_OUT} held-out queries an add tunes on"
-        elif n < need:
-            why = (f"its {n} vectors are too few to hold out {vindex.MIN_HELD_OUT} tuning queries, a tenth of them; "
-                   f"a vault of {need} or more re-tunes on every add")
-        elif len(x) < need and not vindex.whole_retune_ok(spec, n):
-            why = (f"{len(x)} new vectors are too few to tune on, and re-tuning on the whole vault would rebuild "
-                   + (f"{n} vectors (more than {vindex.WHOLE_RETUNE_MAX})" if n > vindex.WHOLE_RETUNE_MAX
-                      else f"{spec}'s lossy codes") + "; rebuild=true re-tunes it")
-        else:
-            why = "the index cannot return its stored vectors to re-tune on"
+        why = (vindex.retune_blocker(spec, n0, len(x), tune["n_queries"])
+               or "the index cannot return its stored vectors to re-tune on")
         log.warning("%s: search parameters %s kept from before this add (%s); its recorded recall %s is stale",
                     what, old.get("params") or "-", why, old.get("recall", "-"))
     else:

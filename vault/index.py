@@ -54,10 +54,10 @@ def choose_index_spec(n: int, d: int, memory_budget: int) -> str:
     if m >= 8:
         return f"HNSW{min(m, 32)}"
     k = _ivf_clusters(n)
-    if n < 1_000_000 and n * (4 * d + 8) + k * 4 * d <= memory_budget:
+    if n < 1_000_000 and index_bytes(f"IVF{k},Flat", n, d) <= memory_budget:
         return f"IVF{k},Flat"
     for pq in (256, 128, 64, 32, 16, 8):
-        if d % pq == 0 and n * (pq + 8) + k * 4 * d <= memory_budget:
+        if d % pq == 0 and index_bytes(f"OPQ{pq},IVF{k}_HNSW32,PQ{pq}x8", n, d) <= memory_budget:
             return f"OPQ{pq},IVF{k}_HNSW32,PQ{pq}x8"
     raise VaultError(
         f"no index of {n} x {d} vectors fits memory_budget={memory_budget} bytes; raise memory_budget"
@@ -65,7 +65,8 @@ def choose_index_spec(n: int, d: int, memory_budget: int) -> str:
 
 
 def index_bytes(spec: str, n: int, d: int) -> int | None:
-    """Memory of an index of `spec` over n x d vectors, as `choose_index_spec` reckons it (None for other specs)."""
+    """Memory of an index of `spec` over n x d vectors, the reckoning `choose_index_spec` fits to the budget
+    (None for specs it does not size)."""
     if spec == "Flat":
         return 4 * n * d
     if m := re.fullmatch(r"HNSW(\d+)", spec):
@@ -194,6 +195,22 @@ def whole_retune_ok(spec: str, n: int) -> bool:
     """Whether an add of too few vectors to tune on may rebuild `spec` over all n vectors to re-tune."""
     lossless = bool(re.fullmatch(r"Flat|HNSW\d+(_Flat)?|IVF\d+(_HNSW\d+)?,Flat", spec))
     return lossless and n <= WHOLE_RETUNE_MAX
+
+
+def retune_blocker(spec: str, n_old: int, n_new: int, n_queries: int) -> str | None:
+    """Why an add of `n_new` vectors to an index of `spec` holding `n_old` cannot re-tune on held-out
+    vectors (its tuning is then stale), or None when it can (`add_tuned` decides by this)."""
+    n, need = n_old + n_new, 10 * MIN_HELD_OUT
+    if n_queries < MIN_HELD_OUT:
+        return f"tune_queries={n_queries} is below the {MIN_HELD_OUT} held-out queries an add tunes on"
+    if n < need:
+        return (f"its {n} vectors are too few to hold out {MIN_HELD_OUT} tuning queries, a tenth of them; "
+                f"a vault of {need} or more re-tunes on every add")
+    if n_new < need and not whole_retune_ok(spec, n):
+        return (f"{n_new} new vectors are too few to tune on, and re-tuning on the whole vault would rebuild "
+                + (f"{n} vectors (more than {WHOLE_RETUNE_MAX})" if n > WHOLE_RETUNE_MAX else f"{spec}'s lossy codes")
+                + "; rebuild=true re-tunes it")
+    return None
 
 
 def _tunable(spec: str, k: int = 10) -> list[str]:
@@ -381,16 +398,12 @@ def add_tuned(index: faiss.Index, vectors: np.ndarray, spec: str, target: float 
         raise VaultError(f"vectors of dim {x.shape[1]} cannot go into an index of dim {index.d}")
     options = _tunable(spec, k)
     n_hold = min(n_queries, len(x) // 10)
-    whole = n_hold < MIN_HELD_OUT  # too few new vectors: hold out from the whole index
-    enough = min(n_queries, (index.ntotal + len(x)) // 10) >= MIN_HELD_OUT
-    old = _stored_vectors(index) if options and enough else None
+    # the stored vectors are decoded only when they will be tuned on (a 500k vault's are 2 GB)
+    old = _stored_vectors(index) if options and retune_blocker(spec, index.ntotal, len(x), n_queries) is None else None
     if not options or old is None:
         add_vectors(index, x, seed=seed)
         return index, (Tuning("", 1.0, True, target) if not options else None)
-    if whole:
-        if not whole_retune_ok(spec, index.ntotal + len(x)):  # lossy codes or a long rebuild: stale instead
-            add_vectors(index, x, seed=seed)
-            return index, None
+    if n_hold < MIN_HELD_OUT:  # too few new vectors: hold out from the whole index, rebuilt
         return build_tuned(np.concatenate([normalize(old), x]), spec, target=target, budget_ms=budget_ms,
                            n_queries=n_queries, k=k, seed=seed)
     n0 = index.ntotal
