@@ -99,8 +99,6 @@ def blend(conditioning, cond: torch.Tensor, pooled: torch.Tensor, strength: floa
     if conditioning is None:
         return [[cond * strength, {"pooled_output": pooled * strength, **size}]]
     b = cond.shape[0]
-    if strength == 0.0 and all(c.shape[0] == b for c, _ in conditioning):
-        return conditioning
     out = []
     for c, extra in conditioning:
         if c.shape[-1] != cond.shape[-1]:
