@@ -577,8 +577,8 @@ def make_toy(work, out, seed: int, stages: dict[str, StageConfig], checkpoint_ev
     continues on another. `render_workers` = processes drawing the autoencoder and vision stages'
     batches ahead of the steps (the same batches: the same weights); "auto" = on a GPU up to 4 (every
     core but two), on the CPU 1 when a core is left beside the torch threads, else 0. On this
-    project's 2-core machine with 1 torch thread, one worker took the vision stage from 176-183 to
-    110-125 ms a step (the vae stage, 16 renders a step, 3-5%)."""
+    project's 2-core machine with 1 torch thread, one worker made the vision stage 1.54x faster
+    (benchmarks/toy_render_bench.py)."""
     global DEVICE, RENDER_WORKERS
     from luna.settings import number_or_auto, resolve_device, usable_cores
 
